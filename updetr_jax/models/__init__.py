@@ -1,0 +1,33 @@
+"""Flax modules: ResNet backbone, position encodings, transformer, DETR, UP-DETR."""
+import jax.numpy as jnp
+
+from updetr_jax.models.detr import DETR
+from updetr_jax.models.updetr import UPDETR, group_attention_mask
+
+_FIELDS = ('backbone', 'dilation', 'position_embedding', 'hidden_dim', 'nheads', 'enc_layers',
+           'dec_layers', 'dim_feedforward', 'dropout', 'num_queries', 'pre_norm', 'num_classes',
+           'aux_loss')
+
+
+def build_model(model_config, dtype=None):
+  """Builds DETR, or UP-DETR when ``model_config.num_patches`` is set (> 0).
+
+  Args: model_config: the ``.model`` ConfigDict (or any mapping) with the release's
+    argument names. dtype: activation/matmul dtype (default: model_config.dtype or
+    float32); parameters are always float32.
+  """
+  cfg = dict(model_config)
+  missing = [f for f in _FIELDS if f not in cfg]
+  if missing:
+    raise ValueError(f'model config is missing fields: {missing}')
+  kwargs = {f: cfg[f] for f in _FIELDS}
+  dtype = dtype or cfg.get('dtype', 'float32')
+  kwargs['dtype'] = jnp.dtype(dtype)
+  if cfg.get('num_patches'):
+    if kwargs['num_queries'] % cfg['num_patches']:
+      raise ValueError(f"model.num_queries={kwargs['num_queries']} must be divisible by "
+                       f"model.num_patches={cfg['num_patches']}")
+    return UPDETR(**kwargs, num_patches=cfg['num_patches'],
+                  patch_query_drop=cfg.get('patch_query_drop', 0.1))
+  return DETR(**kwargs)
+

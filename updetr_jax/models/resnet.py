@@ -1,0 +1,143 @@
+"""ResNet v1.5 backbone with frozen BatchNorm (torchvision layout, NHWC).
+
+Frozen BatchNorm statistics and affine terms live in the ``batch_stats``
+collection (never trained, never in the optimizer); convolution kernels are
+``params``. Module names mirror torchvision's state-dict keys (``conv1``,
+``bn1``, ``layer1_0`` for ``layer1.0``, ``downsample_0``/``downsample_1``) so the
+PyTorch importer is a mechanical rename.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+# name -> (blocks per stage, base width). Out channels of the last stage: 32 * width.
+RESNET_VARIANTS = {
+    'resnet50': ((3, 4, 6, 3), 64),
+    'resnet101': ((3, 4, 23, 3), 64),
+    # Narrow, short variants for tests and the CPU demo (same topology).
+    'resnet_tiny': ((1, 1, 1, 1), 8),
+    'resnet_small': ((1, 1, 1, 1), 16),
+    'resnet26_narrow': ((2, 2, 2, 2), 16),
+}
+
+
+def resnet_spec(name: str) -> tuple[tuple[int, ...], int]:
+  if name not in RESNET_VARIANTS:
+    raise ValueError(
+        f'model.backbone={name!r} is unknown; choose one of {sorted(RESNET_VARIANTS)}')
+  return RESNET_VARIANTS[name]
+
+
+def _conv_init(fan_out_mode=True):
+  # torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu').
+  return nn.initializers.variance_scaling(2.0, 'fan_out' if fan_out_mode else 'fan_in',
+                                          'normal')
+
+
+class FrozenBatchNorm(nn.Module):
+  """BatchNorm with fixed statistics: y = x * scale' + shift' (eps 1e-5)."""
+  eps: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    scale = self.variable('batch_stats', 'scale', lambda: jnp.ones((c,), jnp.float32)).value
+    bias = self.variable('batch_stats', 'bias', lambda: jnp.zeros((c,), jnp.float32)).value
+    mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32)).value
+    var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32)).value
+    s = scale * (1.0 / jnp.sqrt(var + self.eps))
+    shift = bias - mean * s
+    return x * s.astype(x.dtype) + shift.astype(x.dtype)
+
+
+def _conv(features, kernel, stride=1, dilation=1, name=None, dtype=jnp.float32):
+  pad = dilation * (kernel - 1) // 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 kernel_dilation=(dilation, dilation), padding=((pad, pad), (pad, pad)),
+                 use_bias=False, kernel_init=_conv_init(), name=name, dtype=dtype)
+
+
+class Bottleneck(nn.Module):
+  """1x1 -> 3x3 (stride, dilation) -> 1x1 (x4), residual, ReLU."""
+  planes: int
+  stride: int = 1
+  dilation: int = 1
+  downsample: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    out = nn.relu(FrozenBatchNorm(name='bn1')(_conv(self.planes, 1, name='conv1', dtype=self.dtype)(x)))
+    out = _conv(self.planes, 3, self.stride, self.dilation, name='conv2', dtype=self.dtype)(out)
+    out = nn.relu(FrozenBatchNorm(name='bn2')(out))
+    out = FrozenBatchNorm(name='bn3')(_conv(self.planes * 4, 1, name='conv3', dtype=self.dtype)(out))
+    if self.downsample:
+      x = FrozenBatchNorm(name='downsample_1')(
+          _conv(self.planes * 4, 1, self.stride, name='downsample_0', dtype=self.dtype)(x))
+    return nn.relu(out + x)
+
+
+class ResNet(nn.Module):
+  """Returns the last stage (C5) feature map.
+
+  Args (call): x [B, H, W, 3] float.
+  Returns: [B, ceil(H/32), ceil(W/32), 32 * width] (stride 16 with ``dilation``).
+  """
+  blocks: Sequence[int]
+  width: int = 64
+  dilation: bool = False  # DC5: last stage stride 1, dilation 2.
+  dtype: jnp.dtype = jnp.float32
+
+  @property
+  def num_channels(self) -> int:
+    return self.width * 8 * 4
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.astype(self.dtype)
+    x = nn.Conv(self.width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False,
+                kernel_init=_conv_init(), name='conv1', dtype=self.dtype)(x)
+    x = nn.relu(FrozenBatchNorm(name='bn1')(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    in_ch = self.width
+    cur_dilation = 1
+    for stage, n in enumerate(self.blocks):
+      planes = self.width * 2 ** stage
+      stride = 1 if stage == 0 else 2
+      prev_dilation = cur_dilation
+      if stage == 3 and self.dilation:
+        cur_dilation *= stride
+        stride = 1
+      for i in range(n):
+        x = Bottleneck(
+            planes,
+            stride=stride if i == 0 else 1,
+            # torchvision: the first block keeps the previous dilation.
+            dilation=prev_dilation if i == 0 else cur_dilation,
+            downsample=(i == 0 and (stride != 1 or in_ch != planes * 4)),
+            dtype=self.dtype,
+            name=f'layer{stage + 1}_{i}')(x)
+        in_ch = planes * 4
+    return x
+
+
+def build_resnet(name: str, dilation: bool = False, dtype=jnp.float32) -> ResNet:
+  blocks, width = resnet_spec(name)
+  return ResNet(blocks=blocks, width=width, dilation=dilation, dtype=dtype)
+
+
+def downsample_mask(mask, out_hw: tuple[int, int]):
+  """Nearest-neighbour resize of a padding mask, as torch ``F.interpolate``.
+
+  Args: mask bool [B, H, W]; out_hw (h, w) static. Returns bool [B, h, w].
+  """
+  h_in, w_in = mask.shape[1:3]
+  h, w = out_hw
+  # torch 'nearest': src = floor(dst * (in / out)) computed in float32.
+  ys = np.minimum(np.floor(np.arange(h, dtype=np.float32) * np.float32(h_in / h)), h_in - 1)
+  xs = np.minimum(np.floor(np.arange(w, dtype=np.float32) * np.float32(w_in / w)), w_in - 1)
+  return mask[:, ys.astype(np.int32)][:, :, xs.astype(np.int32)]

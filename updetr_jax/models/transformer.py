@@ -1,0 +1,186 @@
+"""DETR's encoder-decoder transformer (post-norm and pre-norm), batch-first.
+
+Positions enter queries and keys only, never values. Parameter names follow the
+release (``self_attn``, ``multihead_attn``, ``linear1``, ``norm1``, ...); the packed
+PyTorch ``in_proj_weight`` is split into ``q_proj``/``k_proj``/``v_proj``.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from updetr_jax.models.layers import _uniform_bias, layer_norm
+
+# DETR applies xavier_uniform_ to every matrix of the transformer. For the packed
+# q/k/v in-projection torch sees one [3d, d] matrix: bound sqrt(6 / (d + 3d)), which
+# for our [d, d] slices is variance_scaling(0.5, fan_avg).
+_XAVIER = nn.initializers.xavier_uniform()
+_XAVIER_PACKED_QKV = nn.initializers.variance_scaling(0.5, 'fan_avg', 'uniform')
+
+
+class MultiHeadAttention(nn.Module):
+  """torch.nn.MultiheadAttention semantics.
+
+  Call: query [B, Lq, d], key [B, Lk, d], value [B, Lk, d],
+  mask bool broadcastable to [B, heads, Lq, Lk] (True = may attend).
+  Returns [B, Lq, d].
+  """
+  d_model: int
+  num_heads: int
+  dropout: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, query, key, value, mask=None, train: bool = False):
+    d, h = self.d_model, self.num_heads
+    if d % h:
+      raise ValueError(f'model.hidden_dim={d} is not divisible by model.nheads={h}')
+    dh = d // h
+
+    def proj(x, name, init):
+      y = nn.Dense(d, kernel_init=init, bias_init=nn.initializers.zeros, name=name,
+                   dtype=self.dtype)(x)
+      return y.reshape(y.shape[:-1] + (h, dh))
+
+    q = proj(query, 'q_proj', _XAVIER_PACKED_QKV) * (dh ** -0.5)
+    k = proj(key, 'k_proj', _XAVIER_PACKED_QKV)
+    v = proj(value, 'v_proj', _XAVIER_PACKED_QKV)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = nn.softmax(logits, axis=-1)
+    probs = nn.Dropout(self.dropout)(probs, deterministic=not train).astype(v.dtype)
+    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(query.shape[:-1] + (d,))
+    return nn.Dense(d, kernel_init=_XAVIER, bias_init=nn.initializers.zeros,
+                    name='out_proj', dtype=self.dtype)(out)
+
+
+def feed_forward(x, d_model: int, dim_feedforward: int, dropout: float, train: bool, dtype):
+  """linear2(dropout(relu(linear1(x)))); call inside a compact method (names linear1/2)."""
+  x = nn.Dense(dim_feedforward, kernel_init=_XAVIER, bias_init=_uniform_bias(d_model),
+               name='linear1', dtype=dtype)(x)
+  x = nn.Dropout(dropout)(nn.relu(x), deterministic=not train)
+  return nn.Dense(d_model, kernel_init=_XAVIER, bias_init=_uniform_bias(dim_feedforward),
+                  name='linear2', dtype=dtype)(x)
+
+
+class EncoderLayer(nn.Module):
+  """Self-attention + FFN. Call: src [B, S, d], pos [B, S, d], mask [B, 1, 1, S]."""
+  d_model: int
+  nheads: int
+  dim_feedforward: int
+  dropout: float
+  pre_norm: bool
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, src, pos, mask, train: bool = False):
+    attn = MultiHeadAttention(self.d_model, self.nheads, self.dropout, self.dtype, name='self_attn')
+    drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=not train)
+    ffn = lambda x: feed_forward(x, self.d_model, self.dim_feedforward, self.dropout, train,
+                                 self.dtype)
+    norm1, norm2 = layer_norm(name='norm1'), layer_norm(name='norm2')
+    if self.pre_norm:
+      s = norm1(src)
+      src = src + drop(attn(s + pos, s + pos, s, mask, train))
+      return src + drop(ffn(norm2(src)))
+    src = norm1(src + drop(attn(src + pos, src + pos, src, mask, train)))
+    return norm2(src + drop(ffn(src)))
+
+
+class DecoderLayer(nn.Module):
+  """Self-attention (group mask), cross-attention to memory, FFN.
+
+  Call: tgt [B, N, d], memory [B, S, d], pos [B, S, d], query_pos [B, N, d],
+  self_mask broadcastable to [B, 1, N, N], memory_mask [B, 1, 1, S].
+  """
+  d_model: int
+  nheads: int
+  dim_feedforward: int
+  dropout: float
+  pre_norm: bool
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tgt, memory, pos, query_pos, self_mask, memory_mask, train: bool = False):
+    self_attn = MultiHeadAttention(self.d_model, self.nheads, self.dropout, self.dtype,
+                                   name='self_attn')
+    cross_attn = MultiHeadAttention(self.d_model, self.nheads, self.dropout, self.dtype,
+                                    name='multihead_attn')
+    drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=not train)
+    ffn = lambda x: feed_forward(x, self.d_model, self.dim_feedforward, self.dropout, train,
+                                 self.dtype)
+    norm1, norm2, norm3 = (layer_norm(name=f'norm{i}') for i in (1, 2, 3))
+    key = memory + pos
+    if self.pre_norm:
+      t = norm1(tgt)
+      tgt = tgt + drop(self_attn(t + query_pos, t + query_pos, t, self_mask, train))
+      t = norm2(tgt)
+      tgt = tgt + drop(cross_attn(t + query_pos, key, memory, memory_mask, train))
+      return tgt + drop(ffn(norm3(tgt)))
+    tgt = norm1(tgt + drop(self_attn(tgt + query_pos, tgt + query_pos, tgt, self_mask, train)))
+    tgt = norm2(tgt + drop(cross_attn(tgt + query_pos, key, memory, memory_mask, train)))
+    return norm3(tgt + drop(ffn(tgt)))
+
+
+class Encoder(nn.Module):
+  """Encoder layers (+ final norm when pre-norm). Call: src, pos [B, S, d], mask [B,1,1,S]."""
+  layer_kwargs: dict
+  num_layers: int
+
+  @nn.compact
+  def __call__(self, x, pos, mask, train: bool = False):
+    for i in range(self.num_layers):
+      x = EncoderLayer(**self.layer_kwargs, name=f'layers_{i}')(x, pos, mask, train)
+    if self.layer_kwargs['pre_norm']:
+      x = layer_norm(name='norm')(x)
+    return x
+
+
+class Decoder(nn.Module):
+  """Decoder layers; every layer's output goes through the shared final ``norm``.
+
+  Returns [L, B, N, d].
+  """
+  layer_kwargs: dict
+  num_layers: int
+
+  @nn.compact
+  def __call__(self, tgt, memory, pos, query_pos, self_mask, memory_mask, train: bool = False):
+    norm = layer_norm(name='norm')
+    hs = []
+    for i in range(self.num_layers):
+      tgt = DecoderLayer(**self.layer_kwargs, name=f'layers_{i}')(
+          tgt, memory, pos, query_pos, self_mask, memory_mask, train)
+      hs.append(norm(tgt))
+    return jnp.stack(hs)
+
+
+class Transformer(nn.Module):
+  """DETR transformer. Names: ``encoder/layers_i``, ``encoder/norm``, ``decoder/...``.
+
+  Call:
+    src [B, S, d] flattened projected features, padding [B, S] bool (True = padded),
+    pos [B, S, d], query_pos [B, N, d], self_mask bool [N, N] or None (True = may attend).
+  Returns: hs [L_dec, B, N, d], memory [B, S, d].
+  """
+  d_model: int = 256
+  nheads: int = 8
+  num_encoder_layers: int = 6
+  num_decoder_layers: int = 6
+  dim_feedforward: int = 2048
+  dropout: float = 0.1
+  pre_norm: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, src, padding, pos, query_pos, self_mask=None, train: bool = False):
+    kw = dict(d_model=self.d_model, nheads=self.nheads, dim_feedforward=self.dim_feedforward,
+              dropout=self.dropout, pre_norm=self.pre_norm, dtype=self.dtype)
+    memory_mask = (~padding)[:, None, None, :]
+    memory = Encoder(kw, self.num_encoder_layers, name='encoder')(src, pos, memory_mask, train)
+    if self_mask is not None:
+      self_mask = self_mask[None, None]
+    hs = Decoder(kw, self.num_decoder_layers, name='decoder')(
+        jnp.zeros_like(query_pos), memory, pos, query_pos, self_mask, memory_mask, train)
+    return hs, memory

@@ -1,0 +1,72 @@
+"""UP-DETR pre-training model: random query patch detection (Dai et al. 2021)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from updetr_jax.models.detr import DETR
+from updetr_jax.models.layers import MLP, linear
+
+
+def group_attention_mask(num_queries: int, num_patches: int) -> np.ndarray | None:
+  """Decoder self-attention mask for ``num_patches`` groups of consecutive queries.
+
+  Returns bool [N, N], True inside each group's diagonal block (may attend), or
+  None for a single group (M = 1). Correct for any M dividing N.
+  """
+  if num_queries % num_patches:
+    raise ValueError(f'model.num_queries={num_queries} must be divisible by '
+                     f'model.num_patches={num_patches}')
+  if num_patches == 1:
+    return None
+  group = np.arange(num_queries) // (num_queries // num_patches)
+  return group[:, None] == group[None, :]
+
+
+class UPDETR(DETR):
+  """DETR plus query patches: patch features are added to groups of object queries.
+
+  Call: images [B, H, W, 3], padding_mask [B, H, W], patches [B, K, h, w, 3] with
+  K <= num_patches (K patches use the first K * N / M queries). Returns DETR's dict
+  (with N' = K * N / M queries) plus pred_feature [B, N', C5] (also in each aux
+  dict) and gt_feature [B, K, C5] (global-average-pooled backbone features of the
+  patches, no gradient).
+  """
+  num_patches: int = 10
+  patch_query_drop: float = 0.1  # per-query probability of dropping the patch feature
+
+  def setup(self):
+    super().setup()
+    c5 = self.backbone_channels
+    self.patch2query = linear(self.hidden_dim, c5, name=None)
+    self.feature_align = MLP(self.hidden_dim, c5, 2)
+
+  def __call__(self, images, padding_mask, patches=None, train: bool = False):
+    if patches is None or patches.ndim != 5 or patches.shape[-1] != 3:
+      raise ValueError('UP-DETR needs patches of shape [B, K, h, w, 3], got '
+                       f'{None if patches is None else patches.shape}')
+    b, k = patches.shape[:2]
+    if b != images.shape[0] or not 1 <= k <= self.num_patches:
+      raise ValueError(f'patches {patches.shape}: need batch {images.shape[0]} and '
+                       f'1 <= K <= model.num_patches={self.num_patches}')
+    group_size = self.num_queries // self.num_patches
+    n = k * group_size
+    self_mask = group_attention_mask(n, k)
+
+    src, padding, pos = self.encode_image(images, padding_mask)
+    feat = self.body(patches.reshape((b * k,) + patches.shape[2:]))
+    feat = jnp.mean(feat.astype(jnp.float32), axis=(1, 2)).reshape(b, k, -1)
+    gt_feature = jax.lax.stop_gradient(feat)
+    patch_query = jnp.repeat(self.patch2query(feat), group_size, axis=1)  # [B, N', d]
+    if train and self.patch_query_drop > 0:
+      keep = jax.random.bernoulli(self.make_rng('dropout'), 1.0 - self.patch_query_drop,
+                                  (b, n, 1))
+      patch_query = patch_query * keep
+    query_pos = (patch_query + self.query_embed.embedding[None, :n]).astype(self.dtype)
+    hs, _ = self.transformer(src, padding, pos, query_pos, self_mask, train)
+    per_layer = self.predict_heads(hs)
+    per_layer['pred_feature'] = self.feature_align(hs.astype(jnp.float32))
+    out = self.format_outputs(per_layer)
+    out['gt_feature'] = gt_feature
+    return out

@@ -1,0 +1,235 @@
+"""Import of the PyTorch releases' weights into Flax variables.
+
+Supported layouts (SPEC §6):
+  * DETR / UP-DETR checkpoints: ``{'model': state_dict}`` with keys
+    ``backbone.0.body.*``, ``transformer.*``, ``query_embed.weight``, ...
+  * torchvision-layout ResNet state dicts for the backbone alone (``conv1.weight``,
+    ``layer1.0.conv1.weight``, ...), optionally under ``module.`` (SwAV). Their
+    classifier / self-supervision heads (``fc``, ``projection_head``, ``prototypes``)
+    are dropped and reported; everything else must match.
+
+Every expected key must be present with the right shape and every given key must
+be used; otherwise one ``CheckpointMismatchError`` lists all problems.
+
+CLI (writes an Orbax checkpoint of the variables):
+  python -m updetr_jax.torch_import --checkpoint=detr-r50.pth \
+      --config=configs/finetune_coco.py --output=/tmp/detr_r50
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from updetr_jax.models import build_model
+
+# Heads of classification / self-supervised checkpoints that DETR never uses.
+BACKBONE_ONLY_IGNORED = ('fc.', 'projection_head.', 'prototypes.')
+_BN_NAMES = {'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean', 'var': 'running_var'}
+_QKV = ('q_proj', 'k_proj', 'v_proj')
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint does not fit the model: lists missing, unexpected and misshapen keys."""
+
+
+def load_state_dict(path_or_state_dict) -> dict[str, np.ndarray]:
+  """Reads a ``.pth`` (or takes a dict) and returns {key: float32 numpy array}.
+
+  Unwraps ``{'model': ...}`` / ``{'state_dict': ...}`` and strips ``module.``.
+  """
+  sd = path_or_state_dict
+  if isinstance(sd, (str, os.PathLike)):
+    try:
+      import torch  # optional dependency, only to read .pth files
+    except ImportError as e:
+      raise ImportError(f'reading {sd} needs PyTorch: pip install torch (CPU build)') from e
+    if not os.path.exists(sd):
+      raise FileNotFoundError(f'checkpoint file not found: {sd}')
+    sd = torch.load(sd, map_location='cpu', weights_only=True)
+  if not isinstance(sd, Mapping):
+    raise TypeError(f'expected a state dict (mapping), got {type(sd).__name__}')
+  for wrapper in ('model', 'state_dict'):
+    if wrapper in sd and isinstance(sd[wrapper], Mapping):
+      sd = sd[wrapper]
+      break
+  out = {}
+  for key, value in sd.items():
+    if key.startswith('module.'):
+      key = key[len('module.'):]
+    if hasattr(value, 'detach'):  # torch.Tensor
+      value = value.detach().cpu().float().numpy()
+    out[key] = np.asarray(value, dtype=np.float32)
+  return out
+
+
+def _module_key(name: str) -> str:
+  """Flax submodule name -> torch name ('layer1_0' -> 'layer1.0', 'layers_3' -> 'layers.3')."""
+  return re.sub(r'_(\d+)$', r'.\1', name)
+
+
+def _torch_name(collection: str, path: tuple[str, ...], backbone_only: bool):
+  """Flax leaf -> (torch key, qkv slice index or None, kind of transform)."""
+  *mods, leaf = path
+  slice_idx = None
+  if mods and mods[-1] in _QKV:
+    slice_idx = _QKV.index(mods[-1])
+    mods = mods[:-1]
+    leaf = 'in_proj_' + ('weight' if leaf == 'kernel' else 'bias')
+  prefix = []
+  for m in mods:
+    if m == 'body':
+      prefix += [] if backbone_only else ['backbone', '0', 'body']
+    elif m == 'position':
+      prefix += ['backbone', '1']
+    else:
+      prefix.append(_module_key(m))
+  if collection == 'batch_stats':
+    name = _BN_NAMES[leaf]
+  elif leaf in ('kernel', 'embedding', 'scale'):
+    name = 'weight'
+  elif leaf in ('row_embed', 'col_embed'):
+    prefix.append(leaf)
+    name = 'weight'
+  else:
+    name = leaf
+  return '.'.join(prefix + [name]), slice_idx
+
+
+def _to_flax(value: np.ndarray, flax_ndim: int, is_kernel: bool) -> np.ndarray:
+  if is_kernel and flax_ndim == 4:
+    return value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+  if is_kernel and flax_ndim == 2:
+    return value.T  # [out, in] -> [in, out]
+  return value
+
+
+def _dummy_inputs(model):
+  images = jnp.zeros((1, 64, 64, 3), jnp.float32)
+  mask = jnp.zeros((1, 64, 64), bool)
+  if hasattr(model, 'num_patches'):
+    return images, mask, jnp.zeros((1, model.num_patches, 32, 32, 3), jnp.float32)
+  return images, mask, None
+
+
+def variable_shapes(model) -> dict:
+  """Shapes/dtypes of the model's variables, without computing anything."""
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), *_dummy_inputs(model))
+
+
+def init_variables(model, rng):
+  """Initialised variables (jitted init on small dummy inputs)."""
+  return jax.jit(model.init)(rng, *_dummy_inputs(model))
+
+
+def convert_state_dict(sd: Mapping[str, np.ndarray], shapes, backbone_only: bool) -> dict:
+  """Maps a release state dict onto the flax variable tree described by ``shapes``.
+
+  With ``backbone_only`` only the ``body`` (ResNet) leaves are filled.
+  Returns a nested dict of numpy arrays; raises CheckpointMismatchError.
+  """
+  flat = traverse_util.flatten_dict(jax.tree_util.tree_map(lambda x: x, dict(shapes)))
+  expected: dict[str, tuple] = {}  # torch key -> expected torch shape
+  plan = []  # (flax path, torch key, slice index)
+  for fpath, leaf in flat.items():
+    collection, path = fpath[0], fpath[1:]
+    if backbone_only and path[0] != 'body':
+      continue
+    key, sl = _torch_name(collection, path, backbone_only)
+    is_kernel = path[-1] == 'kernel'
+    shape = tuple(leaf.shape)
+    tshape = (shape[::-1] if len(shape) == 2 else (shape[3], shape[2], shape[0], shape[1])) \
+        if is_kernel and len(shape) in (2, 4) else shape
+    if sl is not None:
+      tshape = (3 * tshape[0],) + tshape[1:]
+    expected[key] = tshape
+    plan.append((fpath, key, sl, is_kernel, len(shape)))
+
+  ignored = []
+  given = dict(sd)
+  for k in list(given):
+    if k.endswith('num_batches_tracked') or (
+        backbone_only and k.startswith(BACKBONE_ONLY_IGNORED)):
+      ignored.append(k)
+      given.pop(k)
+  missing = sorted(set(expected) - set(given))
+  unexpected = sorted(set(given) - set(expected))
+  mismatched = sorted(f'{k}: checkpoint {tuple(given[k].shape)} vs model {expected[k]}'
+                      for k in set(expected) & set(given)
+                      if tuple(given[k].shape) != expected[k])
+  if missing or unexpected or mismatched:
+    lines = ['checkpoint does not match the model config:']
+    for title, items in (('missing keys', missing), ('unexpected keys', unexpected),
+                         ('shape mismatches', mismatched)):
+      if items:
+        lines.append(f'  {title} ({len(items)}):')
+        lines += [f'    {x}' for x in items]
+    raise CheckpointMismatchError('\n'.join(lines))
+  if ignored:
+    logging.info('torch import: dropped %d keys not used by DETR: %s', len(ignored),
+                 sorted({k.split('.')[0] for k in ignored}))
+
+  out = {}
+  for fpath, key, sl, is_kernel, ndim in plan:
+    value = given[key]
+    if sl is not None:
+      value = np.split(value, 3, axis=0)[sl]
+    out[fpath] = _to_flax(value, ndim, is_kernel)
+  return traverse_util.unflatten_dict(out)
+
+
+def _is_backbone_only(sd: Mapping[str, Any]) -> bool:
+  return 'conv1.weight' in sd and not any(k.startswith('backbone.') for k in sd)
+
+
+def import_torch_checkpoint(path_or_state_dict, model_config, *, rng=None, variables=None):
+  """Variables for ``build_model(model_config).apply`` from a PyTorch release file.
+
+  Args:
+    path_or_state_dict: a ``.pth`` path, or a (possibly wrapped) state dict of torch
+      tensors or numpy arrays.
+    model_config: the ``.model`` config the weights are meant for.
+    rng, variables: for a backbone-only (torchvision / SwAV) file, the rest of the
+      model comes from ``variables`` if given, else a fresh init with ``rng``
+      (default PRNGKey(0)).
+  Returns: {'params': ..., 'batch_stats': ...} of jnp float32 arrays.
+  Raises: CheckpointMismatchError naming every missing, unexpected or misshapen key.
+  """
+  sd = load_state_dict(path_or_state_dict)
+  model = build_model(model_config)
+  shapes = variable_shapes(model)
+  backbone_only = _is_backbone_only(sd)
+  converted = convert_state_dict(sd, shapes, backbone_only)
+  if not backbone_only:
+    return jax.tree_util.tree_map(jnp.asarray, converted)
+  if variables is None:
+    variables = init_variables(model, rng if rng is not None else jax.random.PRNGKey(0))
+  merged = traverse_util.flatten_dict(jax.tree_util.tree_map(jnp.asarray, dict(variables)))
+  merged.update(traverse_util.flatten_dict(jax.tree_util.tree_map(jnp.asarray, converted)))
+  return traverse_util.unflatten_dict(merged)
+
+
+def main(argv):
+  del argv
+  from updetr_jax import checkpoints
+  cfg = _CONFIG.value
+  variables = import_torch_checkpoint(_CHECKPOINT.value, cfg.model)
+  checkpoints.save_variables(_OUTPUT.value, variables)
+  n = sum(x.size for x in jax.tree_util.tree_leaves(variables))
+  print(f'wrote {n:,} values from {_CHECKPOINT.value} to {_OUTPUT.value}')
+
+
+if __name__ == '__main__':
+  from absl import app, flags
+  from ml_collections import config_flags
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file (uses its .model)')
+  _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'PyTorch .pth file')
+  _OUTPUT = flags.DEFINE_string('output', None, 'directory for the Orbax checkpoint')
+  flags.mark_flags_as_required(['config', 'checkpoint', 'output'])
+  app.run(main)
