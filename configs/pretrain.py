@@ -36,15 +36,57 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or 'imagenet'
+  if variant not in ('imagenet', 'single_query', 'demo'):
+    raise ValueError(f'configs/pretrain.py: unknown variant {variant!r} '
+                     "(choose 'imagenet', 'single_query' or 'demo')")
+  from updetr_jax.data import default_data_config, demo_data_config
+
   config = ml_collections.ConfigDict()
+  config.seed = 0
   config.model = model_config()
   config.matcher = ml_collections.ConfigDict(dict(
       solver='exact', cost_class=1.0, cost_bbox=5.0, cost_giou=2.0))
   config.loss = ml_collections.ConfigDict(dict(
       eos_coef=0.1, weight_ce=1.0, weight_bbox=5.0, weight_giou=2.0, weight_feature=1.0))
+  # The release normalises the loss per GPU (8 GPUs x 32 images): keeping that count
+  # fixed makes the loss identical whatever mesh the run uses.
+  config.loss_replicas = 8
+  config.data = default_data_config()
+  config.batch_size = 256  # global
+  config.examples_per_epoch = 1281167  # ImageNet train
+  config.num_epochs = 60
+  config.num_train_steps = -1  # > 0 overrides num_epochs
+  config.optim = ml_collections.ConfigDict(dict(
+      lr=1e-4, lr_backbone=0.0, weight_decay=1e-4, clip_max_norm=0.1,
+      lr_drop_epochs=(40,),
+      frozen=(r'^body/',),  # the whole CNN is frozen in pre-training
+  ))
+  config.init = ml_collections.ConfigDict(dict(
+      # torchvision-layout ResNet .pth (the release: SwAV 800 epochs, 'module.' prefix).
+      backbone_checkpoint='',
+      checkpoint='',  # an Orbax variables checkpoint (python -m updetr_jax.torch_import)
+  ))
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 3
+  config.log_every_steps = 50
+  config.eval = ml_collections.ConfigDict(dict(num_batches=0))
+
   if variant == 'single_query':
     config.model.num_patches = 1
-  elif variant != 'imagenet':
-    raise ValueError(f'configs/pretrain.py: unknown variant {variant!r} '
-                     "(choose 'imagenet' or 'single_query')")
+  elif variant == 'demo':
+    # Runs on 2 CPU cores in minutes on scikit-image's photographs. No pre-trained CNN
+    # can be downloaded here, so the small CNN trains with the transformer (the full
+    # configs keep the release's frozen, pre-trained ResNet-50).
+    config.model.update(backbone='resnet_small', hidden_dim=64, nheads=4, enc_layers=2,
+                        dec_layers=2, dim_feedforward=128, dropout=0.0, num_queries=20,
+                        num_patches=4)
+    config.data = demo_data_config()
+    config.batch_size = 8
+    config.loss_replicas = 1
+    config.examples_per_epoch = 64
+    config.num_train_steps = 1500
+    config.optim.update(lr=2e-4, lr_backbone=2e-4, frozen=(), lr_drop_epochs=())
+    config.checkpoint_every_steps = 500
+    config.log_every_steps = 100
+    config.eval.num_batches = 4
   return config

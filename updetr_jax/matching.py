@@ -35,12 +35,48 @@ __all__ = [
 # Magnitude used to keep cost matrices finite (and the solver terminating).
 _COST_CLIP = 1e7
 _SOLVER_CLIP = 1e30
-_DEBUG = False
 
 
 # --------------------------------------------------------------------------- #
 # Cost matrix
 # --------------------------------------------------------------------------- #
+def _match_cost_t(pred_logits, pred_boxes, tgt_labels, tgt_boxes, tgt_mask,
+                  cost_class=1.0, cost_bbox=5.0, cost_giou=2.0):
+    """:func:`match_cost` in targets-major layout ``[..., M, N]``.
+
+    This is the layout the solver works in (targets as rows), and on CPU it is
+    also the faster one to build (the long query axis is the minor one)."""
+    pred_logits = jnp.asarray(pred_logits, jnp.float32)
+    pred_boxes = jnp.asarray(pred_boxes, jnp.float32)
+    tgt_boxes = jnp.asarray(tgt_boxes, jnp.float32)
+    tgt_labels = jnp.asarray(tgt_labels, jnp.int32)
+    tgt_mask = jnp.asarray(tgt_mask, bool)
+    n, num_logits = pred_logits.shape[-2:]
+    m = tgt_labels.shape[-1]
+    lead = jnp.broadcast_shapes(pred_logits.shape[:-2], pred_boxes.shape[:-2],
+                                tgt_labels.shape[:-1], tgt_boxes.shape[:-2], tgt_mask.shape[:-1])
+
+    # softmax(logits)[label] = exp(logit[label] - logsumexp(logits)): gather the
+    # M needed logit rows instead of normalising all C+1 probabilities.
+    lse = jax.nn.logsumexp(pred_logits, axis=-1)  # [..., N]
+    logits_t = jnp.broadcast_to(jnp.swapaxes(pred_logits, -1, -2), lead + (num_logits, n))
+    labels = jnp.clip(tgt_labels, 0, num_logits - 1)
+    labels = jnp.broadcast_to(labels[..., :, None], lead + (m, n))
+    picked = jnp.take_along_axis(logits_t, labels, axis=-2)  # [..., M, N]
+    c_class = -jnp.exp(picked - lse[..., None, :])
+
+    # Pairwise box terms on [..., M, N] planes.
+    tb = tgt_boxes[..., :, None, :]
+    pb = pred_boxes[..., None, :, :]
+    c_bbox = sum(jnp.abs(pb[..., k] - tb[..., k]) for k in range(4))
+    c_giou = -box_ops.generalized_box_iou(box_ops.box_cxcywh_to_xyxy(pb),
+                                          box_ops.box_cxcywh_to_xyxy(tb))
+    cost = cost_bbox * c_bbox + cost_class * c_class + cost_giou * c_giou
+    cost = jnp.nan_to_num(cost, nan=_COST_CLIP, posinf=_COST_CLIP, neginf=-_COST_CLIP)
+    cost = jnp.clip(cost, -_COST_CLIP, _COST_CLIP)
+    return jnp.where(tgt_mask[..., :, None], cost, 0.0).astype(jnp.float32)
+
+
 def match_cost(pred_logits, pred_boxes, tgt_labels, tgt_boxes, tgt_mask,
                cost_class=1.0, cost_bbox=5.0, cost_giou=2.0):
     """DETR matching cost ``[..., N, M]`` (float32, always finite).
@@ -57,48 +93,18 @@ def match_cost(pred_logits, pred_boxes, tgt_labels, tgt_boxes, tgt_mask,
       Leading dims broadcast (e.g. predictions ``[L, B]`` vs targets ``[B]``).
     Returns:
       ``[..., N, M]`` float32; padded columns are 0. NaN/inf entries (diverged
-      predictions) are replaced by large finite values so the solver stays sane.
+      predictions) are replaced by +-1e7 so the solver stays well defined.
     """
-    pred_logits = jnp.asarray(pred_logits, jnp.float32)
-    pred_boxes = jnp.asarray(pred_boxes, jnp.float32)
-    tgt_boxes = jnp.asarray(tgt_boxes, jnp.float32)
-    tgt_labels = jnp.asarray(tgt_labels, jnp.int32)
-    tgt_mask = jnp.asarray(tgt_mask, bool)
-    n, m = pred_logits.shape[-2], tgt_labels.shape[-1]
-    num_logits = pred_logits.shape[-1]
-
-    # softmax(logits)[label] = exp(logit[label] - logsumexp(logits)): gather the
-    # M needed logits instead of normalising all C+1.
-    lse = jax.nn.logsumexp(pred_logits, axis=-1)  # [..., N]
-    lead = jnp.broadcast_shapes(pred_logits.shape[:-2], tgt_labels.shape[:-1])
-    labels = jnp.clip(tgt_labels, 0, num_logits - 1)
-    labels = jnp.broadcast_to(labels[..., None, :], lead + (n, m))
-    logits = jnp.broadcast_to(pred_logits, lead + (n, num_logits))
-    picked = jnp.take_along_axis(logits, labels, axis=-1)  # [..., N, M]
-    c_class = -jnp.exp(picked - lse[..., None])
-
-    # Pairwise terms on [..., N, M] planes (coordinates split first).
-    pb = pred_boxes[..., :, None, :]
-    tb = tgt_boxes[..., None, :, :]
-    c_bbox = sum(jnp.abs(pb[..., k] - tb[..., k]) for k in range(4))
-    c_giou = -box_ops.generalized_box_iou(box_ops.box_cxcywh_to_xyxy(pb),
-                                          box_ops.box_cxcywh_to_xyxy(tb))
-    cost = cost_bbox * c_bbox + cost_class * c_class + cost_giou * c_giou
-    cost = jnp.nan_to_num(cost, nan=_COST_CLIP, posinf=_COST_CLIP, neginf=-_COST_CLIP)
-    cost = jnp.clip(cost, -_COST_CLIP, _COST_CLIP)
-    return jnp.where(tgt_mask[..., None, :], cost, 0.0).astype(jnp.float32)
+    return jnp.swapaxes(_match_cost_t(pred_logits, pred_boxes, tgt_labels, tgt_boxes, tgt_mask,
+                                      cost_class, cost_bbox, cost_giou), -1, -2)
 
 
 # --------------------------------------------------------------------------- #
 # Exact solver
 # --------------------------------------------------------------------------- #
 def _take(x, idx):
-    """``x[p, idx[p]]`` for ``x [P, K]``, ``idx [P]`` (0 if out of range).
-
-    A masked reduction rather than a gather: it fuses with its producers and is
-    cheaper than XLA's gather on CPU for these small rows."""
-    hit = jnp.arange(x.shape[1], dtype=jnp.int32)[None, :] == idx[:, None]
-    return jnp.sum(jnp.where(hit, x, jnp.zeros((), x.dtype)), axis=1)
+    """``x[p, idx[p]]`` for ``x [P, K]``, ``idx [P]`` (indices clipped)."""
+    return jnp.take_along_axis(x, jnp.clip(idx, 0, x.shape[1] - 1)[:, None], axis=1)[:, 0]
 
 
 def _solve_rows(cost, row_valid):
@@ -111,42 +117,67 @@ def _solve_rows(cost, row_valid):
       ``col4row [P, R]`` int32, the column of every valid row (distinct within a
       problem) minimising the total cost of the valid rows; -1 on invalid rows.
 
-    One ``lax.while_loop`` drives all problems; every problem runs its own state
-    machine (mode 0: one Dijkstra step of the current row's shortest-path
-    search, mode 1: one step of augmentation along the found path, mode 2: done)
-    so the number of sequential iterations is the maximum over problems of the
-    total work, not the sum over rows of the maximum. Row duals are not stored:
-    for an assigned row ``u[i] = cost[i, col4row[i]] - v[col4row[i]]`` (its
-    assigned edge is tight), and the row being inserted starts with ``u = 0``.
+    This is the Jonker-Volgenant / Crouse (2016) scheme scipy uses: rows are
+    inserted one at a time by a Dijkstra search for the shortest augmenting
+    path in reduced costs ``c[i, j] - u[i] - v[j]`` (vectorised over the K
+    columns; the minimal unscanned column is taken, preferring unassigned
+    columns on ties), followed by a dual update and augmentation along the path.
+    Implementation notes:
+
+    * Row-reduction start: with ``v = 0`` and ``u`` = row minima, every column
+      that is the (first) row minimum of some valid rows goes to the first of
+      them. Those edges are tight, the duals feasible and ``v = 0`` on the free
+      columns, so this partial assignment is optimal for its rows and only the
+      remaining (conflicting) rows need augmenting paths.
+    * Row duals are not stored: an assigned row's edge is tight, so
+      ``u[i] = c[i, col4row[i]] - v[col4row[i]]``; the row being inserted starts
+      with ``u = 0`` (a constant shift of its path lengths).
+    * One ``lax.while_loop`` drives all P problems, each running its own state
+      machine (mode 0: one Dijkstra step, mode 1: one augmentation step, mode
+      2: done; the first augmentation step shares the iteration that finds the
+      sink), so the sequential iteration count is the maximum over problems of
+      their own work, not a sum over rows of per-row maxima.
     """
     p_dim, r_dim, k_dim = cost.shape
     inf = jnp.float32(jnp.inf)
     pidx = jnp.arange(p_dim)
     kiota = jnp.arange(k_dim, dtype=jnp.int32)[None, :]
+    riota = jnp.arange(r_dim, dtype=jnp.int32)[None, :]
 
-    # Valid rows first, in their original order.
-    order = jnp.argsort(~row_valid, axis=1, stable=True).astype(jnp.int32)
-    n_real = jnp.sum(row_valid, axis=1, dtype=jnp.int32)
+    # Row-reduction start.
+    rmin = jnp.min(cost, axis=2)
+    best = jnp.min(jnp.where(cost == rmin[:, :, None], kiota[:, None, :], k_dim), axis=2)
+    clash = ((best[:, :, None] == best[:, None, :]) & row_valid[:, None, :]
+             & (riota[:, None, :] < riota[:, :, None]))
+    win = row_valid & ~jnp.any(clash, axis=2)
+    col4row0 = jnp.where(win, best, -1)
+    hit = win[:, :, None] & (best[:, :, None] == kiota[:, None, :])
+    row4col0 = jnp.max(jnp.where(hit, riota[:, :, None], -1), axis=1)
+    todo = row_valid & ~win
 
-    def crow(i):
-        return cost[pidx, jnp.clip(i, 0, r_dim - 1)]  # [P, K]
+    def next_row(col4row):
+        """First valid row not assigned yet (R if none)."""
+        return jnp.min(jnp.where(todo & (col4row < 0), riota, r_dim), axis=1)
 
+    first = next_row(col4row0)
     init = dict(
         v=jnp.zeros((p_dim, k_dim), jnp.float32),
-        row4col=jnp.full((p_dim, k_dim), -1, jnp.int32),
-        col4row=jnp.full((p_dim, r_dim), -1, jnp.int32),
+        row4col=row4col0,
+        col4row=col4row0,
         path=jnp.zeros((p_dim, k_dim), jnp.int32),
         spc=jnp.full((p_dim, k_dim), inf),
         sc=jnp.zeros((p_dim, k_dim), bool),
         min_val=jnp.zeros((p_dim,), jnp.float32),
-        i=order[:, 0],
+        cur=first,                  # row being inserted
+        i=first,                    # row being scanned
         ui=jnp.zeros((p_dim,), jnp.float32),
-        k=jnp.zeros((p_dim,), jnp.int32),
-        mode=jnp.where(n_real > 0, 0, 2).astype(jnp.int32),
+        mode=jnp.where(first < r_dim, 0, 2).astype(jnp.int32),
         aj=jnp.zeros((p_dim,), jnp.int32),
         it=jnp.zeros((), jnp.int32),
     )
-    max_iters = r_dim * r_dim + 1  # sum over rows of (2 * row_index + 1)
+    # Safety net only: inserting a row takes at most (#assigned + 1) Dijkstra
+    # steps and as many augmentation steps, one shared.
+    max_iters = 2 * r_dim * r_dim + 1
 
     def cond(s):
         return jnp.any(s["mode"] != 2) & (s["it"] < max_iters)
@@ -154,26 +185,26 @@ def _solve_rows(cost, row_valid):
     def body(s):
         v, row4col, col4row = s["v"], s["row4col"], s["col4row"]
         spc, sc, path = s["spc"], s["sc"], s["path"]
-        i, ui, min_val, mode, aj, k = s["i"], s["ui"], s["min_val"], s["mode"], s["aj"], s["k"]
+        i, ui, min_val, mode, aj, cur = s["i"], s["ui"], s["min_val"], s["mode"], s["aj"], s["cur"]
 
         # ---- Dijkstra step (mode 0) ------------------------------------------
         dmode = mode == 0
-        r = (min_val - ui)[:, None] + crow(i) - v
+        r = (min_val - ui)[:, None] + cost[pidx, jnp.clip(i, 0, r_dim - 1)] - v
         upd = dmode[:, None] & ~sc & (r < spc)
         spc = jnp.where(upd, r, spc)
         path = jnp.where(upd, i[:, None], path)
         masked = jnp.where(sc, inf, spc)
         lowest = jnp.min(masked, axis=1)
-        free = row4col < 0
         # First minimal unscanned column, unassigned ones preferred on ties.
-        key = jnp.where(masked == lowest[:, None], jnp.where(free, kiota, kiota + k_dim), 2 * k_dim)
+        key = jnp.where(masked == lowest[:, None],
+                        jnp.where(row4col < 0, kiota, kiota + k_dim), 2 * k_dim)
         j = jnp.min(key, axis=1)
+        found = dmode & (j < k_dim)  # j is unassigned: the sink
         j = jnp.where(j >= k_dim, j - k_dim, j)
+        cont = dmode & ~found
         jrow = _take(row4col, j)
         sc = sc | (dmode[:, None] & (kiota == j[:, None]))
         min_val = jnp.where(dmode, lowest, min_val)
-        found = dmode & (jrow < 0)
-        cont = dmode & (jrow >= 0)
         ui = jnp.where(cont, cost[pidx, jnp.clip(jrow, 0, r_dim - 1), j] - _take(v, j), ui)
         i = jnp.where(cont, jrow, i)
         # Sink reached: dual update of the scanned columns, switch to augmenting.
@@ -186,28 +217,24 @@ def _solve_rows(cost, row_valid):
         ai = _take(path, aj)
         row4col = jnp.where(amode[:, None] & (kiota == aj[:, None]), ai[:, None], row4col)
         old = _take(col4row, ai)
-        col4row = jnp.where(amode[:, None] & (jnp.arange(r_dim)[None, :] == ai[:, None]),
-                            aj[:, None], col4row)
+        col4row = jnp.where(amode[:, None] & (riota == ai[:, None]), aj[:, None], col4row)
         aj = jnp.where(amode, old, aj)
-        cur = _take(order, k)
         finished = amode & (ai == cur)
 
         # ---- next row --------------------------------------------------------
-        k = jnp.where(finished, k + 1, k)
-        more = k < n_real
-        mode = jnp.where(finished, jnp.where(more, 0, 2), mode)
-        start = finished & more
-        nxt = _take(order, k)
+        nxt = next_row(col4row)
+        start = finished & (nxt < r_dim)
+        mode = jnp.where(finished, jnp.where(start, 0, 2), mode)
+        cur = jnp.where(start, nxt, cur)
         i = jnp.where(start, nxt, i)
         ui = jnp.where(start, 0.0, ui)
         min_val = jnp.where(start, 0.0, min_val)
         sc = sc & ~start[:, None]
         spc = jnp.where(start[:, None], inf, spc)
         return dict(v=v, row4col=row4col, col4row=col4row, path=path, spc=spc, sc=sc,
-                    min_val=min_val, i=i, ui=ui, k=k, mode=mode, aj=aj, it=s["it"] + 1)
+                    min_val=min_val, cur=cur, i=i, ui=ui, mode=mode, aj=aj, it=s["it"] + 1)
 
     out = lax.while_loop(cond, body, init)
-    if _DEBUG: jax.debug.print("iters {}", out["it"])
     return jnp.where(row_valid, out["col4row"], -1)
 
 
@@ -215,6 +242,36 @@ def _sanitize(cost):
     cost = jnp.asarray(cost, jnp.float32)
     cost = jnp.nan_to_num(cost, nan=_SOLVER_CLIP, posinf=_SOLVER_CLIP, neginf=-_SOLVER_CLIP)
     return jnp.clip(cost, -_SOLVER_CLIP, _SOLVER_CLIP)
+
+
+def _assign_t(cost_t, tgt_mask):
+    """:func:`linear_sum_assignment` on a targets-major cost ``[..., M, N]``."""
+    cost_t = _sanitize(cost_t)
+    tgt_mask = jnp.asarray(tgt_mask, bool)
+    m, n = cost_t.shape[-2:]
+    lead = jnp.broadcast_shapes(cost_t.shape[:-2], tgt_mask.shape[:-1])
+    if m == 0:
+        return jnp.zeros(lead + (0,), jnp.int32)
+    if n == 0:
+        return jnp.full(lead + (m,), -1, jnp.int32)
+    p_dim = math.prod(lead)
+    cost_t = jnp.broadcast_to(cost_t, lead + (m, n)).reshape(p_dim, m, n)
+    mask = jnp.broadcast_to(tgt_mask, lead + (m,)).reshape(p_dim, m)
+    if m <= n:
+        return _solve_rows(cost_t, mask).reshape(lead + (m,))  # targets as rows
+    # M > N: queries as rows; padded target columns priced above every real cost.
+    real = mask[:, :, None]
+    real_max = jnp.max(jnp.where(real, cost_t, -jnp.inf), axis=(1, 2))
+    real_min = jnp.min(jnp.where(real, cost_t, jnp.inf), axis=(1, 2))
+    real_max = jnp.where(jnp.isfinite(real_max), real_max, 0.0)
+    real_min = jnp.where(jnp.isfinite(real_min), real_min, 0.0)
+    big = real_max + jnp.maximum(real_max - real_min, 1.0)
+    cost = jnp.where(real, cost_t, big[:, None, None]).swapaxes(1, 2)  # [P, N, M]
+    tgt4query = _solve_rows(cost, jnp.ones((p_dim, n), bool))  # [P, N]
+    qid = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (p_dim, n))
+    out = jnp.full((p_dim, m), -1, jnp.int32)
+    out = out.at[jnp.arange(p_dim)[:, None], tgt4query].set(qid)
+    return jnp.where(mask, out, -1).reshape(lead + (m,))
 
 
 def linear_sum_assignment(cost, tgt_mask):
@@ -238,35 +295,7 @@ def linear_sum_assignment(cost, tgt_mask):
     or to which queries. Jittable and vmappable; leading dims are flattened and
     solved together in one batched loop.
     """
-    cost = _sanitize(cost)
-    tgt_mask = jnp.asarray(tgt_mask, bool)
-    n, m = cost.shape[-2], cost.shape[-1]
-    lead = jnp.broadcast_shapes(cost.shape[:-2], tgt_mask.shape[:-1])
-    cost = jnp.broadcast_to(cost, lead + (n, m))
-    tgt_mask = jnp.broadcast_to(tgt_mask, lead + (m,))
-    if m == 0:
-        return jnp.zeros(lead + (0,), jnp.int32)
-    if n == 0:
-        return jnp.full(lead + (m,), -1, jnp.int32)
-    p_dim = math.prod(lead)
-    cost = cost.reshape(p_dim, n, m)
-    mask = tgt_mask.reshape(p_dim, m)
-    if m <= n:
-        col4row = _solve_rows(jnp.swapaxes(cost, 1, 2), mask)  # targets as rows
-        return col4row.reshape(lead + (m,))
-    # M > N: queries as rows, padded target columns priced above every real cost.
-    real_max = jnp.max(jnp.where(mask[:, None, :], cost, -jnp.inf), axis=(1, 2))
-    real_min = jnp.min(jnp.where(mask[:, None, :], cost, jnp.inf), axis=(1, 2))
-    real_max = jnp.where(jnp.isfinite(real_max), real_max, 0.0)
-    real_min = jnp.where(jnp.isfinite(real_min), real_min, 0.0)
-    big = real_max + jnp.maximum(real_max - real_min, 1.0)
-    cost = jnp.where(mask[:, None, :], cost, big[:, None, None])
-    col4query = _solve_rows(cost, jnp.ones((p_dim, n), bool))  # [P, N] target per query
-    qid = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (p_dim, n))
-    out = jnp.full((p_dim, m), -1, jnp.int32)
-    out = out.at[jnp.arange(p_dim)[:, None], col4query].set(qid)
-    out = jnp.where(mask, out, -1)
-    return out.reshape(lead + (m,))
+    return _assign_t(jnp.swapaxes(jnp.asarray(cost), -1, -2), tgt_mask)
 
 
 # --------------------------------------------------------------------------- #
@@ -311,7 +340,7 @@ def scipy_linear_sum_assignment(cost, tgt_mask):
 # --------------------------------------------------------------------------- #
 # Matcher
 # --------------------------------------------------------------------------- #
-_SOLVERS = {"exact": linear_sum_assignment, "scipy": scipy_linear_sum_assignment}
+_SOLVERS = ("exact", "scipy")
 
 
 def hungarian_match(outputs, targets, solver="exact", cost_class=1.0, cost_bbox=5.0,
@@ -330,8 +359,12 @@ def hungarian_match(outputs, targets, solver="exact", cost_class=1.0, cost_bbox=
     """
     if solver not in _SOLVERS:
         raise ValueError(f"unknown matching solver {solver!r}; expected one of {sorted(_SOLVERS)}")
-    cost = match_cost(outputs["pred_logits"], outputs["pred_boxes"], targets["labels"],
-                      targets["boxes"], targets["mask"], cost_class=cost_class,
-                      cost_bbox=cost_bbox, cost_giou=cost_giou)
-    cost = lax.stop_gradient(cost)
-    return lax.stop_gradient(_SOLVERS[solver](cost, targets["mask"]))
+    cost_t = _match_cost_t(lax.stop_gradient(outputs["pred_logits"]),
+                           lax.stop_gradient(outputs["pred_boxes"]), targets["labels"],
+                           targets["boxes"], targets["mask"], cost_class=cost_class,
+                           cost_bbox=cost_bbox, cost_giou=cost_giou)
+    if solver == "exact":
+        idx = _assign_t(cost_t, targets["mask"])
+    else:
+        idx = scipy_linear_sum_assignment(jnp.swapaxes(cost_t, -1, -2), targets["mask"])
+    return lax.stop_gradient(idx)
