@@ -23,9 +23,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import pretrain  # noqa: E402
-from updetr_jax import optim, train  # noqa: E402
+from updetr_jax import train  # noqa: E402
 from updetr_jax.models import build_model  # noqa: E402
-from updetr_jax.torch_import import init_variables  # noqa: E402
 
 
 def synthetic_batch(batch, size, num_patches, patch_size, seed=0):
@@ -59,12 +58,8 @@ def main():
   config.batch_size = args.batch
   config.loss_replicas = 1
   model = build_model(config.model)
-  variables = init_variables(model, jax.random.PRNGKey(0))
-  trainable, frozen = optim.partition_params(variables['params'], config.optim.frozen)
-  tx, _ = optim.make_optimizer(config.optim, trainable, steps_per_epoch=1000)
-  state = {'step': jnp.zeros((), jnp.int32), 'params': trainable,
-           'opt_state': tx.init(trainable)}
-  constants = {'frozen': frozen, 'batch_stats': variables['batch_stats']}
+  _, state, constants, tx, _ = train.init_train_state(
+      config, model, jax.random.PRNGKey(0), steps_per_epoch=1000)
   mesh = train.make_mesh()
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -57,6 +57,26 @@ def criterion(config):
       solver=config.matcher.solver, num_replicas=config.loss_replicas)
 
 
+def init_train_state(config, model, rng, steps_per_epoch: int):
+  """Initial weights (with the configured imports) and optimizer state.
+
+  Returns (variables, state, constants, tx, schedules): state = {'step', 'params'
+  (trainable), 'opt_state'}, constants = {'frozen' params, 'batch_stats'}.
+  """
+  variables = init_variables(model, rng)
+  if config.init.backbone_checkpoint:
+    variables = import_torch_checkpoint(config.init.backbone_checkpoint, config.model,
+                                        variables=variables)
+  if config.init.checkpoint:
+    variables = checkpoints.load_variables(config.init.checkpoint, variables)
+  trainable, frozen = optim.partition_params(variables['params'], config.optim.frozen)
+  tx, schedules = optim.make_optimizer(config.optim, trainable, steps_per_epoch)
+  state = {'step': jnp.zeros((), jnp.int32), 'params': trainable,
+           'opt_state': tx.init(trainable)}
+  constants = {'frozen': frozen, 'batch_stats': variables['batch_stats']}
+  return variables, state, constants, tx, schedules
+
+
 def make_train_step(model, tx, loss_fn):
   """Pure update: (state, constants, batch, rng) -> (state, metrics).
 
@@ -79,7 +99,7 @@ def make_train_step(model, tx, loss_fn):
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     new = {'step': state['step'] + 1, 'params': optax.apply_updates(state['params'], updates),
            'opt_state': opt_state}
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new,
                                  dict(state, step=state['step'] + 1))
@@ -122,8 +142,8 @@ def evaluate_patches(model, variables, batches, num_patches: int, sharding):
 class Progress:
   """Progress lines (steps/s, ETA) and TensorBoard scalars from process 0."""
 
-  def __init__(self, writer, total: int, start: int, every: int):
-    self.writer, self.total, self.every = writer, total, every
+  def __init__(self, writer, total: int, start: int, every: int, jsonl_path: str):
+    self.writer, self.total, self.every, self.jsonl_path = writer, total, every, jsonl_path
     self.t0, self.s0 = time.time(), start
     self.history: dict[str, tuple[list, list]] = {}
 
@@ -135,6 +155,9 @@ class Progress:
     eta = (self.total - step) / max(rate, 1e-9)
     scalars = dict(scalars, steps_per_sec=rate)
     self.writer.write_scalars(step, scalars)
+    if jax.process_index() == 0:
+      with open(self.jsonl_path, 'a') as f:
+        f.write(json.dumps(dict(scalars, step=step)) + '\n')
     for k in ('loss', 'loss_ce', 'loss_bbox', 'loss_giou', 'loss_feature'):
       if k in scalars:
         self.history.setdefault(k, ([], []))
@@ -174,24 +197,13 @@ def run(config, workdir: str) -> dict:
 
   # ------------------------------------------------------ Model & optimizer
   model = build_model(config.model)
-  rng = jax.random.PRNGKey(config.seed)
-  init_rng, step_rng = jax.random.split(rng)
-  variables = init_variables(model, init_rng)
-  if config.init.backbone_checkpoint:
-    variables = import_torch_checkpoint(config.init.backbone_checkpoint, config.model,
-                                        variables=variables)
-  if config.init.checkpoint:
-    variables = checkpoints.load_variables(config.init.checkpoint, variables)
-  trainable, frozen = optim.partition_params(variables['params'], config.optim.frozen)
-  tx, schedules = optim.make_optimizer(config.optim, trainable, steps_per_epoch)
-  state = {'step': jnp.zeros((), jnp.int32), 'params': trainable,
-           'opt_state': tx.init(trainable)}
-  constants = {'frozen': frozen, 'batch_stats': variables['batch_stats']}
-  state, constants = jax.device_put((state, constants), repl)
-  initial_variables = variables
+  init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  variables, state, constants, tx, schedules = init_train_state(
+      config, model, init_rng, steps_per_epoch)
   logging.warning('model: %s params trainable, %s frozen; %d steps (%d per epoch)',
-                  f'{optim.count_params(trainable):,}', f'{optim.count_params(frozen):,}',
-                  num_steps, steps_per_epoch)
+                  f'{optim.count_params(state["params"]):,}',
+                  f'{optim.count_params(constants["frozen"]):,}', num_steps, steps_per_epoch)
+  state, constants = jax.device_put((state, constants), repl)
 
   # ------------------------------------------------------ Checkpoint restore
   manager = checkpoints.train_manager(
@@ -210,12 +222,30 @@ def run(config, workdir: str) -> dict:
       seed=config.seed, start_step=start, process_index=jax.process_index(),
       process_count=jax.process_count())
 
+  def eval_batches():
+    """Held-out query patches: eval transforms, a different patch seed, fixed order."""
+    it, _ = make_pretrain_dataset(
+        config.data, global_batch_size=config.batch_size, num_patches=num_patches,
+        train=False, seed=config.seed + 1, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    for i, b in enumerate(it):
+      if i >= config.eval.num_batches:
+        break
+      yield b
+
+  if config.eval.num_batches > 0:  # the initial model, before any (resumed) training
+    iou_before, _ = evaluate_patches(model, variables, eval_batches(), num_patches,
+                                     data_sharding)
+    logging.warning('mean IoU of held-out query patches before training: %.4f', iou_before)
+  del variables  # its buffers may be donated to the train step
+
   # ------------------------------------------------------ Update step
   train_step = jax.jit(make_train_step(model, tx, criterion(config)), donate_argnums=(0,),
                        out_shardings=(repl, repl))
 
   # ------------------------------------------------------ Train loop
-  progress = Progress(writer, num_steps, start, config.log_every_steps)
+  progress = Progress(writer, num_steps, start, config.log_every_steps,
+                      os.path.join(workdir, 'metrics.jsonl'))
   pending = None  # metrics of the previous step, checked one step late (keeps async dispatch)
   t_start = time.time()
   for step in range(start + 1, num_steps + 1):
@@ -245,19 +275,6 @@ def run(config, workdir: str) -> dict:
   if config.eval.num_batches > 0:
     final_variables = {'params': optim.merge_params(state['params'], constants['frozen']),
                        'batch_stats': constants['batch_stats']}
-
-    def eval_batches():
-      it, _ = make_pretrain_dataset(
-          config.data, global_batch_size=config.batch_size, num_patches=num_patches,
-          train=False, seed=config.seed + 1, process_index=jax.process_index(),
-          process_count=jax.process_count())
-      for i, b in enumerate(it):
-        if i >= config.eval.num_batches:
-          break
-        yield b
-
-    iou_before, _ = evaluate_patches(model, initial_variables, eval_batches(), num_patches,
-                                     data_sharding)
     iou_after, first = evaluate_patches(model, final_variables, eval_batches(), num_patches,
                                         data_sharding)
     summary.update(mean_iou_before=round(iou_before, 4), mean_iou_after=round(iou_after, 4))
@@ -271,10 +288,10 @@ def run(config, workdir: str) -> dict:
           batch['targets']['boxes'][0], np.asarray(boxes)[0], iou[0],
           title=f'held-out query patches after {num_steps} steps '
                 f'(mean IoU {iou_before:.2f} -> {iou_after:.2f})')
-      if progress.history:
-        visualize.plot_curves(os.path.join(workdir, 'loss_curves.png'), progress.history,
-                              'training losses')
       summary['png'] = png
+  if jax.process_index() == 0 and progress.history:
+    visualize.plot_curves(os.path.join(workdir, 'loss_curves.png'), progress.history,
+                          'training losses')
   writer.flush()
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:

@@ -1,0 +1,195 @@
+"""Pre-training loop: a real step learns, NaN never lands, SIGKILL + resume is exact,
+8 devices give the loss of 1."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from updetr_jax import train
+from updetr_jax.models import build_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import pretrain  # noqa: E402
+
+TINY_OVERRIDES = [
+    '--config.model.backbone=resnet_tiny', '--config.model.hidden_dim=32',
+    '--config.model.nheads=2', '--config.model.enc_layers=1', '--config.model.dec_layers=2',
+    '--config.model.dim_feedforward=64', '--config.model.num_queries=8',
+    '--config.model.num_patches=2', '--config.data.scales=(64,)', '--config.data.max_size=80',
+    '--config.data.eval_scale=64', '--config.data.buckets=((64,80),)',
+    '--config.data.patch_size=16', '--config.data.demo_repeats=2', '--config.batch_size=4',
+    '--config.eval.num_batches=0',
+]
+
+
+def tiny_config():
+  config = pretrain.get_config('demo')
+  config.model.update(backbone='resnet_tiny', hidden_dim=32, nheads=2, enc_layers=1,
+                      dec_layers=2, dim_feedforward=64, num_queries=8, num_patches=2)
+  config.data.update(scales=(64,), max_size=80, eval_scale=64, buckets=((64, 80),),
+                     patch_size=16, demo_repeats=2)
+  config.batch_size = 4
+  return config
+
+
+def fixed_batch(batch=4, num_patches=2, seed=0):
+  rng = np.random.default_rng(seed)
+  wh = rng.uniform(0.2, 0.5, (batch, num_patches, 2))
+  c = rng.uniform(wh / 2, 1 - wh / 2)
+  mask = np.zeros((batch, 64, 80), bool)
+  mask[0, 48:] = True  # a padded image
+  return {
+      'images': rng.standard_normal((batch, 64, 80, 3)).astype(np.float32),
+      'padding_mask': mask,
+      'patches': rng.standard_normal((batch, num_patches, 16, 16, 3)).astype(np.float32),
+      'targets': {'boxes': np.concatenate([c, wh], -1).astype(np.float32),
+                  'labels': np.ones((batch, num_patches), np.int32),
+                  'mask': np.ones((batch, num_patches), bool)},
+  }
+
+
+def setup_step(config):
+  model = build_model(config.model)
+  _, state, constants, tx, _ = train.init_train_state(config, model, jax.random.PRNGKey(0), 10)
+  step = jax.jit(train.make_train_step(model, tx, train.criterion(config)))
+  return state, constants, step
+
+
+def test_train_steps_lower_the_loss_on_a_fixed_batch():
+  config = tiny_config()
+  config.optim.update(lr=1e-3, lr_backbone=1e-3)
+  state, constants, step = setup_step(config)
+  batch = jax.tree_util.tree_map(jnp.asarray, fixed_batch())
+  rng = jax.random.PRNGKey(0)
+  losses = []
+  for _ in range(8):
+    state, metrics = step(state, constants, batch, rng)
+    assert bool(metrics['finite'])
+    losses.append(float(metrics['loss']))
+  assert int(state['step']) == 8
+  assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_frozen_backbone_has_no_gradient_or_optimizer_state():
+  config = pretrain.get_config()  # release: the whole CNN frozen
+  config.model.update(backbone='resnet_tiny', hidden_dim=32, nheads=2, enc_layers=1,
+                      dec_layers=1, dim_feedforward=64, num_queries=8, num_patches=2)
+  config.loss_replicas = 1
+  state, constants, step = setup_step(config)
+  assert 'body' not in state['params'] and 'body' in constants['frozen']
+  opt_paths = jax.tree_util.tree_flatten_with_path(state['opt_state'])[0]
+  assert not any('body' in jax.tree_util.keystr(p) for p, _ in opt_paths)
+  before = jax.tree_util.tree_map(np.asarray, constants)
+  state, metrics = step(state, constants, jax.tree_util.tree_map(jnp.asarray, fixed_batch()),
+                        jax.random.PRNGKey(0))
+  assert bool(metrics['finite'])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, before,
+                         jax.tree_util.tree_map(np.asarray, constants))
+
+
+def test_non_finite_loss_leaves_state_unchanged_and_stops():
+  state, constants, step = setup_step(tiny_config())
+  batch = fixed_batch()
+  batch['images'][1, 3, 3, 0] = np.nan
+  before = jax.tree_util.tree_map(np.asarray, state['params'])
+  state, metrics = step(state, constants, jax.tree_util.tree_map(jnp.asarray, batch),
+                        jax.random.PRNGKey(0))
+  assert not bool(metrics['finite'])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, before,
+                         jax.tree_util.tree_map(np.asarray, state['params']))
+  with pytest.raises(FloatingPointError, match='non-finite training loss at step 1'):
+    train.check_finite(jax.device_get(metrics), 1)
+
+
+def _main_cmd(workdir, steps, extra=()):
+  return [sys.executable, '-m', 'updetr_jax.main', '--config=configs/pretrain.py:demo',
+          f'--workdir={workdir}', f'--config.num_train_steps={steps}',
+          '--config.checkpoint_every_steps=2', '--config.log_every_steps=1',
+          *TINY_OVERRIDES, *extra]
+
+
+def _losses(workdir):
+  out = {}
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    for line in f:
+      d = json.loads(line)
+      out[d['step']] = d['loss']
+  return out
+
+
+def _env():
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  return env
+
+
+def test_sigkill_and_rerun_gives_the_uninterrupted_losses(tmp_path):
+  steps = 24
+  ref_dir, run_dir = tmp_path / 'ref', tmp_path / 'run'
+  subprocess.run(_main_cmd(ref_dir, steps), cwd=ROOT, env=_env(), check=True,
+                 capture_output=True, timeout=600)
+  ref = _losses(ref_dir)
+  assert sorted(ref) == list(range(1, steps + 1))
+
+  proc = subprocess.Popen(_main_cmd(run_dir, steps), cwd=ROOT, env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt = run_dir / 'checkpoints' / '4'
+  deadline = time.time() + 600
+  while not ckpt.is_dir() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = max(_losses(run_dir))
+  assert killed_at < steps, 'the run finished before it was killed; nothing was tested'
+
+  subprocess.run(_main_cmd(run_dir, steps), cwd=ROOT, env=_env(), check=True,
+                 capture_output=True, timeout=600)
+  resumed = _losses(run_dir)  # later lines (the rerun) overwrite the killed run's
+  assert sorted(resumed) == list(range(1, steps + 1))
+  for s in range(1, steps + 1):
+    np.testing.assert_allclose(resumed[s], ref[s], rtol=1e-6, err_msg=f'step {s}')
+
+
+_DEVICES_SCRIPT = textwrap.dedent('''
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+    from test_train import tiny_config, fixed_batch, setup_step
+    from updetr_jax import train
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    config = tiny_config(); config.batch_size = 8
+    state, constants, step = setup_step(config)
+    mesh = train.make_mesh()
+    repl = NamedSharding(mesh, P())
+    state, constants = jax.device_put((state, constants), repl)
+    batch = train.to_global(fixed_batch(batch=8), NamedSharding(mesh, P('data')))
+    out = []
+    for _ in range(3):
+      state, m = step(state, constants, batch, jax.random.PRNGKey(0))
+      out.append(float(m['loss']))
+    print(json.dumps({{'devices': jax.device_count(), 'losses': out}}))
+''')
+
+
+def _run_devices(n):
+  env = _env()
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={n}'
+  script = _DEVICES_SCRIPT.format(root=ROOT, tests=os.path.dirname(__file__))
+  res = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True,
+                       text=True, timeout=600, check=True)
+  return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_eight_fake_devices_give_the_one_device_loss():
+  one, eight = _run_devices(1), _run_devices(8)
+  assert one['devices'] == 1 and eight['devices'] == 8
+  np.testing.assert_allclose(eight['losses'], one['losses'], rtol=1e-5)

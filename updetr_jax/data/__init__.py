@@ -1,0 +1,63 @@
+"""Input pipeline of UP-DETR pre-training (random query patch detection, SPEC §3).
+
+Public API:
+  make_pretrain_dataset(data_config, *, global_batch_size, num_patches, train=True,
+      seed=0, start_step=0, process_index=0, process_count=1) -> (iterator, DataStats)
+  bucket_shapes(data_config) -> [(H, W)]   the fixed batch shapes
+  default_data_config() / demo_data_config()
+Batch layout, bucketing, determinism and host sharding: see batching.py; sources and
+bad-image handling: sources.py; patches: patches.py; transforms: augment.py.
+
+Data config fields (ConfigDict or dict; missing fields take the release value):
+  source          'tfds' | 'folder' | 'demo'.
+  tfds_name       TFDS dataset ('imagenet2012'); labels are ignored.
+  tfds_split      split ('train').
+  tfds_data_dir   TFDS data dir (None: $TFDS_DATA_DIR or TFDS' default).
+  tfds_image_key  image feature name ('image').
+  folder          root of a tree of .jpg/.jpeg/.png/.bmp/.gif files (any case).
+  demo_images     scikit-image photo names for source='demo'.
+  demo_repeats    demo only: each photo appears this many times per epoch, with
+                  different patches and scales (a larger virtual dataset).
+  scales          training short-side sizes, one drawn per image
+                  (320, 336, ..., 480: the ten release values).
+  max_size        cap on the long side (600).
+  eval_scale      evaluation short side (480).
+  buckets         (short, long) caps of the shape buckets, each used in both
+                  orientations ((384, 512), (448, 576), (480, 608)); empty: one cap
+                  (max scale, max_size) rounded up to multiples of 32.
+  patch_size      P, side of the query patches (128).
+  augment_patches apply the query-patch augmentation in training (True).
+  color_jitter    (brightness, contrast, saturation, hue) = (0.4, 0.4, 0.4, 0.1).
+  color_jitter_prob 0.8;  grayscale_prob 0.2;  blur_prob 0.5;
+  color_jitter_random_order  False: fixed order brightness, contrast, saturation,
+                  hue; True: random order per image (slower; see augment.py).
+  blur_sigma      (0.1, 2.0);  blur_kernel_size  odd, 0 = about P/10 (13 for 128).
+  shuffle         shuffle the examples each epoch (training only) (True).
+  cache_decoded   decode a folder/TFDS source once into memory (small sets; the demo
+                  is always in memory) (False).
+  num_parallel_calls  parallel per-example map calls (-1: AUTOTUNE).
+  prefetch        batches prefetched (2).
+  threads         tf.data private thread pool size (0: TF's default).
+  index_cache_dir where the per-image index (sizes/statuses) is cached
+                  ('~/.cache/updetr_jax'; None: rebuild every run).
+  index_threads   threads probing images for the index (0: all cores).
+  tune_malloc     set glibc malloc thresholds for big short-lived buffers (True):
+                  process-wide, about halves the pipeline's CPU cost on Linux
+                  (batching.tune_malloc).
+"""
+import tensorflow as _tf
+
+try:  # the input pipeline runs on the host CPU only
+  _tf.config.set_visible_devices([], 'GPU')
+except RuntimeError:  # already initialised by the caller
+  pass
+
+from updetr_jax.data.augment import resize_rule  # noqa: E402
+from updetr_jax.data.batching import (  # noqa: E402
+    DataStats, bucket_shapes, default_data_config, demo_data_config,
+    make_pretrain_dataset, resolve_config)
+from updetr_jax.data.sources import list_image_files, probe_image  # noqa: E402
+
+__all__ = ['make_pretrain_dataset', 'bucket_shapes', 'default_data_config',
+           'demo_data_config', 'resolve_config', 'DataStats', 'resize_rule',
+           'list_image_files', 'probe_image']
