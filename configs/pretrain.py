@@ -8,30 +8,18 @@ pre-norm, N=100 queries, M=10 patches, 60 epochs); ``single_query`` = M=1.
 """
 import ml_collections
 
+from configs import common
+
 
 def model_config(**overrides) -> ml_collections.ConfigDict:
-  """The release's UP-DETR pre-training model (field names = release arguments)."""
-  m = ml_collections.ConfigDict(dict(
-      backbone='resnet50',
-      dilation=False,
-      position_embedding='sine',
-      hidden_dim=256,
-      nheads=8,
-      enc_layers=6,
-      dec_layers=6,
-      dim_feedforward=2048,
-      dropout=0.1,
-      num_queries=100,
+  """The release's UP-DETR pre-training model: DETR R50 with pre-norm and patches."""
+  return common.detr_model(**{**dict(
       pre_norm=True,
       num_classes=2,  # label 1 = "is the patch"; 3 logits with "no object"
-      aux_loss=True,
       num_patches=10,
       feature_recon=True,
       patch_query_drop=0.1,
-      dtype='float32',
-  ))
-  m.update(overrides)
-  return m
+  ), **overrides})
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -44,8 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.model = model_config()
-  config.matcher = ml_collections.ConfigDict(dict(
-      solver='exact', cost_class=1.0, cost_bbox=5.0, cost_giou=2.0))
+  config.matcher = common.matcher()
   config.loss = ml_collections.ConfigDict(dict(
       eos_coef=0.1, weight_ce=1.0, weight_bbox=5.0, weight_giou=2.0, weight_feature=1.0))
   # The release normalises the loss per GPU (8 GPUs x 32 images): keeping that count
@@ -69,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
   config.log_every_steps = 50
-  config.eval = ml_collections.ConfigDict(dict(num_batches=0))
+  config.eval = ml_collections.ConfigDict(dict(num_batches=0, every_steps=0))
 
   if variant == 'single_query':
     config.model.num_patches = 1

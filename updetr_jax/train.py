@@ -89,9 +89,8 @@ def make_train_step(model, tx, loss_fn):
     rng = jax.random.fold_in(rng, state['step'])
 
     def loss_of(params):
-      variables = {'params': optim.merge_params(params, constants['frozen']),
-                   'batch_stats': constants['batch_stats']}
-      out = model.apply(variables, batch['images'], batch['padding_mask'], batch['patches'],
+      out = model.apply(full_variables(dict(state, params=params), constants),
+                        batch['images'], batch['padding_mask'], batch['patches'],
                         train=True, rngs={'dropout': rng})
       return loss_fn(out, batch['targets'])
 
@@ -109,6 +108,12 @@ def make_train_step(model, tx, loss_fn):
   return step_fn
 
 
+def full_variables(state, constants):
+  """Train state + constants -> variables for ``model.apply``."""
+  return {'params': optim.merge_params(state['params'], constants['frozen']),
+          'batch_stats': constants['batch_stats']}
+
+
 def check_finite(metrics, step: int) -> None:
   if not bool(metrics['finite']):
     bad = sorted(k for k, v in metrics.items() if k != 'finite' and not np.isfinite(v))
@@ -118,19 +123,27 @@ def check_finite(metrics, step: int) -> None:
         'or check the input data.')
 
 
-def evaluate_patches(model, variables, batches, num_patches: int, sharding):
-  """Mean IoU of the best query per patch group over ``batches`` (eval mode)."""
+def make_eval_step(model, num_patches: int):
+  """Jitted (variables, batch) -> (patch IoU [B, M], outputs), eval mode."""
 
   @jax.jit
-  def ious(images, padding_mask, patches, targets):
-    out = model.apply(variables, images, padding_mask, patches, train=False)
-    iou = evaluate.patch_iou(out, targets, num_patches)
-    return iou, out
+  def eval_step(variables, batch):
+    out = model.apply(variables, batch['images'], batch['padding_mask'], batch['patches'],
+                      train=False)
+    return evaluate.patch_iou(out, batch['targets'], num_patches), out
 
+  return eval_step
+
+
+def evaluate_patches(eval_step, variables, batches, sharding):
+  """Mean IoU of the best query per patch group over ``batches``.
+
+  Returns (mean IoU, (first host batch, its outputs, its IoUs)) for plotting.
+  """
   total, count, first = 0.0, 0, None
   for batch in batches:
     g = to_global(batch, sharding)
-    iou, out = ious(g['images'], g['padding_mask'], g['patches'], g['targets'])
+    iou, out = eval_step(variables, g)
     mask = np.asarray(g['targets']['mask'])
     total += float(np.asarray(iou)[mask].sum())
     count += int(mask.sum())
@@ -233,9 +246,9 @@ def run(config, workdir: str) -> dict:
         break
       yield b
 
+  eval_step = make_eval_step(model, num_patches)
   if config.eval.num_batches > 0:  # the initial model, before any (resumed) training
-    iou_before, _ = evaluate_patches(model, variables, eval_batches(), num_patches,
-                                     data_sharding)
+    iou_before, _ = evaluate_patches(eval_step, variables, eval_batches(), data_sharding)
     logging.warning('mean IoU of held-out query patches before training: %.4f', iou_before)
   del variables  # its buffers may be donated to the train step
 
@@ -261,6 +274,11 @@ def run(config, workdir: str) -> dict:
       scalars = {k: float(v) for k, v in host.items() if k != 'finite'}
       scalars['lr'] = float(schedules['lr'](step - 1))
       progress(step, scalars)
+      if config.eval.every_steps > 0 and step % config.eval.every_steps == 0:
+        iou, _ = evaluate_patches(eval_step, full_variables(state, constants), eval_batches(),
+                                  data_sharding)
+        writer.write_scalars(step, {'eval/mean_patch_iou': iou})
+        logging.warning('step %d: mean IoU of held-out query patches %.4f', step, iou)
       if manager.should_save(step) or step == num_steps:
         manager.save(step, args=checkpoints.ocp.args.StandardSave(
             {'state': state, 'constants': constants}), force=step == num_steps)
@@ -273,10 +291,8 @@ def run(config, workdir: str) -> dict:
   # ------------------------------------------------------ Evaluation
   summary = {'steps': num_steps, 'train_seconds': round(train_time, 1), 'data_stats': stats}
   if config.eval.num_batches > 0:
-    final_variables = {'params': optim.merge_params(state['params'], constants['frozen']),
-                       'batch_stats': constants['batch_stats']}
-    iou_after, first = evaluate_patches(model, final_variables, eval_batches(), num_patches,
-                                        data_sharding)
+    iou_after, first = evaluate_patches(eval_step, full_variables(state, constants),
+                                        eval_batches(), data_sharding)
     summary.update(mean_iou_before=round(iou_before, 4), mean_iou_after=round(iou_after, 4))
     writer.write_scalars(num_steps, {'eval/mean_patch_iou': iou_after})
     if jax.process_index() == 0:

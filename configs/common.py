@@ -1,0 +1,29 @@
+"""Pieces shared by the config files."""
+import ml_collections
+
+
+def detr_model(**overrides) -> ml_collections.ConfigDict:
+  """DETR R50 as released (field names = the release's arguments), with overrides."""
+  m = ml_collections.ConfigDict(dict(
+      backbone='resnet50',
+      dilation=False,
+      position_embedding='sine',
+      hidden_dim=256,
+      nheads=8,
+      enc_layers=6,
+      dec_layers=6,
+      dim_feedforward=2048,
+      dropout=0.1,
+      num_queries=100,
+      pre_norm=False,
+      num_classes=91,  # COCO category ids up to 90 -> 92 logits with "no object"
+      aux_loss=True,
+      dtype='float32',
+  ))
+  m.update(overrides)
+  return m
+
+
+def matcher() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(solver='exact', cost_class=1.0, cost_bbox=5.0,
+                                        cost_giou=2.0))
