@@ -1,15 +1,20 @@
 """Evaluation metrics.
 
-Pre-training: how well each query patch is found. For patch j the prediction is the
-box of the query in patch j's group with the highest "is the patch" probability
-(no matching needed), scored by IoU against the patch's true box.
+Pre-training: how well each query patch is found, as IoU with the patch's true box,
+for two choices of "the" prediction of patch j:
+  * matched: the query the DETR Hungarian matcher assigns to patch j (the
+    prediction the loss trains; uses the true boxes to choose, like DETR's
+    training metrics);
+  * group top: the query of patch j's group with the highest "is the patch"
+    probability (no ground truth used; needs a class head that has learned to rank
+    the queries of a group, which takes far longer than localisation).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from updetr_jax import box_ops
+from updetr_jax import box_ops, matching
 
 
 def patch_predictions(outputs, num_patches: int):
@@ -29,9 +34,19 @@ def patch_predictions(outputs, num_patches: int):
   return picked, jnp.max(score, axis=-1)
 
 
-def patch_iou(outputs, targets, num_patches: int):
-  """IoU [B, M] of each patch's best predicted box with its true box (0 where padded)."""
-  boxes, _ = patch_predictions(outputs, num_patches)
+def _iou_with_targets(boxes, targets):
   iou, _ = box_ops.box_iou(box_ops.box_cxcywh_to_xyxy(boxes),
                            box_ops.box_cxcywh_to_xyxy(targets['boxes']))
   return jnp.where(targets['mask'], iou, 0.0)
+
+
+def patch_iou(outputs, targets, num_patches: int):
+  """IoUs [B, M] with each patch's true box (0 where padded).
+
+  Returns {'matched': ..., 'group_top': ...} (see the module docstring).
+  """
+  top, _ = patch_predictions(outputs, num_patches)
+  idx = matching.hungarian_match(outputs, targets)  # [B, M]
+  matched = jnp.take_along_axis(outputs['pred_boxes'], jnp.maximum(idx, 0)[..., None], axis=1)
+  return {'matched': _iou_with_targets(matched, targets),
+          'group_top': _iou_with_targets(top, targets)}

@@ -20,7 +20,7 @@ import optax
 from clu import metric_writers
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from updetr_jax import checkpoints, evaluate, losses, optim, visualize
+from updetr_jax import checkpoints, evaluate, losses, matching, optim, visualize
 from updetr_jax.data import make_pretrain_dataset
 from updetr_jax.models import build_model
 from updetr_jax.torch_import import import_torch_checkpoint, init_variables
@@ -108,6 +108,10 @@ def make_train_step(model, tx, loss_fn):
   return step_fn
 
 
+def _fmt(ious: dict) -> str:
+  return ', '.join(f'{k} {v:.4f}' for k, v in ious.items())
+
+
 def full_variables(state, constants):
   """Train state + constants -> variables for ``model.apply``."""
   return {'params': optim.merge_params(state['params'], constants['frozen']),
@@ -136,20 +140,23 @@ def make_eval_step(model, num_patches: int):
 
 
 def evaluate_patches(eval_step, variables, batches, sharding):
-  """Mean IoU of the best query per patch group over ``batches``.
+  """Mean IoUs of the patch predictions over ``batches`` (see ``evaluate.patch_iou``).
 
-  Returns (mean IoU, (first host batch, its outputs, its IoUs)) for plotting.
+  Returns ({'matched': mean, 'group_top': mean}, (first host batch, its outputs,
+  its IoU dict)) for plotting.
   """
-  total, count, first = 0.0, 0, None
+  totals, count, first = {}, 0, None
   for batch in batches:
     g = to_global(batch, sharding)
-    iou, out = eval_step(variables, g)
+    ious, out = eval_step(variables, g)
     mask = np.asarray(g['targets']['mask'])
-    total += float(np.asarray(iou)[mask].sum())
+    for k, v in ious.items():
+      totals[k] = totals.get(k, 0.0) + float(np.asarray(v)[mask].sum())
     count += int(mask.sum())
     if first is None:
-      first = (batch, jax.tree_util.tree_map(np.asarray, out), np.asarray(iou))
-  return total / max(count, 1), first
+      first = (batch, jax.tree_util.tree_map(np.asarray, out),
+               jax.tree_util.tree_map(np.asarray, ious))
+  return {k: v / max(count, 1) for k, v in totals.items()}, first
 
 
 class Progress:
@@ -249,7 +256,7 @@ def run(config, workdir: str) -> dict:
   eval_step = make_eval_step(model, num_patches)
   if config.eval.num_batches > 0:  # the initial model, before any (resumed) training
     iou_before, _ = evaluate_patches(eval_step, variables, eval_batches(), data_sharding)
-    logging.warning('mean IoU of held-out query patches before training: %.4f', iou_before)
+    logging.warning('held-out query patches before training: mean IoU %s', _fmt(iou_before))
   del variables  # its buffers may be donated to the train step
 
   # ------------------------------------------------------ Update step
@@ -277,8 +284,8 @@ def run(config, workdir: str) -> dict:
       if config.eval.every_steps > 0 and step % config.eval.every_steps == 0:
         iou, _ = evaluate_patches(eval_step, full_variables(state, constants), eval_batches(),
                                   data_sharding)
-        writer.write_scalars(step, {'eval/mean_patch_iou': iou})
-        logging.warning('step %d: mean IoU of held-out query patches %.4f', step, iou)
+        writer.write_scalars(step, {f'eval/patch_iou_{k}': v for k, v in iou.items()})
+        logging.warning('step %d: held-out query patches: mean IoU %s', step, _fmt(iou))
       if manager.should_save(step) or step == num_steps:
         manager.save(step, args=checkpoints.ocp.args.StandardSave(
             {'state': state, 'constants': constants}), force=step == num_steps)
@@ -293,17 +300,21 @@ def run(config, workdir: str) -> dict:
   if config.eval.num_batches > 0:
     iou_after, first = evaluate_patches(eval_step, full_variables(state, constants),
                                         eval_batches(), data_sharding)
-    summary.update(mean_iou_before=round(iou_before, 4), mean_iou_after=round(iou_after, 4))
-    writer.write_scalars(num_steps, {'eval/mean_patch_iou': iou_after})
+    summary.update(mean_iou_before=round(iou_before['matched'], 4),
+                   mean_iou_after=round(iou_after['matched'], 4),
+                   group_top_iou_before=round(iou_before['group_top'], 4),
+                   group_top_iou_after=round(iou_after['group_top'], 4))
+    writer.write_scalars(num_steps, {f'eval/patch_iou_{k}': v for k, v in iou_after.items()})
     if jax.process_index() == 0:
       batch, out, iou = first
-      boxes, _ = evaluate.patch_predictions(out, num_patches)
+      idx = np.asarray(matching.hungarian_match(out, batch['targets']))
+      boxes = np.take_along_axis(out['pred_boxes'], np.maximum(idx, 0)[..., None], axis=1)
       png = os.path.join(workdir, 'patch_detection.png')
       visualize.plot_patch_detection(
           png, batch['images'][0], batch['padding_mask'][0], batch['patches'][0],
-          batch['targets']['boxes'][0], np.asarray(boxes)[0], iou[0],
-          title=f'held-out query patches after {num_steps} steps '
-                f'(mean IoU {iou_before:.2f} -> {iou_after:.2f})')
+          batch['targets']['boxes'][0], boxes[0], iou['matched'][0],
+          title=f'held-out query patches after {num_steps} steps: matched predictions\n'
+                f'(mean IoU {iou_before["matched"]:.2f} -> {iou_after["matched"]:.2f})')
       summary['png'] = png
   if jax.process_index() == 0 and progress.history:
     visualize.plot_curves(os.path.join(workdir, 'loss_curves.png'), progress.history,
