@@ -2,9 +2,11 @@ r"""UP-DETR pre-training (random query patch detection) on unlabeled images.
 
   python -m updetr_jax.main --config=configs/pretrain.py --workdir=/tmp/updetr_pretrain
   python -m updetr_jax.main --config=configs/pretrain.py:single_query --workdir=...
+  python -m updetr_jax.main --config=configs/pretrain.py:demo --workdir=workdir/demo
 
-Variants (``:name``): default = the release's ImageNet run (ResNet-50 frozen,
-pre-norm, N=100 queries, M=10 patches, 60 epochs); ``single_query`` = M=1.
+Variants (``:name``): default ``imagenet`` = the release's ImageNet run (ResNet-50
+frozen, pre-norm, N=100 queries, M=10 patches, batch 256, 60 epochs, lr drop at 40);
+``single_query`` = M=1; ``demo`` = a small model on scikit-image's photos (CPU, minutes).
 """
 import ml_collections
 
