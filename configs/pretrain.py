@@ -75,7 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.batch_size = 8
     config.loss_replicas = 1
     config.examples_per_epoch = 192  # 12 photos x demo_repeats 16
-    config.num_train_steps = 3000
+    config.num_train_steps = 2000
     config.optim.update(lr=2e-4, lr_drop_epochs=())
     config.checkpoint_every_steps = 1000
     config.log_every_steps = 250

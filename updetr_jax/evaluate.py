@@ -8,11 +8,38 @@ for two choices of "the" prediction of patch j:
   * group top: the query of patch j's group with the highest "is the patch"
     probability (no ground truth used; needs a class head that has learned to rank
     the queries of a group, which takes far longer than localisation).
+
+Detection (fine-tuned DETR, SPEC §2, §4, §7):
+  postprocess(pred_logits, pred_boxes, orig_size) -> scores, labels, boxes_xyxy
+  canvas_shape / pad_to_canvas / make_detect_fn / detect_images: batched inference
+    whose results do not depend on the batch (see "Padding" below)
+  CocoEvaluator: COCO-style results and pycocotools AP
+  coco_gt_from_arrays: an in-memory pycocotools COCO ground truth
+  voc07_ap50: the VOC07 11-point AP at IoU 0.5 ('difficult' boxes ignored)
+
+Padding. DETR is not padding invariant: a zero-padded canvas changes the outputs of
+the valid region, because (1) every CNN layer whose receptive field crosses the
+image's bottom/right border sees the padded area's (non-zero) activations instead
+of that layer's own zero padding, and (2) the nearest-neighbour downsampled mask
+marks a C5 cell valid or not depending on the canvas when the canvas is not a
+multiple of 32. The transformer itself is invariant (padded keys get probability 0).
+So a result depends on the canvas an image is run in, and with the release's
+"pad to the largest image of the batch" on the batch it lands in (SPEC §2: AP moves
+with the per-device batch). Here an image's canvas is a function of its own size
+only (``canvas_shape``: the smallest of fixed canvases that holds it, or its size
+rounded up to a multiple of 32; or no padding at all, batch 1), so detections and
+AP do not depend on the batch size, batch order or device count.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+from typing import Mapping, Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from updetr_jax import box_ops, matching
 
@@ -50,3 +77,323 @@ def patch_iou(outputs, targets, num_patches: int):
   matched = jnp.take_along_axis(outputs['pred_boxes'], jnp.maximum(idx, 0)[..., None], axis=1)
   return {'matched': _iou_with_targets(matched, targets),
           'group_top': _iou_with_targets(top, targets)}
+
+
+# --- detection: post-processing and batch-independent inference ---------------------
+
+def postprocess(pred_logits, pred_boxes, orig_size):
+  """DETR's post-processing (SPEC §2); jittable.
+
+  Args: pred_logits [B, N, C+1] (last = no object), pred_boxes [B, N, 4] cxcywh
+    normalised by the unpadded image, orig_size [B, 2] (h, w) of the original image.
+  Returns: scores [B, N] (max softmax prob over the C real classes), labels [B, N]
+    int32, boxes [B, N, 4] xyxy in original pixels (exact whatever the padding, as the
+    boxes are relative to the unpadded image).
+  """
+  prob = jax.nn.softmax(pred_logits.astype(jnp.float32), axis=-1)[..., :-1]
+  scores = jnp.max(prob, axis=-1)
+  labels = jnp.argmax(prob, axis=-1).astype(jnp.int32)
+  size = jnp.asarray(orig_size, jnp.float32)
+  h, w = size[:, 0], size[:, 1]
+  scale = jnp.stack([w, h, w, h], axis=-1)[:, None, :]
+  return scores, labels, box_ops.box_cxcywh_to_xyxy(pred_boxes) * scale
+
+
+def canvas_shape(height: int, width: int, canvases=None, multiple: int = 32):
+  """The padded (H, W) canvas of one image; a function of its own size only.
+
+  canvases: fixed (H, W) shapes: the smallest-area one holding the image (first on
+    ties); ValueError if none does. Otherwise the size rounded up to ``multiple``
+    (32 = the C5 stride, which keeps the mask downsampling exact; 1 = no padding).
+  """
+  if canvases:
+    fits = [(ch * cw, k) for k, (ch, cw) in enumerate(canvases)
+            if ch >= height and cw >= width]
+    if not fits:
+      raise ValueError(f'no canvas of {list(canvases)} holds an image of {(height, width)}')
+    return tuple(int(v) for v in canvases[min(fits)[1]])
+  m = max(int(multiple), 1)
+  return -(-int(height) // m) * m, -(-int(width) // m) * m
+
+
+def pad_to_canvas(images: Sequence[np.ndarray], canvas, rows: int | None = None):
+  """Zero-pads images bottom/right to ``canvas`` (H, W).
+
+  Args: images: [h_i, w_i, 3] normalised; rows: batch size (>= len(images)); the
+    extra rows are blank unpadded images (results to be discarded).
+  Returns: images [rows, H, W, 3] float32, padding_mask [rows, H, W] (True on padding).
+  """
+  rows = len(images) if rows is None else rows
+  h, w = canvas
+  batch = np.zeros((rows, h, w, 3), np.float32)
+  mask = np.zeros((rows, h, w), bool)
+  for i, im in enumerate(images):
+    ih, iw = im.shape[:2]
+    if ih > h or iw > w:
+      raise ValueError(f'image {(ih, iw)} does not fit the canvas {(h, w)}')
+    batch[i, :ih, :iw] = im
+    mask[i] = True
+    mask[i, :ih, :iw] = False
+  return batch, mask
+
+
+def make_detect_fn(model):
+  """Jitted (variables, images [B,H,W,3], padding_mask [B,H,W], orig_size [B,2]) ->
+  (scores [B,N], labels [B,N], boxes_xyxy [B,N,4]) in eval mode."""
+
+  @jax.jit
+  def detect(variables, images, padding_mask, orig_size):
+    out = model.apply(variables, images, padding_mask)
+    return postprocess(out['pred_logits'], out['pred_boxes'], orig_size)
+
+  return detect
+
+
+def detect_images(detect_fn, variables, images: Sequence[np.ndarray], orig_sizes, *,
+                  batch_size: int = 1, canvases=None, multiple: int = 32) -> dict:
+  """Runs ``detect_fn`` on images grouped by canvas (``canvas_shape``), in batches of
+  exactly ``batch_size`` rows (the last of each canvas filled with blank rows).
+
+  Every image sees the same canvas whatever the batch size or order, so results do
+  not depend on them (up to float rounding).
+  Args: images: [h_i, w_i, 3] resized and normalised; orig_sizes [n, 2] (h, w).
+  Returns: numpy {'scores' [n, N], 'labels' [n, N], 'boxes' [n, N, 4]} in input order.
+  """
+  orig_sizes = np.asarray(orig_sizes, np.float32).reshape(-1, 2)
+  groups: dict[tuple[int, int], list[int]] = {}
+  for i, im in enumerate(images):
+    groups.setdefault(canvas_shape(im.shape[0], im.shape[1], canvases, multiple), []).append(i)
+  per_image = {}
+  for canvas, idx in groups.items():
+    for s in range(0, len(idx), batch_size):
+      chunk = idx[s:s + batch_size]
+      batch, mask = pad_to_canvas([images[i] for i in chunk], canvas, batch_size)
+      size = np.ones((batch_size, 2), np.float32)
+      size[:len(chunk)] = orig_sizes[chunk]
+      out = jax.device_get(detect_fn(variables, batch, mask, size))
+      for r, i in enumerate(chunk):
+        per_image[i] = tuple(o[r] for o in out)
+  n = len(images)
+  return {k: np.stack([per_image[i][j] for i in range(n)]) if n else np.zeros((0,))
+          for j, k in enumerate(('scores', 'labels', 'boxes'))}
+
+
+# --- COCO-style evaluation ------------------------------------------------------------
+
+COCO_METRICS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
+
+
+def _quiet_coco(dataset: dict):
+  from pycocotools.coco import COCO
+  coco = COCO()
+  coco.dataset = dataset
+  with contextlib.redirect_stdout(io.StringIO()):
+    coco.createIndex()
+  return coco
+
+
+def coco_gt_from_arrays(image_ids, image_sizes, boxes, category_ids, iscrowd=None,
+                        categories=None):
+  """An in-memory pycocotools ``COCO`` ground truth from per-image arrays.
+
+  Args: image_ids [n]; image_sizes [n, 2] (h, w); boxes: n arrays [k_i, 4] xyxy in
+    pixels; category_ids: n arrays [k_i]; iscrowd: n bool arrays [k_i] or None
+    (COCOeval ignores crowd boxes: a detection matching one is neither TP nor FP; VOC
+    'difficult' can be passed here, noting that crowd matching uses the intersection
+    over the detection's area, not IoU); categories: ids, {id: name}, or None (the ids
+    present).
+  """
+  anns, images = [], []
+  for i, (iid, (h, w)) in enumerate(zip(image_ids, np.asarray(image_sizes).reshape(-1, 2))):
+    images.append({'id': int(iid), 'height': int(h), 'width': int(w)})
+    b = np.asarray(boxes[i], np.float64).reshape(-1, 4)
+    crowd = np.zeros(len(b), bool) if iscrowd is None else np.asarray(iscrowd[i], bool)
+    for box, cat, c in zip(b, np.asarray(category_ids[i]).reshape(-1), crowd):
+      bw, bh = box[2] - box[0], box[3] - box[1]
+      anns.append({'id': len(anns) + 1, 'image_id': int(iid), 'category_id': int(cat),
+                   'bbox': [float(box[0]), float(box[1]), float(bw), float(bh)],
+                   'area': float(bw * bh), 'iscrowd': int(c)})
+  if categories is None:
+    categories = sorted({a['category_id'] for a in anns})
+  if isinstance(categories, Mapping):
+    cats = [{'id': int(k), 'name': str(v)} for k, v in categories.items()]
+  else:
+    cats = [{'id': int(k), 'name': str(k)} for k in categories]
+  return _quiet_coco({'images': images, 'annotations': anns, 'categories': cats})
+
+
+class CocoEvaluator:
+  """Accumulates DETR detections (all N per image, no NMS) as COCO results.
+
+  label_to_category: None (label == category id, e.g. COCO's 91-id scheme), a
+    {label: category_id} mapping or a sequence indexed by label; predictions whose
+    label has no category (e.g. an unused COCO id with a mapping) are dropped.
+  """
+
+  def __init__(self, label_to_category=None):
+    self.label_to_category = label_to_category
+    self._results: list[dict] = []
+    self._image_ids: list[int] = []
+    self._seen: set[int] = set()
+    self.summary_text = ''
+
+  def _categories(self, labels):
+    """labels [N] -> (category ids [N], keep [N] bool)."""
+    m = self.label_to_category
+    labels = np.asarray(labels).astype(np.int64)
+    if m is None:
+      return labels, np.ones(len(labels), bool)
+    if isinstance(m, Mapping):
+      keep = np.array([int(l) in m for l in labels], bool)
+      return np.array([m.get(int(l), -1) for l in labels], np.int64), keep
+    table = np.asarray(m, np.int64)
+    keep = (labels >= 0) & (labels < len(table))
+    return table[np.clip(labels, 0, len(table) - 1)], keep
+
+  def update(self, image_ids, scores, labels, boxes_xyxy, valid=None) -> None:
+    """Adds a batch. Args: image_ids [B]; scores [B, N]; labels [B, N]; boxes_xyxy
+    [B, N, 4] in original pixels; valid [B] bool (False rows, e.g. batch padding,
+    are skipped). An image id seen before raises ValueError."""
+    image_ids = np.asarray(image_ids).reshape(-1)
+    scores, labels = np.asarray(scores), np.asarray(labels)
+    boxes = np.asarray(boxes_xyxy, np.float64)
+    valid = np.ones(len(image_ids), bool) if valid is None else np.asarray(valid, bool)
+    for b, iid in enumerate(image_ids):
+      if not valid[b]:
+        continue
+      iid = int(iid)
+      if iid in self._seen:
+        raise ValueError(f'image id {iid} was already evaluated')
+      self._seen.add(iid)
+      self._image_ids.append(iid)
+      cats, keep = self._categories(labels[b])
+      x0, y0, x1, y1 = boxes[b].T
+      for k in np.flatnonzero(keep):
+        self._results.append({
+            'image_id': iid, 'category_id': int(cats[k]),
+            'bbox': [float(x0[k]), float(y0[k]), float(x1[k] - x0[k]), float(y1[k] - y0[k])],
+            'score': float(scores[b, k])})
+
+  @property
+  def image_ids(self) -> list[int]:
+    return list(self._image_ids)
+
+  def results(self) -> list[dict]:
+    """COCO result dicts: image_id, category_id, bbox [x, y, w, h], score."""
+    return [dict(r, bbox=list(r['bbox'])) for r in self._results]
+
+  def write_json(self, path: str) -> None:
+    with open(path, 'w') as f:
+      json.dump(self._results, f)
+
+  def summarize(self, coco_gt) -> dict[str, float]:
+    """pycocotools bbox AP over the evaluated images (its printout in summary_text).
+
+    Returns {AP, AP50, AP75, APs, APm, APl}. As in pycocotools, a metric is -1 when
+    no ground truth counts for it (e.g. no small objects); with no detections at all
+    the metrics with ground truth are 0.
+    """
+    from pycocotools.cocoeval import COCOeval
+    ids = sorted(self._seen)
+    missing = set(ids) - set(coco_gt.getImgIds())
+    if missing:
+      raise ValueError(f'{len(missing)} evaluated image ids are not in the ground truth, '
+                       f'e.g. {sorted(missing)[:5]}')
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+      if self._results:
+        coco_dt = coco_gt.loadRes(self.results())
+      else:  # loadRes cannot take an empty list
+        coco_dt = _quiet_coco({'images': list(coco_gt.dataset['images']),
+                               'categories': list(coco_gt.dataset['categories']),
+                               'annotations': []})
+      ev = COCOeval(coco_gt, coco_dt, 'bbox')
+      ev.params.imgIds = ids
+      ev.evaluate()
+      ev.accumulate()
+      ev.summarize()
+    self.summary_text = buf.getvalue()
+    return {k: float(v) for k, v in zip(COCO_METRICS, ev.stats[:6])}
+
+
+# --- VOC07 AP50 -----------------------------------------------------------------------
+
+def _pairwise_ious(detections, ground_truth, chunk: int = 256) -> list[np.ndarray]:
+  """Per image IoU [k_det, k_gt] of xyxy boxes (box_ops, fixed-shape chunks)."""
+  n = len(detections)
+  dk = [len(np.asarray(d['scores']).reshape(-1)) for d in detections]
+  gk = [len(np.asarray(g['labels']).reshape(-1)) for g in ground_truth]
+  dmax, gmax = max(dk + [1]), max(gk + [1])
+  out = []
+  for s in range(0, n, chunk):
+    db = np.zeros((chunk, dmax, 4), np.float32)
+    gb = np.zeros((chunk, gmax, 4), np.float32)
+    for r, i in enumerate(range(s, min(s + chunk, n))):
+      db[r, :dk[i]] = np.asarray(detections[i]['boxes'], np.float32).reshape(-1, 4)
+      gb[r, :gk[i]] = np.asarray(ground_truth[i]['boxes'], np.float32).reshape(-1, 4)
+    iou, _ = box_ops.box_iou(db[:, :, None], gb[:, None])
+    iou = np.asarray(iou)
+    out += [iou[r, :dk[i], :gk[i]] for r, i in enumerate(range(s, min(s + chunk, n)))]
+  return out
+
+
+def voc07_ap50(detections: Sequence[Mapping], ground_truth: Sequence[Mapping],
+               num_classes: int, iou_threshold: float = 0.5) -> dict:
+  """PASCAL VOC07 11-point AP at IoU > 0.5, per class and mean.
+
+  Args: detections: per image {'boxes' [k, 4] xyxy, 'scores' [k], 'labels' [k]};
+    ground_truth: per image (same order) {'boxes' [g, 4] xyxy, 'labels' [g],
+    optional 'difficult' [g] bool}; labels in [0, num_classes).
+  Per class, detections of all images in descending score order (stable) are matched
+  greedily: to the ground-truth box of that class in the same image with the highest
+  IoU; IoU > threshold and not yet taken -> TP, taken -> FP (duplicate), 'difficult'
+  -> ignored (neither); lower IoU or no box -> FP. Recall = TP / non-difficult boxes.
+  AP = mean over t = 0, 0.1, ..., 1 (exactly i / 10) of the max precision at recall
+  >= t (0 if none). Continuous coordinates (no VOC devkit "+1" pixel).
+  Returns: {'per_class': [C] (nan for a class without non-difficult boxes),
+    'mAP': mean over the classes that have them (nan if none)}.
+  """
+  if len(detections) != len(ground_truth):
+    raise ValueError(f'{len(detections)} detection entries for {len(ground_truth)} images')
+  ious = _pairwise_ious(detections, ground_truth)
+  det_labels = [np.asarray(d['labels']).reshape(-1) for d in detections]
+  det_scores = [np.asarray(d['scores'], np.float64).reshape(-1) for d in detections]
+  gt_labels = [np.asarray(g['labels']).reshape(-1) for g in ground_truth]
+  gt_difficult = [np.asarray(g.get('difficult', np.zeros(len(l), bool)), bool).reshape(-1)
+                  for g, l in zip(ground_truth, gt_labels)]
+  thresholds = np.arange(11) / 10.0
+  per_class = []
+  for c in range(num_classes):
+    npos = sum(int(np.sum((l == c) & ~d)) for l, d in zip(gt_labels, gt_difficult))
+    cand = [(i, k) for i, l in enumerate(det_labels) for k in np.flatnonzero(l == c)]
+    if npos == 0:
+      per_class.append(float('nan'))
+      continue
+    order = np.argsort(-np.array([det_scores[i][k] for i, k in cand]), kind='stable')
+    taken = [np.zeros(len(l), bool) for l in gt_labels]
+    tp = np.zeros(len(cand))
+    fp = np.zeros(len(cand))
+    for rank, j in enumerate(order):
+      i, k = cand[j]
+      g = np.flatnonzero(gt_labels[i] == c)
+      if len(g) == 0:
+        fp[rank] = 1
+        continue
+      ov = ious[i][k, g]
+      best = g[int(np.argmax(ov))]
+      if ov.max() > iou_threshold:
+        if gt_difficult[i][best]:
+          continue
+        if taken[i][best]:
+          fp[rank] = 1
+        else:
+          tp[rank], taken[i][best] = 1, True
+      else:
+        fp[rank] = 1
+    ctp, cfp = np.cumsum(tp), np.cumsum(fp)
+    rec = ctp / npos
+    prec = ctp / np.maximum(ctp + cfp, np.finfo(np.float64).eps)
+    per_class.append(float(np.mean(
+        [prec[rec >= t].max() if np.any(rec >= t) else 0.0 for t in thresholds])))
+  valid = [a for a in per_class if not np.isnan(a)]
+  return {'per_class': per_class, 'mAP': float(np.mean(valid)) if valid else float('nan')}

@@ -68,3 +68,37 @@ def plot_curves(path: str, curves: dict[str, tuple[list, list]], title: str = ''
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def plot_detections(path: str, image_rgb, boxes_xyxy, labels, scores,
+                    class_names=None) -> None:
+  """One image with labelled boxes (draws every box given; threshold beforehand).
+
+  Args: image_rgb [H, W, 3] uint8 or float in [0, 1]; boxes_xyxy [K, 4] in pixels;
+    labels [K] int; scores [K]; class_names: {label: name}, a sequence indexed by
+    label, or None (label numbers).
+  """
+  image = np.asarray(image_rgb)
+  h, w = image.shape[:2]
+  fig = plt.figure(figsize=(8, 8 * h / max(w, 1)))
+  ax = fig.add_axes([0, 0, 1, 1])
+  ax.imshow(image)
+  for (x0, y0, x1, y1), label, score in zip(np.asarray(boxes_xyxy, np.float64),
+                                            np.asarray(labels), np.asarray(scores)):
+    label = int(label)
+    name = str(label)
+    if class_names is not None:
+      try:
+        name = str(class_names[label])
+      except (KeyError, IndexError):
+        pass
+    color = plt.cm.tab20(label % 20)
+    ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=2,
+                               edgecolor=color))
+    ax.text(x0, y0, f'{name} {float(score):.2f}', fontsize=9, va='bottom',
+            bbox=dict(facecolor=color, alpha=0.6, pad=1, lw=0))
+  ax.set_xlim(0, w)
+  ax.set_ylim(h, 0)
+  ax.axis('off')
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

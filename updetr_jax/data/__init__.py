@@ -5,6 +5,11 @@ Public API:
       seed=0, start_step=0, process_index=0, process_count=1) -> (iterator, DataStats)
   bucket_shapes(data_config) -> [(H, W)]   the fixed batch shapes
   default_data_config() / demo_data_config()
+Fine-tuning (labelled detection data: COCO json, TFDS COCO / VOC), detection.py:
+  make_detection_dataset(data_config, *, global_batch_size, train=True, seed=0,
+      start_step=0, process_index=0, process_count=1) -> (iterator, DataStats, DatasetInfo)
+  detection_data_config() / voc_data_config() / demo_detection_config(directory)
+  write_demo_detection_set(directory, split) -> (ann_file, image_dir)
 Batch layout, bucketing, determinism and host sharding: see batching.py; sources and
 bad-image handling: sources.py; patches: patches.py; transforms: augment.py.
 
@@ -56,8 +61,13 @@ from updetr_jax.data.augment import resize_rule  # noqa: E402
 from updetr_jax.data.batching import (  # noqa: E402
     DataStats, bucket_shapes, default_data_config, demo_data_config,
     make_pretrain_dataset, resolve_config)
+from updetr_jax.data.detection import (  # noqa: E402
+    DatasetInfo, demo_detection_config, detection_bucket_shapes, detection_data_config,
+    make_detection_dataset, voc_data_config, write_demo_detection_set)
 from updetr_jax.data.sources import list_image_files, probe_image  # noqa: E402
 
 __all__ = ['make_pretrain_dataset', 'bucket_shapes', 'default_data_config',
            'demo_data_config', 'resolve_config', 'DataStats', 'resize_rule',
-           'list_image_files', 'probe_image']
+           'list_image_files', 'probe_image', 'make_detection_dataset', 'DatasetInfo',
+           'detection_data_config', 'voc_data_config', 'demo_detection_config',
+           'detection_bucket_shapes', 'write_demo_detection_set']

@@ -118,16 +118,20 @@ def demo_data_config():
   return _as_config({**DEFAULTS, **DEMO_OVERRIDES})
 
 
-def resolve_config(data_config) -> dict:
-  """ConfigDict / dict (partial) -> plain dict with every field; rejects unknown ones."""
+def resolve_config(data_config, defaults=None) -> dict:
+  """ConfigDict / dict (partial) -> plain dict with every field; rejects unknown ones.
+
+  ``defaults``: the field set and default values (pre-training's DEFAULTS if None).
+  """
+  defaults = DEFAULTS if defaults is None else defaults
   if data_config is None:
     data_config = {}
   if hasattr(data_config, 'to_dict'):
     data_config = data_config.to_dict()
-  unknown = sorted(set(data_config) - set(DEFAULTS))
+  unknown = sorted(set(data_config) - set(defaults))
   if unknown:
-    raise ValueError(f'unknown data config field(s) {unknown}; known: {sorted(DEFAULTS)}')
-  cfg = {**DEFAULTS, **dict(data_config)}
+    raise ValueError(f'unknown data config field(s) {unknown}; known: {sorted(defaults)}')
+  cfg = {**defaults, **dict(data_config)}
   cfg['scales'] = tuple(int(s) for s in cfg['scales'])
   cfg['buckets'] = tuple((int(s), int(l)) for s, l in cfg['buckets'])
   if not cfg['scales']:
@@ -165,6 +169,7 @@ def tune_malloc() -> bool:
 # --- shape buckets ---------------------------------------------------------------------
 
 def _caps(cfg) -> list[tuple[int, int]]:
+  """Bucket caps [(short, long)] of a RESOLVED config (validated)."""
   caps = list(cfg['buckets'])
   if not caps:
     r32 = lambda v: 32 * math.ceil(v / 32)  # noqa: E731
@@ -181,13 +186,21 @@ def _caps(cfg) -> list[tuple[int, int]]:
 
 def bucket_shapes(data_config) -> list[tuple[int, int]]:
   """The fixed (H, W) shapes of all batches: landscape caps, then portrait caps."""
-  caps = _caps(resolve_config(data_config))
+  return shapes_of_caps(_caps(resolve_config(data_config)))
+
+
+def shapes_of_caps(caps) -> list[tuple[int, int]]:
+  """[(short, long)] caps -> [(H, W)]: landscape caps, then portrait caps."""
   return [(s, l) for s, l in caps] + [(l, s) for s, l in caps]
 
 
 def assign_buckets(rh, rw, data_config):
   """Resized sizes int [n] -> (bucket id [n] into bucket_shapes, clamped rh, rw)."""
-  caps = _caps(resolve_config(data_config))
+  return assign_to_caps(rh, rw, _caps(resolve_config(data_config)))
+
+
+def assign_to_caps(rh, rw, caps):
+  """assign_buckets with explicit [(short, long)] caps (see assign_buckets)."""
   rh, rw = np.asarray(rh, np.int64), np.asarray(rw, np.int64)
   k = len(caps)
   portrait = rh > rw
@@ -219,11 +232,14 @@ class DataStats:
   SKIPS = ('corrupt', 'truncated', 'too_small')
   CONVERSIONS = ('grayscale', 'cmyk', 'alpha')
 
+  EXTRA: tuple[str, ...] = ()  # more counters of subclasses
+
   def __init__(self, source_name: str = ''):
     self.source = source_name
     self._lock = threading.Lock()
     self._counts = {k: 0 for k in self.SKIPS + self.CONVERSIONS + ('decode_failed',)}
     self._counts.update(epochs=0, batches=0, examples=0)
+    self._counts.update({k: 0 for k in self.EXTRA})
 
   def _add(self, **kw):
     with self._lock:
@@ -269,15 +285,40 @@ class EpochPlan:
   """Global batches of one epoch.
 
   examples int64 [nb, G] (example ids), valid bool [nb, G], bucket int [nb];
-  per example (all n): image int64, rh, rw int32 (resized, clamped to the bucket).
+  per example (all n): image int64, rh, rw int32 (resized, clamped to the bucket);
+  extra: more per-example arrays [n, ...] (e.g. detection geometry).
   """
 
-  def __init__(self, examples, valid, bucket, image, rh, rw):
+  def __init__(self, examples, valid, bucket, image, rh, rw, extra=None):
     self.examples, self.valid, self.bucket = examples, valid, bucket
     self.image, self.rh, self.rw = image, rh, rw
+    self.extra = extra or {}
 
   def __len__(self):
     return len(self.bucket)
+
+
+def philox_uniform(seed: int, epoch: int, tag: int, n: int) -> np.ndarray:
+  """float64 [n] in [0, 1): entry e depends only on (seed, epoch, tag, e)."""
+  return (_philox_u64(seed, epoch, tag, n) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def philox_choice(values, seed: int, epoch: int, tag: int, n: int) -> np.ndarray:
+  """[n] uniform picks from ``values`` (entry e depends on (seed, epoch, tag, e))."""
+  values = np.asarray(values)
+  i = (philox_uniform(seed, epoch, tag, n) * len(values)).astype(np.int64)
+  return values[np.minimum(i, len(values) - 1)]
+
+
+def epoch_order(usable, *, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+  """Example order int64 [<= n]: a (seed, epoch) permutation (or identity), with the
+  examples whose ``usable`` [n] is False removed."""
+  n = len(usable)
+  if shuffle:
+    order = np.argsort(_philox_u64(seed, epoch, 1, n), kind='stable')
+  else:
+    order = np.arange(n, dtype=np.int64)
+  return order[np.asarray(usable, bool)[order]]
 
 
 def plan_epoch(index: sources.ImageIndex, cfg: dict, *, seed: int, epoch: int,
@@ -286,21 +327,28 @@ def plan_epoch(index: sources.ImageIndex, cfg: dict, *, seed: int, epoch: int,
   n_img = len(index)
   n = n_img * repeats
   image = np.arange(n, dtype=np.int64) % n_img
-  if train and cfg['shuffle']:
-    order = np.argsort(_philox_u64(seed, epoch, 1, n), kind='stable')
-  else:
-    order = np.arange(n, dtype=np.int64)
-  order = order[index.usable[image[order]]]
+  order = epoch_order(index.usable[image], seed=seed, epoch=epoch,
+                      shuffle=train and cfg['shuffle'])
   if train:
-    u = (_philox_u64(seed, epoch, 2, n) >> np.uint64(11)).astype(np.float64) * 2.0**-53
-    scales = np.asarray(cfg['scales'], np.int64)
-    scale = scales[np.minimum((u * len(scales)).astype(np.int64), len(scales) - 1)]
+    scale = philox_choice(np.asarray(cfg['scales'], np.int64), seed, epoch, 2, n)
   else:
     scale = np.full(n, cfg['eval_scale'], np.int64)
   h = np.maximum(index.height[image], 1)
   w = np.maximum(index.width[image], 1)
   rh, rw = augment.resize_rule(h, w, scale, cfg['max_size'])
-  bucket, rh, rw = assign_buckets(rh, rw, cfg)
+  bucket, rh, rw = assign_to_caps(rh, rw, _caps(cfg))
+  examples, valid, bucket_of = group_batches(order, bucket, global_batch, train)
+  return EpochPlan(examples, valid, bucket_of, image, rh.astype(np.int32),
+                   rw.astype(np.int32))
+
+
+def group_batches(order, bucket, global_batch: int, train: bool):
+  """Bucket queues -> (examples int64 [nb, G], valid bool [nb, G], bucket [nb]).
+
+  Walking ``order``, each example joins the queue of ``bucket[example]``; a full
+  queue is the next batch. Training drops the remainders; evaluation appends them
+  (bucket order), padded with copies of their first example (valid False).
+  """
   b_ord = bucket[order]
   batches, done = [], []  # (members, bucket), completion position
   for k in np.unique(b_ord):
@@ -325,8 +373,7 @@ def plan_epoch(index: sources.ImageIndex, cfg: dict, *, seed: int, epoch: int,
     examples[i] = members
     valid[i, :count] = True
     bucket_of[i] = k
-  return EpochPlan(examples, valid, bucket_of, image, rh.astype(np.int32),
-                   rw.astype(np.int32))
+  return examples, valid, bucket_of
 
 
 # --- the tf.data pipeline --------------------------------------------------------------
@@ -350,6 +397,28 @@ def augment_kwargs(cfg) -> dict:
               random_order=bool(cfg['color_jitter_random_order']))
 
 
+def load_row_image(source: sources.Source, r):
+  """The row's image, uint8 [h, w, 3]: decoded, or gray if the row is a fallback."""
+  def load():
+    return source.tf_load(r['image'], r['path'], r['decoder'])
+
+  def blank():
+    return tf.fill(tf.stack([r['height'], r['width'], 3]), tf.constant(124, tf.uint8))
+
+  return tf.cond(r['fallback'], blank, load)
+
+
+def resize_and_pad(image, r):
+  """image [h, w, 3] (0..255) -> (normalised float32 [bh, bw, 3] resized to (rh, rw)
+  and zero-padded bottom/right, padding_mask bool [bh, bw] True on padding)."""
+  det = augment.resize_image(image, tf.stack([r['rh'], r['rw']]))
+  det = augment.normalize(det, 255.0)
+  det = tf.pad(det, [[0, r['bh'] - r['rh']], [0, r['bw'] - r['rw']], [0, 0]])
+  inside = ((tf.range(r['bh'])[:, None] < r['rh'])
+            & (tf.range(r['bw'])[None, :] < r['rw']))
+  return det, ~inside
+
+
 def make_row_fn(source: sources.Source, cfg: dict, *, num_patches: int, train: bool):
   """Row record (see _row_signature, scalars) -> one example (unbatched tensors)."""
   aug = augment_kwargs(cfg) if train and cfg['augment_patches'] else None
@@ -357,23 +426,13 @@ def make_row_fn(source: sources.Source, cfg: dict, *, num_patches: int, train: b
 
   @tf.autograph.experimental.do_not_convert
   def row_fn(r):
-    def load():
-      return source.tf_load(r['image'], r['path'], r['decoder'])
-
-    def blank():
-      return tf.fill(tf.stack([r['height'], r['width'], 3]), tf.constant(124, tf.uint8))
-
-    image = tf.cond(r['fallback'], blank, load)  # uint8 [h, w, 3]
+    image = load_row_image(source, r)  # uint8 [h, w, 3]
     seed = tf.stack([r['key0'], r['example']])
     q, boxes, _ = patches.query_patches(image, seed, num_patches=num_patches,
                                         patch_size=p, augment_cfg=aug)
-    det = augment.resize_image(image, tf.stack([r['rh'], r['rw']]))
-    det = augment.normalize(det, 255.0)
-    det = tf.pad(det, [[0, r['bh'] - r['rh']], [0, r['bw'] - r['rw']], [0, 0]])
-    inside = ((tf.range(r['bh'])[:, None] < r['rh'])
-              & (tf.range(r['bw'])[None, :] < r['rw']))
+    det, padding_mask = resize_and_pad(image, r)
     valid = r['valid'] & ~r['fallback']
-    return dict(images=det, padding_mask=~inside, patches=q, boxes=boxes,
+    return dict(images=det, padding_mask=padding_mask, patches=q, boxes=boxes,
                 labels=tf.ones([num_patches], tf.int32),
                 mask=tf.fill([num_patches], valid), valid=valid,
                 index=tf.cast(r['example'], tf.int32), decode_failed=r['fallback'])
@@ -390,18 +449,22 @@ def _close_iterators():
     it.close()
 
 
-class PretrainIterator:
-  """Iterator of host-local numpy batches (see ``make_pretrain_dataset``).
+class BatchIterator:
+  """Host-local numpy batches planned by epoch (base of the pre-training and the
+  detection iterators).
 
-  Attributes: step (global batches yielded so far, counting start_step), stats.
+  Subclasses set ``_row_fn`` (row record -> example tensors) and may override
+  ``make_plan``, ``host_rows`` / ``row_signature`` (extra row fields) and ``format``
+  (numpy batch -> output dict). Attributes: step (global batches yielded so far,
+  counting start_step), stats.
   """
 
-  def __init__(self, source, cfg, *, global_batch_size, num_patches, train, seed,
-               start_step, process_index, process_count, stats):
+  def __init__(self, source, cfg, *, global_batch_size, train, seed, start_step,
+               process_index, process_count, stats, shapes):
     self.source, self.cfg = source, cfg
     self.global_batch = global_batch_size
     self.local_batch = global_batch_size // process_count
-    self.num_patches, self.train, self.seed = num_patches, train, seed
+    self.train, self.seed = train, seed
     self.process_index = process_index
     self.step = start_step
     self.stats = stats
@@ -411,10 +474,24 @@ class PretrainIterator:
     self._counted_epochs: set[int] = set()
     self._epoch_batches: dict[int, int] = {}  # batches per planned epoch
     self._lock = threading.RLock()
-    self._shapes = np.asarray(bucket_shapes(cfg), np.int32)
-    self._row_fn = make_row_fn(source, cfg, num_patches=num_patches, train=train)
+    self._shapes = np.asarray(shapes, np.int32)
+    self._row_fn = None
     self._it = None
     _LIVE_ITERATORS.add(self)
+
+  def make_plan(self, epoch: int) -> EpochPlan:
+    """Plan one epoch (uncached)."""
+    return plan_epoch(self.source.index, self.cfg, seed=self.seed, epoch=epoch,
+                      train=self.train, global_batch=self.global_batch,
+                      repeats=self.repeats)
+
+  def row_signature(self):
+    """tf.TensorSpec dict of the row records of ``host_rows``."""
+    return _row_signature(self.local_batch)
+
+  def format(self, b: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Numpy batch of the row fn (minus decode_failed) -> the yielded dict."""
+    raise NotImplementedError
 
   def close(self):
     """Release the tf.data iterator (a later ``next`` rebuilds it at ``step``)."""
@@ -428,9 +505,7 @@ class PretrainIterator:
 
   def _plan_locked(self, epoch: int) -> EpochPlan:
     if epoch not in self._plans:
-      plan = plan_epoch(self.source.index, self.cfg, seed=self.seed, epoch=epoch,
-                        train=self.train, global_batch=self.global_batch,
-                        repeats=self.repeats)
+      plan = self.make_plan(epoch)
       if self.train and len(plan) == 0:
         raise ValueError(
             f'data: epoch {epoch} of {self.source.name} gives no full global batch of '
@@ -501,7 +576,7 @@ class PretrainIterator:
     cfg = self.cfg
     ds = tf.data.Dataset.from_generator(
         lambda: self._row_batches(start_step),
-        output_signature=_row_signature(self.local_batch))
+        output_signature=self.row_signature())
     ds = ds.unbatch()
     par = cfg['num_parallel_calls']
     ds = ds.map(self._row_fn, num_parallel_calls=tf.data.AUTOTUNE if par < 0 else par,
@@ -556,9 +631,34 @@ class PretrainIterator:
     failed = b.pop('decode_failed')
     self.stats._add(batches=1, examples=int(b['valid'].sum()),
                     decode_failed=int(failed.sum()))
+    return self.format(b)
+
+
+class PretrainIterator(BatchIterator):
+  """Iterator of host-local pre-training batches (see ``make_pretrain_dataset``)."""
+
+  def __init__(self, source, cfg, *, num_patches, **kw):
+    super().__init__(source, cfg, shapes=bucket_shapes(cfg), **kw)
+    self.num_patches = num_patches
+    self._row_fn = make_row_fn(source, cfg, num_patches=num_patches, train=self.train)
+
+  def format(self, b):
     return dict(images=b['images'], padding_mask=b['padding_mask'], patches=b['patches'],
                 targets=dict(boxes=b['boxes'], labels=b['labels'], mask=b['mask']),
                 valid=b['valid'], index=b['index'])
+
+
+def check_batch_args(global_batch_size, start_step, process_index, process_count):
+  """Validate the batch / resume / host arguments of the dataset factories."""
+  if global_batch_size <= 0 or process_count <= 0:
+    raise ValueError('global_batch_size and process_count must be positive')
+  if global_batch_size % process_count:
+    raise ValueError(f'global_batch_size={global_batch_size} is not divisible by '
+                     f'process_count={process_count}')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} not in [0, {process_count})')
+  if start_step < 0:
+    raise ValueError(f'start_step={start_step} must be >= 0')
 
 
 def make_pretrain_dataset(data_config, *, global_batch_size: int, num_patches: int,
@@ -579,17 +679,9 @@ def make_pretrain_dataset(data_config, *, global_batch_size: int, num_patches: i
   deterministic pass without augmentation and pads the last batch of each bucket.
   """
   cfg = resolve_config(data_config)
-  if global_batch_size <= 0 or process_count <= 0:
-    raise ValueError('global_batch_size and process_count must be positive')
-  if global_batch_size % process_count:
-    raise ValueError(f'global_batch_size={global_batch_size} is not divisible by '
-                     f'process_count={process_count}')
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index={process_index} not in [0, {process_count})')
+  check_batch_args(global_batch_size, start_step, process_index, process_count)
   if num_patches < 1:
     raise ValueError(f'num_patches={num_patches} must be >= 1')
-  if start_step < 0:
-    raise ValueError(f'start_step={start_step} must be >= 0')
   if cfg['tune_malloc']:
     tune_malloc()
   source = sources.make_source(cfg)

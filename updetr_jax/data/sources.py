@@ -276,18 +276,16 @@ def _read_file(path: str) -> bytes:
     return f.read()
 
 
-class FolderSource(Source):
-  """A directory tree of images (see module docstring)."""
+class FileListSource(Source):
+  """An explicit list of image files (missing / unreadable files index as corrupt)."""
 
-  def __init__(self, folder: str, *, index_cache_dir=None, index_threads=0):
-    if not tf.io.gfile.isdir(folder):
-      raise FileNotFoundError(f'data.folder={folder!r} is not a directory')
-    self.name = f'folder:{folder}'
-    self.paths = list_image_files(folder)
-    if not self.paths:
-      raise ValueError(f'data.folder={folder!r} contains no {IMAGE_EXTENSIONS} files')
+  def __init__(self, paths, name: str, *, index_cache_dir=None, index_threads=0,
+               cache_key: str = ''):
+    self.name = name
+    self.paths = list(paths)
     self.num_images = len(self.paths)
-    key = 'folder\n' + os.path.abspath(folder) + '\n' + '\n'.join(self.paths)
+    key = cache_key + '\n' + '\n'.join(os.path.abspath(p) if '://' not in p else p
+                                        for p in self.paths)
     self.index = _cached_index(
         index_cache_dir, key,
         lambda: _build_index(self.read_bytes, self.num_images, index_threads, self.name))
@@ -297,6 +295,20 @@ class FolderSource(Source):
 
   def tf_load(self, image_id, path, decoder):
     return _tf_decode(tf.io.read_file(path), decoder)
+
+
+class FolderSource(FileListSource):
+  """A directory tree of images (see module docstring)."""
+
+  def __init__(self, folder: str, *, index_cache_dir=None, index_threads=0):
+    if not tf.io.gfile.isdir(folder):
+      raise FileNotFoundError(f'data.folder={folder!r} is not a directory')
+    paths = list_image_files(folder)
+    if not paths:
+      raise ValueError(f'data.folder={folder!r} contains no {IMAGE_EXTENSIONS} files')
+    super().__init__(paths, f'folder:{folder}', index_cache_dir=index_cache_dir,
+                     index_threads=index_threads,
+                     cache_key='folder\n' + os.path.abspath(folder))
 
 
 class TFRecordIndex:
@@ -360,7 +372,7 @@ class TFDSSource(Source):
     self.name = f'tfds:{name}/{split}'
     self.image_key = image_key
     data_dir = data_dir or os.environ.get('TFDS_DATA_DIR')
-    builder = tfds.builder(name, data_dir=data_dir)
+    self.builder = builder = tfds.builder(name, data_dir=data_dir)
     self._records = None
     self._source = None
     try:
@@ -383,6 +395,42 @@ class TFDSSource(Source):
       return self._source[i][self.image_key]
     example = tf.train.Example.FromString(self._records.read(i))
     return example.features.feature[self.image_key].bytes_list.value[0]
+
+  def read_example(self, i) -> dict:
+    """All features of record i as numpy (the image left encoded), same order as
+    ``read_bytes`` (used for annotations)."""
+    i = int(i)
+    if self._source is not None:
+      return self._source[i]
+    import tensorflow_datasets as tfds  # noqa: PLC0415
+    return self.builder.info.features.deserialize_example_np(
+        self._records.read(i), decoders={self.image_key: tfds.decode.SkipDecoding()})
+
+  def tf_load(self, image_id, path, decoder):
+    data = tf.numpy_function(self.read_bytes, [image_id], tf.string, stateful=False)
+    return _tf_decode(tf.ensure_shape(data, []), decoder)
+
+
+class ConcatSource(Source):
+  """Several random-access sources one after the other (e.g. VOC07 + VOC12)."""
+
+  def __init__(self, parts):
+    self.parts = list(parts)
+    self.name = ' + '.join(p.name for p in self.parts)
+    sizes = [p.num_images for p in self.parts]
+    self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    self.num_images = int(self.starts[-1])
+    cat = lambda f: np.concatenate([getattr(p.index, f) for p in self.parts])  # noqa: E731
+    self.index = ImageIndex(cat('height'), cat('width'), cat('status'), cat('decoder'))
+
+  def locate(self, i):
+    """Global image i -> (part, local index)."""
+    k = int(np.searchsorted(self.starts, int(i), side='right')) - 1
+    return self.parts[k], int(i) - int(self.starts[k])
+
+  def read_bytes(self, i):
+    part, j = self.locate(i)
+    return part.read_bytes(j)
 
   def tf_load(self, image_id, path, decoder):
     data = tf.numpy_function(self.read_bytes, [image_id], tf.string, stateful=False)

@@ -1,0 +1,683 @@
+"""Input pipeline of DETR / UP-DETR fine-tuning on labelled detection data (SPEC §2, §4).
+
+Public API:
+  make_detection_dataset(data_config, *, global_batch_size, train=True, seed=0,
+      start_step=0, process_index=0, process_count=1) -> (iterator, DataStats, DatasetInfo)
+  detection_data_config(**overrides) / voc_data_config(**overrides) /
+  demo_detection_config(directory, **overrides)
+  write_demo_detection_set(directory, split='train') -> (ann_file, image_dir)
+
+It reuses the pre-training machinery (batching.py, sources.py): the per-image index
+and its bad-file handling, epoch planning with Philox streams keyed by (seed, epoch,
+example), shape buckets, per-host row sharding, rebuild-on-decode-failure, DataStats.
+
+Sources (``source``):
+  coco_json  ``ann_file`` (COCO format) + ``image_dir``; in evaluation
+             ``eval_ann_file`` / ``eval_image_dir`` when set. Images ordered by id.
+  tfds_coco  TFDS ``tfds_coco_train`` / ``tfds_coco_eval`` ('coco/2017:train' /
+             'coco/2017:validation'); labels 0..79 -> COCO category ids.
+  tfds_voc   TFDS ``tfds_voc_train`` (voc/2007 + voc/2012 trainval) / ``tfds_voc_eval``
+             (voc/2007 test); labels 0..19. Difficult objects are dropped unless
+             ``voc_keep_difficult``. image_id = the digits of the file name.
+  Each entry 'name:split' may join splits with '+' (one source per part, concatenated).
+
+Labels. coco_json: ``label_mapping`` 'category_id' uses the category ids as labels
+(COCO: ids up to 90 -> num_classes 91, 92 logits with no-object, as the release);
+'contiguous' maps the sorted ids to 0..K-1; 'auto' (default) uses the ids when
+0 <= id <= max(2 K, K + 16), else contiguous. tfds_coco: category ids (91 classes);
+tfds_voc: 0..19 (20 classes; category id = label + 1 for COCO-style results).
+
+Annotations. Crowd boxes (iscrowd=1) are dropped (training and evaluation targets;
+COCO evaluation uses pycocotools on the json anyway). Boxes xywh -> xyxy, clipped to
+the decoded image, empty ones (w <= 0 or h <= 0) removed; counted in DataStats
+(crowd_boxes, empty_boxes, difficult_boxes; once per dataset). Images without boxes
+are kept (as the release).
+
+Training geometry (DETR's transforms), drawn on the HOST per example from Philox
+streams keyed by (seed, epoch, example), so every final size is known when the epoch
+is planned and each batch holds one shape bucket; the image ops run in tf.data:
+  1. hflip with p = ``hflip_prob`` (0.5);
+  2. with p = ``crop_prob`` (0.5): resize (shorter side one of ``crop_resize_scales``
+     {400, 500, 600}, no cap), random crop with sides U{lo..hi}, lo/hi =
+     ``crop_size`` (384, 600) clipped to the image, position uniform; boxes mapped,
+     clipped to the crop, emptied ones dropped;
+  3. resize: shorter side from ``scales`` (480..800 step 32), long side <= ``max_size``
+     (1333), by ``augment.resize_rule``; ImageNet normalisation; zero padding.
+Evaluation: shorter side ``eval_scale`` (800), max 1333, no flip/crop; one pass in
+image order, every usable image exactly once (bucket remainders padded last with
+``valid`` False). Corrupt / truncated / tiny images are skipped (listed in
+``DatasetInfo.skipped_image_ids``).
+
+Targets: at most T = ``max_targets`` (100) per image. An image with more keeps, in
+training, a random subset of T (per (seed, epoch, example), annotation order kept),
+in evaluation its first T; DataStats counts such rows as ``targets_truncated``.
+
+Batch (b = global_batch_size // process_count, (H, W) one of ``DatasetInfo.shapes``):
+  images        float32 [b, H, W, 3]   normalised, zero-padded bottom/right
+  padding_mask  bool [b, H, W]          True on padding
+  targets       labels int32 [b, T], boxes float32 [b, T, 4] (cxcywh / UNPADDED
+                resized size, in [0, 1]), mask bool [b, T] (False on invalid rows)
+  image_id      int64 [b];  orig_size int32 [b, 2] (h, w of the decoded original)
+  valid         bool [b]    False on evaluation padding rows and replaced rows
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import re
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from updetr_jax.class_names import COCO_CATEGORIES, VOC_CLASSES
+from updetr_jax.data import augment, batching, sources
+
+DETECTION_DEFAULTS: dict[str, Any] = dict(
+    source='coco_json',
+    ann_file='coco/annotations/instances_train2017.json',  # DETR's --coco_path layout
+    image_dir='coco/train2017',
+    eval_ann_file='coco/annotations/instances_val2017.json',
+    eval_image_dir='coco/val2017',
+    label_mapping='auto',
+    tfds_coco_train=('coco/2017:train',),
+    tfds_coco_eval=('coco/2017:validation',),
+    tfds_voc_train=('voc/2007:train+validation', 'voc/2012:train+validation'),
+    tfds_voc_eval=('voc/2007:test',),
+    tfds_data_dir=None,
+    voc_keep_difficult=False,
+    scales=tuple(range(480, 801, 32)),
+    max_size=1333,
+    eval_scale=800,
+    hflip_prob=0.5,
+    crop_prob=0.5,
+    crop_resize_scales=(400, 500, 600),
+    crop_size=(384, 600),
+    max_targets=100,
+    buckets=((608, 832), (800, 1088), (800, 1344)),
+    repeats=1,
+    shuffle=True,
+    cache_decoded=False,
+    num_parallel_calls=-1,
+    prefetch=2,
+    threads=0,
+    index_cache_dir='~/.cache/updetr_jax',
+    index_threads=0,
+    tune_malloc=True,
+)
+
+# Philox stream tags of the per-example training geometry (1, 2: see batching).
+_T_FLIP, _T_CROP, _T_S1, _T_CH, _T_CW, _T_Y, _T_X, _T_S2, _T_KEEP = range(10, 19)
+
+
+def detection_data_config(**overrides):
+  """COCO 2017 fine-tuning config (json layout of the release; see module docstring)."""
+  return batching._as_config({**DETECTION_DEFAULTS, **overrides})
+
+
+def voc_data_config(**overrides):
+  """VOC07+12 trainval / VOC07 test through TFDS (20 classes)."""
+  return detection_data_config(**{'source': 'tfds_voc', **overrides})
+
+
+def resolve_detection_config(data_config) -> dict:
+  """ConfigDict / dict (partial) -> plain dict with every field (unknown ones rejected)."""
+  cfg = batching.resolve_config(data_config, DETECTION_DEFAULTS)
+  cfg['crop_resize_scales'] = tuple(int(s) for s in cfg['crop_resize_scales'])
+  lo, hi = (int(v) for v in cfg['crop_size'])
+  if not 0 < lo <= hi:
+    raise ValueError(f'data.crop_size={cfg["crop_size"]} needs 0 < min <= max')
+  cfg['crop_size'] = (lo, hi)
+  if cfg['max_targets'] < 1:
+    raise ValueError('data.max_targets must be >= 1')
+  if cfg['label_mapping'] not in ('auto', 'category_id', 'contiguous'):
+    raise ValueError(f'data.label_mapping={cfg["label_mapping"]!r}')
+  return cfg
+
+
+def detection_bucket_shapes(data_config) -> list[tuple[int, int]]:
+  """The fixed (H, W) batch shapes of a detection config."""
+  return batching.shapes_of_caps(batching._caps(resolve_detection_config(data_config)))
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What a model / evaluator needs to know about a detection dataset.
+
+  num_classes: real classes C (the class head has C + 1 logits);
+  class_names {label: name}; label_to_category_id {label: id} (COCO results);
+  num_examples: examples per epoch (usable images x repeats; evaluation: usable
+  images); shapes: batch shapes [(H, W)]; skipped_image_ids: images never yielded.
+  """
+  num_classes: int
+  class_names: dict
+  label_to_category_id: dict
+  num_examples: int
+  shapes: tuple
+  skipped_image_ids: tuple
+  source: str
+
+
+class DetectionStats(batching.DataStats):
+  """DataStats plus dropped boxes (once per dataset) and truncated target rows."""
+  EXTRA = ('crowd_boxes', 'empty_boxes', 'difficult_boxes', 'targets_truncated')
+
+  def report(self) -> str:
+    d = self.as_dict()
+    return (super().report() + '; boxes dropped: ' +
+            ', '.join(f'{k[:-6]} {d[k]}' for k in self.EXTRA[:3]) +
+            f'; targets_truncated {d["targets_truncated"]}')
+
+
+# --- annotations -----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Annotations:
+  """Boxes of every image: xyxy float32 [m, 4] (original pixels, clipped, non-empty),
+  labels int32 [m]; image i owns rows offsets[i]:offsets[i + 1]; image_ids int64 [n]."""
+  boxes: np.ndarray
+  labels: np.ndarray
+  offsets: np.ndarray
+  image_ids: np.ndarray
+  dropped: dict
+
+  def of(self, i):
+    lo, hi = self.offsets[i], self.offsets[i + 1]
+    return self.boxes[lo:hi], self.labels[lo:hi]
+
+
+def build_annotations(per_image, height, width) -> Annotations:
+  """per_image: list of (image_id, xywh [k, 4], labels [k], crowd bool [k], difficult
+  bool [k] or None); height/width [n]: decoded sizes (0: unknown -> no clipping).
+  Drops crowd and difficult boxes, clips to the image, drops empty boxes."""
+  boxes, labels, counts = [], [], []
+  dropped = dict(crowd_boxes=0, empty_boxes=0, difficult_boxes=0)
+  for (_, xywh, lab, crowd, difficult), h, w in zip(per_image, height, width):
+    xywh = np.asarray(xywh, np.float64).reshape(-1, 4)
+    keep = ~np.asarray(crowd, bool).reshape(-1)
+    dropped['crowd_boxes'] += int((~keep).sum())
+    if difficult is not None:
+      d = np.asarray(difficult, bool).reshape(-1) & keep
+      dropped['difficult_boxes'] += int(d.sum())
+      keep &= ~d
+    b = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)[keep]
+    if h > 0 and w > 0:
+      b = np.clip(b, 0, [w, h, w, h])
+    ok = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+    dropped['empty_boxes'] += int((~ok).sum())
+    boxes.append(b[ok].astype(np.float32))
+    labels.append(np.asarray(lab, np.int32).reshape(-1)[keep][ok])
+    counts.append(int(ok.sum()))
+  return Annotations(
+      boxes=np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32),
+      labels=np.concatenate(labels) if labels else np.zeros(0, np.int32),
+      offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+      image_ids=np.asarray([p[0] for p in per_image], np.int64), dropped=dropped)
+
+
+def label_map(category_ids, mode: str = 'auto') -> dict[int, int]:
+  """Category ids -> {category_id: label} (see module docstring: label_mapping)."""
+  ids = sorted(int(c) for c in category_ids)
+  k = len(ids)
+  if mode == 'auto':
+    small = bool(ids) and ids[0] >= 0 and ids[-1] <= max(2 * k, k + 16)
+    mode = 'category_id' if small else 'contiguous'
+  if mode == 'category_id':
+    return {c: c for c in ids}
+  return {c: i for i, c in enumerate(ids)}
+
+
+def load_coco_json(ann_file: str, image_dir: str, mode: str = 'auto'):
+  """COCO json -> (paths, per_image (see build_annotations), class_names,
+  label_to_category_id, num_classes). Images sorted by id."""
+  with tf.io.gfile.GFile(ann_file, 'r') as f:
+    coco = json.load(f)
+  cats = {int(c['id']): c.get('name', str(c['id'])) for c in coco.get('categories', [])}
+  cat_to_label = label_map(cats, mode)
+  images = sorted(coco['images'], key=lambda im: int(im['id']))
+  by_image: dict[int, list] = {int(im['id']): [] for im in images}
+  for a in coco.get('annotations', []):
+    c = int(a['category_id'])
+    if c not in cat_to_label:
+      raise ValueError(f'{ann_file}: annotation {a.get("id")} has category {c} not in '
+                       'categories')
+    by_image.setdefault(int(a['image_id']), []).append(a)
+  per_image = []
+  for im in images:
+    anns = by_image[int(im['id'])]
+    per_image.append((
+        int(im['id']), np.asarray([a['bbox'] for a in anns], np.float64).reshape(-1, 4),
+        np.asarray([cat_to_label[int(a['category_id'])] for a in anns], np.int32),
+        np.asarray([bool(a.get('iscrowd', 0)) for a in anns], bool), None))
+  paths = [os.path.join(image_dir, im['file_name']) for im in images]
+  names = {cat_to_label[c]: n for c, n in cats.items()}
+  to_cat = {l: c for c, l in cat_to_label.items()}
+  num_classes = (max(cat_to_label.values()) + 1) if cat_to_label else 0
+  return paths, per_image, names, to_cat, num_classes
+
+
+def voc_image_id(filename) -> int:
+  """VOC file name -> int id from its digits ('2008_000008.jpg' -> 2008000008)."""
+  if isinstance(filename, bytes):
+    filename = filename.decode()
+  return int(re.sub(r'\D', '', os.path.splitext(os.path.basename(filename))[0]) or 0)
+
+
+def tfds_per_image(example: dict, kind: str, height: int, width: int):
+  """One TFDS coco / voc example (numpy features) -> a per_image entry in pixels."""
+  objs = example['objects']
+  yxyx = np.asarray(objs['bbox'], np.float64).reshape(-1, 4)
+  xywh = np.stack([yxyx[:, 1] * width, yxyx[:, 0] * height,
+                   (yxyx[:, 3] - yxyx[:, 1]) * width,
+                   (yxyx[:, 2] - yxyx[:, 0]) * height], 1)
+  label = np.asarray(objs['label'], np.int64).reshape(-1)
+  if kind == 'coco':
+    ids = np.array(sorted(COCO_CATEGORIES), np.int32)
+    return (int(example['image/id']), xywh, ids[label],
+            np.asarray(objs['is_crowd'], bool).reshape(-1), None)
+  return (voc_image_id(example['image/filename']), xywh, label.astype(np.int32),
+          np.zeros(len(label), bool), np.asarray(objs['is_difficult'], bool).reshape(-1))
+
+
+def _cached_npz(cache_dir, key: str, build):
+  """dict of arrays from ``build()``, saved once under ``cache_dir`` (None: no cache)."""
+  if not cache_dir:
+    return build()
+  cache_dir = os.path.expanduser(cache_dir)
+  path = os.path.join(cache_dir, 'ann-' + hashlib.sha1(key.encode()).hexdigest()[:20]
+                      + '.npz')
+  if tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path, 'rb') as f:
+      z = np.load(io.BytesIO(f.read()), allow_pickle=False)
+      return {k: z[k] for k in z.files}
+  out = build()
+  tf.io.gfile.makedirs(cache_dir)
+  with tf.io.gfile.GFile(path + '.tmp', 'wb') as f:
+    np.savez(f, **out)
+  tf.io.gfile.rename(path + '.tmp', path, overwrite=True)
+  return out
+
+
+def _tfds_part_annotations(part, kind: str, cfg) -> list:
+  """per_image entries of one TFDSSource (read once, cached like the image index)."""
+  idx = part.index
+
+  def build():
+    def one(i):
+      try:
+        e = tfds_per_image(part.read_example(i), kind, idx.height[i], idx.width[i])
+      except Exception:  # noqa: BLE001  (an unreadable record has no boxes)
+        e = (0, np.zeros((0, 4)), np.zeros(0, np.int32), np.zeros(0, bool), None)
+      diff = e[4] if e[4] is not None else np.zeros(len(e[2]), bool)
+      return e[0], e[1], e[2], e[3], diff
+
+    with concurrent.futures.ThreadPoolExecutor(
+        max(1, cfg['index_threads'] or os.cpu_count() or 1)) as pool:
+      rows = list(pool.map(one, range(part.num_images)))
+    counts = np.array([len(r[2]) for r in rows], np.int64)
+    cat = lambda j, d: (np.concatenate([r[j] for r in rows]).astype(d)  # noqa: E731
+                        if rows else np.zeros(0, d))
+    return dict(ids=np.array([r[0] for r in rows], np.int64), counts=counts,
+                xywh=cat(1, np.float64).reshape(-1, 4), labels=cat(2, np.int32),
+                crowd=cat(3, bool), difficult=cat(4, bool))
+
+  z = _cached_npz(cfg['index_cache_dir'], f'{part.name}\n{part.num_images}\n{kind}', build)
+  ends = np.cumsum(z['counts'])
+  starts = ends - z['counts']
+  keep_diff = kind == 'voc' and not cfg['voc_keep_difficult']
+  return [(int(z['ids'][i]), z['xywh'][s:e], z['labels'][s:e], z['crowd'][s:e],
+           z['difficult'][s:e] if keep_diff else None)
+          for i, (s, e) in enumerate(zip(starts, ends))]
+
+
+def _tfds_source(specs, cfg):
+  parts = []
+  for spec in specs:
+    name, _, splits = spec.partition(':')
+    for split in (splits or 'train').split('+'):
+      parts.append(sources.TFDSSource(name, split, data_dir=cfg['tfds_data_dir'],
+                                      index_cache_dir=cfg['index_cache_dir'],
+                                      index_threads=cfg['index_threads']))
+  return parts
+
+
+def make_detection_source(cfg: dict, train: bool):
+  """-> (Source, Annotations, class_names, label_to_category_id, num_classes)."""
+  kind = cfg['source']
+  if kind == 'coco_json':
+    ann_file, image_dir = cfg['ann_file'], cfg['image_dir']
+    if not train and cfg['eval_ann_file']:
+      ann_file, image_dir = cfg['eval_ann_file'], cfg['eval_image_dir']
+    if not ann_file or not tf.io.gfile.exists(ann_file):
+      raise FileNotFoundError(f'data.ann_file={ann_file!r} not found')
+    paths, per_image, names, to_cat, num_classes = load_coco_json(
+        ann_file, image_dir, cfg['label_mapping'])
+    if not paths:
+      raise ValueError(f'{ann_file} lists no images')
+    source = sources.FileListSource(
+        paths, f'coco_json:{ann_file}', index_cache_dir=cfg['index_cache_dir'],
+        index_threads=cfg['index_threads'], cache_key='coco_json')
+  elif kind in ('tfds_coco', 'tfds_voc'):
+    short = kind[5:]
+    specs = cfg[f'tfds_{short}_{"train" if train else "eval"}']
+    parts = _tfds_source(specs, cfg)
+    per_image = [e for p in parts for e in _tfds_part_annotations(p, short, cfg)]
+    source = parts[0] if len(parts) == 1 else sources.ConcatSource(parts)
+    if short == 'coco':
+      names = dict(COCO_CATEGORIES)
+      to_cat, num_classes = {c: c for c in COCO_CATEGORIES}, 91
+    else:
+      names = dict(enumerate(VOC_CLASSES))
+      to_cat, num_classes = {i: i + 1 for i in range(20)}, 20
+  else:
+    raise ValueError(f"data.source={kind!r}: choose 'coco_json', 'tfds_coco' or "
+                     "'tfds_voc'")
+  if cfg['cache_decoded']:
+    source = sources.cache_decoded(source, cfg['index_threads'])
+  ann = build_annotations(per_image, source.index.height, source.index.width)
+  return source, ann, names, to_cat, num_classes
+
+
+# --- geometry and targets --------------------------------------------------------------
+
+def _randint(u, lo, hi):
+  """Inclusive U{lo..hi} per entry from u in [0, 1) (int64 arrays)."""
+  n = hi - lo + 1
+  return lo + np.minimum((u * n).astype(np.int64), n - 1)
+
+
+def plan_geometry(h, w, cfg: dict, *, seed: int, epoch: int, train: bool) -> dict:
+  """Per-example geometry for images of size h, w int [n] -> dict of int32 [n]:
+  flip, crop (0/1), h1, w1 (size before the crop), y0, x0, ch, cw (crop window in
+  that size; the whole image when not cropping), rh, rw (final size)."""
+  h = np.maximum(np.asarray(h, np.int64), 1)
+  w = np.maximum(np.asarray(w, np.int64), 1)
+  n = len(h)
+  if not train:
+    rh, rw = augment.resize_rule(h, w, np.full(n, cfg['eval_scale']), cfg['max_size'])
+    z = np.zeros(n, np.int64)
+    g = dict(flip=z, crop=z, h1=h, w1=w, y0=z, x0=z, ch=h, cw=w, rh=rh, rw=rw)
+    return {k: np.asarray(v, np.int32) for k, v in g.items()}
+  u = lambda tag: batching.philox_uniform(seed, epoch, tag, n)  # noqa: E731
+  flip = u(_T_FLIP) < cfg['hflip_prob']
+  crop = u(_T_CROP) < cfg['crop_prob']
+  s1 = batching.philox_choice(cfg['crop_resize_scales'], seed, epoch, _T_S1, n)
+  h1, w1 = augment.resize_rule(h, w, s1, None)
+  h1, w1 = np.maximum(h1, 1), np.maximum(w1, 1)
+  lo, hi = cfg['crop_size']
+  ch = _randint(u(_T_CH), np.minimum(lo, h1), np.minimum(hi, h1))
+  cw = _randint(u(_T_CW), np.minimum(lo, w1), np.minimum(hi, w1))
+  y0 = _randint(u(_T_Y), 0, h1 - ch)
+  x0 = _randint(u(_T_X), 0, w1 - cw)
+  h1, w1 = np.where(crop, h1, h), np.where(crop, w1, w)
+  y0, x0 = np.where(crop, y0, 0), np.where(crop, x0, 0)
+  ch, cw = np.where(crop, ch, h), np.where(crop, cw, w)
+  s2 = batching.philox_choice(cfg['scales'], seed, epoch, _T_S2, n)
+  rh, rw = augment.resize_rule(ch, cw, s2, cfg['max_size'])
+  g = dict(flip=flip, crop=crop, h1=h1, w1=w1, y0=y0, x0=x0, ch=ch, cw=cw, rh=rh, rw=rw)
+  return {k: np.asarray(v, np.int32) for k, v in g.items()}
+
+
+def transform_boxes(xyxy, h, w, g) -> tuple[np.ndarray, np.ndarray]:
+  """Original-pixel boxes xyxy [k, 4] of an h x w image through geometry ``g``
+  (scalars: flip, h1, w1, y0, x0, ch, cw) -> (cxcywh normalised by the crop [k', 4],
+  indices [k'] of the kept boxes)."""
+  b = np.asarray(xyxy, np.float64).reshape(-1, 4).copy()
+  if g['flip']:
+    b = np.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], 1)
+  b *= [g['w1'] / w, g['h1'] / h, g['w1'] / w, g['h1'] / h]
+  b -= [g['x0'], g['y0'], g['x0'], g['y0']]
+  b = np.clip(b, 0, [g['cw'], g['ch'], g['cw'], g['ch']])
+  keep = np.flatnonzero((b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1]))
+  b = b[keep] / [g['cw'], g['ch'], g['cw'], g['ch']]
+  cxcywh = np.concatenate([(b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2]], 1)
+  return cxcywh.astype(np.float32), keep
+
+
+# --- the iterator ----------------------------------------------------------------------
+
+class DetectionIterator(batching.BatchIterator):
+  """Iterator of host-local detection batches (see ``make_detection_dataset``)."""
+
+  def __init__(self, source, cfg, ann: Annotations, **kw):
+    super().__init__(source, cfg, shapes=batching.shapes_of_caps(batching._caps(cfg)), **kw)
+    self.ann = ann
+    self.repeats = int(cfg['repeats']) if self.train else 1
+    self.max_targets = int(cfg['max_targets'])
+    self._row_fn = self._make_row_fn()
+
+  def make_plan(self, epoch):
+    index, cfg = self.source.index, self.cfg
+    n = len(index) * self.repeats
+    image = np.arange(n, dtype=np.int64) % len(index)
+    order = batching.epoch_order(index.usable[image], seed=self.seed, epoch=epoch,
+                                 shuffle=self.train and cfg['shuffle'])
+    g = plan_geometry(index.height[image], index.width[image], cfg, seed=self.seed,
+                      epoch=epoch, train=self.train)
+    bucket, rh, rw = batching.assign_to_caps(g.pop('rh'), g.pop('rw'),
+                                             batching._caps(cfg))
+    examples, valid, bucket_of = batching.group_batches(order, bucket, self.global_batch,
+                                                        self.train)
+    return batching.EpochPlan(examples, valid, bucket_of, image, rh.astype(np.int32),
+                              rw.astype(np.int32), extra=g)
+
+  def row_signature(self):
+    b, t = self.local_batch, self.max_targets
+    sig = super().row_signature()
+    for k in ('flip', 'crop'):
+      sig[k] = tf.TensorSpec([b], tf.bool)
+    for k in ('h1', 'w1', 'y0', 'x0', 'ch', 'cw'):
+      sig[k] = tf.TensorSpec([b], tf.int32)
+    sig.update(labels=tf.TensorSpec([b, t], tf.int32),
+               boxes=tf.TensorSpec([b, t, 4], tf.float32),
+               tmask=tf.TensorSpec([b, t], tf.bool),
+               image_id=tf.TensorSpec([b], tf.int64),
+               truncated=tf.TensorSpec([b], tf.bool))
+    return sig
+
+  def host_rows(self, epoch, j):
+    rows = super().host_rows(epoch, j)
+    plan = self.plan(epoch)
+    ex = rows['example']
+    g = {k: v[ex] for k, v in plan.extra.items()}
+    b, t = self.local_batch, self.max_targets
+    labels = np.zeros((b, t), np.int32)
+    boxes = np.zeros((b, t, 4), np.float32)
+    tmask = np.zeros((b, t), bool)
+    truncated = np.zeros(b, bool)
+    for r in range(b):
+      img = int(rows['image'][r])
+      xyxy, lab = self.ann.of(img)
+      gr = {k: int(v[r]) for k, v in g.items()}
+      cxcywh, keep = transform_boxes(xyxy, int(rows['height'][r]), int(rows['width'][r]),
+                                     gr)
+      lab = lab[keep]
+      if len(keep) > t:
+        truncated[r] = True
+        if self.train:
+          rng = np.random.Generator(np.random.Philox(np.random.SeedSequence(
+              [int(self.seed) & 0xFFFFFFFF, epoch, _T_KEEP, int(ex[r])])))
+          sel = np.sort(rng.permutation(len(keep))[:t])
+        else:
+          sel = np.arange(t)
+        cxcywh, lab = cxcywh[sel], lab[sel]
+      k = len(lab)
+      labels[r, :k], boxes[r, :k], tmask[r, :k] = lab, cxcywh, True
+    rows.update(flip=g['flip'].astype(bool), crop=g['crop'].astype(bool),
+                **{k: g[k] for k in ('h1', 'w1', 'y0', 'x0', 'ch', 'cw')},
+                labels=labels, boxes=boxes, tmask=tmask, truncated=truncated,
+                image_id=self.ann.image_ids[rows['image']])
+    return rows
+
+  def _make_row_fn(self):
+    source = self.source
+
+    @tf.autograph.experimental.do_not_convert
+    def row_fn(r):
+      image = batching.load_row_image(source, r)  # uint8 [h, w, 3]
+      image = tf.cond(r['flip'], lambda: tf.reverse(image, [1]), lambda: image)
+
+      def cropped():
+        x = augment.resize_image(image, tf.stack([r['h1'], r['w1']]))
+        return x[r['y0']:r['y0'] + r['ch'], r['x0']:r['x0'] + r['cw']]
+
+      x = tf.cond(r['crop'], cropped, lambda: tf.cast(image, tf.float32))
+      det, padding_mask = batching.resize_and_pad(tf.ensure_shape(x, [None, None, 3]), r)
+      valid = r['valid'] & ~r['fallback']
+      mask = r['tmask'] & valid  # no targets on padding / replaced rows
+      return dict(images=det, padding_mask=padding_mask,
+                  labels=tf.where(mask, r['labels'], 0),
+                  boxes=tf.where(mask[:, None], r['boxes'], 0.0), mask=mask, valid=valid,
+                  image_id=r['image_id'],
+                  orig_size=tf.stack([r['height'], r['width']]),
+                  truncated=r['truncated'] & valid, decode_failed=r['fallback'])
+    return row_fn
+
+  def format(self, b):
+    self.stats._add(targets_truncated=int(b.pop('truncated').sum()))
+    return dict(images=b['images'], padding_mask=b['padding_mask'],
+                targets=dict(labels=b['labels'], boxes=b['boxes'], mask=b['mask']),
+                image_id=b['image_id'], orig_size=b['orig_size'], valid=b['valid'])
+
+
+def make_detection_dataset(data_config, *, global_batch_size: int, train: bool = True,
+                           seed: int = 0, start_step: int = 0, process_index: int = 0,
+                           process_count: int = 1):
+  """Host-local detection batches -> (iterator, DataStats, DatasetInfo).
+
+  Batch layout, augmentation and label mapping: see the module docstring. Training
+  iterates epochs forever (``start_step`` = global batches already consumed resumes
+  exactly); evaluation makes one pass.
+  """
+  cfg = resolve_detection_config(data_config)
+  batching.check_batch_args(global_batch_size, start_step, process_index, process_count)
+  if cfg['tune_malloc']:
+    batching.tune_malloc()
+  source, ann, names, to_cat, num_classes = make_detection_source(cfg, train)
+  stats = DetectionStats(source.name)
+  stats._add(**ann.dropped)
+  it = DetectionIterator(source, cfg, ann, global_batch_size=global_batch_size,
+                         train=train, seed=seed, start_step=start_step,
+                         process_index=process_index, process_count=process_count,
+                         stats=stats)
+  usable = source.index.usable
+  info = DatasetInfo(
+      num_classes=num_classes, class_names=names, label_to_category_id=to_cat,
+      num_examples=int(usable.sum()) * it.repeats,
+      shapes=tuple(tuple(int(v) for v in s) for s in it._shapes),
+      skipped_image_ids=tuple(int(i) for i in ann.image_ids[~usable]),
+      source=source.name)
+  it.locate(start_step)  # plans the first epoch now: configuration errors surface here
+  return it, stats, info
+
+
+# --- demo set --------------------------------------------------------------------------
+
+DEMO_CATEGORIES = ((1, 'face'), (2, 'cat'), (3, 'cup'), (4, 'spoon'), (5, 'rocket'),
+                   (6, 'coin'), (7, 'camera'))
+DEMO_MAX_SIDE = 200
+# Hand-placed boxes, xywh in the ORIGINAL scikit-image pixels: (category, x, y, w, h).
+_DEMO_BOXES = {
+    'astronaut': ((1, 175, 55, 110, 120), (5, 355, 0, 110, 280)),  # face, shuttle model
+    'chelsea': ((2, 15, 0, 390, 300),),
+    'coffee': ((3, 172, 18, 242, 290), (4, 325, 65, 100, 260)),
+    'rocket': ((5, 303, 125, 40, 282),),
+    'camera': ((1, 155, 65, 105, 140), (7, 258, 138, 70, 52)),
+}
+# (name, photo, crop window (y0, y1, x0, x1) or None). Coins: top two rows train,
+# bottom two rows val. The other val images are different framings of train photos
+# (the demo measures fitting on real photos, not generalisation).
+_DEMO_SPLITS = {
+    'train': (('astronaut', 'astronaut', None), ('chelsea', 'chelsea', None),
+              ('coffee', 'coffee', None), ('rocket', 'rocket', None),
+              ('camera', 'camera', None), ('coins_top', 'coins', (0, 151, 0, 384))),
+    'val': (('coins_bottom', 'coins', (150, 303, 0, 384)),
+            ('coffee_crop', 'coffee', (0, 400, 100, 500)),
+            ('astronaut_crop', 'astronaut', (0, 300, 120, 512))),
+}
+
+
+def _coin_boxes(image) -> list[tuple]:
+  """Coins of skimage's ``coins`` by watershed segmentation -> [(6, x, y, w, h)]."""
+  import scipy.ndimage as ndi  # noqa: PLC0415
+  import skimage.filters  # noqa: PLC0415
+  import skimage.measure  # noqa: PLC0415
+  import skimage.segmentation  # noqa: PLC0415
+  markers = np.zeros(image.shape, np.int32)
+  markers[image < 30], markers[image > 150] = 1, 2
+  seg = skimage.segmentation.watershed(skimage.filters.sobel(image), markers)
+  labels, _ = ndi.label(ndi.binary_fill_holes(seg == 2))
+  out = []
+  for r in skimage.measure.regionprops(labels):
+    if r.area > 200:
+      y0, x0, y1, x1 = r.bbox
+      out.append((6, x0, y0, x1 - x0, y1 - y0))
+  return out
+
+
+def write_demo_detection_set(directory: str, split: str = 'train'):
+  """Write a tiny COCO-format detection set from scikit-image photos (offline).
+
+  Creates ``directory``/images/*.jpg (long side <= 200 px) and
+  ``directory``/{train,val}.json (both splits, every call); returns
+  (ann_file of ``split``, image_dir).
+  """
+  import skimage.data  # noqa: PLC0415
+  from PIL import Image  # noqa: PLC0415
+  if split not in _DEMO_SPLITS:
+    raise ValueError(f'split={split!r}: choose train or val')
+  image_dir = os.path.join(directory, 'images')
+  os.makedirs(image_dir, exist_ok=True)
+  photos = {}
+  ann_id = 1
+  for sp, entries in _DEMO_SPLITS.items():
+    coco = dict(images=[], annotations=[],
+                categories=[dict(id=c, name=n, supercategory='demo')
+                            for c, n in DEMO_CATEGORIES])
+    for image_id, (name, photo, window) in enumerate(entries, 1):
+      if photo not in photos:
+        a = getattr(skimage.data, photo)()
+        boxes = _coin_boxes(a) if photo == 'coins' else list(_DEMO_BOXES[photo])
+        photos[photo] = (sources.to_rgb_array(a)[0], boxes)
+      a, boxes = photos[photo]
+      y0, y1, x0, x1 = window or (0, a.shape[0], 0, a.shape[1])
+      a = a[y0:y1, x0:x1]
+      f = min(1.0, DEMO_MAX_SIDE / max(a.shape[:2]))
+      h, w = round(a.shape[0] * f), round(a.shape[1] * f)
+      Image.fromarray(a).resize((w, h), Image.BILINEAR).save(
+          os.path.join(image_dir, f'{name}.jpg'), quality=92)
+      coco['images'].append(dict(id=image_id, file_name=f'{name}.jpg', height=h, width=w))
+      for c, bx, by, bw, bh in boxes:
+        # Into the window, clipped; keep boxes with >= 60% of their area inside.
+        cx0, cy0 = max(bx, x0), max(by, y0)
+        cx1, cy1 = min(bx + bw, x1), min(by + bh, y1)
+        if cx1 <= cx0 or cy1 <= cy0 or (cx1 - cx0) * (cy1 - cy0) < 0.6 * bw * bh:
+          continue
+        box = [round((cx0 - x0) * f, 1), round((cy0 - y0) * f, 1),
+               round((cx1 - cx0) * f, 1), round((cy1 - cy0) * f, 1)]
+        coco['annotations'].append(dict(id=ann_id, image_id=image_id, category_id=c,
+                                        bbox=box, area=round(box[2] * box[3], 1),
+                                        iscrowd=0))
+        ann_id += 1
+    with open(os.path.join(directory, f'{sp}.json'), 'w') as fh:
+      json.dump(coco, fh)
+  return os.path.join(directory, f'{split}.json'), image_dir
+
+
+def demo_detection_config(directory: str, **overrides):
+  """Config for the demo set in ``directory`` (written if missing): small scales."""
+  train_file, image_dir = os.path.join(directory, 'train.json'), os.path.join(
+      directory, 'images')
+  if not os.path.exists(train_file):
+    write_demo_detection_set(directory)
+  return detection_data_config(**{
+      'source': 'coco_json', 'ann_file': train_file, 'image_dir': image_dir,
+      'eval_ann_file': os.path.join(directory, 'val.json'), 'eval_image_dir': image_dir,
+      'scales': (96, 112, 128), 'max_size': 160, 'eval_scale': 128,
+      'crop_resize_scales': (112, 128, 144), 'crop_size': (80, 128),
+      'buckets': ((128, 160),), 'repeats': 8, 'cache_decoded': True,
+      'index_cache_dir': None, **overrides})
