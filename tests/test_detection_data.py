@@ -10,6 +10,7 @@ tf = pytest.importorskip('tensorflow')
 
 from updetr_jax import data  # noqa: E402
 from updetr_jax.data import augment, detection, sources  # noqa: E402
+from data_helpers import assert_same, take  # noqa: E402
 
 DARK, BRIGHT = 20, 230
 # image id -> (h, w, [(category, xywh, iscrowd)]); boxes are drawn BRIGHT unless crowd.
@@ -67,19 +68,6 @@ def cfg_for(coco, **kw):
            num_parallel_calls=2)
   c.update(kw)
   return c
-
-
-def take(it, n):
-  return [next(it) for _ in range(n)]
-
-
-def assert_same(a, b):
-  assert a.keys() == b.keys()
-  for k in a:
-    if isinstance(a[k], dict):
-      assert_same(a[k], b[k])
-    else:
-      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def unpadded(b, i):

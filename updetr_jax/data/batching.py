@@ -55,6 +55,18 @@ import tensorflow as tf
 
 from updetr_jax.data import augment, patches, sources
 
+# Execution fields shared by the pre-training and detection pipelines.
+PIPELINE_DEFAULTS: dict[str, Any] = dict(
+    shuffle=True,
+    cache_decoded=False,
+    num_parallel_calls=-1,
+    prefetch=2,
+    threads=0,
+    index_cache_dir='~/.cache/updetr_jax',
+    index_threads=0,
+    tune_malloc=True,
+)
+
 DEFAULTS: dict[str, Any] = dict(
     source='tfds',
     tfds_name='imagenet2012',
@@ -77,14 +89,7 @@ DEFAULTS: dict[str, Any] = dict(
     blur_prob=0.5,
     blur_sigma=(0.1, 2.0),
     blur_kernel_size=0,
-    shuffle=True,
-    cache_decoded=False,
-    num_parallel_calls=-1,
-    prefetch=2,
-    threads=0,
-    index_cache_dir='~/.cache/updetr_jax',
-    index_threads=0,
-    tune_malloc=True,
+    **PIPELINE_DEFAULTS,
 )
 
 DEMO_OVERRIDES: dict[str, Any] = dict(

@@ -100,14 +100,7 @@ DETECTION_DEFAULTS: dict[str, Any] = dict(
     max_targets=100,
     buckets=((608, 832), (800, 1088), (800, 1344)),
     repeats=1,
-    shuffle=True,
-    cache_decoded=False,
-    num_parallel_calls=-1,
-    prefetch=2,
-    threads=0,
-    index_cache_dir='~/.cache/updetr_jax',
-    index_threads=0,
-    tune_malloc=True,
+    **batching.PIPELINE_DEFAULTS,
 )
 
 # Philox stream tags of the per-example training geometry (1, 2: see batching).
