@@ -47,7 +47,7 @@ def _flat(tree):
 
 def test_restore_pretrained_weights_leaf_by_leaf(pretrain_workdir):
   workdir, expected, _ = pretrain_workdir
-  variables, step, model_config = checkpoints.restore_pretrained_variables(workdir)
+  variables, step, model_config = checkpoints.restore_workdir_variables(workdir)
   assert step == 7 and model_config['num_patches'] == 2
   got, want = _flat(variables), _flat(expected)
   assert got.keys() == want.keys()
@@ -57,7 +57,7 @@ def test_restore_pretrained_weights_leaf_by_leaf(pretrain_workdir):
 
 def test_finetune_init_copies_all_but_the_task_heads(pretrain_workdir):
   workdir, expected, pre_config = pretrain_workdir
-  pretrained, _, pre_model = checkpoints.restore_pretrained_variables(workdir)
+  pretrained, _, pre_model = checkpoints.restore_workdir_variables(workdir)
   detr_config = dict(pre_config.model.to_dict(), num_classes=5, num_patches=0)
   fresh = init_variables(build_model(detr_config), jax.random.PRNGKey(3))
   variables = checkpoints.init_from_pretrained(fresh, detr_config, pretrained, pre_model)
@@ -76,7 +76,7 @@ def test_finetune_init_copies_all_but_the_task_heads(pretrain_workdir):
 
 def test_architecture_mismatch_names_the_fields(pretrain_workdir):
   workdir, _, pre_config = pretrain_workdir
-  pretrained, _, pre_model = checkpoints.restore_pretrained_variables(workdir)
+  pretrained, _, pre_model = checkpoints.restore_workdir_variables(workdir)
   detr_config = dict(pre_config.model.to_dict(), num_patches=0, pre_norm=False, hidden_dim=64)
   fresh = init_variables(build_model(detr_config), jax.random.PRNGKey(0))
   with pytest.raises(ValueError) as e:

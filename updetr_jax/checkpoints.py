@@ -66,8 +66,8 @@ ARCHITECTURE_FIELDS = ('backbone', 'dilation', 'position_embedding', 'hidden_dim
 PRETRAIN_ONLY_HEADS = ('class_embed', 'patch2query', 'feature_align')
 
 
-def restore_pretrained_variables(workdir: str):
-  """Model variables of the latest checkpoint of a pre-training workdir.
+def restore_workdir_variables(workdir: str):
+  """Model variables of the latest checkpoint of a training workdir (``train.run``).
 
   Reads ``workdir/config.json`` to rebuild the parameter shapes and restores only
   the weights (no optimizer state) with a partial restore.

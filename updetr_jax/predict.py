@@ -5,8 +5,8 @@ r"""Run a DETR checkpoint on image files: COCO-style json and labelled pictures.
 
 --checkpoint: an Orbax variables checkpoint (``checkpoints.save_variables``, e.g.
 written by ``updetr_jax.torch_import``) or a PyTorch ``.pth`` (imported on the fly).
---workdir (latest checkpoint of a training workdir) is not supported yet: see
-``load_model_variables``.
+--workdir: the latest checkpoint of a DETR training workdir; its own config.json
+gives the model (--config is then not needed).
 
 Each image is resized as DETR evaluates (shorter side --scale=800, longer side at
 most --max_size=1333, ``data.augment.resize_rule``), normalised and run alone with
@@ -31,14 +31,6 @@ from updetr_jax import checkpoints, evaluate, visualize
 from updetr_jax.class_names import get_class_names
 from updetr_jax.models import build_model
 
-WORKDIR_UNSUPPORTED = (
-    'reading the latest checkpoint of a training workdir is not supported yet: '
-    'updetr_jax.checkpoints has no helper that extracts the model variables from a '
-    'training state (restore_latest needs the abstract train state, optimizer '
-    'included). Export the variables with updetr_jax.checkpoints.save_variables and '
-    'pass that directory as --checkpoint.')
-
-
 def _looks_like_train_workdir(path: str) -> bool:
   """A training workdir holds checkpoints/<step>/ (train.py's Orbax manager)."""
   sub = os.path.join(path, 'checkpoints')
@@ -52,7 +44,7 @@ def load_model_variables(model, model_config, checkpoint: str):
     from updetr_jax.torch_import import import_torch_checkpoint
     return import_torch_checkpoint(checkpoint, model_config)
   if os.path.isdir(checkpoint) and _looks_like_train_workdir(checkpoint):
-    raise ValueError(f'{checkpoint} looks like a training workdir: {WORKDIR_UNSUPPORTED}')
+    raise ValueError(f'{checkpoint} looks like a training workdir: pass it as --workdir')
   abstract = jax.eval_shape(lambda: model.init(
       jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool)))
   return checkpoints.load_variables(checkpoint, abstract)
@@ -115,13 +107,21 @@ def main(argv):
   paths = argv[1:]
   if not paths:
     raise app.UsageError('give at least one image file')
+  if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
+    raise app.UsageError('give exactly one of --workdir and --checkpoint')
   if _WORKDIR.value:
-    raise app.UsageError(f'--workdir: {WORKDIR_UNSUPPORTED}')
-  if not _CHECKPOINT.value:
-    raise app.UsageError('--checkpoint is required')
-  cfg = _CONFIG.value
-  model = build_model(cfg.model)
-  variables = load_model_variables(model, cfg.model, _CHECKPOINT.value)
+    variables, step, model_config = checkpoints.restore_workdir_variables(_WORKDIR.value)
+    if model_config.get('num_patches'):
+      raise app.UsageError(f'{_WORKDIR.value} holds an UP-DETR pre-training model '
+                           f'(model.num_patches={model_config["num_patches"]}), which needs '
+                           'query patches; fine-tune it into DETR first')
+    model = build_model(model_config)
+    print(f'restored step {step} of {_WORKDIR.value}')
+  else:
+    if _CONFIG.value is None:
+      raise app.UsageError('--checkpoint needs --config (the model it was trained with)')
+    model = build_model(_CONFIG.value.model)
+    variables = load_model_variables(model, _CONFIG.value.model, _CHECKPOINT.value)
   records = predict_files(model, variables, paths, _OUTPUT.value,
                           threshold=_THRESHOLD.value,
                           class_names=get_class_names(_CLASS_NAMES.value),
@@ -138,12 +138,12 @@ if __name__ == '__main__':
   _CHECKPOINT = flags.DEFINE_string('checkpoint', None,
                                     'Orbax variables checkpoint directory or PyTorch .pth')
   _WORKDIR = flags.DEFINE_string('workdir', None,
-                                 'training workdir (latest checkpoint); not supported yet')
+                                 'training workdir (latest checkpoint, its config.json)')
   _OUTPUT = flags.DEFINE_string('output', None, 'output directory')
   _THRESHOLD = flags.DEFINE_float('threshold', 0.7, 'score threshold for the pictures')
   _CLASS_NAMES = flags.DEFINE_enum('class_names', 'coco', ['coco', 'voc', 'none'],
                                    'label names for the pictures and json')
   _SCALE = flags.DEFINE_integer('scale', 800, 'shorter side after resizing')
   _MAX_SIZE = flags.DEFINE_integer('max_size', 1333, 'cap on the longer side')
-  flags.mark_flags_as_required(['config', 'output'])
+  flags.mark_flags_as_required(['output'])
   app.run(main)
