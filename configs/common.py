@@ -27,3 +27,12 @@ def detr_model(**overrides) -> ml_collections.ConfigDict:
 def matcher() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(solver='exact', cost_class=1.0, cost_bbox=5.0,
                                         cost_giou=2.0))
+
+
+# The demos' small model (CPU, minutes): the pre-training demo and the fine-tuning demo
+# that starts from it share it (an architecture mismatch would refuse the init).
+# No pre-trained CNN can be downloaded here, so the demo CNN is random and frozen, like
+# the release's (pre-trained) one; DC5 (stride 16) gives 128-px images an 8x10 map.
+DEMO_ARCHITECTURE = dict(backbone='resnet_small', dilation=True, hidden_dim=64, nheads=4,
+                         enc_layers=2, dec_layers=2, dim_feedforward=128, dropout=0.0,
+                         num_queries=20, pre_norm=True)

@@ -32,6 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   from updetr_jax.data import default_data_config, demo_data_config
 
   config = ml_collections.ConfigDict()
+  config.task = 'pretrain'
   config.seed = 0
   config.model = model_config()
   config.matcher = common.matcher()
@@ -54,23 +55,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # torchvision-layout ResNet .pth (the release: SwAV 800 epochs, 'module.' prefix).
       backbone_checkpoint='',
       checkpoint='',  # an Orbax variables checkpoint (python -m updetr_jax.torch_import)
+      pretrained='',  # fine-tuning only (configs/finetune_coco.py)
   ))
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
   config.log_every_steps = 50
-  config.eval = ml_collections.ConfigDict(dict(num_batches=0, every_steps=0))
+  # Held-out query patches: num_batches batches every every_steps (0: at the end only);
+  # best_metric: keep workdir/best ('' = no) by e.g. 'patch_iou_matched'.
+  config.eval = ml_collections.ConfigDict(dict(num_batches=0, every_steps=0, best_metric=''))
 
   if variant == 'single_query':
     config.model.num_patches = 1
   elif variant == 'demo':
-    # Runs on 2 CPU cores in minutes on scikit-image's photographs. No pre-trained CNN
-    # can be downloaded here, so the demo's small CNN is randomly initialised and
-    # frozen, like the release's (pre-trained) one; random convolution features keep
-    # enough colour and texture to find a patch. DC5 (stride 16) gives the 128-px
-    # images an 8x10 feature map instead of 4x5.
-    config.model.update(backbone='resnet_small', dilation=True, hidden_dim=64, nheads=4,
-                        enc_layers=2, dec_layers=2, dim_feedforward=128, dropout=0.0,
-                        num_queries=20, num_patches=4)
+    # Runs on 2 CPU cores in minutes on scikit-image's photographs; the CNN is random
+    # and frozen (common.DEMO_ARCHITECTURE): random convolution features keep enough
+    # colour and texture to find a patch.
+    config.model.update(num_patches=4, **common.DEMO_ARCHITECTURE)
     config.data = demo_data_config()
     config.batch_size = 8
     config.loss_replicas = 1

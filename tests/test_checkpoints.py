@@ -83,3 +83,26 @@ def test_architecture_mismatch_names_the_fields(pretrain_workdir):
     checkpoints.init_from_pretrained(fresh, detr_config, pretrained, pre_model)
   assert 'hidden_dim: pre-trained 32 vs model 64' in str(e.value)
   assert 'pre_norm: pre-trained True vs model False' in str(e.value)
+
+
+def test_init_train_state_with_init_pretrained(pretrain_workdir):
+  """config.init.pretrained through the trainer's init: the fine-tuning state holds the
+  pre-trained transformer and a fresh class head; a mismatch names the fields."""
+  from configs import finetune_coco
+  workdir, expected, pre_config = pretrain_workdir
+  config = finetune_coco.get_config()
+  config.model.update(num_classes=4, **ARCH)
+  config.init.pretrained = workdir
+  model = build_model(config.model)
+  variables, state, constants, _, _ = train.init_train_state(
+      config, model, jax.random.PRNGKey(5), 10)
+  got, src = _flat(variables), _flat(expected)
+  fresh = _flat(init_variables(model, jax.random.PRNGKey(5)))
+  for k, v in got.items():
+    np.testing.assert_array_equal(v, fresh[k] if k[1] == 'class_embed' else src[k],
+                                  err_msg='/'.join(k))
+  assert 'layer1_0' not in state['params']['body']  # stage 1 frozen, stage 2 trained
+  assert 'layer2_0' in state['params']['body'] and 'layer1_0' in constants['frozen']['body']
+  config.model.num_queries = 12
+  with pytest.raises(ValueError, match='num_queries: pre-trained 8 vs model 12'):
+    train.init_train_state(config, build_model(config.model), jax.random.PRNGKey(5), 10)

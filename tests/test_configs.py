@@ -14,7 +14,7 @@ def test_release_defaults():
   assert p.optim.lr == 1e-4 and p.optim.clip_max_norm == 0.1 and p.batch_size == 256
   assert pretrain.get_config('single_query').model.num_patches == 1
   c = finetune_coco.get_config()
-  assert (c.model.pre_norm, c.model.num_classes, c.optim.lr_backbone) == (False, 91, 5e-5)
+  assert (c.model.pre_norm, c.model.num_classes, c.optim.lr_backbone) == (True, 91, 5e-5)
   assert finetune_coco.get_config('150ep').optim.lr_drop_epochs == (100,)
   assert finetune_voc.get_config().model.num_classes == 20
   for module in (pretrain, finetune_coco, finetune_voc):

@@ -66,13 +66,26 @@ ARCHITECTURE_FIELDS = ('backbone', 'dilation', 'position_embedding', 'hidden_dim
 PRETRAIN_ONLY_HEADS = ('class_embed', 'patch2query', 'feature_align')
 
 
-def restore_workdir_variables(workdir: str):
-  """Model variables of the latest checkpoint of a training workdir (``train.run``).
+BEST_DIR = 'best'  # workdir/best: the checkpoint with the best evaluation metric
+LAST_DIR = 'checkpoints'  # workdir/checkpoints: the latest training states
 
+
+def restore_workdir_variables(workdir: str, which: str = 'latest'):
+  """Model variables of a training workdir's checkpoint (``train.run``).
+
+  which: 'latest' (workdir/checkpoints), 'best' (workdir/best, written by fine-tuning
+  runs with evaluation) or 'auto' (best when present, else latest).
   Reads ``workdir/config.json`` to rebuild the parameter shapes and restores only
   the weights (no optimizer state) with a partial restore.
   Returns (variables {'params', 'batch_stats'}, step, model config dict).
   """
+  if which not in ('latest', 'best', 'auto'):
+    raise ValueError(f"which={which!r}: choose 'latest', 'best' or 'auto'")
+  best = os.path.join(workdir, BEST_DIR)
+  if which == 'auto':
+    which = 'best' if _has_steps(best) else 'latest'
+  if not os.path.exists(os.path.join(workdir, 'config.json')):
+    raise FileNotFoundError(f'{workdir} is not a training workdir (no config.json)')
   import json
 
   from updetr_jax import optim
@@ -85,11 +98,12 @@ def restore_workdir_variables(workdir: str):
   trainable, frozen = optim.partition_params(shapes['params'], config['optim']['frozen'])
   target = {'state': {'params': trainable},
             'constants': {'frozen': frozen, 'batch_stats': shapes['batch_stats']}}
-  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')),
+  sub = BEST_DIR if which == 'best' else LAST_DIR
+  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, sub)),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step()
   if step is None:
-    raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints')
+    raise FileNotFoundError(f'no checkpoint in {workdir}/{sub}')
   restored = manager.restore(step, args=ocp.args.PyTreeRestore(
       item=target, partial_restore=True,
       restore_args=jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
@@ -99,13 +113,47 @@ def restore_workdir_variables(workdir: str):
           config['model'])
 
 
+def _has_steps(directory: str) -> bool:
+  return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
+
+
+def load_pretrained(path: str, model_config):
+  """Pre-trained weights for fine-tuning, from any of:
+
+  * a training workdir (``config.json`` + ``checkpoints/``): its latest checkpoint;
+  * a PyTorch release ``.pth`` (UP-DETR pre-training or DETR): imported with
+    ``model_config``'s architecture, the heads sized from the file;
+  * an Orbax variables checkpoint (``save_variables`` / ``updetr_jax.torch_import``).
+  Returns (variables, model config dict of the source, or None when unknown).
+  """
+  if os.path.isdir(path) and os.path.exists(os.path.join(path, 'config.json')):
+    variables, _, config = restore_workdir_variables(path)
+    return variables, config
+  if path.endswith('.pth'):
+    from updetr_jax.torch_import import import_torch_checkpoint, load_state_dict
+    sd = load_state_dict(path)
+    if 'class_embed.weight' not in sd:
+      raise ValueError(f'{path} has no class_embed.weight: not a DETR / UP-DETR model '
+                       '(a backbone-only file goes to init.backbone_checkpoint)')
+    config = dict(model_config)
+    config.update(num_classes=int(sd['class_embed.weight'].shape[0]) - 1,
+                  num_patches=1 if 'patch2query.weight' in sd else 0,
+                  feature_recon=any(k.startswith('feature_align.') for k in sd))
+    return import_torch_checkpoint(sd, config), None
+  if not os.path.isdir(path) and '://' not in path:
+    raise FileNotFoundError(
+        f'init.pretrained={path!r}: no such workdir, .pth file or Orbax checkpoint')
+  return load_variables(path), None
+
+
 def init_from_pretrained(variables, model_config, pretrained, pretrained_model_config):
   """Fine-tuning init: every pre-trained weight except the task heads.
 
   Args:
     variables: freshly initialised variables of the fine-tuning model.
     model_config: its model config; pretrained / pretrained_model_config: the
-      pre-training variables and model config (e.g. ``restore_pretrained_variables``).
+      pre-training variables and model config (``load_pretrained``; a config of
+      None checks the shapes only).
   Returns: variables with all leaves but ``PRETRAIN_ONLY_HEADS`` copied from
     ``pretrained``; ``class_embed`` keeps its fresh init.
   Raises: ValueError naming the architecture fields that differ or the weights
@@ -114,7 +162,8 @@ def init_from_pretrained(variables, model_config, pretrained, pretrained_model_c
   from flax import traverse_util
 
   diff = [f'{f}: pre-trained {pretrained_model_config.get(f)!r} vs model {model_config[f]!r}'
-          for f in ARCHITECTURE_FIELDS if pretrained_model_config.get(f) != model_config[f]]
+          for f in ARCHITECTURE_FIELDS if pretrained_model_config is not None
+          and pretrained_model_config.get(f) != model_config[f]]
   if diff:
     raise ValueError('pre-trained checkpoint has another architecture:\n  ' + '\n  '.join(diff))
   src = traverse_util.flatten_dict(dict(pretrained))

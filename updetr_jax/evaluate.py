@@ -15,7 +15,9 @@ Detection (fine-tuned DETR, SPEC §2, §4, §7):
     whose results do not depend on the batch (see "Padding" below)
   CocoEvaluator: COCO-style results and pycocotools AP
   coco_gt_from_arrays: an in-memory pycocotools COCO ground truth
-  voc07_ap50: the VOC07 11-point AP at IoU 0.5 ('difficult' boxes ignored)
+  evaluation_ground_truth: the ground truth of a detection data config's eval split
+  voc07_ap50: the VOC07 11-point AP at IoU 0.5 ('difficult' boxes ignored);
+    voc07_from_coco: the same from a COCO ground truth and COCO-style results
 
 Padding. DETR is not padding invariant: a zero-padded canvas changes the outputs of
 the valid region, because (1) every CNN layer whose receptive field crosses the
@@ -33,6 +35,7 @@ AP do not depend on the batch size, batch order or device count.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 from typing import Mapping, Sequence
@@ -137,11 +140,14 @@ def pad_to_canvas(images: Sequence[np.ndarray], canvas, rows: int | None = None)
   return batch, mask
 
 
-def make_detect_fn(model):
+def make_detect_fn(model, out_shardings=None):
   """Jitted (variables, images [B,H,W,3], padding_mask [B,H,W], orig_size [B,2]) ->
-  (scores [B,N], labels [B,N], boxes_xyxy [B,N,4]) in eval mode."""
+  (scores [B,N], labels [B,N], boxes_xyxy [B,N,4]) in eval mode.
 
-  @jax.jit
+  out_shardings: e.g. a replicated ``NamedSharding`` so that every process of a
+  multi-host job can read the whole batch's results."""
+
+  @functools.partial(jax.jit, out_shardings=out_shardings)
   def detect(variables, images, padding_mask, orig_size):
     out = model.apply(variables, images, padding_mask)
     return postprocess(out['pred_logits'], out['pred_boxes'], orig_size)
@@ -183,7 +189,8 @@ def detect_images(detect_fn, variables, images: Sequence[np.ndarray], orig_sizes
 COCO_METRICS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
 
 
-def _quiet_coco(dataset: dict):
+def coco_from_dataset(dataset: dict):
+  """A pycocotools ``COCO`` from a COCO-format dict, without its printout."""
   from pycocotools.coco import COCO
   coco = COCO()
   coco.dataset = dataset
@@ -219,7 +226,7 @@ def coco_gt_from_arrays(image_ids, image_sizes, boxes, category_ids, iscrowd=Non
     cats = [{'id': int(k), 'name': str(v)} for k, v in categories.items()]
   else:
     cats = [{'id': int(k), 'name': str(k)} for k in categories]
-  return _quiet_coco({'images': images, 'annotations': anns, 'categories': cats})
+  return coco_from_dataset({'images': images, 'annotations': anns, 'categories': cats})
 
 
 class CocoEvaluator:
@@ -304,7 +311,7 @@ class CocoEvaluator:
       if self._results:
         coco_dt = coco_gt.loadRes(self.results())
       else:  # loadRes cannot take an empty list
-        coco_dt = _quiet_coco({'images': list(coco_gt.dataset['images']),
+        coco_dt = coco_from_dataset({'images': list(coco_gt.dataset['images']),
                                'categories': list(coco_gt.dataset['categories']),
                                'annotations': []})
       ev = COCOeval(coco_gt, coco_dt, 'bbox')
@@ -397,3 +404,74 @@ def voc07_ap50(detections: Sequence[Mapping], ground_truth: Sequence[Mapping],
         [prec[rec >= t].max() if np.any(rec >= t) else 0.0 for t in thresholds])))
   valid = [a for a in per_class if not np.isnan(a)]
   return {'per_class': per_class, 'mAP': float(np.mean(valid)) if valid else float('nan')}
+
+
+def voc07_from_coco(coco_gt, results: Sequence[Mapping], image_ids) -> dict:
+  """VOC07 AP50 of COCO-style ``results`` over ``image_ids`` of ``coco_gt``.
+
+  Crowd boxes of the ground truth count as VOC 'difficult' (ignored); classes are the
+  ground truth's categories in id order. Returns ``voc07_ap50``'s dict plus
+  'category_ids' (the order of 'per_class').
+  """
+  cat_ids = sorted(coco_gt.getCatIds())
+  index = {c: i for i, c in enumerate(cat_ids)}
+  by_image: dict[int, list] = {int(i): [] for i in image_ids}
+  for r in results:
+    if int(r['image_id']) in by_image and int(r['category_id']) in index:
+      by_image[int(r['image_id'])].append(r)
+
+  def xyxy(b):
+    b = np.asarray(b, np.float64).reshape(-1, 4)
+    return np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], 1)
+
+  dets, gts = [], []
+  for iid, rs in by_image.items():
+    dets.append({'boxes': xyxy([r['bbox'] for r in rs]),
+                 'scores': np.array([r['score'] for r in rs], np.float64),
+                 'labels': np.array([index[int(r['category_id'])] for r in rs], np.int64)})
+    anns = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=[iid]))
+    gts.append({'boxes': xyxy([a['bbox'] for a in anns]),
+                'labels': np.array([index[int(a['category_id'])] for a in anns], np.int64),
+                'difficult': np.array([bool(a.get('iscrowd', 0)) for a in anns], bool)})
+  out = voc07_ap50(dets, gts, len(cat_ids))
+  out['category_ids'] = cat_ids
+  return out
+
+
+def evaluation_ground_truth(data_config):
+  """pycocotools ``COCO`` ground truth of a detection config's evaluation split.
+
+  coco_json: the json file itself (``eval_ann_file``, else ``ann_file``), crowd boxes
+  included, as pycocotools evaluates it. TFDS COCO / VOC: built from the TFDS
+  records in original pixels with COCO category ids (VOC: label + 1); COCO crowd
+  boxes and VOC 'difficult' objects are marked ``iscrowd`` (ignored by COCOeval and
+  by ``voc07_from_coco``).
+  """
+  import tensorflow as tf
+
+  from updetr_jax.data import detection
+
+  cfg = detection.resolve_detection_config(data_config)
+  if cfg['source'] == 'coco_json':
+    ann_file = cfg['eval_ann_file'] or cfg['ann_file']
+    if not tf.io.gfile.exists(ann_file):
+      raise FileNotFoundError(f'data.eval_ann_file={ann_file!r} not found')
+    with tf.io.gfile.GFile(ann_file, 'r') as f:
+      return coco_from_dataset(json.load(f))
+  if cfg['source'] not in ('tfds_coco', 'tfds_voc'):
+    raise ValueError(f'data.source={cfg["source"]!r} has no detection ground truth')
+  kind = cfg['source'][5:]
+  cfg = dict(cfg, voc_keep_difficult=False)  # keep the flags: they become iscrowd
+  ids, sizes, boxes, cats, crowd = [], [], [], [], []
+  for part in detection._tfds_source(cfg[f'tfds_{kind}_eval'], cfg):
+    entries = detection._tfds_part_annotations(part, kind, cfg)
+    for i, (iid, xywh, labels, is_crowd, difficult) in enumerate(entries):
+      ids.append(iid)
+      sizes.append((part.index.height[i], part.index.width[i]))
+      boxes.append(np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1))
+      cats.append(labels if kind == 'coco' else labels + 1)
+      crowd.append(is_crowd | (difficult if difficult is not None else False))
+  from updetr_jax.class_names import COCO_CATEGORIES, VOC_CLASSES
+  names = (dict(COCO_CATEGORIES) if kind == 'coco'
+           else {i + 1: n for i, n in enumerate(VOC_CLASSES)})
+  return coco_gt_from_arrays(ids, sizes, boxes, cats, crowd, categories=names)

@@ -5,8 +5,9 @@ r"""Run a DETR checkpoint on image files: COCO-style json and labelled pictures.
 
 --checkpoint: an Orbax variables checkpoint (``checkpoints.save_variables``, e.g.
 written by ``updetr_jax.torch_import``) or a PyTorch ``.pth`` (imported on the fly).
---workdir: the latest checkpoint of a DETR training workdir; its own config.json
-gives the model (--config is then not needed).
+--workdir: a DETR fine-tuning workdir; its own config.json gives the model (--config
+is then not needed); --which picks the checkpoint: auto (default: the best-evaluated
+one in workdir/best when present, else the latest), best or latest.
 
 Each image is resized as DETR evaluates (shorter side --scale=800, longer side at
 most --max_size=1333, ``data.augment.resize_rule``), normalised and run alone with
@@ -110,13 +111,14 @@ def main(argv):
   if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
     raise app.UsageError('give exactly one of --workdir and --checkpoint')
   if _WORKDIR.value:
-    variables, step, model_config = checkpoints.restore_workdir_variables(_WORKDIR.value)
+    variables, step, model_config = checkpoints.restore_workdir_variables(
+        _WORKDIR.value, _WHICH.value)
     if model_config.get('num_patches'):
       raise app.UsageError(f'{_WORKDIR.value} holds an UP-DETR pre-training model '
                            f'(model.num_patches={model_config["num_patches"]}), which needs '
                            'query patches; fine-tune it into DETR first')
     model = build_model(model_config)
-    print(f'restored step {step} of {_WORKDIR.value}')
+    print(f'restored step {step} of {_WORKDIR.value} ({_WHICH.value})')
   else:
     if _CONFIG.value is None:
       raise app.UsageError('--checkpoint needs --config (the model it was trained with)')
@@ -139,6 +141,9 @@ if __name__ == '__main__':
                                     'Orbax variables checkpoint directory or PyTorch .pth')
   _WORKDIR = flags.DEFINE_string('workdir', None,
                                  'training workdir (latest checkpoint, its config.json)')
+  _WHICH = flags.DEFINE_enum('which', 'auto', ['auto', 'best', 'latest'],
+                             'with --workdir: the best-evaluated checkpoint (workdir/best), '
+                             'the latest, or auto (best when there is one)')
   _OUTPUT = flags.DEFINE_string('output', None, 'output directory')
   _THRESHOLD = flags.DEFINE_float('threshold', 0.7, 'score threshold for the pictures')
   _CLASS_NAMES = flags.DEFINE_enum('class_names', 'coco', ['coco', 'voc', 'none'],

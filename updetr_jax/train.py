@@ -1,7 +1,9 @@
-"""UP-DETR pre-training: one linear ``run(config, workdir)``.
+"""Training: UP-DETR pre-training and DETR fine-tuning, one linear ``run(config, workdir)``.
 
-Sections: mesh, input pipeline, model & optimizer, checkpoint restore, update step,
-train loop, final evaluation. Data parallel: ``jax.jit`` over a ``('data',)`` mesh
+``config.task`` picks the task: 'pretrain' (``PatchTask``: query patches, patch IoU)
+or 'detection' (``DetectionTask``: labelled boxes, COCO AP / VOC07 AP50). Sections of
+``run``: mesh, checkpoints, model & optimizer (+ restore), input pipeline, update step,
+train loop (periodic eval, best checkpoint), final evaluation. Data parallel: ``jax.jit`` over a ``('data',)`` mesh
 with ``NamedSharding`` (batch split, state replicated); works unchanged on one CPU,
 8 fake devices, a GPU box or a multi-host TPU slice.
 """
@@ -21,7 +23,7 @@ from clu import metric_writers
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from updetr_jax import checkpoints, evaluate, losses, matching, optim, visualize
-from updetr_jax.data import make_pretrain_dataset
+from updetr_jax.data import make_detection_dataset, make_pretrain_dataset
 from updetr_jax.models import build_model
 from updetr_jax.torch_import import import_torch_checkpoint, init_variables
 
@@ -47,28 +49,40 @@ def total_steps(config) -> tuple[int, int]:
 
 
 def criterion(config):
-  """The UP-DETR loss as configured: (outputs, targets) -> (loss, terms)."""
+  """The DETR / UP-DETR loss as configured: (outputs, targets) -> (loss, terms)."""
   return functools.partial(
       losses.set_criterion, num_classes=config.model.num_classes,
       eos_coef=config.loss.eos_coef, weight_ce=config.loss.weight_ce,
       weight_bbox=config.loss.weight_bbox, weight_giou=config.loss.weight_giou,
-      weight_feature=config.loss.weight_feature,
+      weight_feature=config.loss.get('weight_feature', 0.0),
       feature_recon=bool(config.model.get('feature_recon', False)),
       solver=config.matcher.solver, num_replicas=config.loss_replicas)
 
 
-def init_train_state(config, model, rng, steps_per_epoch: int):
+def init_train_state(config, model, rng, steps_per_epoch: int, load_init: bool = True):
   """Initial weights (with the configured imports) and optimizer state.
 
+  ``config.init``: ``backbone_checkpoint`` (torchvision-layout ResNet .pth),
+  ``pretrained`` (fine-tuning: every weight but the task heads of an UP-DETR
+  pre-training workdir, .pth or Orbax variables; ``checkpoints.load_pretrained``),
+  ``checkpoint`` (Orbax variables of this very model). load_init=False skips them
+  (a resumed run restores its own checkpoint instead).
   Returns (variables, state, constants, tx, schedules): state = {'step', 'params'
   (trainable), 'opt_state'}, constants = {'frozen' params, 'batch_stats'}.
   """
   variables = init_variables(model, rng)
-  if config.init.backbone_checkpoint:
-    variables = import_torch_checkpoint(config.init.backbone_checkpoint, config.model,
+  init = config.init if load_init else {}
+  if init.get('backbone_checkpoint'):
+    variables = import_torch_checkpoint(init.backbone_checkpoint, config.model,
                                         variables=variables)
-  if config.init.checkpoint:
-    variables = checkpoints.load_variables(config.init.checkpoint, variables)
+  if init.get('pretrained'):
+    pretrained, source_config = checkpoints.load_pretrained(init.pretrained, config.model)
+    variables = checkpoints.init_from_pretrained(variables, dict(config.model), pretrained,
+                                                 source_config)
+    logging.warning('initialised from %s (all weights but %s)', init.pretrained,
+                    ', '.join(checkpoints.PRETRAIN_ONLY_HEADS))
+  if init.get('checkpoint'):
+    variables = checkpoints.load_variables(init.checkpoint, variables)
   trainable, frozen = optim.partition_params(variables['params'], config.optim.frozen)
   tx, schedules = optim.make_optimizer(config.optim, trainable, steps_per_epoch)
   state = {'step': jnp.zeros((), jnp.int32), 'params': trainable,
@@ -80,6 +94,8 @@ def init_train_state(config, model, rng, steps_per_epoch: int):
 def make_train_step(model, tx, loss_fn):
   """Pure update: (state, constants, batch, rng) -> (state, metrics).
 
+  batch: images [B, H, W, 3], padding_mask [B, H, W], targets, and patches
+  [B, M, P, P, 3] for UP-DETR (absent for DETR).
   state = {'step', 'params' (trainable), 'opt_state'}; constants = {'frozen',
   'batch_stats'} get no gradient. A non-finite loss or gradient leaves the state
   unchanged and reports ``finite = False``.
@@ -90,7 +106,7 @@ def make_train_step(model, tx, loss_fn):
 
     def loss_of(params):
       out = model.apply(full_variables(dict(state, params=params), constants),
-                        batch['images'], batch['padding_mask'], batch['patches'],
+                        batch['images'], batch['padding_mask'], batch.get('patches'),
                         train=True, rngs={'dropout': rng})
       return loss_fn(out, batch['targets'])
 
@@ -192,8 +208,225 @@ class Progress:
     self.t0, self.s0 = now, step
 
 
+
+MODEL_INPUTS = ('images', 'padding_mask', 'patches', 'targets')
+
+
+def model_inputs(batch: dict) -> dict:
+  """The entries of a host batch the train step reads (ids, sizes and flags stay home)."""
+  return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def _process_gather(x: np.ndarray) -> np.ndarray:
+  """Host-local rows -> the global batch's rows (in process order) on every process."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
+
+
+class PatchTask:
+  """Pre-training: random query patch detection, evaluated by held-out patch IoU."""
+
+  def __init__(self, config, data_sharding):
+    self.config, self.sharding = config, data_sharding
+    if config.model.get('num_patches', 0) <= 0:
+      raise ValueError('config.task=pretrain needs config.model.num_patches > 0')
+    self.eval_step = None
+    self.before = None
+
+  def examples_per_epoch(self) -> int:
+    return self.config.examples_per_epoch
+
+  def train_data(self, start: int):
+    c = self.config
+    it, stats = make_pretrain_dataset(
+        c.data, global_batch_size=c.batch_size, num_patches=c.model.num_patches, train=True,
+        seed=c.seed, start_step=start, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    return it, stats
+
+  def _eval_batches(self):
+    """Held-out query patches: eval transforms, a different patch seed, fixed order."""
+    c = self.config
+    it, _ = make_pretrain_dataset(
+        c.data, global_batch_size=c.batch_size, num_patches=c.model.num_patches,
+        train=False, seed=c.seed + 1, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    for i, b in enumerate(it):
+      if i >= c.eval.num_batches:
+        break
+      yield b
+
+  def evaluate(self, model, variables, step: int, workdir: str) -> dict:
+    """{'patch_iou_matched', 'patch_iou_group_top'} on the held-out batches."""
+    if self.eval_step is None:
+      self.eval_step = make_eval_step(model, self.config.model.num_patches)
+    iou, self._first = evaluate_patches(self.eval_step, variables, self._eval_batches(),
+                                        self.sharding)
+    if self.before is None:
+      self.before = iou
+    logging.warning('step %d: held-out query patches: mean IoU %s', step, _fmt(iou))
+    return {f'patch_iou_{k}': v for k, v in iou.items()}
+
+  def finish(self, metrics: dict, step: int, workdir: str) -> dict:
+    """Summary entries (and the patch PNG) after the final evaluation."""
+    before = self.before
+    out = {'mean_iou_before': round(before['matched'], 4),
+           'mean_iou_after': round(metrics['patch_iou_matched'], 4),
+           'group_top_iou_before': round(before['group_top'], 4),
+           'group_top_iou_after': round(metrics['patch_iou_group_top'], 4)}
+    if jax.process_index() == 0:
+      batch, out_, iou = self._first
+      idx = np.asarray(matching.hungarian_match(out_, batch['targets']))
+      boxes = np.take_along_axis(out_['pred_boxes'], np.maximum(idx, 0)[..., None], axis=1)
+      png = os.path.join(workdir, 'patch_detection.png')
+      visualize.plot_patch_detection(
+          png, batch['images'][0], batch['padding_mask'][0], batch['patches'][0],
+          batch['targets']['boxes'][0], boxes[0], iou['matched'][0],
+          title=f'held-out query patches after {step} steps: matched predictions\n'
+                f'(mean IoU {before["matched"]:.2f} -> {metrics["patch_iou_matched"]:.2f})')
+      out['png'] = png
+    return out
+
+
+class DetectionTask:
+  """Fine-tuning DETR on labelled boxes (COCO json, TFDS COCO / VOC), evaluated with
+  pycocotools (and VOC07 AP50 when ``eval.voc07``) on the evaluation split."""
+
+  def __init__(self, config, data_sharding):
+    self.config, self.sharding = config, data_sharding
+    if config.model.get('num_patches', 0):
+      raise ValueError(f'config.task=detection trains DETR: set config.model.num_patches=0 '
+                       f'(got {config.model.num_patches})')
+    # Plans the data once: errors surface before the model is built; num_classes.
+    _, _, self.info = self._dataset(train=True, start=0)
+    n = self.info.num_classes
+    if config.model.num_classes < 0:
+      config.model.num_classes = n
+    elif config.model.num_classes < n:
+      raise ValueError(f'config.model.num_classes={config.model.num_classes} but the labels '
+                       f'of {self.info.source} go up to {n - 1}')
+    self.detect = None
+    self.gt = None
+
+  def _dataset(self, *, train: bool, start: int = 0):
+    c = self.config
+    return make_detection_dataset(
+        c.data, global_batch_size=c.batch_size if train else c.eval.batch_size, train=train,
+        seed=c.seed, start_step=start, process_index=jax.process_index(),
+        process_count=jax.process_count())
+
+  def examples_per_epoch(self) -> int:
+    return self.config.examples_per_epoch if self.config.examples_per_epoch > 0 else \
+        self.info.num_examples
+
+  def train_data(self, start: int):
+    it, stats, _ = self._dataset(train=True, start=start)
+    return it, stats
+
+  def evaluate(self, model, variables, step: int, workdir: str) -> dict:
+    """COCO metrics (AP, AP50, AP75, APs, APm, APl; VOC07 AP50 as 'AP50_voc07') on the
+    evaluation split; writes ``workdir/eval/detections.json`` (COCO results format)."""
+    c = self.config
+    if c.eval.batch_size % jax.device_count():
+      raise ValueError(f'config.eval.batch_size={c.eval.batch_size} must be divisible by '
+                       f'the {jax.device_count()} devices')
+    if self.detect is None:
+      self.detect = evaluate.make_detect_fn(
+          model, out_shardings=NamedSharding(self.sharding.mesh, P()))
+      self.gt = evaluate.evaluation_ground_truth(c.data)
+    it, _, info = self._dataset(train=False)
+    evaluator = evaluate.CocoEvaluator(info.label_to_category_id)
+    self._shown = []
+    for batch in it:
+      g = to_global({k: batch[k] for k in ('images', 'padding_mask', 'orig_size')},
+                    self.sharding)
+      scores, labels, boxes = jax.device_get(
+          self.detect(variables, g['images'], g['padding_mask'], g['orig_size']))
+      ids, valid = _process_gather(batch['image_id']), _process_gather(batch['valid'])
+      evaluator.update(ids, scores, labels, boxes, valid)
+      self._keep_for_pictures(batch, scores, labels, boxes)
+    metrics = evaluator.summarize(self.gt)
+    if c.eval.get('voc07', False):
+      metrics['AP50_voc07'] = evaluate.voc07_from_coco(self.gt, evaluator.results(),
+                                                       evaluator.image_ids)['mAP']
+    if jax.process_index() == 0:
+      os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
+      evaluator.write_json(os.path.join(workdir, 'eval', 'detections.json'))
+    logging.warning('step %d: %s on %d images: %s', step, info.source,
+                    len(evaluator.image_ids),
+                    ', '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
+    return metrics
+
+  def _keep_for_pictures(self, batch, scores, labels, boxes):
+    """The first ``eval.num_pictures`` valid images of process 0 and their detections."""
+    lo = jax.process_index() * len(batch['valid'])  # host rows in the global batch
+    for r in range(len(batch['valid'])):
+      if len(self._shown) < self.config.eval.get('num_pictures', 4) and batch['valid'][r]:
+        self._shown.append((batch['images'][r], batch['padding_mask'][r],
+                            batch['orig_size'][r], batch['image_id'][r], scores[lo + r],
+                            labels[lo + r], boxes[lo + r]))
+
+  def finish(self, metrics: dict, step: int, workdir: str) -> dict:
+    """Summary entries and PNGs of the last evaluation's first images."""
+    out = {'eval': dict(metrics)}
+    if jax.process_index() > 0:
+      return out
+    threshold = self.config.eval.get('picture_threshold', 0.5)
+    pngs = []
+    for image, pad, orig, iid, scores, labels, boxes in self._shown:
+      h, w = int((~pad).any(1).sum()), int((~pad).any(0).sum())
+      scale = np.array([w / orig[1], h / orig[0]] * 2, np.float32)
+      keep = scores >= threshold
+      png = os.path.join(workdir, f'detections_{int(iid)}.png')
+      visualize.plot_detections(png, visualize.denormalize(image[:h, :w]),
+                                boxes[keep] * scale, labels[keep], scores[keep],
+                                self.info.class_names)
+      pngs.append(png)
+    out['pngs'] = pngs
+    return out
+
+
+TASKS = {'pretrain': PatchTask, 'detection': DetectionTask}
+
+
+class BestCheckpoint:
+  """Keeps the checkpoint with the best ``eval.best_metric`` in ``workdir/best``
+  (one step; ``best.json`` holds its step and metrics). Survives restarts."""
+
+  def __init__(self, workdir: str, metric: str):
+    self.metric = metric
+    self.manager = checkpoints.train_manager(
+        os.path.join(workdir, checkpoints.BEST_DIR), save_every_steps=1, keep=1)
+    self.json = os.path.join(workdir, checkpoints.BEST_DIR, 'best.json')
+    self.record = None
+    if os.path.exists(self.json):
+      with open(self.json) as f:
+        record = json.load(f)
+      if record.get('step') in self.manager.all_steps():
+        self.record = record
+
+  def update(self, step: int, metrics: dict, ckpt) -> bool:
+    if self.metric not in metrics:
+      raise ValueError(f'config.eval.best_metric={self.metric!r} is not among the evaluation '
+                       f'metrics {sorted(metrics)}')
+    value = metrics[self.metric]
+    if self.record is not None and not value > self.record['value']:
+      return False
+    self.manager.save(step, args=checkpoints.ocp.args.StandardSave(ckpt), force=True)
+    self.record = {'step': step, 'metric': self.metric, 'value': value, 'metrics': metrics}
+    if jax.process_index() == 0:
+      with open(self.json, 'w') as f:
+        json.dump(self.record, f, indent=2)
+    logging.warning('step %d: new best %s %.4f -> %s', step, self.metric, value,
+                    self.manager.directory)
+    return True
+
+
 def run(config, workdir: str) -> dict:
-  """Pre-trains as configured; resumes from ``workdir/checkpoints`` when present.
+  """Trains as configured (``config.task``: 'pretrain' or 'detection'); resumes from
+  ``workdir/checkpoints`` when present.
 
   Returns a summary dict (also written to ``workdir/summary.json``).
   """
@@ -208,87 +441,84 @@ def run(config, workdir: str) -> dict:
   if config.batch_size % config.loss_replicas:
     raise ValueError(f'config.batch_size={config.batch_size} must be divisible by '
                      f'config.loss_replicas={config.loss_replicas}')
+  task_name = config.get('task', 'pretrain')
+  if task_name not in TASKS:
+    raise ValueError(f'config.task={task_name!r}: choose one of {sorted(TASKS)}')
+  task = TASKS[task_name](config, data_sharding)  # may resolve config fields
+  config.examples_per_epoch = task.examples_per_epoch()
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
   num_steps, steps_per_epoch = total_steps(config)
-  num_patches = config.model.num_patches
+  evaluating = config.eval.get('enabled', config.eval.get('num_batches', 0) > 0)
+
+  # ------------------------------------------------------ Checkpoints
+  manager = checkpoints.train_manager(
+      os.path.join(workdir, checkpoints.LAST_DIR),
+      save_every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints)
+  best = (BestCheckpoint(workdir, config.eval.best_metric)
+          if evaluating and config.eval.get('best_metric') else None)
 
   # ------------------------------------------------------ Model & optimizer
   model = build_model(config.model)
   init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  resuming = manager.latest_step() is not None
   variables, state, constants, tx, schedules = init_train_state(
-      config, model, init_rng, steps_per_epoch)
+      config, model, init_rng, steps_per_epoch, load_init=not resuming)
   logging.warning('model: %s params trainable, %s frozen; %d steps (%d per epoch)',
                   f'{optim.count_params(state["params"]):,}',
                   f'{optim.count_params(constants["frozen"]):,}', num_steps, steps_per_epoch)
   state, constants = jax.device_put((state, constants), repl)
-
-  # ------------------------------------------------------ Checkpoint restore
-  manager = checkpoints.train_manager(
-      os.path.join(workdir, 'checkpoints'), save_every_steps=config.checkpoint_every_steps,
-      keep=config.keep_checkpoints)
-  ckpt = {'state': state, 'constants': constants}
-  restored, start = checkpoints.restore_latest(manager, ckpt)
+  restored, start = checkpoints.restore_latest(manager, {'state': state, 'constants': constants})
   if restored is not None:
     state, constants = restored['state'], restored['constants']
     logging.warning('resumed from %s at step %d', manager.directory, start)
   start = int(start or 0)
 
   # ------------------------------------------------------ Input pipeline
-  train_iter, data_stats = make_pretrain_dataset(
-      config.data, global_batch_size=config.batch_size, num_patches=num_patches, train=True,
-      seed=config.seed, start_step=start, process_index=jax.process_index(),
-      process_count=jax.process_count())
-
-  def eval_batches():
-    """Held-out query patches: eval transforms, a different patch seed, fixed order."""
-    it, _ = make_pretrain_dataset(
-        config.data, global_batch_size=config.batch_size, num_patches=num_patches,
-        train=False, seed=config.seed + 1, process_index=jax.process_index(),
-        process_count=jax.process_count())
-    for i, b in enumerate(it):
-      if i >= config.eval.num_batches:
-        break
-      yield b
-
-  eval_step = make_eval_step(model, num_patches)
-  if config.eval.num_batches > 0:  # the initial model, before any (resumed) training
-    iou_before, _ = evaluate_patches(eval_step, variables, eval_batches(), data_sharding)
-    logging.warning('held-out query patches before training: mean IoU %s', _fmt(iou_before))
+  train_iter, data_stats = task.train_data(start)
+  if evaluating and task_name == 'pretrain':  # the initial model (before any resumed
+    task.evaluate(model, variables, 0, workdir)  # training), for the before/after
   del variables  # its buffers may be donated to the train step
 
   # ------------------------------------------------------ Update step
   train_step = jax.jit(make_train_step(model, tx, criterion(config)), donate_argnums=(0,),
                        out_shardings=(repl, repl))
 
+  def run_eval(step):
+    metrics = task.evaluate(model, full_variables(state, constants), step, workdir)
+    writer.write_scalars(step, {f'eval/{k}': v for k, v in metrics.items()})
+    if best is not None:
+      best.update(step, metrics, {'state': state, 'constants': constants})
+    return metrics
+
   # ------------------------------------------------------ Train loop
   progress = Progress(writer, num_steps, start, config.log_every_steps,
                       os.path.join(workdir, 'metrics.jsonl'))
   pending = None  # metrics of the previous step, checked one step late (keeps async dispatch)
   t_start = time.time()
+  metrics = None
   for step in range(start + 1, num_steps + 1):
-    batch = to_global(next(train_iter), data_sharding)
-    state, metrics = train_step(state, constants, batch, step_rng)
+    batch = to_global(model_inputs(next(train_iter)), data_sharding)
+    state, step_metrics = train_step(state, constants, batch, step_rng)
     if pending is not None:
       check_finite(jax.device_get(pending[1]), pending[0])
-    pending = (step, metrics)
-    if manager.should_save(step) or step == num_steps or step % config.log_every_steps == 0:
-      host = jax.device_get(metrics)
+    pending = (step, step_metrics)
+    eval_now = evaluating and config.eval.every_steps > 0 and step % config.eval.every_steps == 0
+    if (manager.should_save(step) or step == num_steps or eval_now
+        or step % config.log_every_steps == 0):
+      host = jax.device_get(step_metrics)
       check_finite(host, step)
       pending = None
       scalars = {k: float(v) for k, v in host.items() if k != 'finite'}
       scalars['lr'] = float(schedules['lr'](step - 1))
       progress(step, scalars)
-      if config.eval.every_steps > 0 and step % config.eval.every_steps == 0:
-        iou, _ = evaluate_patches(eval_step, full_variables(state, constants), eval_batches(),
-                                  data_sharding)
-        writer.write_scalars(step, {f'eval/patch_iou_{k}': v for k, v in iou.items()})
-        logging.warning('step %d: held-out query patches: mean IoU %s', step, _fmt(iou))
       if manager.should_save(step) or step == num_steps:
         manager.save(step, args=checkpoints.ocp.args.StandardSave(
             {'state': state, 'constants': constants}), force=step == num_steps)
+      if eval_now and step != num_steps:
+        run_eval(step)
   manager.wait_until_finished()
   train_time = time.time() - t_start
   stats = data_stats.as_dict()
@@ -296,26 +526,16 @@ def run(config, workdir: str) -> dict:
     logging.warning('input pipeline: %s', data_stats.report())
 
   # ------------------------------------------------------ Evaluation
-  summary = {'steps': num_steps, 'train_seconds': round(train_time, 1), 'data_stats': stats}
-  if config.eval.num_batches > 0:
-    iou_after, first = evaluate_patches(eval_step, full_variables(state, constants),
-                                        eval_batches(), data_sharding)
-    summary.update(mean_iou_before=round(iou_before['matched'], 4),
-                   mean_iou_after=round(iou_after['matched'], 4),
-                   group_top_iou_before=round(iou_before['group_top'], 4),
-                   group_top_iou_after=round(iou_after['group_top'], 4))
-    writer.write_scalars(num_steps, {f'eval/patch_iou_{k}': v for k, v in iou_after.items()})
-    if jax.process_index() == 0:
-      batch, out, iou = first
-      idx = np.asarray(matching.hungarian_match(out, batch['targets']))
-      boxes = np.take_along_axis(out['pred_boxes'], np.maximum(idx, 0)[..., None], axis=1)
-      png = os.path.join(workdir, 'patch_detection.png')
-      visualize.plot_patch_detection(
-          png, batch['images'][0], batch['padding_mask'][0], batch['patches'][0],
-          batch['targets']['boxes'][0], boxes[0], iou['matched'][0],
-          title=f'held-out query patches after {num_steps} steps: matched predictions\n'
-                f'(mean IoU {iou_before["matched"]:.2f} -> {iou_after["matched"]:.2f})')
-      summary['png'] = png
+  summary = {'task': task_name, 'steps': num_steps, 'train_seconds': round(train_time, 1),
+             'data_stats': stats}
+  if config.init.get('pretrained'):
+    summary['init'] = config.init.pretrained
+  if evaluating:
+    metrics = run_eval(num_steps)
+    summary.update(task.finish(metrics, num_steps, workdir))
+    if best is not None:
+      best.manager.wait_until_finished()
+      summary['best'] = {k: best.record[k] for k in ('step', 'metric', 'value')}
   if jax.process_index() == 0 and progress.history:
     visualize.plot_curves(os.path.join(workdir, 'loss_curves.png'), progress.history,
                           'training losses')
@@ -324,3 +544,31 @@ def run(config, workdir: str) -> dict:
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=2)
   return summary
+
+
+def run_with_baseline(config, workdir: str) -> dict:
+  """Fine-tunes twice with the same budget: from ``config.init.pretrained`` (into
+  ``workdir/from_pretrained``) and from scratch (``workdir/from_scratch``); prints and
+  writes ``workdir/comparison.json`` with both evaluations."""
+  if not config.init.get('pretrained'):
+    raise ValueError('config.compare_from_scratch needs config.init.pretrained')
+  results = {}
+  for name, pretrained in (('from_pretrained', config.init.pretrained),
+                           ('from_scratch', '')):
+    c = config.copy_and_resolve_references()
+    c.init.pretrained = pretrained
+    results[name] = run(c, os.path.join(workdir, name))
+  table = {name: dict(r.get('eval', {}), best=r.get('best', {}).get('value'))
+           for name, r in results.items()}
+  lines = ['final evaluation (%s):' % config.eval.get('best_metric', '')]
+  keys = list(next(iter(table.values())))
+  lines.append('  %-16s' % '' + ''.join('%10s' % k for k in keys))
+  for name, row in table.items():
+    lines.append('  %-16s' % name + ''.join(
+        '%10.4f' % row[k] if row[k] is not None else '%10s' % '-' for k in keys))
+  text = '\n'.join(lines)
+  print(text, flush=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'comparison.json'), 'w') as f:
+      json.dump(table, f, indent=2)
+  return {'comparison': table, 'text': text}
