@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo finetune-demo test bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,14 @@ install: $(STAMP)
 
 demo: install
 	$(PY) -m updetr_jax.main --config=configs/pretrain.py:demo --workdir=workdir/demo
+
+workdir/demo/summary.json:
+	$(MAKE) demo
+
+# Fine-tunes the demo model from workdir/demo (made by `make demo` when missing) and
+# from scratch; prints both evaluations.
+finetune-demo: install workdir/demo/summary.json
+	$(PY) -m updetr_jax.main --config=configs/finetune_coco.py:demo --workdir=workdir/finetune_demo
 
 test: install
 	$(PY) -m pytest -q tests

@@ -83,6 +83,7 @@ def finetune_config(variant: str, *, name: str, num_classes: int, examples_per_e
   config.checkpoint_every_steps = 2000
   config.keep_checkpoints = 3
   config.log_every_steps = 100
+  config.compilation_cache_dir = ''  # e.g. ~/.cache/updetr_jax/xla: reuse compiled steps
   return config
 
 
@@ -101,6 +102,7 @@ def demo_config() -> ml_collections.ConfigDict:
   config.optim.update(lr=2e-4, lr_drop_epochs=(), frozen=(r'^body/',))
   config.init.pretrained = 'workdir/demo'
   config.compare_from_scratch = True
+  config.compilation_cache_dir = 'workdir/.xla_cache'  # the 2nd run reuses the 1st's
   config.eval.update(every_steps=200, num_pictures=3, picture_threshold=0.3)
   config.checkpoint_every_steps = 200
   config.log_every_steps = 100

@@ -60,6 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
   config.log_every_steps = 50
+  config.compilation_cache_dir = ''  # e.g. ~/.cache/updetr_jax/xla: reuse compiled steps
   # Held-out query patches: num_batches batches every every_steps (0: at the end only);
   # best_metric: keep workdir/best ('' = no) by e.g. 'patch_iou_matched'.
   config.eval = ml_collections.ConfigDict(dict(num_batches=0, every_steps=0, best_metric=''))

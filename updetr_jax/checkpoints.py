@@ -36,8 +36,13 @@ def train_manager(directory: str, *, save_every_steps: int, keep: int,
   a run killed mid-save leaves the previous checkpoint as the latest.
   """
   directory = os.path.abspath(directory) if '://' not in directory else directory
+  policies = ocp.checkpoint_managers
+  # Every K steps and at a JAX-detected preemption; not Orbax's default extra save of
+  # the first step (a forced save ends the run anyway).
+  policy = policies.AnySavePolicy([policies.FixedIntervalPolicy(save_every_steps),
+                                   policies.PreemptionCheckpointingPolicy()])
   options = ocp.CheckpointManagerOptions(
-      save_interval_steps=save_every_steps, max_to_keep=keep,
+      save_decision_policy=policy, max_to_keep=keep,
       enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
   return ocp.CheckpointManager(directory, options=options)
 

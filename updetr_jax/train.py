@@ -143,10 +143,13 @@ def check_finite(metrics, step: int) -> None:
         'or check the input data.')
 
 
-def make_eval_step(model, num_patches: int):
-  """Jitted (variables, batch) -> (patch IoU [B, M], outputs), eval mode."""
+def make_eval_step(model, num_patches: int, out_shardings=None):
+  """Jitted (variables, batch) -> (patch IoU [B, M], outputs), eval mode.
 
-  @jax.jit
+  out_shardings: e.g. a replicated ``NamedSharding`` so that every process of a
+  multi-host job can read the whole batch's results."""
+
+  @functools.partial(jax.jit, out_shardings=out_shardings)
   def eval_step(variables, batch):
     out = model.apply(variables, batch['images'], batch['padding_mask'], batch['patches'],
                       train=False)
@@ -158,20 +161,22 @@ def make_eval_step(model, num_patches: int):
 def evaluate_patches(eval_step, variables, batches, sharding):
   """Mean IoUs of the patch predictions over ``batches`` (see ``evaluate.patch_iou``).
 
-  Returns ({'matched': mean, 'group_top': mean}, (first host batch, its outputs,
-  its IoU dict)) for plotting.
+  ``eval_step``'s outputs must be readable by every process (replicated
+  ``out_shardings`` on a multi-host mesh). Returns ({'matched': mean, 'group_top':
+  mean}, (first host batch, its outputs, its IoU dict)) for plotting.
   """
   totals, count, first = {}, 0, None
   for batch in batches:
-    g = to_global(batch, sharding)
-    ious, out = eval_step(variables, g)
-    mask = np.asarray(g['targets']['mask'])
+    ious, out = jax.device_get(eval_step(variables, to_global(batch, sharding)))
+    mask = _process_gather(batch['targets']['mask'])  # the global batch's rows
     for k, v in ious.items():
       totals[k] = totals.get(k, 0.0) + float(np.asarray(v)[mask].sum())
     count += int(mask.sum())
-    if first is None:
-      first = (batch, jax.tree_util.tree_map(np.asarray, out),
-               jax.tree_util.tree_map(np.asarray, ious))
+    if first is None:  # this host's rows of the global outputs
+      b = len(batch['targets']['mask'])
+      rows = slice(jax.process_index() * b, (jax.process_index() + 1) * b)
+      first = (batch, jax.tree_util.tree_map(lambda x: np.asarray(x)[rows], out),
+               jax.tree_util.tree_map(lambda x: np.asarray(x)[rows], ious))
   return {k: v / max(count, 1) for k, v in totals.items()}, first
 
 
@@ -261,7 +266,8 @@ class PatchTask:
   def evaluate(self, model, variables, step: int, workdir: str) -> dict:
     """{'patch_iou_matched', 'patch_iou_group_top'} on the held-out batches."""
     if self.eval_step is None:
-      self.eval_step = make_eval_step(model, self.config.model.num_patches)
+      self.eval_step = make_eval_step(model, self.config.model.num_patches,
+                                      out_shardings=NamedSharding(self.sharding.mesh, P()))
     iou, self._first = evaluate_patches(self.eval_step, variables, self._eval_batches(),
                                         self.sharding)
     if self.before is None:
@@ -432,6 +438,9 @@ def run(config, workdir: str) -> dict:
   """
   # ---------------------------------------------------------------- Set up mesh
   os.makedirs(workdir, exist_ok=True)
+  if config.get('compilation_cache_dir'):  # compiled steps persist across runs
+    jax.config.update('jax_compilation_cache_dir',
+                      os.path.abspath(os.path.expanduser(config.compilation_cache_dir)))
   mesh = make_mesh()
   repl = NamedSharding(mesh, P())
   data_sharding = NamedSharding(mesh, P('data'))
@@ -521,6 +530,7 @@ def run(config, workdir: str) -> dict:
         run_eval(step)
   manager.wait_until_finished()
   train_time = time.time() - t_start
+  train_iter.close()
   stats = data_stats.as_dict()
   if any(stats.values()):
     logging.warning('input pipeline: %s', data_stats.report())
@@ -528,6 +538,8 @@ def run(config, workdir: str) -> dict:
   # ------------------------------------------------------ Evaluation
   summary = {'task': task_name, 'steps': num_steps, 'train_seconds': round(train_time, 1),
              'data_stats': stats}
+  if 'loss' in progress.history:  # mean of the last (up to) 5 logged losses
+    summary['final_train_loss'] = round(float(np.mean(progress.history['loss'][1][-5:])), 4)
   if config.init.get('pretrained'):
     summary['init'] = config.init.pretrained
   if evaluating:
@@ -558,9 +570,11 @@ def run_with_baseline(config, workdir: str) -> dict:
     c = config.copy_and_resolve_references()
     c.init.pretrained = pretrained
     results[name] = run(c, os.path.join(workdir, name))
-  table = {name: dict(r.get('eval', {}), best=r.get('best', {}).get('value'))
+  table = {name: dict(r.get('eval', {}), best=r.get('best', {}).get('value'),
+                      train_loss=r.get('final_train_loss'))
            for name, r in results.items()}
-  lines = ['final evaluation (%s):' % config.eval.get('best_metric', '')]
+  lines = [f'final evaluation; best = the best {config.eval.get("best_metric", "")} of the '
+           'periodic evaluations; train_loss = mean of the last logged training losses:']
   keys = list(next(iter(table.values())))
   lines.append('  %-16s' % '' + ''.join('%10s' % k for k in keys))
   for name, row in table.items():

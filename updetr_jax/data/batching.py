@@ -479,6 +479,7 @@ class BatchIterator:
     self._counted_epochs: set[int] = set()
     self._epoch_batches: dict[int, int] = {}  # batches per planned epoch
     self._lock = threading.RLock()
+    self._stop = threading.Event()  # set by close(): the row generator returns
     self._shapes = np.asarray(shapes, np.int32)
     self._row_fn = None
     self._it = None
@@ -499,8 +500,23 @@ class BatchIterator:
     raise NotImplementedError
 
   def close(self):
-    """Release the tf.data iterator (a later ``next`` rebuilds it at ``step``)."""
-    self._it = None
+    """Release the tf.data iterator (a later ``next`` rebuilds it at ``step``).
+
+    The pipeline is first run dry (the generator stops at its next row; the few
+    batches in flight are decoded and dropped): deleting a tf.data iterator while its
+    parallel map threads wait in ``numpy_function`` for the GIL can deadlock.
+    """
+    it, self._it = self._it, None
+    if it is None:
+      return
+    self._stop.set()
+    try:
+      for _ in it:
+        pass
+    except Exception:  # noqa: BLE001  (a broken pipeline is dropped as it is)
+      pass
+    finally:
+      self._stop.clear()
 
   # planning --------------------------------------------------------------------------
   def plan(self, epoch: int) -> EpochPlan:
@@ -570,6 +586,8 @@ class BatchIterator:
       if first:
         self.stats.add_epoch(self.source.index.status)
       for jj in range(j, len(plan)):
+        if self._stop.is_set():
+          return
         yield self.host_rows(epoch, jj)
       if not self.train:
         return
@@ -629,7 +647,7 @@ class BatchIterator:
         if not bad:
           raise
         self.bad_images.update(bad)
-        self._it = None  # rebuild at the same step with the bad rows replaced
+        self.close()  # rebuild at the same step with the bad rows replaced
     else:
       raise RuntimeError('data: could not recover from load errors')
     self.step += 1
