@@ -132,14 +132,23 @@ def _env():
   return env
 
 
-def test_sigkill_and_rerun_gives_the_uninterrupted_losses(tmp_path):
-  steps = 24
-  ref_dir, run_dir = tmp_path / 'ref', tmp_path / 'run'
-  subprocess.run(_main_cmd(ref_dir, steps), cwd=ROOT, env=_env(), check=True,
+STEPS = 24
+
+
+@pytest.fixture(scope='module')
+def reference_losses(tmp_path_factory):
+  """Losses of an uninterrupted run of STEPS steps."""
+  ref_dir = tmp_path_factory.mktemp('ref')
+  subprocess.run(_main_cmd(ref_dir, STEPS), cwd=ROOT, env=_env(), check=True,
                  capture_output=True, timeout=600)
   ref = _losses(ref_dir)
-  assert sorted(ref) == list(range(1, steps + 1))
+  assert sorted(ref) == list(range(1, STEPS + 1))
+  return ref
 
+
+def test_sigkill_and_rerun_gives_the_uninterrupted_losses(tmp_path, reference_losses):
+  steps, ref = STEPS, reference_losses
+  run_dir = tmp_path / 'run'
   proc = subprocess.Popen(_main_cmd(run_dir, steps), cwd=ROOT, env=_env(),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   ckpt = run_dir / 'checkpoints' / '4'
@@ -157,6 +166,37 @@ def test_sigkill_and_rerun_gives_the_uninterrupted_losses(tmp_path):
   assert sorted(resumed) == list(range(1, steps + 1))
   for s in range(1, steps + 1):
     np.testing.assert_allclose(resumed[s], ref[s], rtol=1e-6, err_msg=f'step {s}')
+
+
+def test_sigterm_checkpoints_the_current_step_exits_0_and_resumes(tmp_path,
+                                                                  reference_losses):
+  """A preemption notice saves the step being trained (not the last periodic one)."""
+  run_dir = tmp_path / 'run'
+  cmd = _main_cmd(run_dir, STEPS, ['--config.checkpoint_every_steps=100'])
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 600
+  metrics = run_dir / 'metrics.jsonl'
+  while proc.poll() is None and time.time() < deadline and not (
+      metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err[-3000:]
+  stopped_at = max(_losses(run_dir))
+  assert 3 <= stopped_at < STEPS, 'the run finished before the signal; nothing was tested'
+  saved = sorted(int(d) for d in os.listdir(run_dir / 'checkpoints') if d.isdigit())
+  assert saved == [stopped_at], saved  # the current step, with periodic saves every 100
+  assert f'saved step {stopped_at}' in err
+
+  rerun = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=600)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert f'at step {stopped_at}' in rerun.stderr
+  resumed = _losses(run_dir)
+  assert sorted(resumed) == list(range(1, STEPS + 1))
+  for s in range(1, STEPS + 1):
+    np.testing.assert_allclose(resumed[s], reference_losses[s], rtol=1e-6, err_msg=f'step {s}')
 
 
 _DEVICES_SCRIPT = textwrap.dedent('''

@@ -13,6 +13,8 @@ import functools
 import json
 import logging
 import os
+import signal
+import threading
 import time
 
 import jax
@@ -22,7 +24,7 @@ import optax
 from clu import metric_writers
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from updetr_jax import checkpoints, evaluate, losses, matching, optim, visualize
+from updetr_jax import checkpoints, evaluate, losses, matching, mfu, optim, visualize
 from updetr_jax.data import make_detection_dataset, make_pretrain_dataset
 from updetr_jax.models import build_model
 from updetr_jax.torch_import import import_torch_checkpoint, init_variables
@@ -180,13 +182,31 @@ def evaluate_patches(eval_step, variables, batches, sharding):
   return {k: v / max(count, 1) for k, v in totals.items()}, first
 
 
+def step_cost(train_step, args, dtype: str) -> dict:
+  """FLOPs of one train step (XLA's cost analysis of the lowered step, all devices)
+  and the peak FLOP/s of the job's devices (None when the device is not in
+  ``mfu.PEAK_FLOPS``). float32 on GPUs is compared with the TF32 peak, the precision
+  JAX's default float32 matmuls use there."""
+  flops = mfu.step_flops(train_step.lower(*args))
+  kind = jax.devices()[0].device_kind
+  peak_dtype = 'tf32' if (dtype == 'float32' and jax.default_backend() == 'gpu') else dtype
+  peak = mfu.device_peak_flops(kind, peak_dtype)
+  total_peak = peak * jax.device_count() if peak else None
+  logging.warning('train step: %s GFLOP (XLA cost analysis, first batch shape); %d x %s, '
+                  'peak %s', f'{flops / 1e9:,.1f}' if flops else '?', jax.device_count(),
+                  kind, f'{total_peak / 1e12:,.0f} TFLOP/s ({peak_dtype})' if total_peak
+                  else 'unknown (no MFU)')
+  return {'flops_per_step': flops, 'peak_flops': total_peak}
+
+
 class Progress:
-  """Progress lines (steps/s, ETA) and TensorBoard scalars from process 0."""
+  """Progress lines (steps/s, ETA, MFU) and TensorBoard scalars from process 0."""
 
   def __init__(self, writer, total: int, start: int, every: int, jsonl_path: str):
     self.writer, self.total, self.every, self.jsonl_path = writer, total, every, jsonl_path
     self.t0, self.s0 = time.time(), start
     self.history: dict[str, tuple[list, list]] = {}
+    self.cost: dict = {}  # step_cost(): flops_per_step, peak_flops
 
   def __call__(self, step: int, scalars: dict) -> None:
     if step % self.every and step != self.total:
@@ -195,6 +215,11 @@ class Progress:
     rate = (step - self.s0) / max(now - self.t0, 1e-9)
     eta = (self.total - step) / max(rate, 1e-9)
     scalars = dict(scalars, steps_per_sec=rate)
+    flops, peak = self.cost.get('flops_per_step'), self.cost.get('peak_flops')
+    if flops:  # achieved over the whole interval: input, eval and logging included
+      scalars['achieved_tflops_per_sec'] = flops * rate / 1e12
+      if peak:
+        scalars['mfu'] = flops * rate / peak
     self.writer.write_scalars(step, scalars)
     if jax.process_index() == 0:
       with open(self.jsonl_path, 'a') as f:
@@ -207,8 +232,9 @@ class Progress:
     if jax.process_index() == 0:
       terms = ' '.join(f'{k[5:]} {scalars[k]:.3f}' for k in
                        ('loss_ce', 'loss_bbox', 'loss_giou', 'loss_feature') if k in scalars)
-      logging.warning('step %d/%d  loss %.4f (%s)  lr %.2e  %.2f steps/s  ETA %s', step,
-                      self.total, scalars['loss'], terms, scalars.get('lr', 0), rate,
+      util = f'  MFU {scalars["mfu"]:.1%}' if 'mfu' in scalars else ''
+      logging.warning('step %d/%d  loss %.4f (%s)  lr %.2e  %.2f steps/s%s  ETA %s', step,
+                      self.total, scalars['loss'], terms, scalars.get('lr', 0), rate, util,
                       time.strftime('%H:%M:%S', time.gmtime(eta)))
     self.t0, self.s0 = now, step
 
@@ -228,6 +254,39 @@ def _process_gather(x: np.ndarray) -> np.ndarray:
     return np.asarray(x)
   from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
+
+
+class PreemptionWatch:
+  """Did this job get a preemption notice (SIGTERM, what TPU VMs and spot GPUs send)?
+
+  One process: a SIGTERM handler (installed for the run, the previous one restored by
+  ``close``) sets a flag. Several processes: JAX's preemption sync point (the
+  coordination service turns a SIGTERM to any process into one agreed step), so
+  every host checkpoints the same step. ``reached(step)`` must be called by every
+  process at every step.
+  """
+
+  def __init__(self):
+    self.multi = jax.process_count() > 1
+    self.signalled = False
+    self._old = None
+    if not self.multi and threading.current_thread() is threading.main_thread():
+      self._old = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    self.signalled = True
+
+  def reached(self, step: int) -> bool:
+    if self.multi:
+      from jax.experimental import multihost_utils
+      return bool(multihost_utils.reached_preemption_sync_point(step))
+    return self.signalled
+
+  def close(self) -> None:
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+      self._old = None
 
 
 class PatchTask:
@@ -508,8 +567,13 @@ def run(config, workdir: str) -> dict:
   pending = None  # metrics of the previous step, checked one step late (keeps async dispatch)
   t_start = time.time()
   metrics = None
+  preemption = PreemptionWatch()
+  preempted_at = None
   for step in range(start + 1, num_steps + 1):
     batch = to_global(model_inputs(next(train_iter)), data_sharding)
+    if step == start + 1 and config.get('report_flops', True):
+      progress.cost = step_cost(train_step, (state, constants, batch, step_rng),
+                                config.model.get('dtype', 'float32'))
     state, step_metrics = train_step(state, constants, batch, step_rng)
     if pending is not None:
       check_finite(jax.device_get(pending[1]), pending[0])
@@ -528,9 +592,22 @@ def run(config, workdir: str) -> dict:
             {'state': state, 'constants': constants}), force=step == num_steps)
       if eval_now and step != num_steps:
         run_eval(step)
+    if preemption.reached(step) and step < num_steps:  # checkpoint this step, stop cleanly
+      check_finite(jax.device_get(step_metrics), step)
+      if not manager.should_save(step):
+        manager.save(step, args=checkpoints.ocp.args.StandardSave(
+            {'state': state, 'constants': constants}), force=True)
+      logging.warning('preemption notice (SIGTERM): saved step %d to %s; rerun the same '
+                      'command to resume', step, manager.directory)
+      preempted_at = step
+      break
   manager.wait_until_finished()
+  preemption.close()
   train_time = time.time() - t_start
   train_iter.close()
+  if preempted_at is not None:
+    writer.flush()
+    return {'task': task_name, 'steps': num_steps, 'preempted_at': preempted_at}
   stats = data_stats.as_dict()
   if any(stats.values()):
     logging.warning('input pipeline: %s', data_stats.report())
@@ -542,6 +619,7 @@ def run(config, workdir: str) -> dict:
     summary['final_train_loss'] = round(float(np.mean(progress.history['loss'][1][-5:])), 4)
   if config.init.get('pretrained'):
     summary['init'] = config.init.pretrained
+  summary.update({k: v for k, v in progress.cost.items() if v})
   if evaluating:
     metrics = run_eval(num_steps)
     summary.update(task.finish(metrics, num_steps, workdir))

@@ -1,7 +1,7 @@
 """Flax modules: ResNet backbone, position encodings, transformer, DETR, UP-DETR."""
 import jax.numpy as jnp
 
-from updetr_jax.models.detr import DETR
+from updetr_jax.models.detr import DETR, REMAT_CHOICES
 from updetr_jax.models.updetr import UPDETR, group_attention_mask
 
 _FIELDS = ('backbone', 'dilation', 'position_embedding', 'hidden_dim', 'nheads', 'enc_layers',
@@ -14,7 +14,9 @@ def build_model(model_config, dtype=None):
 
   Args: model_config: the ``.model`` ConfigDict (or any mapping) with the release's
     argument names. dtype: activation/matmul dtype (default: model_config.dtype or
-    float32); parameters are always float32.
+    float32); parameters are always float32. Optional fields: ``remat`` (one of
+    REMAT_CHOICES, default '': no rematerialisation), ``num_patches``,
+    ``patch_query_drop``.
   """
   cfg = dict(model_config)
   missing = [f for f in _FIELDS if f not in cfg]
@@ -23,6 +25,11 @@ def build_model(model_config, dtype=None):
   kwargs = {f: cfg[f] for f in _FIELDS}
   dtype = dtype or cfg.get('dtype', 'float32')
   kwargs['dtype'] = jnp.dtype(dtype)
+  if kwargs['dtype'] not in (jnp.float32, jnp.bfloat16):
+    raise ValueError(f"model.dtype={dtype!r}: expected 'float32' or 'bfloat16'")
+  kwargs['remat'] = cfg.get('remat') or ''
+  if kwargs['remat'] not in REMAT_CHOICES:
+    raise ValueError(f"model.remat={kwargs['remat']!r}: expected one of {REMAT_CHOICES}")
   if cfg.get('num_patches'):
     if kwargs['num_queries'] % cfg['num_patches']:
       raise ValueError(f"model.num_queries={kwargs['num_queries']} must be divisible by "

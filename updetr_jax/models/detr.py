@@ -10,6 +10,10 @@ from updetr_jax.models.position import build_position_encoding
 from updetr_jax.models.resnet import build_resnet, downsample_mask
 from updetr_jax.models.transformer import Transformer
 
+# model.remat: which blocks recompute their activations in the backward pass
+# (less memory, about one more forward of those blocks); parameter names unchanged.
+REMAT_CHOICES = ('', 'transformer', 'backbone', 'all')
+
 
 class DETR(nn.Module):
   """DETR (Carion et al. 2020). Fields use the release's argument names.
@@ -33,10 +37,14 @@ class DETR(nn.Module):
   pre_norm: bool = False
   num_classes: int = 91
   aux_loss: bool = True
-  dtype: jnp.dtype = jnp.float32
+  dtype: jnp.dtype = jnp.float32  # activation / matmul dtype; parameters stay float32
+  remat: str = ''  # '' | 'transformer' | 'backbone' | 'all' (see REMAT_CHOICES)
 
   def setup(self):
-    self.body = build_resnet(self.backbone, self.dilation, self.dtype)
+    if self.remat not in REMAT_CHOICES:
+      raise ValueError(f'model.remat={self.remat!r}: expected one of {REMAT_CHOICES}')
+    self.body = build_resnet(self.backbone, self.dilation, self.dtype,
+                             remat=self.remat in ('backbone', 'all'))
     self.position = build_position_encoding(self.position_embedding, self.hidden_dim)
     c5 = self.body.num_channels
     self.input_proj = nn.Conv(self.hidden_dim, (1, 1), kernel_init=TORCH_KERNEL_INIT,
@@ -46,7 +54,8 @@ class DETR(nn.Module):
     self.transformer = Transformer(
         d_model=self.hidden_dim, nheads=self.nheads, num_encoder_layers=self.enc_layers,
         num_decoder_layers=self.dec_layers, dim_feedforward=self.dim_feedforward,
-        dropout=self.dropout, pre_norm=self.pre_norm, dtype=self.dtype)
+        dropout=self.dropout, pre_norm=self.pre_norm, dtype=self.dtype,
+        remat=self.remat in ('transformer', 'all'))
     self.class_embed = linear(self.num_classes + 1, self.hidden_dim, name=None)
     self.bbox_embed = MLP(self.hidden_dim, 4, 3)
 

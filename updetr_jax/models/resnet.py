@@ -5,6 +5,10 @@ collection (never trained, never in the optimizer); convolution kernels are
 ``params``. Module names mirror torchvision's state-dict keys (``conv1``,
 ``bn1``, ``layer1_0`` for ``layer1.0``, ``downsample_0``/``downsample_1``) so the
 PyTorch importer is a mechanical rename.
+
+Mixed precision: ``dtype`` is the convolutions' compute dtype (the input is cast
+to it); kernels and the frozen statistics stay float32. ``remat`` recomputes each
+bottleneck block's activations in the backward pass (same parameter names).
 """
 from __future__ import annotations
 
@@ -85,12 +89,14 @@ class ResNet(nn.Module):
   """Returns the last stage (C5) feature map.
 
   Args (call): x [B, H, W, 3] float.
-  Returns: [B, ceil(H/32), ceil(W/32), 32 * width] (stride 16 with ``dilation``).
+  Returns: [B, ceil(H/32), ceil(W/32), 32 * width] in ``dtype`` (stride 16 with
+  ``dilation``).
   """
   blocks: Sequence[int]
   width: int = 64
   dilation: bool = False  # DC5: last stage stride 1, dilation 2.
   dtype: jnp.dtype = jnp.float32
+  remat: bool = False  # nn.remat around every Bottleneck
 
   @property
   def num_channels(self) -> int:
@@ -103,6 +109,7 @@ class ResNet(nn.Module):
                 kernel_init=_conv_init(), name='conv1', dtype=self.dtype)(x)
     x = nn.relu(FrozenBatchNorm(name='bn1')(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    block_cls = nn.remat(Bottleneck) if self.remat else Bottleneck
     in_ch = self.width
     cur_dilation = 1
     for stage, n in enumerate(self.blocks):
@@ -113,7 +120,7 @@ class ResNet(nn.Module):
         cur_dilation *= stride
         stride = 1
       for i in range(n):
-        x = Bottleneck(
+        x = block_cls(
             planes,
             stride=stride if i == 0 else 1,
             # torchvision: the first block keeps the previous dilation.
@@ -125,9 +132,10 @@ class ResNet(nn.Module):
     return x
 
 
-def build_resnet(name: str, dilation: bool = False, dtype=jnp.float32) -> ResNet:
+def build_resnet(name: str, dilation: bool = False, dtype=jnp.float32,
+                 remat: bool = False) -> ResNet:
   blocks, width = resnet_spec(name)
-  return ResNet(blocks=blocks, width=width, dilation=dilation, dtype=dtype)
+  return ResNet(blocks=blocks, width=width, dilation=dilation, dtype=dtype, remat=remat)
 
 
 def downsample_mask(mask, out_hw: tuple[int, int]):

@@ -3,6 +3,13 @@
 Positions enter queries and keys only, never values. Parameter names follow the
 release (``self_attn``, ``multihead_attn``, ``linear1``, ``norm1``, ...); the packed
 PyTorch ``in_proj_weight`` is split into ``q_proj``/``k_proj``/``v_proj``.
+
+Mixed precision: with ``dtype=bfloat16`` the projections, the FFN and the
+residual stream run in bfloat16; parameters stay float32. Attention logits and
+softmax are float32 (the q.k product accumulates into float32), LayerNorm
+statistics are float32 (flax promotes them), and the decoder's shared final norm
+emits float32 for the heads. ``remat=True`` recomputes each layer's activations
+in the backward pass (``nn.remat``) without changing the parameter names.
 """
 from __future__ import annotations
 
@@ -45,7 +52,8 @@ class MultiHeadAttention(nn.Module):
     q = proj(query, 'q_proj', _XAVIER_PACKED_QKV) * (dh ** -0.5)
     k = proj(key, 'k_proj', _XAVIER_PACKED_QKV)
     v = proj(value, 'v_proj', _XAVIER_PACKED_QKV)
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
+    # Accumulate (and keep) the logits in float32 even when q, k are bfloat16.
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = nn.softmax(logits, axis=-1)
@@ -79,7 +87,7 @@ class EncoderLayer(nn.Module):
     drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=not train)
     ffn = lambda x: feed_forward(x, self.d_model, self.dim_feedforward, self.dropout, train,
                                  self.dtype)
-    norm1, norm2 = layer_norm(name='norm1'), layer_norm(name='norm2')
+    norm1, norm2 = (layer_norm(name=f'norm{i}', dtype=self.dtype) for i in (1, 2))
     if self.pre_norm:
       s = norm1(src)
       src = src + drop(attn(s + pos, s + pos, s, mask, train))
@@ -110,7 +118,7 @@ class DecoderLayer(nn.Module):
     drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=not train)
     ffn = lambda x: feed_forward(x, self.d_model, self.dim_feedforward, self.dropout, train,
                                  self.dtype)
-    norm1, norm2, norm3 = (layer_norm(name=f'norm{i}') for i in (1, 2, 3))
+    norm1, norm2, norm3 = (layer_norm(name=f'norm{i}', dtype=self.dtype) for i in (1, 2, 3))
     key = memory + pos
     if self.pre_norm:
       t = norm1(tgt)
@@ -124,33 +132,42 @@ class DecoderLayer(nn.Module):
 
 
 class Encoder(nn.Module):
-  """Encoder layers (+ final norm when pre-norm). Call: src, pos [B, S, d], mask [B,1,1,S]."""
+  """Encoder layers (+ final norm when pre-norm).
+
+  Call: src, pos [B, S, d], mask [B, 1, 1, S]. Returns [B, S, d] (layer dtype).
+  """
   layer_kwargs: dict
   num_layers: int
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, pos, mask, train: bool = False):
+    # static_argnums counts self: (self, src, pos, mask, train) -> train is 4.
+    layer_cls = nn.remat(EncoderLayer, static_argnums=(4,)) if self.remat else EncoderLayer
     for i in range(self.num_layers):
-      x = EncoderLayer(**self.layer_kwargs, name=f'layers_{i}')(x, pos, mask, train)
+      x = layer_cls(**self.layer_kwargs, name=f'layers_{i}')(x, pos, mask, train)
     if self.layer_kwargs['pre_norm']:
-      x = layer_norm(name='norm')(x)
+      x = layer_norm(name='norm', dtype=self.layer_kwargs['dtype'])(x)
     return x
 
 
 class Decoder(nn.Module):
   """Decoder layers; every layer's output goes through the shared final ``norm``.
 
-  Returns [L, B, N, d].
+  Returns [L, B, N, d] float32 (the norm's output only feeds the float32 heads).
   """
   layer_kwargs: dict
   num_layers: int
+  remat: bool = False
 
   @nn.compact
   def __call__(self, tgt, memory, pos, query_pos, self_mask, memory_mask, train: bool = False):
-    norm = layer_norm(name='norm')
+    # (self, tgt, memory, pos, query_pos, self_mask, memory_mask, train): train is 7.
+    layer_cls = nn.remat(DecoderLayer, static_argnums=(7,)) if self.remat else DecoderLayer
+    norm = layer_norm(name='norm', dtype=jnp.float32)
     hs = []
     for i in range(self.num_layers):
-      tgt = DecoderLayer(**self.layer_kwargs, name=f'layers_{i}')(
+      tgt = layer_cls(**self.layer_kwargs, name=f'layers_{i}')(
           tgt, memory, pos, query_pos, self_mask, memory_mask, train)
       hs.append(norm(tgt))
     return jnp.stack(hs)
@@ -162,7 +179,8 @@ class Transformer(nn.Module):
   Call:
     src [B, S, d] flattened projected features, padding [B, S] bool (True = padded),
     pos [B, S, d], query_pos [B, N, d], self_mask bool [N, N] or None (True = may attend).
-  Returns: hs [L_dec, B, N, d], memory [B, S, d].
+  Returns: hs [L_dec, B, N, d] float32, memory [B, S, d] (``dtype``).
+  ``remat``: rematerialise every encoder and decoder layer in the backward pass.
   """
   d_model: int = 256
   nheads: int = 8
@@ -172,15 +190,17 @@ class Transformer(nn.Module):
   dropout: float = 0.1
   pre_norm: bool = False
   dtype: jnp.dtype = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, src, padding, pos, query_pos, self_mask=None, train: bool = False):
     kw = dict(d_model=self.d_model, nheads=self.nheads, dim_feedforward=self.dim_feedforward,
               dropout=self.dropout, pre_norm=self.pre_norm, dtype=self.dtype)
     memory_mask = (~padding)[:, None, None, :]
-    memory = Encoder(kw, self.num_encoder_layers, name='encoder')(src, pos, memory_mask, train)
+    memory = Encoder(kw, self.num_encoder_layers, self.remat, name='encoder')(
+        src, pos, memory_mask, train)
     if self_mask is not None:
       self_mask = self_mask[None, None]
-    hs = Decoder(kw, self.num_decoder_layers, name='decoder')(
+    hs = Decoder(kw, self.num_decoder_layers, self.remat, name='decoder')(
         jnp.zeros_like(query_pos), memory, pos, query_pos, self_mask, memory_mask, train)
     return hs, memory
