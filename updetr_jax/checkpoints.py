@@ -7,10 +7,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from updetr_jax import files
+
 
 def save_variables(path: str, variables) -> None:
   """Writes a variable tree (e.g. imported PyTorch weights) as an Orbax checkpoint."""
-  path = os.path.abspath(path) if '://' not in path else path
+  path = files.abspath(path)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path, variables, force=True)
 
@@ -18,8 +20,8 @@ def save_variables(path: str, variables) -> None:
 def load_variables(path: str, target=None):
   """Reads a tree written by ``save_variables``; ``target`` (arrays or
   ShapeDtypeStructs) fixes structure, shapes and shardings when given."""
-  path = os.path.abspath(path) if '://' not in path else path
-  if not (os.path.exists(path) or '://' in path):
+  path = files.abspath(path)
+  if not files.exists(path):
     raise FileNotFoundError(f'no checkpoint at {path}')
   with ocp.StandardCheckpointer() as ckptr:
     if target is None:
@@ -35,7 +37,7 @@ def train_manager(directory: str, *, save_every_steps: int, keep: int,
   Orbax writes each step to a temporary directory and renames it when complete, so
   a run killed mid-save leaves the previous checkpoint as the latest.
   """
-  directory = os.path.abspath(directory) if '://' not in directory else directory
+  directory = files.abspath(directory)
   policies = ocp.checkpoint_managers
   # Every K steps and at a JAX-detected preemption; not Orbax's default extra save of
   # the first step (a forced save ends the run anyway).
@@ -89,22 +91,19 @@ def restore_workdir_variables(workdir: str, which: str = 'latest'):
   best = os.path.join(workdir, BEST_DIR)
   if which == 'auto':
     which = 'best' if _has_steps(best) else 'latest'
-  if not os.path.exists(os.path.join(workdir, 'config.json')):
+  if not files.exists(os.path.join(workdir, 'config.json')):
     raise FileNotFoundError(f'{workdir} is not a training workdir (no config.json)')
-  import json
-
   from updetr_jax import optim
   from updetr_jax.models import build_model
   from updetr_jax.torch_import import variable_shapes
 
-  with open(os.path.join(workdir, 'config.json')) as f:
-    config = json.load(f)
+  config = files.read_json(os.path.join(workdir, 'config.json'))
   shapes = variable_shapes(build_model(config['model']))
   trainable, frozen = optim.partition_params(shapes['params'], config['optim']['frozen'])
   target = {'state': {'params': trainable},
             'constants': {'frozen': frozen, 'batch_stats': shapes['batch_stats']}}
   sub = BEST_DIR if which == 'best' else LAST_DIR
-  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, sub)),
+  manager = ocp.CheckpointManager(files.abspath(os.path.join(workdir, sub)),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step()
   if step is None:
@@ -119,7 +118,7 @@ def restore_workdir_variables(workdir: str, which: str = 'latest'):
 
 
 def _has_steps(directory: str) -> bool:
-  return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
+  return files.isdir(directory) and any(d.isdigit() for d in files.listdir(directory))
 
 
 def load_pretrained(path: str, model_config):
@@ -131,7 +130,7 @@ def load_pretrained(path: str, model_config):
   * an Orbax variables checkpoint (``save_variables`` / ``updetr_jax.torch_import``).
   Returns (variables, model config dict of the source, or None when unknown).
   """
-  if os.path.isdir(path) and os.path.exists(os.path.join(path, 'config.json')):
+  if files.isdir(path) and files.exists(os.path.join(path, 'config.json')):
     variables, _, config = restore_workdir_variables(path)
     return variables, config
   if path.endswith('.pth'):
@@ -145,7 +144,7 @@ def load_pretrained(path: str, model_config):
                   num_patches=1 if 'patch2query.weight' in sd else 0,
                   feature_recon=any(k.startswith('feature_align.') for k in sd))
     return import_torch_checkpoint(sd, config), None
-  if not os.path.isdir(path) and '://' not in path:
+  if not files.isdir(path):
     raise FileNotFoundError(
         f'init.pretrained={path!r}: no such workdir, .pth file or Orbax checkpoint')
   return load_variables(path), None

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from updetr_jax import box_ops, matching
+from updetr_jax import box_ops, files, matching
 
 
 def patch_predictions(outputs, num_patches: int):
@@ -290,8 +290,7 @@ class CocoEvaluator:
     return [dict(r, bbox=list(r['bbox'])) for r in self._results]
 
   def write_json(self, path: str) -> None:
-    with open(path, 'w') as f:
-      json.dump(self._results, f)
+    files.write_json(path, self._results, indent=None)
 
   def summarize(self, coco_gt) -> dict[str, float]:
     """pycocotools bbox AP over the evaluated images (its printout in summary_text).

@@ -24,7 +24,7 @@ import optax
 from clu import metric_writers
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from updetr_jax import checkpoints, evaluate, losses, matching, mfu, optim, visualize
+from updetr_jax import checkpoints, evaluate, files, losses, matching, mfu, optim, visualize
 from updetr_jax.data import make_detection_dataset, make_pretrain_dataset
 from updetr_jax.models import build_model
 from updetr_jax.torch_import import import_torch_checkpoint, init_variables
@@ -222,8 +222,7 @@ class Progress:
         scalars['mfu'] = flops * rate / peak
     self.writer.write_scalars(step, scalars)
     if jax.process_index() == 0:
-      with open(self.jsonl_path, 'a') as f:
-        f.write(json.dumps(dict(scalars, step=step)) + '\n')
+      files.append_line(self.jsonl_path, json.dumps(dict(scalars, step=step)))
     for k in ('loss', 'loss_ce', 'loss_bbox', 'loss_giou', 'loss_feature'):
       if k in scalars:
         self.history.setdefault(k, ([], []))
@@ -417,7 +416,7 @@ class DetectionTask:
       metrics['AP50_voc07'] = evaluate.voc07_from_coco(self.gt, evaluator.results(),
                                                        evaluator.image_ids)['mAP']
     if jax.process_index() == 0:
-      os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
+      files.makedirs(os.path.join(workdir, 'eval'))
       evaluator.write_json(os.path.join(workdir, 'eval', 'detections.json'))
     logging.warning('step %d: %s on %d images: %s', step, info.source,
                     len(evaluator.image_ids),
@@ -466,9 +465,8 @@ class BestCheckpoint:
         os.path.join(workdir, checkpoints.BEST_DIR), save_every_steps=1, keep=1)
     self.json = os.path.join(workdir, checkpoints.BEST_DIR, 'best.json')
     self.record = None
-    if os.path.exists(self.json):
-      with open(self.json) as f:
-        record = json.load(f)
+    if files.exists(self.json):
+      record = files.read_json(self.json)
       if record.get('step') in self.manager.all_steps():
         self.record = record
 
@@ -482,8 +480,7 @@ class BestCheckpoint:
     self.manager.save(step, args=checkpoints.ocp.args.StandardSave(ckpt), force=True)
     self.record = {'step': step, 'metric': self.metric, 'value': value, 'metrics': metrics}
     if jax.process_index() == 0:
-      with open(self.json, 'w') as f:
-        json.dump(self.record, f, indent=2)
+      files.write_json(self.json, self.record)
     logging.warning('step %d: new best %s %.4f -> %s', step, self.metric, value,
                     self.manager.directory)
     return True
@@ -496,7 +493,7 @@ def run(config, workdir: str) -> dict:
   Returns a summary dict (also written to ``workdir/summary.json``).
   """
   # ---------------------------------------------------------------- Set up mesh
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   if config.get('compilation_cache_dir'):  # compiled steps persist across runs
     jax.config.update('jax_compilation_cache_dir',
                       os.path.abspath(os.path.expanduser(config.compilation_cache_dir)))
@@ -516,8 +513,7 @@ def run(config, workdir: str) -> dict:
   config.examples_per_epoch = task.examples_per_epoch()
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    files.write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
   num_steps, steps_per_epoch = total_steps(config)
   evaluating = config.eval.get('enabled', config.eval.get('num_batches', 0) > 0)
 
@@ -631,8 +627,7 @@ def run(config, workdir: str) -> dict:
                           'training losses')
   writer.flush()
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-      json.dump(summary, f, indent=2)
+    files.write_json(os.path.join(workdir, 'summary.json'), summary)
   return summary
 
 
@@ -661,6 +656,5 @@ def run_with_baseline(config, workdir: str) -> dict:
   text = '\n'.join(lines)
   print(text, flush=True)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'comparison.json'), 'w') as f:
-      json.dump(table, f, indent=2)
+    files.write_json(os.path.join(workdir, 'comparison.json'), table)
   return {'comparison': table, 'text': text}

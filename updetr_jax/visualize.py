@@ -7,6 +7,8 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from updetr_jax import files  # noqa: E402
+
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
@@ -51,7 +53,7 @@ def plot_patch_detection(path: str, image, padding_mask, patches, true_boxes, pr
                  color=colors[j])
     pa.axis('off')
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  files.save_figure(fig, path, dpi=100)
   plt.close(fig)
 
 
@@ -66,7 +68,7 @@ def plot_curves(path: str, curves: dict[str, tuple[list, list]], title: str = ''
   ax.legend()
   ax.set_title(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  files.save_figure(fig, path, dpi=100)
   plt.close(fig)
 
 
@@ -100,5 +102,5 @@ def plot_detections(path: str, image_rgb, boxes_xyxy, labels, scores,
   ax.set_xlim(0, w)
   ax.set_ylim(h, 0)
   ax.axis('off')
-  fig.savefig(path, dpi=100)
+  files.save_figure(fig, path, dpi=100)
   plt.close(fig)

@@ -590,7 +590,11 @@ _DEMO_SPLITS = {
               ('camera', 'camera', None), ('coins_top', 'coins', (0, 151, 0, 384))),
     'val': (('coins_bottom', 'coins', (150, 303, 0, 384)),
             ('coffee_crop', 'coffee', (0, 400, 100, 500)),
-            ('astronaut_crop', 'astronaut', (0, 300, 120, 512))),
+            ('astronaut_crop', 'astronaut', (0, 300, 120, 512)),
+            ('astronaut_left', 'astronaut', (0, 400, 60, 470)),
+            ('chelsea_crop', 'chelsea', (0, 300, 40, 451)),
+            ('camera_crop', 'camera', (20, 420, 100, 450)),
+            ('rocket_crop', 'rocket', (60, 427, 160, 520))),
 }
 
 

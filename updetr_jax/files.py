@@ -1,0 +1,95 @@
+"""Workdir files on a local disk or a remote filesystem (``gs://...``), one API.
+
+Every file a run writes besides checkpoints (Orbax handles those) goes through here,
+so a ``gs://`` workdir shared by the hosts of a TPU slice works like a local one.
+Remote paths use ``tf.io.gfile``; local paths use plain Python.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+
+def is_remote(path: str) -> bool:
+  return '://' in str(path)
+
+
+def _gfile():
+  import tensorflow as tf
+  return tf.io.gfile
+
+
+def join(*parts: str) -> str:
+  return os.path.join(*[str(p) for p in parts])
+
+
+def abspath(path: str) -> str:
+  """Absolute local path; remote paths unchanged."""
+  return str(path) if is_remote(path) else os.path.abspath(os.path.expanduser(str(path)))
+
+
+def makedirs(path: str) -> None:
+  if is_remote(path):
+    _gfile().makedirs(path)
+  else:
+    os.makedirs(path, exist_ok=True)
+
+
+def exists(path: str) -> bool:
+  return _gfile().exists(path) if is_remote(path) else os.path.exists(path)
+
+
+def isdir(path: str) -> bool:
+  return _gfile().isdir(path) if is_remote(path) else os.path.isdir(path)
+
+
+def listdir(path: str) -> list[str]:
+  if is_remote(path):
+    return [p.rstrip('/') for p in _gfile().listdir(path)]
+  return os.listdir(path)
+
+
+def open_file(path: str, mode: str = 'r'):
+  return _gfile().GFile(path, mode) if is_remote(path) else open(path, mode)
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes a whole file: to ``path.tmp``, then renamed over ``path`` (readers never
+  see half a file)."""
+  tmp = f'{path}.tmp'
+  with open_file(tmp, 'w') as f:
+    f.write(text)
+  if is_remote(path):
+    _gfile().rename(tmp, path, overwrite=True)
+  else:
+    os.replace(tmp, path)
+
+
+def read_json(path: str) -> Any:
+  with open_file(path, 'r') as f:
+    return json.load(f)
+
+
+def write_json(path: str, obj: Any, indent: int | None = 2) -> None:
+  write_text(path, json.dumps(obj, indent=indent))
+
+
+def append_line(path: str, line: str) -> None:
+  """Appends ``line`` + newline. Object stores cannot append: a remote file is
+  rewritten whole (fine for the small logs written here)."""
+  if not is_remote(path):
+    with open(path, 'a') as f:
+      f.write(line + '\n')
+    return
+  old = ''
+  if exists(path):
+    with open_file(path, 'r') as f:
+      old = f.read()
+  write_text(path, old + line + '\n')
+
+
+def save_figure(fig, path: str, **kwargs) -> None:
+  """matplotlib figure -> PNG at ``path`` (local or remote)."""
+  with open_file(path, 'wb') as f:
+    fig.savefig(f, format='png', **kwargs)
