@@ -1,11 +1,21 @@
 """Times the UP-DETR pre-training step (release model: R50 frozen, pre-norm, N=100, M=10).
 
   python benchmarks/train_step.py --batch 2 --image-size 320 [--repeats 5] [--dtype bfloat16]
+      [--remat transformer|backbone|all]
 
 Prints one JSON line: images_per_s, step_s (median), batch, image_size, device, ...
 Synthetic inputs (random images and patch boxes); the whole jitted step is timed:
 forward of the frozen backbone on images and patches, transformer forward/backward,
 on-device matching for all decoder layers, AdamW update.
+
+FLOPs and MFU (updetr_jax/mfu.py): flops_per_step is XLA's count for the lowered
+(unpartitioned, whole-mesh) step, recomputation included when --remat is on;
+achieved_flops_per_s = flops_per_step / step_s. model_flops_per_step counts the
+same step lowered without remat (what the model needs), and mfu = model FLOP/s
+over the peak of all devices (hfu uses flops_per_step instead). The peak is
+looked up for peak_dtype: bfloat16 for --dtype bfloat16; for float32, 'tf32' on
+GPUs at JAX's default matmul precision (float32 matmuls run on the tensor
+cores), else 'float32'. mfu/hfu are null where the peak is unknown (CPU).
 """
 from __future__ import annotations
 
@@ -23,8 +33,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import pretrain  # noqa: E402
-from updetr_jax import train  # noqa: E402
-from updetr_jax.models import build_model  # noqa: E402
+from updetr_jax import mfu, train  # noqa: E402
+from updetr_jax.models import REMAT_CHOICES, build_model  # noqa: E402
 
 
 def synthetic_batch(batch, size, num_patches, patch_size, seed=0):
@@ -42,19 +52,32 @@ def synthetic_batch(batch, size, num_patches, patch_size, seed=0):
   }
 
 
+def peak_dtype(dtype: str, device) -> str:
+  """The mfu.PEAK_FLOPS column that the step's matmuls run at (see the docstring)."""
+  if dtype != 'float32':
+    return dtype
+  precision = jax.config.jax_default_matmul_precision
+  if device.platform == 'gpu' and precision in (None, 'default', 'fastest', 'tensorfloat32'):
+    return 'tf32'
+  return 'float32'
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--batch', type=int, default=2)
   p.add_argument('--image-size', type=int, default=320)
   p.add_argument('--patch-size', type=int, default=128)
   p.add_argument('--repeats', type=int, default=5)
-  p.add_argument('--dtype', default='float32')
+  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   p.add_argument('--backbone', default='resnet50')
+  p.add_argument('--remat', default='', choices=REMAT_CHOICES,
+                 help="rematerialise 'transformer' layers, 'backbone' blocks or 'all'")
   args = p.parse_args()
 
   config = pretrain.get_config()
   config.model.backbone = args.backbone
   config.model.dtype = args.dtype
+  config.model.remat = args.remat
   config.batch_size = args.batch
   config.loss_replicas = 1
   model = build_model(config.model)
@@ -67,26 +90,47 @@ def main():
   batch = train.to_global(synthetic_batch(args.batch, args.image_size,
                                           config.model.num_patches, args.patch_size),
                           sharding)
-  step = jax.jit(train.make_train_step(model, tx, train.criterion(config)),
+  loss_fn = train.criterion(config)
+  step = jax.jit(train.make_train_step(model, tx, loss_fn),
                  donate_argnums=(0,), out_shardings=(repl, repl))
   rng = jax.random.PRNGKey(1)
   t0 = time.perf_counter()
-  state, metrics = step(state, constants, batch, rng)
+  lowered = step.lower(state, constants, batch, rng)
+  flops = mfu.step_flops(lowered)
+  compiled = lowered.compile()
+  state, metrics = compiled(state, constants, batch, rng)
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - t0
+  model_flops = flops
+  if args.remat:  # count the step without recomputation (lowering only, no compile)
+    plain = build_model(dict(config.model, remat=''))
+    model_flops = mfu.step_flops(
+        jax.jit(train.make_train_step(plain, tx, loss_fn)).lower(state, constants, batch, rng))
   times = []
   for _ in range(args.repeats):
     t0 = time.perf_counter()
-    state, metrics = step(state, constants, batch, rng)
+    state, metrics = compiled(state, constants, batch, rng)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
   step_s = statistics.median(times)
+  device = jax.devices()[0]
+  peak_name = peak_dtype(args.dtype, device)
+  peak = mfu.device_peak_flops(device.device_kind, peak_name)
+  n = jax.device_count()
+  util = mfu.mfu(model_flops, step_s, n, peak)
+  hw_util = mfu.mfu(flops, step_s, n, peak)
   print(json.dumps({
       'images_per_s': round(args.batch / step_s, 3), 'step_s': round(step_s, 4),
-      'batch': args.batch, 'image_size': args.image_size, 'device': str(jax.devices()[0]),
-      'device_kind': jax.devices()[0].device_kind, 'num_devices': jax.device_count(),
-      'dtype': args.dtype, 'backbone': args.backbone, 'compile_s': round(compile_s, 1),
-      'times_s': [round(t, 4) for t in times], 'loss': float(metrics['loss']),
+      'batch': args.batch, 'image_size': args.image_size, 'device': str(device),
+      'device_kind': device.device_kind, 'num_devices': n,
+      'dtype': args.dtype, 'remat': args.remat, 'backbone': args.backbone,
+      'compile_s': round(compile_s, 1), 'times_s': [round(t, 4) for t in times],
+      'loss': float(metrics['loss']),
+      'flops_per_step': flops, 'model_flops_per_step': model_flops,
+      'achieved_flops_per_s': flops / step_s if flops else None,
+      'peak_dtype': peak_name, 'peak_flops_per_device': peak,
+      'mfu': None if util is None else round(util, 4),
+      'hfu': None if hw_util is None else round(hw_util, 4),
   }))
 
 

@@ -18,7 +18,8 @@ def detr_model(**overrides) -> ml_collections.ConfigDict:
       pre_norm=False,
       num_classes=91,  # COCO category ids up to 90 -> 92 logits with "no object"
       aux_loss=True,
-      dtype='float32',
+      dtype='float32',  # 'bfloat16': bf16 activations/matmuls, float32 params and losses
+      remat='',  # '' | 'transformer' | 'backbone' | 'all': recompute in the backward pass
   ))
   m.update(overrides)
   return m
