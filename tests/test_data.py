@@ -108,6 +108,21 @@ def test_folder_listing_and_probe(folder):
       50, 50, sources.OK)
 
 
+def test_image_index_cache_roundtrip(folder, tmp_path):
+  """index_cache_dir (on by default): the probe results are written once, then read."""
+  cache = tmp_path / 'cache'
+  cfg = cfg_for(folder, index_cache_dir=str(cache))
+  _, stats_a = data.make_pretrain_dataset(cfg, global_batch_size=2, num_patches=2)
+  written = sorted(os.listdir(cache))
+  assert len(written) == 1 and written[0].startswith('index-'), written
+  idx = sources.ImageIndex.load(str(cache / written[0]))
+  _, stats_b = data.make_pretrain_dataset(cfg, global_batch_size=2, num_patches=2)
+  again = sources.ImageIndex.load(str(cache / written[0]))
+  for name in ('height', 'width', 'status', 'decoder'):
+    np.testing.assert_array_equal(getattr(idx, name), getattr(again, name))
+  assert len(idx.status) == len(data.list_image_files(folder))
+
+
 def test_patch_sampling_bounds():
   seed = tf.constant([3, 4], tf.int64)
   for h, w in ((17, 17), (40, 300), (500, 375)):

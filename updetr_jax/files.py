@@ -10,6 +10,8 @@ import json
 import os
 from typing import Any
 
+import numpy as np
+
 
 def is_remote(path: str) -> bool:
   return '://' in str(path)
@@ -87,6 +89,28 @@ def append_line(path: str, line: str) -> None:
     with open_file(path, 'r') as f:
       old = f.read()
   write_text(path, old + line + '\n')
+
+
+def write_npz(path: str, arrays: dict) -> None:
+  """numpy arrays -> ``path`` (.npz), written whole then renamed (atomic locally)."""
+  import io
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)  # in memory: the zip writer seeks, a remote file cannot
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open_file(tmp, 'wb') as f:
+    f.write(buf.getvalue())
+  if is_remote(path):
+    _gfile().rename(tmp, path, overwrite=True)
+  else:
+    os.replace(tmp, path)
+
+
+def read_npz(path: str) -> dict:
+  """``write_npz``'s arrays (no pickles)."""
+  import io
+  with open_file(path, 'rb') as f:
+    z = np.load(io.BytesIO(f.read()), allow_pickle=False)
+    return {k: z[k] for k in z.files}
 
 
 def save_figure(fig, path: str, **kwargs) -> None:

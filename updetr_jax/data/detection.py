@@ -65,7 +65,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import re
@@ -75,6 +74,7 @@ import numpy as np
 import tensorflow as tf
 
 from updetr_jax.class_names import COCO_CATEGORIES, VOC_CLASSES
+from updetr_jax import files
 from updetr_jax.data import augment, batching, sources
 
 DETECTION_DEFAULTS: dict[str, Any] = dict(
@@ -283,15 +283,11 @@ def _cached_npz(cache_dir, key: str, build):
   cache_dir = os.path.expanduser(cache_dir)
   path = os.path.join(cache_dir, 'ann-' + hashlib.sha1(key.encode()).hexdigest()[:20]
                       + '.npz')
-  if tf.io.gfile.exists(path):
-    with tf.io.gfile.GFile(path, 'rb') as f:
-      z = np.load(io.BytesIO(f.read()), allow_pickle=False)
-      return {k: z[k] for k in z.files}
+  if files.exists(path):
+    return files.read_npz(path)
   out = build()
-  tf.io.gfile.makedirs(cache_dir)
-  with tf.io.gfile.GFile(path + '.tmp', 'wb') as f:
-    np.savez(f, **out)
-  tf.io.gfile.rename(path + '.tmp', path, overwrite=True)
+  files.makedirs(cache_dir)
+  files.write_npz(path, out)
   return out
 
 
@@ -318,7 +314,9 @@ def _tfds_part_annotations(part, kind: str, cfg) -> list:
                 xywh=cat(1, np.float64).reshape(-1, 4), labels=cat(2, np.int32),
                 crowd=cat(3, bool), difficult=cat(4, bool))
 
-  z = _cached_npz(cfg['index_cache_dir'], f'{part.name}\n{part.num_images}\n{kind}', build)
+  key = '\n'.join(map(str, ('tfds-annotations', part.name, part.builder.data_dir,
+                             part.builder.info.version, part.num_images, kind)))
+  z = _cached_npz(cfg['index_cache_dir'], key, build)
   ends = np.cumsum(z['counts'])
   starts = ends - z['counts']
   keep_diff = kind == 'voc' and not cfg['voc_keep_difficult']
@@ -330,8 +328,10 @@ def _tfds_part_annotations(part, kind: str, cfg) -> list:
 def _tfds_source(specs, cfg):
   parts = []
   for spec in specs:
-    name, _, splits = spec.partition(':')
-    for split in (splits or 'train').split('+'):
+    name, sep, splits = spec.rpartition(':')  # 'name[:version]:split[+split]'
+    if not sep:
+      name, splits = spec, 'train'
+    for split in splits.split('+'):
       parts.append(sources.TFDSSource(name, split, data_dir=cfg['tfds_data_dir'],
                                       index_cache_dir=cfg['index_cache_dir'],
                                       index_threads=cfg['index_threads']))

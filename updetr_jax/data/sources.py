@@ -41,6 +41,8 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from updetr_jax import files
+
 OK, CORRUPT, TRUNCATED, TOO_SMALL, GRAYSCALE, CMYK, ALPHA = range(7)
 STATUS_NAMES = ('ok', 'corrupt', 'truncated', 'too_small', 'grayscale', 'cmyk', 'alpha')
 SKIP_STATUSES = (CORRUPT, TRUNCATED, TOO_SMALL)
@@ -77,17 +79,13 @@ class ImageIndex:
     return ~np.isin(self.status, SKIP_STATUSES)
 
   def save(self, path):
-    tmp = f'{path}.tmp{os.getpid()}'
-    with tf.io.gfile.GFile(tmp, 'wb') as f:
-      np.savez(f, height=self.height, width=self.width, status=self.status,
-               decoder=self.decoder)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    files.write_npz(path, dict(height=self.height, width=self.width, status=self.status,
+                               decoder=self.decoder))
 
   @classmethod
   def load(cls, path):
-    with tf.io.gfile.GFile(path, 'rb') as f:
-      z = np.load(io.BytesIO(f.read()))
-      return cls(z['height'], z['width'], z['status'], z['decoder'])
+    z = files.read_npz(path)
+    return cls(z['height'], z['width'], z['status'], z['decoder'])
 
 
 def _looks_truncated(err: Exception) -> bool:
@@ -198,10 +196,10 @@ def _cached_index(cache_dir, key: str, build) -> ImageIndex:
   cache_dir = os.path.expanduser(cache_dir)
   digest = hashlib.sha1(f'v{_INDEX_VERSION}\n{key}'.encode()).hexdigest()[:20]
   path = os.path.join(cache_dir, f'index-{digest}.npz')
-  if tf.io.gfile.exists(path):
+  if files.exists(path):
     return ImageIndex.load(path)
   index = build()
-  tf.io.gfile.makedirs(cache_dir)
+  files.makedirs(cache_dir)
   index.save(path)
   return index
 
@@ -259,8 +257,8 @@ def list_image_files(folder: str) -> list[str]:
   """All image files under ``folder`` (recursive, case-insensitive extensions),
   sorted by their relative POSIX path."""
   rel = []
-  for root, _, files in tf.io.gfile.walk(folder):
-    for f in files:
+  for root, _, names in tf.io.gfile.walk(folder):
+    for f in names:
       if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
         full = os.path.join(root, f)
         rel.append(os.path.relpath(full, folder).replace(os.sep, '/'))
