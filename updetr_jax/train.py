@@ -649,10 +649,10 @@ def run_with_baseline(config, workdir: str) -> dict:
   lines = [f'final evaluation; best = the best {config.eval.get("best_metric", "")} of the '
            'periodic evaluations; train_loss = mean of the last logged training losses:']
   keys = list(next(iter(table.values())))
-  lines.append('  %-16s' % '' + ''.join('%10s' % k for k in keys))
+  lines.append('  %-16s' % '' + ''.join('%11s' % k for k in keys))
   for name, row in table.items():
     lines.append('  %-16s' % name + ''.join(
-        '%10.4f' % row[k] if row[k] is not None else '%10s' % '-' for k in keys))
+        '%11.4f' % row[k] if row[k] is not None else '%11s' % '-' for k in keys))
   text = '\n'.join(lines)
   print(text, flush=True)
   if jax.process_index() == 0:
