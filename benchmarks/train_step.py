@@ -52,16 +52,6 @@ def synthetic_batch(batch, size, num_patches, patch_size, seed=0):
   }
 
 
-def peak_dtype(dtype: str, device) -> str:
-  """The mfu.PEAK_FLOPS column that the step's matmuls run at (see the docstring)."""
-  if dtype != 'float32':
-    return dtype
-  precision = jax.config.jax_default_matmul_precision
-  if device.platform == 'gpu' and precision in (None, 'default', 'fastest', 'tensorfloat32'):
-    return 'tf32'
-  return 'float32'
-
-
 def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--batch', type=int, default=2)
@@ -114,7 +104,7 @@ def main():
     times.append(time.perf_counter() - t0)
   step_s = statistics.median(times)
   device = jax.devices()[0]
-  peak_name = peak_dtype(args.dtype, device)
+  peak_name = mfu.peak_dtype(args.dtype, device)
   peak = mfu.device_peak_flops(device.device_kind, peak_name)
   n = jax.device_count()
   util = mfu.mfu(model_flops, step_s, n, peak)

@@ -101,6 +101,15 @@ require_tpu() {
   if [[ -n $PROJECT ]]; then GCLOUD_FLAGS+=("--project=$PROJECT"); fi
 }
 
+parse_tpu_only_args() {
+  # For scripts that take only --name/--zone/--project and the common flags.
+  while (($#)); do
+    tpu_opt "$@"
+    shift "$NSHIFT"
+  done
+  require_tpu
+}
+
 tpu_ssh() {
   # tpu_ssh WORKER REMOTE_COMMAND: run a shell command on TPU workers.
   run gcloud compute tpus tpu-vm ssh "$NAME" "${GCLOUD_FLAGS[@]}" "--worker=$1" \

@@ -7,9 +7,5 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-while (($#)); do
-  tpu_opt "$@"
-  shift "$NSHIFT"
-done
-require_tpu
+parse_tpu_only_args "$@"
 run gcloud compute tpus tpu-vm delete "$NAME" "${GCLOUD_FLAGS[@]}" --quiet

@@ -7,10 +7,6 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-while (($#)); do
-  tpu_opt "$@"
-  shift "$NSHIFT"
-done
-require_tpu
+parse_tpu_only_args "$@"
 PID=$(quote "$PID_FILE")
 tpu_ssh all "cd $(quote "$REMOTE_DIR") && if [ -f $PID ]; then kill -TERM \$(cat $PID) 2>/dev/null || true; fi"

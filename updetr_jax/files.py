@@ -56,12 +56,12 @@ def open_file(path: str, mode: str = 'r'):
   return _gfile().GFile(path, mode) if is_remote(path) else open(path, mode)
 
 
-def write_text(path: str, text: str) -> None:
-  """Writes a whole file: to ``path.tmp``, then renamed over ``path`` (readers never
-  see half a file)."""
-  tmp = f'{path}.tmp'
-  with open_file(tmp, 'w') as f:
-    f.write(text)
+def write_file(path: str, data: str | bytes) -> None:
+  """Writes a whole file: ``data`` to ``path.tmp<pid>``, then renamed over ``path``
+  (readers never see half a file)."""
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open_file(tmp, 'wb' if isinstance(data, bytes) else 'w') as f:
+    f.write(data)
   if is_remote(path):
     _gfile().rename(tmp, path, overwrite=True)
   else:
@@ -74,7 +74,7 @@ def read_json(path: str) -> Any:
 
 
 def write_json(path: str, obj: Any, indent: int | None = 2) -> None:
-  write_text(path, json.dumps(obj, indent=indent))
+  write_file(path, json.dumps(obj, indent=indent))
 
 
 def append_line(path: str, line: str) -> None:
@@ -88,21 +88,15 @@ def append_line(path: str, line: str) -> None:
   if exists(path):
     with open_file(path, 'r') as f:
       old = f.read()
-  write_text(path, old + line + '\n')
+  write_file(path, old + line + '\n')
 
 
 def write_npz(path: str, arrays: dict) -> None:
-  """numpy arrays -> ``path`` (.npz), written whole then renamed (atomic locally)."""
+  """numpy arrays -> ``path`` (.npz), written whole."""
   import io
   buf = io.BytesIO()
   np.savez(buf, **arrays)  # in memory: the zip writer seeks, a remote file cannot
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open_file(tmp, 'wb') as f:
-    f.write(buf.getvalue())
-  if is_remote(path):
-    _gfile().rename(tmp, path, overwrite=True)
-  else:
-    os.replace(tmp, path)
+  write_file(path, buf.getvalue())
 
 
 def read_npz(path: str) -> dict:

@@ -56,7 +56,8 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ['PEAK_FLOPS', 'device_generation', 'device_peak_flops', 'step_flops', 'mfu']
+__all__ = ['PEAK_FLOPS', 'device_generation', 'device_peak_flops', 'peak_dtype',
+           'step_flops', 'mfu']
 
 _T = 1e12
 
@@ -143,6 +144,17 @@ def device_peak_flops(device_kind: str, dtype: Any = 'bfloat16') -> float | None
   if generation is None:
     return None
   return PEAK_FLOPS[generation].get(_dtype_name(dtype))
+
+
+def peak_dtype(dtype: str, device) -> str:
+  """The PEAK_FLOPS column a step of ``dtype`` matmuls runs at on ``device``: float32
+  on GPUs at JAX's default matmul precision runs on the tensor cores as TF32."""
+  if dtype != 'float32':
+    return dtype
+  precision = jax.config.jax_default_matmul_precision
+  if device.platform == 'gpu' and precision in (None, 'default', 'fastest', 'tensorfloat32'):
+    return 'tf32'
+  return 'float32'
 
 
 def _num_devices(compiled: Any) -> int:

@@ -10,6 +10,7 @@ with ``NamedSharding`` (batch split, state replicated); works unchanged on one C
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import os
@@ -169,7 +170,7 @@ def evaluate_patches(eval_step, variables, batches, sharding):
   """
   totals, count, first = {}, 0, None
   for batch in batches:
-    ious, out = jax.device_get(eval_step(variables, to_global(batch, sharding)))
+    ious, out = jax.device_get(eval_step(variables, to_global(model_inputs(batch), sharding)))
     mask = _process_gather(batch['targets']['mask'])  # the global batch's rows
     for k, v in ious.items():
       totals[k] = totals.get(k, 0.0) + float(np.asarray(v)[mask].sum())
@@ -185,11 +186,11 @@ def evaluate_patches(eval_step, variables, batches, sharding):
 def step_cost(train_step, args, dtype: str) -> dict:
   """FLOPs of one train step (XLA's cost analysis of the lowered step, all devices)
   and the peak FLOP/s of the job's devices (None when the device is not in
-  ``mfu.PEAK_FLOPS``). float32 on GPUs is compared with the TF32 peak, the precision
-  JAX's default float32 matmuls use there."""
+  ``mfu.PEAK_FLOPS``; the dtype column from ``mfu.peak_dtype``)."""
   flops = mfu.step_flops(train_step.lower(*args))
-  kind = jax.devices()[0].device_kind
-  peak_dtype = 'tf32' if (dtype == 'float32' and jax.default_backend() == 'gpu') else dtype
+  device = jax.devices()[0]
+  kind = device.device_kind
+  peak_dtype = mfu.peak_dtype(dtype, device)
   peak = mfu.device_peak_flops(kind, peak_dtype)
   total_peak = peak * jax.device_count() if peak else None
   logging.warning('train step: %s GFLOP (XLA cost analysis, first batch shape); %d x %s, '
@@ -297,6 +298,7 @@ class PatchTask:
       raise ValueError('config.task=pretrain needs config.model.num_patches > 0')
     self.eval_step = None
     self.before = None
+    self._eval_it = None
 
   def examples_per_epoch(self) -> int:
     return self.config.examples_per_epoch
@@ -310,16 +312,17 @@ class PatchTask:
     return it, stats
 
   def _eval_batches(self):
-    """Held-out query patches: eval transforms, a different patch seed, fixed order."""
+    """Held-out query patches: eval transforms, a different patch seed, fixed order;
+    the same first ``eval.num_batches`` batches at every evaluation."""
     c = self.config
-    it, _ = make_pretrain_dataset(
-        c.data, global_batch_size=c.batch_size, num_patches=c.model.num_patches,
-        train=False, seed=c.seed + 1, process_index=jax.process_index(),
-        process_count=jax.process_count())
-    for i, b in enumerate(it):
-      if i >= c.eval.num_batches:
-        break
-      yield b
+    if self._eval_it is None:
+      self._eval_it, _ = make_pretrain_dataset(
+          c.data, global_batch_size=c.batch_size, num_patches=c.model.num_patches,
+          train=False, seed=c.seed + 1, process_index=jax.process_index(),
+          process_count=jax.process_count())
+    else:
+      self._eval_it.seek(0)
+    return itertools.islice(self._eval_it, c.eval.num_batches)
 
   def evaluate(self, model, variables, step: int, workdir: str) -> dict:
     """{'patch_iou_matched', 'patch_iou_group_top'} on the held-out batches."""
@@ -363,8 +366,9 @@ class DetectionTask:
     if config.model.get('num_patches', 0):
       raise ValueError(f'config.task=detection trains DETR: set config.model.num_patches=0 '
                        f'(got {config.model.num_patches})')
-    # Plans the data once: errors surface before the model is built; num_classes.
-    _, _, self.info = self._dataset(train=True, start=0)
+    # Plans the data before the model is built: errors surface early, num_classes.
+    self._train_it, self._train_stats, self.info = self._dataset(train=True)
+    self._eval_it = None
     n = self.info.num_classes
     if config.model.num_classes < 0:
       config.model.num_classes = n
@@ -374,20 +378,19 @@ class DetectionTask:
     self.detect = None
     self.gt = None
 
-  def _dataset(self, *, train: bool, start: int = 0):
+  def _dataset(self, *, train: bool):
     c = self.config
     return make_detection_dataset(
         c.data, global_batch_size=c.batch_size if train else c.eval.batch_size, train=train,
-        seed=c.seed, start_step=start, process_index=jax.process_index(),
-        process_count=jax.process_count())
+        seed=c.seed, process_index=jax.process_index(), process_count=jax.process_count())
 
   def examples_per_epoch(self) -> int:
     return self.config.examples_per_epoch if self.config.examples_per_epoch > 0 else \
         self.info.num_examples
 
   def train_data(self, start: int):
-    it, stats, _ = self._dataset(train=True, start=start)
-    return it, stats
+    self._train_it.seek(start)
+    return self._train_it, self._train_stats
 
   def evaluate(self, model, variables, step: int, workdir: str) -> dict:
     """COCO metrics (AP, AP50, AP75, APs, APm, APl; VOC07 AP50 as 'AP50_voc07') on the
@@ -400,7 +403,11 @@ class DetectionTask:
       self.detect = evaluate.make_detect_fn(
           model, out_shardings=NamedSharding(self.sharding.mesh, P()))
       self.gt = evaluate.evaluation_ground_truth(c.data)
-    it, _, info = self._dataset(train=False)
+    if self._eval_it is None:
+      self._eval_it, _, self._eval_info = self._dataset(train=False)
+    else:
+      self._eval_it.seek(0)
+    it, info = self._eval_it, self._eval_info
     evaluator = evaluate.CocoEvaluator(info.label_to_category_id)
     self._shown = []
     for batch in it:
@@ -513,7 +520,7 @@ def run(config, workdir: str) -> dict:
   config.examples_per_epoch = task.examples_per_epoch()
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if jax.process_index() == 0:
-    files.write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
+    files.write_file(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
   num_steps, steps_per_epoch = total_steps(config)
   evaluating = config.eval.get('enabled', config.eval.get('num_batches', 0) > 0)
 
@@ -562,7 +569,6 @@ def run(config, workdir: str) -> dict:
                       os.path.join(workdir, 'metrics.jsonl'))
   pending = None  # metrics of the previous step, checked one step late (keeps async dispatch)
   t_start = time.time()
-  metrics = None
   preemption = PreemptionWatch()
   preempted_at = None
   for step in range(start + 1, num_steps + 1):

@@ -518,6 +518,12 @@ class BatchIterator:
     finally:
       self._stop.clear()
 
+  def seek(self, step: int) -> None:
+    """Continue from global batch ``step`` (a resumed run's, or 0 for another pass
+    of an evaluation set); the source, its index and plans are kept."""
+    self.close()
+    self.step = step
+
   # planning --------------------------------------------------------------------------
   def plan(self, epoch: int) -> EpochPlan:
     """The epoch's plan (the last two are cached)."""
