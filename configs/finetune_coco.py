@@ -33,6 +33,10 @@ def finetune_optim(lr_drop_epochs) -> ml_collections.ConfigDict:
 
 SCHEDULES = {'300ep': (300, 200), '150ep': (150, 100)}  # epochs, lr drop epoch
 
+# Images of COCO train2017 that an epoch iterates: all 118,287 of them, since images
+# without boxes are kept (as in the release), not the 117,266 that have annotations.
+COCO_TRAIN2017_IMAGES = 118287
+
 
 def finetune_config(variant: str, *, name: str, num_classes: int, examples_per_epoch: int,
                     data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -71,6 +75,8 @@ def finetune_config(variant: str, *, name: str, num_classes: int, examples_per_e
       # starts from the ImageNet-supervised or SwAV CNN).
       backbone_checkpoint='',
       checkpoint='',  # Orbax variables of this very model (e.g. to evaluate one)
+      # A resnet50/101 run without any of the above is refused unless this is True.
+      random_backbone=False,
   ))
   steps_per_epoch = max(examples_per_epoch // config.batch_size, 1)
   # Periodic evaluation (pycocotools on the evaluation split; VOC07 AP50 with voc07);
@@ -113,6 +119,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg == 'demo':
     return demo_config()
   from updetr_jax.data import detection_data_config
-  # 91 classes (COCO category ids up to 90); train2017 images with annotations.
+  # 91 classes (COCO category ids up to 90); every train2017 image.
   return finetune_config(arg or '300ep', name='finetune_coco', num_classes=91,
-                         examples_per_epoch=117266, data=detection_data_config())
+                         examples_per_epoch=COCO_TRAIN2017_IMAGES,
+                         data=detection_data_config())

@@ -49,19 +49,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim = ml_collections.ConfigDict(dict(
       lr=1e-4, lr_backbone=0.0, weight_decay=1e-4, clip_max_norm=0.1,
       lr_drop_epochs=(40,),
-      frozen=(r'^body/',),  # the whole CNN is frozen in pre-training
+      # The whole backbone is frozen in pre-training: the CNN and, as in the release
+      # (lr_backbone 0), a learned position embedding.
+      frozen=(r'^(body|position)/',),
   ))
   config.init = ml_collections.ConfigDict(dict(
       # torchvision-layout ResNet .pth (the release: SwAV 800 epochs, 'module.' prefix).
       backbone_checkpoint='',
       checkpoint='',  # an Orbax variables checkpoint (python -m updetr_jax.torch_import)
       pretrained='',  # fine-tuning only (configs/finetune_coco.py)
+      # A resnet50/101 run without any of the above is refused unless this is True.
+      random_backbone=False,
   ))
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
   config.log_every_steps = 50
   config.compilation_cache_dir = ''  # e.g. ~/.cache/updetr_jax/xla: reuse compiled steps
-  # Held-out query patches: num_batches batches every every_steps (0: at the end only);
+  # Query patches of evaluation images (data.eval_tfds_split / eval_folder /
+  # eval_demo_images: images never trained on; data.eval_data_config):
+  # num_batches batches every every_steps (0: at the end only);
   # best_metric: keep workdir/best ('' = no) by e.g. 'patch_iou_matched'.
   config.eval = ml_collections.ConfigDict(dict(num_batches=0, every_steps=0, best_metric=''))
 
@@ -75,7 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data = demo_data_config()
     config.batch_size = 8
     config.loss_replicas = 1
-    config.examples_per_epoch = 192  # 12 photos x demo_repeats 16
+    config.examples_per_epoch = 160  # 10 training photos x demo_repeats 16
     config.num_train_steps = 2000
     config.optim.update(lr=2e-4, lr_drop_epochs=())
     config.checkpoint_every_steps = 1000

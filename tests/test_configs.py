@@ -31,3 +31,47 @@ def test_finetune_freezes_exactly_stem_and_stage1():
   assert frozen_modules == {'conv1', 'layer1_0', 'layer1_1', 'layer1_2'}
   assert {'layer2_0', 'layer3_5', 'layer4_2'} <= set(trainable['body'])
   assert 'transformer' in trainable and 'transformer' not in frozen
+
+
+def test_random_real_size_cnn_is_refused(tmp_path):
+  """A resnet50/101 run that would keep a random CNN stops before anything runs."""
+  from updetr_jax import train  # noqa: PLC0415
+  for config in (pretrain.get_config(), pretrain.get_config('single_query'),
+                 finetune_coco.get_config(), finetune_voc.get_config()):
+    with pytest.raises(ValueError, match=r'init\.backbone_checkpoint.*SwAV.*random_backbone'):
+      train.check_backbone_init(config, resuming=False)
+    train.check_backbone_init(config, resuming=True)  # a resumed run has its weights
+    for field, value in (('backbone_checkpoint', 'swav.pth'), ('pretrained', '/w'),
+                         ('checkpoint', '/v'), ('random_backbone', True)):
+      c = config.copy_and_resolve_references()
+      c.init[field] = value
+      train.check_backbone_init(c, resuming=False)
+  train.check_backbone_init(pretrain.get_config('demo'), resuming=False)  # small CNN
+  with pytest.raises(ValueError, match='random weights'):  # the loop refuses it first
+    train.run(pretrain.get_config(), str(tmp_path / 'w'))
+
+
+def test_coco_epoch_is_every_train2017_image():
+  """The pipeline keeps images without boxes (as the release), so an epoch is all
+  118,287 train2017 images; the lr drop epoch is computed from that count."""
+  c = finetune_coco.get_config()
+  assert c.examples_per_epoch == 118287
+  steps_per_epoch = 118287 // 16
+  assert c.eval.every_steps == 5 * steps_per_epoch
+
+
+def test_pretraining_evaluation_images_are_never_trained_on():
+  from updetr_jax.data import eval_data_config  # noqa: PLC0415
+  demo = pretrain.get_config('demo')
+  cfg, held_out = eval_data_config(demo.data)
+  assert held_out and cfg['demo_images'] == tuple(demo.data.eval_demo_images)
+  assert not set(cfg['demo_images']) & set(demo.data.demo_images)
+  assert demo.examples_per_epoch == len(demo.data.demo_images) * demo.data.demo_repeats
+  cfg, held_out = eval_data_config(pretrain.get_config().data)  # ImageNet
+  assert held_out and (cfg['tfds_split'], cfg['tfds_name']) == ('validation', 'imagenet2012')
+  folder = dict(source='folder', folder='/train')
+  assert eval_data_config(folder) == (eval_data_config(folder)[0], False)
+  cfg, held_out = eval_data_config(dict(folder, eval_folder='/val'))
+  assert held_out and cfg['folder'] == '/val'
+  with pytest.raises(ValueError, match='share'):
+    eval_data_config(dict(demo.data.to_dict(), eval_demo_images=('astronaut',)))

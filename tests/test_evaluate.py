@@ -1,8 +1,10 @@
-"""Detection evaluation: post-processing, batch-independent inference, COCO AP through
-pycocotools, VOC07 AP50 on hand-computed cases, the predict CLI end to end."""
+"""Evaluation: pre-training patch metrics on hand-made logits; detection
+post-processing, batch-independent inference, COCO AP through pycocotools, VOC07 AP50
+on hand-computed cases, the predict CLI end to end."""
 import contextlib
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -35,6 +37,41 @@ def tiny():
 def images():
   rng = np.random.default_rng(0)
   return [rng.standard_normal((h, w, 3)).astype(np.float32) for h, w in SIZES]
+
+
+def _softmax(row):
+  e = [math.exp(v) for v in row]
+  return [v / sum(e) for v in e]
+
+
+def test_patch_group_top_scores_class_1_and_its_iou():
+  # Pre-training logits [B=1, N=6, 3]: class 0 unused, 1 = "is the patch", 2 = no
+  # object; M=2 patches -> groups of queries (0, 1, 2) and (3, 4, 5). Queries 0 and 4
+  # are the most confident of their group in class 0 but not in class 1: they must
+  # lose to queries 1 and 5 (the groups' most confident class-1 queries).
+  logits = [[5.0, 1.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 3.0],
+            [0.0, 0.0, 0.0], [4.0, 0.0, 0.0], [0.0, 3.0, 1.0]]
+  boxes = [[0.1, 0.1, 0.1, 0.1], [0.6, 0.5, 0.4, 0.4], [0.9, 0.9, 0.1, 0.1],
+           [0.7, 0.7, 0.2, 0.2], [0.8, 0.2, 0.1, 0.1], [0.25, 0.25, 0.1, 0.2]]
+  outputs = {'pred_logits': jnp.array([logits], jnp.float32),
+             'pred_boxes': jnp.array([boxes], jnp.float32)}
+  picked, scores = evaluate.patch_predictions(outputs, num_patches=2)
+  np.testing.assert_allclose(picked[0], [boxes[1], boxes[5]], atol=1e-7)
+  p1 = [_softmax(row)[1] for row in logits]
+  assert p1[1] > p1[0] and p1[5] > p1[4]
+  assert _softmax(logits[0])[0] > _softmax(logits[1])[0]  # class 0 would pick query 0
+  np.testing.assert_allclose(scores[0], [p1[1], p1[5]], rtol=1e-6)
+
+  targets = {'labels': jnp.ones((1, 2), jnp.int32),
+             'boxes': jnp.array([[[0.5, 0.5, 0.4, 0.4], [0.25, 0.25, 0.2, 0.2]]],
+                                jnp.float32),
+             'mask': jnp.ones((1, 2), bool)}
+  iou = evaluate.patch_iou(outputs, targets, num_patches=2)['group_top']
+  # Patch 0: target xyxy (.3, .3, .7, .7), query 1 (.4, .3, .8, .7): intersection
+  # .3 * .4 = .12, union .16 + .16 - .12 = .20 -> .6 (query 0 would give 0).
+  # Patch 1: target (.15, .15, .35, .35), query 5 (.2, .15, .3, .35) inside it:
+  # .1 * .2 / (.2 * .2) = .5 (query 4 would give 0).
+  np.testing.assert_allclose(iou, [[0.6, 0.5]], atol=1e-6)
 
 
 def test_postprocess_matches_numpy():

@@ -56,10 +56,23 @@ def test_training_mode_drops_patch_queries_with_rng():
   variables = model.init(jax.random.PRNGKey(0), images, mask, patches)
   run = lambda k: model.apply(variables, images, mask, patches, train=True,
                               rngs={'dropout': jax.random.PRNGKey(k)})['pred_boxes']
-  np.testing.assert_array_equal(run(1), run(1))
-  assert not np.allclose(run(1), run(2))
+  assert not np.allclose(run(1), run(2))  # a different keep mask per rng
   with pytest.raises(Exception):
     model.apply(variables, images, mask, patches, train=True)  # needs a dropout rng
+
+  def train_out(drop, p):
+    m = build_model(_tiny(dropout=0.0, patch_query_drop=drop))
+    return np.asarray(m.apply(variables, images, mask, p, train=True,
+                              rngs={'dropout': jax.random.PRNGKey(1)})['pred_boxes'])
+
+  other = patches * 3.0 - 1.0
+  # Every patch feature dropped: the patches no longer change the predictions.
+  np.testing.assert_allclose(train_out(1.0, patches), train_out(1.0, other), atol=1e-6)
+  # None dropped: training mode (dropout 0) predicts as evaluation mode does.
+  np.testing.assert_allclose(
+      train_out(0.0, patches),
+      np.asarray(model.apply(variables, images, mask, patches)['pred_boxes']), atol=1e-6)
+  assert not np.allclose(train_out(0.0, patches), train_out(0.0, other))
 
 
 def test_bad_inputs_name_the_problem():

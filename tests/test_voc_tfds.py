@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-tfds = pytest.importorskip('tensorflow_datasets')
-pytest.importorskip('array_record')  # TFDS' random-access (as_data_source) format
+from conftest import importorskip  # fails instead of skipping under CI=true
+tfds = importorskip('tensorflow_datasets')
+importorskip('array_record')  # TFDS' random-access (as_data_source) format
 
 from configs import finetune_voc  # noqa: E402
 from test_finetune import tiny_finetune_config  # noqa: E402

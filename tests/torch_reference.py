@@ -464,7 +464,7 @@ class UPDETR(DETR):
 
         # patches through the same backbone body, no mask; GAP over layer4
         pfeat = self.backbone[0].body(patches.flatten(0, 1))
-        gt_feature = pfeat.mean(dim=(2, 3)).detach().view(bs, k, -1)  # [B,K,C5]
+        gt_feature = pfeat.mean(dim=(2, 3)).view(bs, k, -1)  # [B,K,C5], no detach (release)
         pq = self.patch2query(gt_feature)  # [B,K,d]
         pq = pq.repeat_interleave(per, dim=1).permute(1, 0, 2)  # [N',B,d]
         if self.training:

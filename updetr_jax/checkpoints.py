@@ -90,7 +90,7 @@ def restore_workdir_variables(workdir: str, which: str = 'latest'):
     raise ValueError(f"which={which!r}: choose 'latest', 'best' or 'auto'")
   best = os.path.join(workdir, BEST_DIR)
   if which == 'auto':
-    which = 'best' if _has_steps(best) else 'latest'
+    which = 'best' if has_steps(best) else 'latest'
   if not files.exists(os.path.join(workdir, 'config.json')):
     raise FileNotFoundError(f'{workdir} is not a training workdir (no config.json)')
   from updetr_jax import optim
@@ -117,7 +117,8 @@ def restore_workdir_variables(workdir: str, which: str = 'latest'):
           config['model'])
 
 
-def _has_steps(directory: str) -> bool:
+def has_steps(directory: str) -> bool:
+  """Does ``directory`` hold step folders of a checkpoint manager?"""
   return files.isdir(directory) and any(d.isdigit() for d in files.listdir(directory))
 
 

@@ -73,7 +73,8 @@ def set_criterion(outputs, targets, *, num_classes, eos_coef=0.1, weight_ce=1.0,
       * ``loss_giou = sum (1 - GIoU)`` / num_boxes.
       * ``loss_feature = sum ||n(pred_feature_i) - n(gt_feature_j)||^2`` over
         matched pairs ``(i, j)`` / num_boxes, ``n`` = L2 normalisation (eps
-        1e-12) and no gradient into ``gt_feature``.
+        1e-12); the gradient reaches ``gt_feature`` too, as in the release (it
+        trains the CNN when the CNN is not frozen).
 
     Data parallelism (``num_replicas = R > 1``) reproduces the PyTorch release
     run on R devices, each holding ``B / R`` consecutive images (B must be
@@ -151,7 +152,9 @@ def set_criterion(outputs, targets, *, num_classes, eos_coef=0.1, weight_ce=1.0,
     # ---- UP-DETR feature reconstruction ---------------------------------------------
     if feature_recon:
         feats = jnp.stack([jnp.asarray(o["pred_feature"], jnp.float32) for o in layers])
-        gt = lax.stop_gradient(jnp.asarray(outputs["gt_feature"], jnp.float32))  # [B, M, D]
+        # No stop-gradient on the target (the release's behaviour): it matters only when
+        # the CNN trains (a frozen CNN's weights are not differentiated).
+        gt = jnp.asarray(outputs["gt_feature"], jnp.float32)  # [B, M, D]
         src_f = l2_normalize(_gather_queries(feats, query_idx))  # [L, B, M, D]
         diff = src_f - l2_normalize(gt)[None]
         per_layer["loss_feature"] = box_loss(jnp.sum(jnp.square(diff), axis=-1))

@@ -2,7 +2,11 @@
 
 Parameters are split by path (``'body/layer1_0/conv1/kernel'``) into
   * frozen: regexes in ``optim.frozen`` -- no gradient, no optimizer state;
-  * backbone: ``body/...`` not frozen -- learning rate ``optim.lr_backbone``;
+  * backbone: ``body/...`` (the CNN) and ``position/...`` (the learned position
+    embedding's ``row_embed`` / ``col_embed``) not frozen -- learning rate
+    ``optim.lr_backbone``. The release puts every parameter whose name contains
+    ``backbone`` in this group, and its position embedding lives in the backbone
+    (``backbone.1.row_embed``): frozen in pre-training, lr_backbone in fine-tuning;
   * the rest -- learning rate ``optim.lr``.
 """
 from __future__ import annotations
@@ -13,6 +17,10 @@ from typing import Sequence
 import jax
 import optax
 from flax import traverse_util
+
+
+# Top-level parameter modules of the release's ``backbone`` (CNN + position embedding).
+BACKBONE_MODULES = ('body', 'position')
 
 
 def _path(p: tuple) -> str:
@@ -52,7 +60,7 @@ def make_optimizer(optim_config, trainable_params, steps_per_epoch: int):
   sched = {'lr': lr_schedule(optim_config.lr, steps_per_epoch, drops),
            'lr_backbone': lr_schedule(optim_config.lr_backbone, steps_per_epoch, drops)}
   labels = traverse_util.path_aware_map(
-      lambda p, _: 'lr_backbone' if p[0] == 'body' else 'lr', trainable_params)
+      lambda p, _: 'lr_backbone' if p[0] in BACKBONE_MODULES else 'lr', trainable_params)
   tx = optax.chain(
       optax.clip_by_global_norm(optim_config.clip_max_norm)
       if optim_config.clip_max_norm > 0 else optax.identity(),

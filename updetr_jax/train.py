@@ -26,7 +26,7 @@ from clu import metric_writers
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from updetr_jax import checkpoints, evaluate, files, losses, matching, mfu, optim, visualize
-from updetr_jax.data import make_detection_dataset, make_pretrain_dataset
+from updetr_jax.data import eval_data_config, make_detection_dataset, make_pretrain_dataset
 from updetr_jax.models import build_model
 from updetr_jax.torch_import import import_torch_checkpoint, init_variables
 
@@ -60,6 +60,33 @@ def criterion(config):
       weight_feature=config.loss.get('weight_feature', 0.0),
       feature_recon=bool(config.model.get('feature_recon', False)),
       solver=config.matcher.solver, num_replicas=config.loss_replicas)
+
+
+# Real-size CNNs, which the releases always start from pre-trained weights.
+PRETRAINED_CNNS = ('resnet50', 'resnet101')
+
+
+def check_backbone_init(config, resuming: bool) -> None:
+  """Refuses a run whose real-size CNN would keep its random initialisation.
+
+  The releases always load a pre-trained ResNet (UP-DETR: SwAV 800 epochs, frozen;
+  DETR: torchvision ImageNet); a frozen random ResNet-50 trains for days to nothing.
+  Allowed when a weight source is configured (``init.backbone_checkpoint``,
+  ``init.pretrained`` or ``init.checkpoint``), when resuming, for the small test /
+  demo CNNs, or on purpose with ``init.random_backbone=True``.
+  """
+  init = config.get('init', {})
+  if (config.model.backbone not in PRETRAINED_CNNS or resuming
+      or init.get('random_backbone', False)
+      or any(init.get(k) for k in ('backbone_checkpoint', 'pretrained', 'checkpoint'))):
+    return
+  raise ValueError(
+      f'config.model.backbone={config.model.backbone!r} would start from random weights: '
+      'set config.init.backbone_checkpoint to a torchvision-layout ResNet .pth (the '
+      'UP-DETR release uses SwAV 800 epochs, swav_800ep_pretrain.pth.tar from '
+      'https://github.com/facebookresearch/swav; DETR uses torchvision\'s ImageNet '
+      'ResNet), or config.init.pretrained / config.init.checkpoint; to train from a '
+      'random CNN on purpose, pass --config.init.random_backbone=True')
 
 
 def init_train_state(config, model, rng, steps_per_epoch: int, load_init: bool = True):
@@ -290,7 +317,8 @@ class PreemptionWatch:
 
 
 class PatchTask:
-  """Pre-training: random query patch detection, evaluated by held-out patch IoU."""
+  """Pre-training: random query patch detection, evaluated by the patch IoU on
+  evaluation images (held out when the data config names them)."""
 
   def __init__(self, config, data_sharding):
     self.config, self.sharding = config, data_sharding
@@ -299,6 +327,9 @@ class PatchTask:
     self.eval_step = None
     self.before = None
     self._eval_it = None
+    self.eval_data, self.held_out = eval_data_config(config.data)
+    self.eval_images = 'held-out images' if self.held_out else \
+        'training images (new patches; no held-out set configured)'
 
   def examples_per_epoch(self) -> int:
     return self.config.examples_per_epoch
@@ -312,12 +343,13 @@ class PatchTask:
     return it, stats
 
   def _eval_batches(self):
-    """Held-out query patches: eval transforms, a different patch seed, fixed order;
-    the same first ``eval.num_batches`` batches at every evaluation."""
+    """Evaluation query patches: eval transforms, a different patch seed, fixed order;
+    the same first ``eval.num_batches`` batches at every evaluation; images from
+    ``data.eval_data_config`` (held out when configured)."""
     c = self.config
     if self._eval_it is None:
       self._eval_it, _ = make_pretrain_dataset(
-          c.data, global_batch_size=c.batch_size, num_patches=c.model.num_patches,
+          self.eval_data, global_batch_size=c.batch_size, num_patches=c.model.num_patches,
           train=False, seed=c.seed + 1, process_index=jax.process_index(),
           process_count=jax.process_count())
     else:
@@ -325,7 +357,7 @@ class PatchTask:
     return itertools.islice(self._eval_it, c.eval.num_batches)
 
   def evaluate(self, model, variables, step: int, workdir: str) -> dict:
-    """{'patch_iou_matched', 'patch_iou_group_top'} on the held-out batches."""
+    """{'patch_iou_matched', 'patch_iou_group_top'} on the evaluation batches."""
     if self.eval_step is None:
       self.eval_step = make_eval_step(model, self.config.model.num_patches,
                                       out_shardings=NamedSharding(self.sharding.mesh, P()))
@@ -333,13 +365,15 @@ class PatchTask:
                                         self.sharding)
     if self.before is None:
       self.before = iou
-    logging.warning('step %d: held-out query patches: mean IoU %s', step, _fmt(iou))
+    logging.warning('step %d: query patches of %s: mean IoU %s', step, self.eval_images,
+                    _fmt(iou))
     return {f'patch_iou_{k}': v for k, v in iou.items()}
 
   def finish(self, metrics: dict, step: int, workdir: str) -> dict:
     """Summary entries (and the patch PNG) after the final evaluation."""
     before = self.before
-    out = {'mean_iou_before': round(before['matched'], 4),
+    out = {'eval_images': self.eval_images,
+           'mean_iou_before': round(before['matched'], 4),
            'mean_iou_after': round(metrics['patch_iou_matched'], 4),
            'group_top_iou_before': round(before['group_top'], 4),
            'group_top_iou_after': round(metrics['patch_iou_group_top'], 4)}
@@ -351,7 +385,8 @@ class PatchTask:
       visualize.plot_patch_detection(
           png, batch['images'][0], batch['padding_mask'][0], batch['patches'][0],
           batch['targets']['boxes'][0], boxes[0], iou['matched'][0],
-          title=f'held-out query patches after {step} steps: matched predictions\n'
+          title=f'query patches of {self.eval_images.split(" (")[0]} after {step} steps: '
+                'matched predictions\n'
                 f'(mean IoU {before["matched"]:.2f} -> {metrics["patch_iou_matched"]:.2f})')
       out['png'] = png
     return out
@@ -516,6 +551,8 @@ def run(config, workdir: str) -> dict:
   task_name = config.get('task', 'pretrain')
   if task_name not in TASKS:
     raise ValueError(f'config.task={task_name!r}: choose one of {sorted(TASKS)}')
+  check_backbone_init(config, resuming=checkpoints.has_steps(
+      os.path.join(workdir, checkpoints.LAST_DIR)))
   task = TASKS[task_name](config, data_sharding)  # may resolve config fields
   config.examples_per_epoch = task.examples_per_epoch()
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -560,6 +597,9 @@ def run(config, workdir: str) -> dict:
   def run_eval(step):
     metrics = task.evaluate(model, full_variables(state, constants), step, workdir)
     writer.write_scalars(step, {f'eval/{k}': v for k, v in metrics.items()})
+    if jax.process_index() == 0:  # every evaluation, for curves (updetr_jax.compare)
+      files.append_line(os.path.join(workdir, 'eval.jsonl'),
+                        json.dumps({'step': step, **{k: float(v) for k, v in metrics.items()}}))
     if best is not None:
       best.update(step, metrics, {'state': state, 'constants': constants})
     return metrics

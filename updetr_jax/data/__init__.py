@@ -21,6 +21,9 @@ Data config fields (ConfigDict or dict; missing fields take the release value):
   tfds_image_key  image feature name ('image').
   folder          root of a tree of .jpg/.jpeg/.png/.bmp/.gif files (any case).
   demo_images     scikit-image photo names for source='demo'.
+  eval_tfds_split / eval_folder / eval_demo_images
+                  pre-training evaluation images never trained on ('validation'; '';
+                  the demo: 4 photos kept out of demo_images); see eval_data_config.
   demo_repeats    demo only: each photo appears this many times per epoch, with
                   different patches and scales (a larger virtual dataset).
   scales          training short-side sizes, one drawn per image
@@ -59,7 +62,7 @@ except RuntimeError:  # already initialised by the caller
 
 from updetr_jax.data.augment import resize_rule  # noqa: E402
 from updetr_jax.data.batching import (  # noqa: E402
-    DataStats, bucket_shapes, default_data_config, demo_data_config,
+    DataStats, bucket_shapes, default_data_config, demo_data_config, eval_data_config,
     make_pretrain_dataset, resolve_config)
 from updetr_jax.data.detection import (  # noqa: E402
     DatasetInfo, demo_detection_config, detection_bucket_shapes, detection_data_config,
@@ -67,7 +70,7 @@ from updetr_jax.data.detection import (  # noqa: E402
 from updetr_jax.data.sources import list_image_files, probe_image  # noqa: E402
 
 __all__ = ['make_pretrain_dataset', 'bucket_shapes', 'default_data_config',
-           'demo_data_config', 'resolve_config', 'DataStats', 'resize_rule',
+           'demo_data_config', 'eval_data_config', 'resolve_config', 'DataStats', 'resize_rule',
            'list_image_files', 'probe_image', 'make_detection_dataset', 'DatasetInfo',
            'detection_data_config', 'voc_data_config', 'demo_detection_config',
            'detection_bucket_shapes', 'write_demo_detection_set']

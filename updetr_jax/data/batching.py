@@ -76,6 +76,10 @@ DEFAULTS: dict[str, Any] = dict(
     folder='',
     demo_images=sources.DEMO_IMAGES,
     demo_repeats=1,
+    # Pre-training evaluation images, never trained on (see eval_data_config):
+    eval_tfds_split='validation',  # tfds: ImageNet's validation split
+    eval_folder='',  # folder: a second folder ('' = new patches of the training images)
+    eval_demo_images=(),  # demo: photos kept out of demo_images
     scales=(320, 336, 352, 368, 400, 416, 432, 448, 464, 480),
     max_size=600,
     eval_scale=480,
@@ -94,6 +98,8 @@ DEFAULTS: dict[str, Any] = dict(
 
 DEMO_OVERRIDES: dict[str, Any] = dict(
     source='demo',
+    demo_images=sources.DEMO_TRAIN_IMAGES,
+    eval_demo_images=sources.DEMO_EVAL_IMAGES,
     demo_repeats=16,
     scales=(96, 112, 128),
     max_size=160,
@@ -144,6 +150,29 @@ def resolve_config(data_config, defaults=None) -> dict:
   if not cfg['max_size']:
     raise ValueError('data.max_size must be set (it bounds the bucket shapes)')
   return cfg
+
+
+def eval_data_config(data_config) -> tuple[dict, bool]:
+  """The pre-training evaluation's data: (resolved config, held_out).
+
+  held_out is True when the evaluation images are never trained on: TFDS
+  ``eval_tfds_split`` (ImageNet validation) when it differs from ``tfds_split``, a
+  folder ``eval_folder``, or the demo's ``eval_demo_images``. Otherwise (a folder run
+  without ``eval_folder``, a TFDS run with ``eval_tfds_split=''``) the evaluation
+  draws new patches from the training images, and held_out is False.
+  """
+  cfg = resolve_config(data_config)
+  kind = cfg['source']
+  if kind == 'tfds' and cfg['eval_tfds_split'] and cfg['eval_tfds_split'] != cfg['tfds_split']:
+    return dict(cfg, tfds_split=cfg['eval_tfds_split']), True
+  if kind == 'folder' and cfg['eval_folder']:
+    return dict(cfg, folder=cfg['eval_folder']), True
+  if kind == 'demo' and cfg['eval_demo_images']:
+    overlap = set(cfg['eval_demo_images']) & set(cfg['demo_images'])
+    if overlap:
+      raise ValueError(f'data.eval_demo_images and data.demo_images share {sorted(overlap)}')
+    return dict(cfg, demo_images=tuple(cfg['eval_demo_images'])), True
+  return cfg, False
 
 
 _MALLOC_TUNED = False

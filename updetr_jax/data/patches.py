@@ -2,9 +2,11 @@
 
 Sampling (UP-DETR, SPEC §3), per patch and independently, in ORIGINAL pixels of an
 image of size (H, W) (both >= 17, smaller images are skipped upstream):
-  w ~ U{8, ..., W - 8}, h ~ U{8, ..., H - 8}      (both ends inclusive)
-  x ~ U{0, ..., W - w}, y ~ U{0, ..., H - h}      (both ends inclusive)
-so the patch [x, x + w) x [y, y + h) lies inside the image; patches may overlap.
+  w ~ U{8, ..., W - 8}, h ~ U{8, ..., H - 8}          (both ends inclusive)
+  x ~ U{0, ..., W - w - 1}, y ~ U{0, ..., H - h - 1}  (both ends inclusive)
+so the patch [x, x + w) x [y, y + h) lies inside the image and, as in the release
+(``np.random.randint(W - w)``, exclusive), never touches the right or bottom edge;
+patches may overlap.
 The box is that rectangle, normalised cxcywh: ((x + w/2) / W, (y + h/2) / H, w / W,
 h / H). Resizing the detection image maps boxes proportionally, so this equals the
 rectangle mapped to the resized image and normalised by the UNPADDED resized size.
@@ -37,8 +39,8 @@ def sample_patch_boxes(seed, height, width, num_patches: int):
   width = tf.cast(width, tf.int32)
   pw = _randint(u[0], MIN_PATCH, width - MIN_PATCH)
   ph = _randint(u[1], MIN_PATCH, height - MIN_PATCH)
-  x = _randint(u[2], 0, width - pw)
-  y = _randint(u[3], 0, height - ph)
+  x = _randint(u[2], 0, width - pw - 1)  # the release's randint(W - w): exclusive
+  y = _randint(u[3], 0, height - ph - 1)
   return tf.stack([x, y, pw, ph], -1)
 
 

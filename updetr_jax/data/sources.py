@@ -59,6 +59,12 @@ _INDEX_VERSION = 1
 DEMO_IMAGES = ('astronaut', 'chelsea', 'coffee', 'rocket', 'hubble_deep_field',
                'immunohistochemistry', 'retina', 'colorwheel', 'camera', 'coins',
                'clock', 'moon')
+# The pre-training demo trains on DEMO_TRAIN_IMAGES and evaluates on photos it never
+# sees (DEMO_EVAL_IMAGES, also offline in the wheel).
+DEMO_TRAIN_IMAGES = ('astronaut', 'chelsea', 'rocket', 'hubble_deep_field',
+                     'immunohistochemistry', 'retina', 'colorwheel', 'coins', 'clock',
+                     'moon')
+DEMO_EVAL_IMAGES = ('coffee', 'camera', 'cell', 'gravel')
 
 
 class ImageIndex:

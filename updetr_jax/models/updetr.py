@@ -31,7 +31,10 @@ class UPDETR(DETR):
   K <= num_patches (K patches use the first K * N / M queries). Returns DETR's dict
   (with N' = K * N / M queries) plus pred_feature [B, N', C5] (also in each aux
   dict) and gt_feature [B, K, C5] (global-average-pooled backbone features of the
-  patches, no gradient).
+  patches). As in the release, gt_feature keeps its gradient: with the CNN frozen
+  (the default) nothing flows into it, since frozen weights are not differentiated;
+  with a trainable CNN the feature-reconstruction loss also trains the CNN through
+  it (the paper's ablation "feature reconstruction without frozen CNN").
   """
   num_patches: int = 10
   patch_query_drop: float = 0.1  # per-query probability of dropping the patch feature
@@ -57,7 +60,6 @@ class UPDETR(DETR):
     src, padding, pos = self.encode_image(images, padding_mask)
     feat = self.body(patches.reshape((b * k,) + patches.shape[2:]))
     feat = jnp.mean(feat.astype(jnp.float32), axis=(1, 2)).reshape(b, k, -1)
-    gt_feature = jax.lax.stop_gradient(feat)
     patch_query = jnp.repeat(self.patch2query(feat), group_size, axis=1)  # [B, N', d]
     if train and self.patch_query_drop > 0:
       keep = jax.random.bernoulli(self.make_rng('dropout'), 1.0 - self.patch_query_drop,
@@ -68,5 +70,5 @@ class UPDETR(DETR):
     per_layer = self.predict_heads(hs)
     per_layer['pred_feature'] = self.feature_align(hs.astype(jnp.float32))
     out = self.format_outputs(per_layer)
-    out['gt_feature'] = gt_feature
+    out['gt_feature'] = feat
     return out
