@@ -30,10 +30,11 @@ def matcher() -> ml_collections.ConfigDict:
                                         cost_giou=2.0))
 
 
-# The demos' small model (CPU, minutes): the pre-training demo and the fine-tuning demo
-# that starts from it share it (an architecture mismatch would refuse the init).
-# No pre-trained CNN can be downloaded here, so the demo CNN is random and frozen, like
-# the release's (pre-trained) one; DC5 (stride 16) gives 128-px images an 8x10 map.
+# The small model of the CPU demos (minutes): the pre-training demo and the
+# pre-training vs scratch comparison (configs/compare.py) use it; an architecture
+# mismatch would refuse a pre-trained init. DC5 (stride 16) gives 128-px images an
+# 8x10 map. The pre-training demo's CNN is random and frozen (no download);
+# configs/compare.py trains it self-supervised first (stage 0).
 DEMO_ARCHITECTURE = dict(backbone='resnet_small', dilation=True, hidden_dim=64, nheads=4,
                          enc_layers=2, dec_layers=2, dim_feedforward=128, dropout=0.0,
                          num_queries=20, pre_norm=True)

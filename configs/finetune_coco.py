@@ -6,12 +6,9 @@ r"""DETR fine-tuning on COCO 2017, from an UP-DETR pre-training or from scratch.
       --config.data.eval_ann_file=/data/coco/annotations/instances_val2017.json \
       --config.data.eval_image_dir=/data/coco/val2017 \
       --config.init.pretrained=/tmp/updetr_pretrain   # or an UP-DETR .pth
-  python -m updetr_jax.main --config=configs/finetune_coco.py:demo --workdir=workdir/finetune_demo
 
-Variants (``:name``): default ``300ep`` (lr drop at 200), ``150ep`` (drop at 100),
-``demo``: the pre-training demo's model fine-tuned on a 6-photo detection set written
-from scikit-image (no download), once from ``workdir/demo`` (``make demo``) and once
-from scratch, with the same budget; prints both APs.
+Variants (``:name``): default ``300ep`` (lr drop at 200), ``150ep`` (drop at 100).
+Pre-trained vs scratch, measured: configs/compare.py (``python -m updetr_jax.compare``).
 Data: any COCO-format json + image folder (``data.source='coco_json'``, the default
 with the release's ``--coco_path`` layout), or TFDS ``coco/2017`` with
 ``--config.data.source=tfds_coco`` (see ``updetr_jax/data/detection.py``).
@@ -48,7 +45,7 @@ def finetune_config(variant: str, *, name: str, num_classes: int, examples_per_e
   """
   if variant not in SCHEDULES:
     raise ValueError(f'configs/{name}.py: unknown variant {variant!r} '
-                     f'(choose one of {sorted(SCHEDULES) + ["demo"]})')
+                     f'(choose one of {sorted(SCHEDULES)})')
   epochs, drop = SCHEDULES[variant]
   config = ml_collections.ConfigDict()
   config.task = 'detection'
@@ -93,31 +90,7 @@ def finetune_config(variant: str, *, name: str, num_classes: int, examples_per_e
   return config
 
 
-def demo_config() -> ml_collections.ConfigDict:
-  """Fine-tunes the pre-training demo's model on the demo detection set (2 CPU cores)."""
-  from updetr_jax.data import demo_detection_config
-  config = finetune_config('150ep', name='finetune_coco', num_classes=-1,
-                           examples_per_epoch=-1,
-                           data=demo_detection_config('workdir/demo_detection_data'))
-  config.model.update(**common.DEMO_ARCHITECTURE)
-  config.batch_size = 8
-  config.loss_replicas = 1
-  config.num_train_steps = 600
-  # The demo CNN is random and stays frozen (as in its pre-training): only the
-  # transformer and heads learn, from workdir/demo or from scratch.
-  config.optim.update(lr=2e-4, lr_drop_epochs=(), frozen=(r'^body/',))
-  config.init.pretrained = 'workdir/demo'
-  config.compare_from_scratch = True
-  config.compilation_cache_dir = 'workdir/.xla_cache'  # the 2nd run reuses the 1st's
-  config.eval.update(every_steps=200, num_pictures=3, picture_threshold=0.3)
-  config.checkpoint_every_steps = 200
-  config.log_every_steps = 100
-  return config
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  if arg == 'demo':
-    return demo_config()
   from updetr_jax.data import detection_data_config
   # 91 classes (COCO category ids up to 90); every train2017 image.
   return finetune_config(arg or '300ep', name='finetune_coco', num_classes=91,

@@ -314,23 +314,3 @@ def test_config_errors(coco):
       rh, rw = data.resize_rule(h, w, s, 1333)
       assert any(rh <= bh and rw <= bw for bh, bw in shapes), (h, w, s)
   assert data.voc_data_config().source == 'tfds_voc'
-
-
-def test_demo_set_writer(tmp_path):
-  from pycocotools.coco import COCO
-  ann, img_dir = data.write_demo_detection_set(str(tmp_path))
-  for split in ('train', 'val'):
-    c = COCO(str(tmp_path / f'{split}.json'))
-    assert len(c.getImgIds()) >= 3 and len(c.getAnnIds()) >= 5
-    for im in c.loadImgs(c.getImgIds()):
-      arr = np.asarray(Image.open(os.path.join(img_dir, im['file_name'])))
-      assert arr.shape[:2] == (im['height'], im['width']) and max(arr.shape[:2]) <= 200
-      for a in c.loadAnns(c.getAnnIds(imgIds=im['id'])):
-        x, y, w, h = a['bbox']
-        assert w > 4 and h > 4 and x >= 0 and y >= 0
-        assert x + w <= im['width'] + 1e-6 and y + h <= im['height'] + 1e-6
-  cfg = data.demo_detection_config(str(tmp_path))
-  it, _, info = data.make_detection_dataset(cfg, global_batch_size=2)
-  assert info.class_names[2] == 'cat' and info.num_classes == 8
-  b = next(it)
-  assert b['images'].shape[1:3] in info.shapes and b['targets']['mask'].any()

@@ -74,6 +74,27 @@ def test_patch_group_top_scores_class_1_and_its_iou():
   np.testing.assert_allclose(iou, [[0.6, 0.5]], atol=1e-6)
 
 
+def test_patch_diagnostics_group_best_and_own_group():
+  # M=2 groups (queries 0, 1) and (2, 3). Patch 0's box is predicted exactly by query
+  # 3 (group 1) and at IoU .25 by query 1 (its own group); patch 1's exactly by query
+  # 0 (group 0) and not at all by its own group.
+  t0, t1 = [0.5, 0.5, 0.4, 0.4], [0.2, 0.2, 0.2, 0.2]
+  far = [0.9, 0.9, 0.1, 0.1]
+  boxes = [t1, [0.4, 0.4, 0.2, 0.2], far, t0]
+  outputs = {'pred_logits': jnp.zeros((1, 4, 3)), 'pred_boxes': jnp.array([boxes])}
+  targets = {'labels': jnp.ones((1, 2), jnp.int32), 'boxes': jnp.array([[t0, t1]]),
+             'mask': jnp.array([[True, True]])}
+  ious = evaluate.patch_iou(outputs, targets, num_patches=2)
+  np.testing.assert_allclose(ious['matched'], [[1.0, 1.0]], atol=1e-6)
+  # query 1 (.3, .3, .5, .5) inside patch 0's (.3, .3, .7, .7): .04 / .16
+  np.testing.assert_allclose(ious['group_best'], [[0.25, 0.0]], atol=1e-6)
+  np.testing.assert_array_equal(ious['own_group'], [[0.0, 0.0]])  # matched elsewhere
+  swapped = dict(outputs, pred_boxes=jnp.array([[t0, boxes[1], t1, far]]))
+  ious = evaluate.patch_iou(swapped, targets, num_patches=2)
+  np.testing.assert_array_equal(ious['own_group'], [[1.0, 1.0]])
+  np.testing.assert_allclose(ious['group_best'], [[1.0, 1.0]], atol=1e-6)
+
+
 def test_postprocess_matches_numpy():
   rng = np.random.default_rng(1)
   logits = rng.standard_normal((2, 7, 4)).astype(np.float32) * 3

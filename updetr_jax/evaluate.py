@@ -8,6 +8,14 @@ for two choices of "the" prediction of patch j:
   * group top: the query of patch j's group with the highest "is the patch"
     probability (no ground truth used; needs a class head that has learned to rank
     the queries of a group, which takes far longer than localisation).
+Diagnostics of whether the patches are used at all (``patch_iou``):
+  * group best: the best IoU among the queries of patch j's group (an oracle within
+    the group: is any of them on the patch?);
+  * own group: 1 where the matched query of patch j lies in patch j's group, else 0
+    (chance: 1 / M);
+  * group best, wrong patches (``patch_iou_wrong_patches``): group best when every
+    image gets another image's patches; equal to group best when the predictions do
+    not depend on the patches.
 
 Detection (fine-tuned DETR, SPEC §2, §4, §7):
   postprocess(pred_logits, pred_boxes, orig_size) -> scores, labels, boxes_xyxy
@@ -73,13 +81,30 @@ def _iou_with_targets(boxes, targets):
 def patch_iou(outputs, targets, num_patches: int):
   """IoUs [B, M] with each patch's true box (0 where padded).
 
-  Returns {'matched': ..., 'group_top': ...} (see the module docstring).
+  Returns {'matched', 'group_top', 'group_best', 'own_group'} (see the module
+  docstring), each [B, M].
   """
   top, _ = patch_predictions(outputs, num_patches)
   idx = matching.hungarian_match(outputs, targets)  # [B, M]
   matched = jnp.take_along_axis(outputs['pred_boxes'], jnp.maximum(idx, 0)[..., None], axis=1)
+  g = outputs['pred_boxes'].shape[1] // num_patches
+  own = (idx // g == jnp.arange(idx.shape[1])[None]) & targets['mask']
   return {'matched': _iou_with_targets(matched, targets),
-          'group_top': _iou_with_targets(top, targets)}
+          'group_top': _iou_with_targets(top, targets),
+          'group_best': group_best_iou(outputs['pred_boxes'], targets, num_patches),
+          'own_group': own.astype(jnp.float32)}
+
+
+def group_best_iou(pred_boxes, targets, num_patches: int):
+  """[B, M]: the best IoU of the queries of patch j's group with patch j's box.
+
+  pred_boxes [B, N, 4] cxcywh, N = num_patches groups of N / M consecutive queries;
+  targets boxes [B, M, 4], mask [B, M].
+  """
+  b, n = pred_boxes.shape[:2]
+  groups = box_ops.box_cxcywh_to_xyxy(pred_boxes).reshape(b, num_patches, n // num_patches, 4)
+  iou, _ = box_ops.box_iou(groups, box_ops.box_cxcywh_to_xyxy(targets['boxes'])[:, :, None])
+  return jnp.where(targets['mask'], jnp.max(iou, axis=-1), 0.0)
 
 
 # --- detection: post-processing and batch-independent inference ---------------------

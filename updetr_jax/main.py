@@ -32,9 +32,6 @@ def main(argv):
   logging.getLogger().setLevel(logging.WARNING)
   distributed.maybe_initialize(  # before anything touches the JAX backend
       _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _LOCAL_DEVICE_IDS.value)
-  if _CONFIG.value.get('compare_from_scratch'):
-    train.run_with_baseline(_CONFIG.value, _WORKDIR.value)
-    return
   summary = train.run(_CONFIG.value, _WORKDIR.value)
   print({k: v for k, v in summary.items() if k != 'data_stats'})
 

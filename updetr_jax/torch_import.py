@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from updetr_jax import files
 from updetr_jax.models import build_model
 
 # Heads of classification / self-supervised checkpoints that DETR never uses.
@@ -40,19 +41,27 @@ class CheckpointMismatchError(ValueError):
 
 
 def load_state_dict(path_or_state_dict) -> dict[str, np.ndarray]:
-  """Reads a ``.pth`` (or takes a dict) and returns {key: float32 numpy array}.
+  """Reads a ``.pth`` or ``.npz`` file (or takes a dict): {key: float32 numpy array}.
 
-  Unwraps ``{'model': ...}`` / ``{'state_dict': ...}`` and strips ``module.``.
+  A ``.npz`` (numpy archive whose keys are the state-dict keys, e.g. written by
+  ``updetr_jax.ssl_backbone``) is read without PyTorch; any other file is read with
+  ``torch.load``. Unwraps ``{'model': ...}`` / ``{'state_dict': ...}`` and strips
+  ``module.``.
   """
   sd = path_or_state_dict
   if isinstance(sd, (str, os.PathLike)):
-    try:
-      import torch  # optional dependency, only to read .pth files
-    except ImportError as e:
-      raise ImportError(f'reading {sd} needs PyTorch: pip install torch (CPU build)') from e
-    if not os.path.exists(sd):
-      raise FileNotFoundError(f'checkpoint file not found: {sd}')
-    sd = torch.load(sd, map_location='cpu', weights_only=True)
+    if os.fspath(sd).lower().endswith('.npz'):
+      if not files.exists(os.fspath(sd)):
+        raise FileNotFoundError(f'checkpoint file not found: {sd}')
+      sd = files.read_npz(os.fspath(sd))
+    else:
+      try:
+        import torch  # optional dependency, only to read .pth files
+      except ImportError as e:
+        raise ImportError(f'reading {sd} needs PyTorch: pip install torch (CPU build)') from e
+      if not os.path.exists(sd):
+        raise FileNotFoundError(f'checkpoint file not found: {sd}')
+      sd = torch.load(sd, map_location='cpu', weights_only=True)
   if not isinstance(sd, Mapping):
     raise TypeError(f'expected a state dict (mapping), got {type(sd).__name__}')
   for wrapper in ('model', 'state_dict'):
@@ -182,6 +191,42 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], shapes, backbone_only: bool
       value = np.split(value, 3, axis=0)[sl]
     out[fpath] = _to_flax(value, ndim, is_kernel)
   return traverse_util.unflatten_dict(out)
+
+
+_TORCH_LEAF_NAMES = {'kernel': 'weight', 'scale': 'weight', 'embedding': 'weight',
+                     'bias': 'bias', 'mean': 'running_mean', 'var': 'running_var'}
+
+
+def export_state_dict(variables) -> dict[str, np.ndarray]:
+  """Flax variables -> torch-layout state dict: the inverse of the backbone-only import.
+
+  For trees whose module names mirror torch's (``layer1_0`` -> ``layer1.0``,
+  ``projection_head_3`` -> ``projection_head.3``): conv kernels HWIO -> OIHW and dense
+  kernels [in, out] -> [out, in] as ``.weight``; BatchNorm ``scale`` / ``bias`` (in
+  ``params`` or ``batch_stats``) and ``mean`` / ``var`` -> ``weight`` / ``bias`` /
+  ``running_mean`` / ``running_var``.
+
+  Args: variables: {collection: nested dict of arrays}, e.g. {'params': ...,
+    'batch_stats': ...} of a training-mode ResNet (``updetr_jax.ssl_backbone``).
+  Returns: {torch key: float32 numpy array}.
+  Raises: ValueError for a leaf without a torch name or two leaves with one key.
+  """
+  out: dict[str, np.ndarray] = {}
+  for collection, tree in dict(variables).items():
+    for path, value in traverse_util.flatten_dict(dict(tree)).items():
+      *mods, leaf = path
+      if leaf not in _TORCH_LEAF_NAMES:
+        raise ValueError(f'{collection}/{"/".join(path)}: no torch name for leaf {leaf!r}')
+      key = '.'.join([_module_key(m) for m in mods] + [_TORCH_LEAF_NAMES[leaf]])
+      if key in out:
+        raise ValueError(f'{collection}/{"/".join(path)}: torch key {key!r} given twice')
+      value = np.asarray(value, np.float32)
+      if leaf == 'kernel' and value.ndim == 4:
+        value = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+      elif leaf == 'kernel' and value.ndim == 2:
+        value = value.T  # [in, out] -> [out, in]
+      out[key] = np.ascontiguousarray(value)
+  return out
 
 
 def _is_backbone_only(sd: Mapping[str, Any]) -> bool:

@@ -183,7 +183,13 @@ def make_eval_step(model, num_patches: int, out_shardings=None):
   def eval_step(variables, batch):
     out = model.apply(variables, batch['images'], batch['padding_mask'], batch['patches'],
                       train=False)
-    return evaluate.patch_iou(out, batch['targets'], num_patches), out
+    ious = evaluate.patch_iou(out, batch['targets'], num_patches)
+    # The same images with the next image's patches: does the model use the patches?
+    wrong = model.apply(variables, batch['images'], batch['padding_mask'],
+                        jnp.roll(batch['patches'], 1, axis=0), train=False)
+    ious['group_best_wrong_patches'] = evaluate.group_best_iou(
+        wrong['pred_boxes'], batch['targets'], num_patches)
+    return ious, out
 
   return eval_step
 
@@ -376,7 +382,10 @@ class PatchTask:
            'mean_iou_before': round(before['matched'], 4),
            'mean_iou_after': round(metrics['patch_iou_matched'], 4),
            'group_top_iou_before': round(before['group_top'], 4),
-           'group_top_iou_after': round(metrics['patch_iou_group_top'], 4)}
+           'group_top_iou_after': round(metrics['patch_iou_group_top'], 4),
+           # every patch metric (evaluate.patch_iou: diagnostics included)
+           'patch_eval_before': {k: round(v, 4) for k, v in before.items()},
+           'patch_eval_after': {k[len('patch_iou_'):]: round(v, 4) for k, v in metrics.items()}}
     if jax.process_index() == 0:
       batch, out_, iou = self._first
       idx = np.asarray(matching.hungarian_match(out_, batch['targets']))
@@ -675,32 +684,3 @@ def run(config, workdir: str) -> dict:
   if jax.process_index() == 0:
     files.write_json(os.path.join(workdir, 'summary.json'), summary)
   return summary
-
-
-def run_with_baseline(config, workdir: str) -> dict:
-  """Fine-tunes twice with the same budget: from ``config.init.pretrained`` (into
-  ``workdir/from_pretrained``) and from scratch (``workdir/from_scratch``); prints and
-  writes ``workdir/comparison.json`` with both evaluations."""
-  if not config.init.get('pretrained'):
-    raise ValueError('config.compare_from_scratch needs config.init.pretrained')
-  results = {}
-  for name, pretrained in (('from_pretrained', config.init.pretrained),
-                           ('from_scratch', '')):
-    c = config.copy_and_resolve_references()
-    c.init.pretrained = pretrained
-    results[name] = run(c, os.path.join(workdir, name))
-  table = {name: dict(r.get('eval', {}), best=r.get('best', {}).get('value'),
-                      train_loss=r.get('final_train_loss'))
-           for name, r in results.items()}
-  lines = [f'final evaluation; best = the best {config.eval.get("best_metric", "")} of the '
-           'periodic evaluations; train_loss = mean of the last logged training losses:']
-  keys = list(next(iter(table.values())))
-  lines.append('  %-16s' % '' + ''.join('%11s' % k for k in keys))
-  for name, row in table.items():
-    lines.append('  %-16s' % name + ''.join(
-        '%11.4f' % row[k] if row[k] is not None else '%11s' % '-' for k in keys))
-  text = '\n'.join(lines)
-  print(text, flush=True)
-  if jax.process_index() == 0:
-    files.write_json(os.path.join(workdir, 'comparison.json'), table)
-  return {'comparison': table, 'text': text}

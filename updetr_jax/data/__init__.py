@@ -8,8 +8,9 @@ Public API:
 Fine-tuning (labelled detection data: COCO json, TFDS COCO / VOC), detection.py:
   make_detection_dataset(data_config, *, global_batch_size, train=True, seed=0,
       start_step=0, process_index=0, process_count=1) -> (iterator, DataStats, DatasetInfo)
-  detection_data_config() / voc_data_config() / demo_detection_config(directory)
-  write_demo_detection_set(directory, split) -> (ann_file, image_dir)
+  detection_data_config() / voc_data_config()
+The miniature benchmark of real pixels (pre-training pool, labelled train / eval sets
+as COCO json; docs/miniature.md): miniature.write_miniature(directory, ...).
 Batch layout, bucketing, determinism and host sharding: see batching.py; sources and
 bad-image handling: sources.py; patches: patches.py; transforms: augment.py.
 
@@ -65,12 +66,12 @@ from updetr_jax.data.batching import (  # noqa: E402
     DataStats, bucket_shapes, default_data_config, demo_data_config, eval_data_config,
     make_pretrain_dataset, resolve_config)
 from updetr_jax.data.detection import (  # noqa: E402
-    DatasetInfo, demo_detection_config, detection_bucket_shapes, detection_data_config,
-    make_detection_dataset, voc_data_config, write_demo_detection_set)
+    DatasetInfo, detection_bucket_shapes, detection_data_config, make_detection_dataset,
+    voc_data_config)
 from updetr_jax.data.sources import list_image_files, probe_image  # noqa: E402
 
 __all__ = ['make_pretrain_dataset', 'bucket_shapes', 'default_data_config',
-           'demo_data_config', 'eval_data_config', 'resolve_config', 'DataStats', 'resize_rule',
-           'list_image_files', 'probe_image', 'make_detection_dataset', 'DatasetInfo',
-           'detection_data_config', 'voc_data_config', 'demo_detection_config',
-           'detection_bucket_shapes', 'write_demo_detection_set']
+           'demo_data_config', 'eval_data_config', 'resolve_config', 'DataStats',
+           'resize_rule', 'list_image_files', 'probe_image', 'make_detection_dataset',
+           'DatasetInfo', 'detection_data_config', 'voc_data_config',
+           'detection_bucket_shapes']

@@ -110,26 +110,32 @@ class ResNet(nn.Module):
     x = nn.relu(FrozenBatchNorm(name='bn1')(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     block_cls = nn.remat(Bottleneck) if self.remat else Bottleneck
-    in_ch = self.width
-    cur_dilation = 1
-    for stage, n in enumerate(self.blocks):
-      planes = self.width * 2 ** stage
-      stride = 1 if stage == 0 else 2
-      prev_dilation = cur_dilation
-      if stage == 3 and self.dilation:
-        cur_dilation *= stride
-        stride = 1
-      for i in range(n):
-        x = block_cls(
-            planes,
-            stride=stride if i == 0 else 1,
-            # torchvision: the first block keeps the previous dilation.
-            dilation=prev_dilation if i == 0 else cur_dilation,
-            downsample=(i == 0 and (stride != 1 or in_ch != planes * 4)),
-            dtype=self.dtype,
-            name=f'layer{stage + 1}_{i}')(x)
-        in_ch = planes * 4
+    for name, kw in block_layout(self.blocks, self.width, self.dilation):
+      x = block_cls(dtype=self.dtype, name=name, **kw)(x)
     return x
+
+
+def block_layout(blocks: Sequence[int], width: int, dilation: bool):
+  """The bottleneck blocks of a ResNet, in order: [(name, kwargs)], name as torchvision
+  (``layer2_0`` for ``layer2.0``), kwargs planes / stride / dilation / downsample."""
+  layout = []
+  in_ch = width
+  cur_dilation = 1
+  for stage, n in enumerate(blocks):
+    planes = width * 2 ** stage
+    stride = 1 if stage == 0 else 2
+    prev_dilation = cur_dilation
+    if stage == 3 and dilation:
+      cur_dilation *= stride
+      stride = 1
+    for i in range(n):
+      layout.append((f'layer{stage + 1}_{i}', dict(
+          planes=planes, stride=stride if i == 0 else 1,
+          # torchvision: the first block keeps the previous dilation.
+          dilation=prev_dilation if i == 0 else cur_dilation,
+          downsample=(i == 0 and (stride != 1 or in_ch != planes * 4)))))
+      in_ch = planes * 4
+  return layout
 
 
 def build_resnet(name: str, dilation: bool = False, dtype=jnp.float32,

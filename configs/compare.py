@@ -1,0 +1,100 @@
+r"""UP-DETR pre-training vs scratch (``python -m updetr_jax.compare``).
+
+  python -m updetr_jax.compare --config=configs/compare.py:mini --workdir=workdir/compare
+  python -m updetr_jax.compare --config=configs/compare.py:demo --workdir=workdir/finetune_demo
+
+Variants (``:name``):
+  ``mini`` (default): the built-in miniature benchmark of real pixels (docs/miniature.md):
+      stage-0 SimCLR CNN, pre-training of three arms' transformers (UP-DETR; without
+      feature reconstruction; with the CNN trained), fine-tuning of those and of scratch
+      at 10% and 100% of the labels, 3 seeds; ``make compare-mini`` (about 45 min on
+      2 cores). ``--config.seeds=(0,1,2,3,4)`` for the README figures.
+  ``demo``: its short form (``make finetune-demo``, about 10 min): UP-DETR vs scratch
+      at 100% of the labels, 3 seeds, shorter budgets.
+
+Your own data: ``--config.miniature.enabled=False`` and the data fields of the two
+stages, as in configs/pretrain.py and configs/finetune_coco.py, e.g.
+``--config.pretrain.data.folder=/unlabeled --config.pretrain.data.eval_folder=/heldout
+--config.finetune.data.ann_file=train.json --config.finetune.data.image_dir=img/
+--config.finetune.data.eval_ann_file=val.json --config.finetune.data.eval_image_dir=img/``,
+and a CNN (``--config.backbone_checkpoint=swav.pth``, or stage 0 on your pool with
+``--config.stage0.images=/unlabeled``). The model of both stages is
+``config.pretrain.model`` / ``config.finetune.model`` (they must match).
+"""
+import ml_collections
+
+from configs import common, finetune_coco, pretrain
+
+VARIANTS = ('mini', 'demo')
+
+# Image geometry of the miniature (128-px scenes): both stages.
+_PRETRAIN_DATA = dict(scales=(96, 112, 128), max_size=160, eval_scale=128,
+                      buckets=((128, 160),), patch_size=32, cache_decoded=True,
+                      index_cache_dir=None)
+_FINETUNE_DATA = dict(scales=(96, 112, 128), max_size=160, eval_scale=128,
+                      crop_resize_scales=(112, 128, 144), crop_size=(80, 128),
+                      buckets=((128, 160),), cache_decoded=True, index_cache_dir=None,
+                      max_targets=16)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or 'mini'
+  if variant not in VARIANTS:
+    raise ValueError(f'configs/compare.py: unknown variant {variant!r} (choose one of '
+                     f'{VARIANTS})')
+  from updetr_jax.data import detection_data_config  # noqa: PLC0415
+
+  config = ml_collections.ConfigDict()
+  config.arms = ('updetr', 'updetr_no_feature_recon', 'updetr_trainable_cnn', 'scratch')
+  config.seeds = (0, 1, 2)
+  config.label_fractions = (0.1, 1.0)
+  config.compilation_cache_dir = ''  # e.g. WORKDIR/.xla_cache: runs share compiled steps
+  # The CNN of every run: a torchvision-layout .pth / .npz, or '' for stage 0's.
+  config.backbone_checkpoint = ''
+  config.miniature = ml_collections.ConfigDict(dict(
+      enabled=True, directory='',  # '' = WORKDIR/data
+      seed=0, num_pool=2000, num_train=600, num_eval=300))
+  # Stage 0: SimCLR on the unlabeled pool (updetr_jax.ssl_backbone).
+  config.stage0 = ml_collections.ConfigDict(dict(
+      enabled=True, images='',  # '' = the miniature's pool
+      steps=600, batch_size=64, image_size=64, seed=0, lr=2e-3))
+
+  # Stage 2: UP-DETR pre-training (the demo model of configs/pretrain.py).
+  p = pretrain.get_config('demo')
+  p.data.update(source='folder', folder='', eval_folder='', demo_repeats=1,
+                **_PRETRAIN_DATA)
+  p.examples_per_epoch = 2000
+  p.batch_size = 16
+  p.num_train_steps = 1500
+  p.optim.update(lr=2e-4, lr_backbone=2e-5, lr_drop_epochs=())
+  p.checkpoint_every_steps = 500
+  p.log_every_steps = 100
+  p.eval.update(num_batches=8, every_steps=0)
+  config.pretrain = p
+
+  # Stage 3: DETR fine-tuning, the same architecture (no patches).
+  f = finetune_coco.finetune_config('150ep', name='compare', num_classes=-1,
+                                    examples_per_epoch=-1,
+                                    data=detection_data_config(**_FINETUNE_DATA))
+  f.model.update(**common.DEMO_ARCHITECTURE)
+  f.batch_size = 8
+  f.loss_replicas = 1
+  f.num_train_steps = 600
+  # The CNN stays frozen in fine-tuning as in pre-training (CPU budget; identical
+  # for every arm); the transformer and heads train.
+  f.optim.update(lr=2e-4, lr_drop_epochs=(), frozen=(r'^body/',))
+  f.eval.update(every_steps=150, batch_size=50, num_pictures=2, picture_threshold=0.3)
+  f.checkpoint_every_steps = 300
+  f.keep_checkpoints = 1
+  f.log_every_steps = 100
+  config.finetune = f
+
+  if variant == 'demo':
+    config.arms = ('updetr', 'scratch')
+    config.label_fractions = (1.0,)
+    config.miniature.num_pool = 1000
+    config.stage0.steps = 300
+    p.num_train_steps = 800
+    f.num_train_steps = 300
+    f.eval.every_steps = 100
+  return config

@@ -1,0 +1,150 @@
+"""The pre-training vs scratch harness, end to end on tiny budgets."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from conftest import importorskip  # fails instead of skipping under CI=true
+importorskip('tensorflow')
+
+from configs import compare as compare_config  # noqa: E402
+from updetr_jax import checkpoints, compare, train  # noqa: E402
+from updetr_jax.data import miniature  # noqa: E402
+from updetr_jax.models import build_model  # noqa: E402
+from updetr_jax.torch_import import init_variables  # noqa: E402
+
+TINY_MODEL = dict(backbone='resnet_tiny', hidden_dim=32, nheads=2, enc_layers=1,
+                  dec_layers=2, dim_feedforward=64, num_queries=8)
+
+
+def tiny_config(data: dict, cache: str):
+  """configs/compare.py:mini on a COCO json + folders it is given, tiny budgets."""
+  c = compare_config.get_config('mini')
+  c.arms = ('updetr', 'scratch')
+  c.seeds = (0, 1)
+  c.label_fractions = (0.5,)
+  c.miniature.enabled = False
+  c.compilation_cache_dir = cache
+  c.stage0.update(images=data['pool_dir'], steps=3, batch_size=8, image_size=32)
+  p, f = c.pretrain, c.finetune
+  p.model.update(num_patches=2, **TINY_MODEL)
+  p.data.update(folder=data['pool_dir'], eval_folder=data['eval_dir'], scales=(64,),
+                max_size=80, eval_scale=64, buckets=((64, 80),), patch_size=16)
+  p.update(batch_size=4, num_train_steps=3, checkpoint_every_steps=3, log_every_steps=1)
+  p.eval.num_batches = 1
+  f.model.update(**TINY_MODEL)
+  f.data.update(ann_file=data['train_ann'], image_dir=data['train_dir'],
+                eval_ann_file=data['eval_ann'], eval_image_dir=data['eval_dir'],
+                scales=(64,), max_size=80, eval_scale=64, crop_resize_scales=(64,),
+                crop_size=(48, 64), buckets=((64, 80),), repeats=4)
+  f.update(batch_size=4, num_train_steps=4, checkpoint_every_steps=2, log_every_steps=2)
+  f.eval.update(every_steps=2, batch_size=4, num_pictures=0)
+  return c
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp('mini'))
+  return miniature.write_miniature(root, num_pool=12, num_train=8, num_eval=6)
+
+
+def _flat(tree):
+  return {'/'.join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+def test_harness_end_to_end_and_rerun(data, tmp_path):
+  workdir = str(tmp_path / 'cmp')
+  config = tiny_config(data, str(tmp_path / 'xla'))
+  results = compare.run(config, workdir)
+
+  # Every run evaluated at steps 2 and 4; statistics over the 2 seeds, paired diffs.
+  stats = results['stats']['0.5']
+  assert stats['steps'] == [2, 4]
+  for arm in ('updetr', 'scratch'):
+    for m in ('AP', 'AP50'):
+      cells = stats['arms'][arm][m]
+      assert [c['n'] for c in cells] == [2, 2]
+      per_seed = [results['curves']['0.5'][arm][str(s)]['4'][m] for s in (0, 1)]
+      assert cells[-1]['mean'] == pytest.approx(np.mean(per_seed))
+      assert cells[-1]['std'] == pytest.approx(np.std(per_seed, ddof=1))
+  diffs = [results['curves']['0.5']['updetr'][str(s)]['4']['AP']
+           - results['curves']['0.5']['scratch'][str(s)]['4']['AP'] for s in (0, 1)]
+  assert stats['paired']['updetr']['AP'][-1]['mean'] == pytest.approx(np.mean(diffs))
+  assert 'scratch' not in stats['paired']
+  for name in ('results.json', 'results.txt', 'curves.png', 'stage0/backbone.npz'):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert 'paired difference' in open(os.path.join(workdir, 'results.txt')).read()
+  # The 50% label subset: half the training images, the same for both arms of a seed.
+  subset = json.load(open(os.path.join(workdir, 'data_subsets', 'train_frac0.5_seed0.json')))
+  assert len(subset['images']) == 4
+  for arm in ('updetr', 'scratch'):
+    cfg = json.load(open(os.path.join(workdir, 'finetune', 'frac0.5', arm, 'seed0',
+                                      'config.json')))
+    assert cfg['data']['ann_file'].endswith('train_frac0.5_seed0.json')
+    assert cfg['init']['backbone_checkpoint'].endswith('stage0/backbone.npz')
+
+  # Rerunning skips every finished run (no run of the loop at all).
+  calls = []
+  original = train.run
+  train.run = lambda *a, **k: calls.append(a) or original(*a, **k)
+  try:
+    again = compare.run(config, workdir)
+  finally:
+    train.run = original
+  assert calls == []
+  assert again['stats'] == results['stats']
+
+
+def test_pretrained_arm_starts_from_the_pretrained_transformer(data, tmp_path):
+  """Leaf by leaf: the UP-DETR arm's initial weights (transformer, query embeddings,
+  input projection, box head, CNN) are the pre-training's; the scratch arm's are its
+  own fresh initialisation, none loaded."""
+  workdir = str(tmp_path / 'cmp')
+  config = tiny_config(data, str(tmp_path / 'xla'))
+  config.seeds = (0,)
+  config.stage0.enabled = False  # the tiny CNN's own init; the arms must still agree
+  pre_dir = os.path.join(workdir, 'pretrain', 'updetr')
+  compare._run(compare.pretrain_config(config, 'updetr', ''), pre_dir, 'pre-training')
+  pre_vars, _, _ = checkpoints.restore_workdir_variables(pre_dir)
+  pre = _flat(pre_vars['params'])
+
+  def initial(arm):
+    c = compare.finetune_config(config, arm, 0, 1.0, '', pre_dir if arm != 'scratch' else '',
+                                str(tmp_path / 'subsets'))
+    c.model.num_classes = 7  # what the loop takes from the data (num_classes=-1)
+    model = build_model(c.model)
+    variables, *_ = train.init_train_state(c, model, jax.random.PRNGKey(c.seed), 10)
+    fresh = init_variables(model, jax.random.PRNGKey(c.seed))  # nothing loaded
+    return _flat(variables['params']), _flat(fresh['params'])
+
+  (up, fresh), (scratch, fresh_scratch) = initial('updetr'), initial('scratch')
+  shared = [k for k in pre if k in up and not k.startswith('class_embed')]
+  assert any(k.startswith('transformer/') for k in shared)
+  assert any(k.startswith('query_embed') for k in shared)
+  for k in shared:
+    np.testing.assert_array_equal(up[k], pre[k], err_msg=k)  # loaded
+  for k in scratch:
+    np.testing.assert_array_equal(scratch[k], fresh_scratch[k], err_msg=k)  # not loaded
+  moved = [k for k in shared if not np.array_equal(pre[k], fresh[k])]
+  assert sum(k.startswith('transformer/') for k in moved) > 10  # pre-training trained them
+  for k in moved:
+    assert not np.array_equal(scratch[k], pre[k]), k
+  # The class head is new in both arms (2 + 1 logits in pre-training).
+  assert up['class_embed/kernel'].shape != pre['class_embed/kernel'].shape
+
+
+def test_bad_configs_name_the_field(data, tmp_path):
+  config = tiny_config(data, '')
+  config.arms = ('updetr',)
+  with pytest.raises(ValueError, match="include 'scratch'"):
+    compare.run(config, str(tmp_path / 'a'))
+  config.arms = ('updetr', 'nope', 'scratch')
+  with pytest.raises(ValueError, match='unknown'):
+    compare.run(config, str(tmp_path / 'b'))
+  config.arms = ('scratch',)
+  config.label_fractions = (0.0,)
+  with pytest.raises(ValueError, match='label_fractions'):
+    compare.run(config, str(tmp_path / 'c'))

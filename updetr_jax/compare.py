@@ -1,0 +1,339 @@
+r"""Pre-training vs scratch, measured: the UP-DETR comparison harness.
+
+  python -m updetr_jax.compare --config=configs/compare.py:mini --workdir=workdir/compare
+  python -m updetr_jax.compare --config=configs/compare.py:demo --workdir=...   # short form
+
+Stages (each in its own sub-workdir of ``WORKDIR``; a rerun skips finished runs,
+recognised by their ``summary.json``, and resumes the unfinished one from its
+checkpoints):
+  0. ``data/``: the built-in miniature benchmark (``config.miniature.enabled``;
+     ``updetr_jax.data.miniature``), or the user's own data (``config.pretrain.data``
+     and ``config.finetune.data`` as in the other configs).
+  1. ``stage0/backbone.npz``: the CNN trained self-supervised on the unlabeled pool
+     (``config.stage0``; ``updetr_jax.ssl_backbone``), loaded by every run through
+     ``init.backbone_checkpoint`` exactly as the release loads SwAV weights. Or the
+     user's own CNN: ``--config.backbone_checkpoint=swav.pth`` (stage 0 skipped).
+  2. ``pretrain/<arm>/``: one UP-DETR pre-training per pre-trained arm (``ARMS``).
+  3. ``finetune/frac<f>/<arm>/seed<s>/``: DETR fine-tuning for every label fraction
+     ``f``, arm and seed ``s``, all with the same budget, CNN, lr, augmentation, data
+     order and label subset (``seed`` picks both; arms share them), evaluated on the
+     held-out set every ``finetune.eval.every_steps``.
+Then ``results.json`` (every curve, and per fraction / arm / evaluation step the mean
+and std over seeds of each metric and the paired difference arm - scratch), the same
+as a printed table (``results.txt``) and ``curves.png`` (AP against steps, +- std).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import numpy as np
+
+from updetr_jax import files, visualize
+
+# Pre-trained arms: overrides of config.pretrain (paths as in the config).
+# 'scratch' is DETR with the same CNN and no pre-trained transformer.
+ARMS = {
+    'updetr': {},  # the paper's setting: frozen CNN + feature reconstruction
+    'updetr_no_feature_recon': {'model.feature_recon': False,
+                                'loss.weight_feature': 0.0},
+    # "feature reconstruction without frozen CNN": the CNN trains in pre-training.
+    'updetr_trainable_cnn': {'optim.frozen': (r'^position/',)},
+    'scratch': None,
+}
+METRICS = ('AP', 'AP50')
+
+
+def _set(config, dotted: str, value) -> None:
+  *parents, leaf = dotted.split('.')
+  node = config
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+
+
+def _finished(workdir: str) -> dict | None:
+  path = os.path.join(workdir, 'summary.json')
+  return files.read_json(path) if files.exists(path) else None
+
+
+def check_config(config) -> None:
+  unknown = [a for a in config.arms if a not in ARMS]
+  if unknown:
+    raise ValueError(f'config.arms: unknown {unknown}; choose from {sorted(ARMS)}')
+  if 'scratch' not in config.arms:
+    raise ValueError("config.arms must include 'scratch' (the baseline of the paired "
+                     'differences)')
+  if not config.seeds:
+    raise ValueError('config.seeds is empty')
+  for f in config.label_fractions:
+    if not 0 < f <= 1:
+      raise ValueError(f'config.label_fractions: {f} is not in (0, 1]')
+  if any(f < 1 for f in config.label_fractions) and \
+      config.finetune.data.get('source', 'coco_json') != 'coco_json':
+    raise ValueError('config.label_fractions < 1 need a COCO json training set '
+                     '(config.finetune.data.source=coco_json)')
+
+
+# ----------------------------------------------------------------------- stages 0-1
+
+def prepare_data(config, workdir: str) -> None:
+  """Writes the miniature benchmark (when enabled) and points the configs at it."""
+  if not config.miniature.enabled:
+    return
+  from updetr_jax.data import miniature  # noqa: PLC0415
+  m = config.miniature
+  directory = m.directory or os.path.join(workdir, 'data')
+  paths = miniature.write_miniature(directory, seed=m.seed, num_pool=m.num_pool,
+                                    num_train=m.num_train, num_eval=m.num_eval)
+  config.pretrain.data.update(source='folder', folder=paths['pool_dir'],
+                              eval_folder=paths['eval_dir'])
+  config.finetune.data.update(source='coco_json', ann_file=paths['train_ann'],
+                              image_dir=paths['train_dir'], eval_ann_file=paths['eval_ann'],
+                              eval_image_dir=paths['eval_dir'])
+  if config.stage0.enabled and not config.stage0.images:
+    config.stage0.images = paths['pool_dir']
+
+
+def prepare_backbone(config, workdir: str) -> str:
+  """Path of the CNN every run starts from: the user's, or stage 0's (trained here)."""
+  if config.backbone_checkpoint:
+    return config.backbone_checkpoint
+  if not config.stage0.enabled:
+    return ''
+  from updetr_jax import ssl_backbone  # noqa: PLC0415
+  s = config.stage0
+  if not s.images:
+    raise ValueError('config.stage0.images: the folder of unlabeled images for the '
+                     'self-supervised CNN (or set config.backbone_checkpoint)')
+  out = os.path.join(workdir, 'stage0', 'backbone.npz')
+  ssl_backbone.train_ssl_backbone(
+      s.images, out, backbone=config.pretrain.model.backbone, steps=s.steps,
+      batch_size=s.batch_size, image_size=s.image_size, seed=s.seed, lr=s.lr)
+  return out
+
+
+# ----------------------------------------------------------------------- stages 2-3
+
+def pretrain_config(config, arm: str, backbone: str):
+  """The pre-training run of a pre-trained arm."""
+  c = config.pretrain.copy_and_resolve_references()
+  for key, value in ARMS[arm].items():
+    _set(c, key, value)
+  c.init.backbone_checkpoint = backbone
+  if config.compilation_cache_dir:
+    c.compilation_cache_dir = config.compilation_cache_dir
+  return c
+
+
+def label_subset(ann_file: str, fraction: float, seed: int, out_dir: str) -> str:
+  """A COCO json with ``fraction`` of the images of ``ann_file`` (a seeded choice, at
+  least one image; categories kept, so labels do not change). 1.0: ``ann_file``."""
+  if fraction >= 1:
+    return ann_file
+  out = os.path.join(out_dir, f'train_frac{fraction:g}_seed{seed}.json')
+  if files.exists(out):
+    return out
+  coco = files.read_json(ann_file)
+  images = sorted(coco['images'], key=lambda im: int(im['id']))
+  n = max(1, int(round(fraction * len(images))))
+  rng = np.random.default_rng([seed, 7919])
+  keep = {int(images[i]['id']) for i in sorted(rng.choice(len(images), n, replace=False))}
+  subset = dict(coco, images=[im for im in images if int(im['id']) in keep],
+                annotations=[a for a in coco.get('annotations', [])
+                             if int(a['image_id']) in keep])
+  files.makedirs(out_dir)
+  files.write_json(out, subset, indent=None)
+  return out
+
+
+def finetune_config(config, arm: str, seed: int, fraction: float, backbone: str,
+                    pretrain_dir: str, subset_dir: str):
+  """One fine-tuning run: identical for every arm but ``init.pretrained``."""
+  c = config.finetune.copy_and_resolve_references()
+  c.seed = seed
+  c.init.backbone_checkpoint = backbone
+  c.init.pretrained = pretrain_dir if ARMS[arm] is not None else ''
+  if fraction < 1:
+    c.data.ann_file = label_subset(c.data.ann_file, fraction, seed, subset_dir)
+  if config.compilation_cache_dir:
+    c.compilation_cache_dir = config.compilation_cache_dir
+  return c
+
+
+def _run(config, workdir: str, what: str) -> dict:
+  done = _finished(workdir)
+  if done is not None:
+    logging.warning('compare: %s finished earlier (%s), skipped', what, workdir)
+    return done
+  from updetr_jax import train  # noqa: PLC0415
+  logging.warning('compare: %s -> %s', what, workdir)
+  t0 = time.time()
+  summary = train.run(config, workdir)
+  logging.warning('compare: %s done in %.0f s', what, time.time() - t0)
+  return summary
+
+
+def read_curve(workdir: str) -> dict[int, dict]:
+  """{step: metrics} of a run's evaluations (the last record of a step wins)."""
+  path = os.path.join(workdir, 'eval.jsonl')
+  curve = {}
+  if files.exists(path):
+    with files.open_file(path) as f:
+      for line in f:
+        if line.strip():
+          r = json.loads(line)
+          curve[int(r.pop('step'))] = r
+  return curve
+
+
+# ----------------------------------------------------------------------- statistics
+
+def _mean_std(values) -> dict:
+  v = np.asarray(values, np.float64)
+  return {'mean': float(v.mean()), 'std': float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+          'n': int(len(v))}
+
+
+def summarize(curves: dict, arms, seeds, metrics=METRICS) -> dict:
+  """Statistics over seeds of the fine-tuning curves.
+
+  curves: {fraction: {arm: {seed: {step: {metric: value}}}}} (fraction as a string).
+  Returns {fraction: {'steps': [...], 'arms': {arm: {metric: [stats per step]}},
+  'paired': {arm: {metric: [stats per step of (arm - scratch) per seed]}}}}, with
+  stats = {'mean', 'std' (ddof 1), 'n'}, at the steps every run evaluated.
+  """
+  out = {}
+  for frac, per_arm in curves.items():
+    step_sets = [set(per_arm[a][s]) for a in arms for s in seeds]
+    steps = sorted(set.intersection(*step_sets)) if step_sets else []
+    table = {'steps': steps, 'arms': {}, 'paired': {}}
+    for arm in arms:
+      table['arms'][arm] = {m: [_mean_std([per_arm[arm][s][t][m] for s in seeds])
+                                for t in steps] for m in metrics}
+      if arm != 'scratch':
+        table['paired'][arm] = {
+            m: [_mean_std([per_arm[arm][s][t][m] - per_arm['scratch'][s][t][m]
+                           for s in seeds]) for t in steps] for m in metrics}
+    out[frac] = table
+  return out
+
+
+def _pm(cell: dict) -> str:
+  return f"{100 * cell['mean']:.2f} +- {100 * cell['std']:.2f}"
+
+
+def format_table(stats: dict, header: str = '') -> str:
+  """The printed comparison: per fraction and evaluation step, mean +- std over seeds
+  of each arm, and the paired difference (arm - scratch) with its std."""
+  lines = [header] if header else []
+  for frac, table in stats.items():
+    arms = list(table['arms'])
+    for m in METRICS:
+      lines.append(f'\nlabel fraction {frac}: {m} (x100), mean +- std over seeds; '
+                   'paired difference = arm - scratch, per seed')
+      cols = [f'{a}' for a in arms] + [f'{a} - scratch' for a in table['paired']]
+      width = max(16, *(len(c) + 2 for c in cols))
+      lines.append(f'{"step":>6}' + ''.join(f'{c:>{width}}' for c in cols))
+      for i, step in enumerate(table['steps']):
+        cells = [table['arms'][a][m][i] for a in arms] + \
+            [table['paired'][a][m][i] for a in table['paired']]
+        lines.append(f'{step:>6}' + ''.join(f'{_pm(c):>{width}}' for c in cells))
+  return '\n'.join(lines)
+
+
+def plot(stats: dict, path: str, metric: str = 'AP') -> None:
+  panels = {}
+  for frac, table in stats.items():
+    panels[f'label fraction {frac}'] = {
+        arm: (table['steps'], [100 * c['mean'] for c in table['arms'][arm][metric]],
+              [100 * c['std'] for c in table['arms'][arm][metric]])
+        for arm in table['arms']}
+  visualize.plot_bands(path, panels, f'{metric} (x100), mean +- std over seeds',
+                       'UP-DETR pre-training vs scratch (same CNN, budget, data order)')
+
+
+# ----------------------------------------------------------------------- the harness
+
+def run(config, workdir: str) -> dict:
+  """Runs (or resumes) every stage; returns and writes ``results.json``."""
+  config = config.copy_and_resolve_references()
+  check_config(config)
+  t0 = time.time()
+  files.makedirs(workdir)
+  prepare_data(config, workdir)
+  backbone = prepare_backbone(config, workdir)
+  pretrained = {}
+  for arm in config.arms:
+    if ARMS[arm] is not None:
+      d = os.path.join(workdir, 'pretrain', arm)
+      s = _run(pretrain_config(config, arm, backbone), d, f'pre-training {arm}')
+      pretrained[arm] = {'workdir': d, 'summary': {k: s.get(k) for k in (
+          'steps', 'train_seconds', 'final_train_loss', 'eval_images', 'patch_eval_before',
+          'patch_eval_after')}}
+  curves, finals, seconds = {}, {}, {}
+  for frac in config.label_fractions:
+    fkey = f'{frac:g}'
+    curves[fkey], finals[fkey] = {}, {}
+    for seed in config.seeds:
+      for arm in config.arms:
+        d = os.path.join(workdir, 'finetune', f'frac{fkey}', arm, f'seed{seed}')
+        c = finetune_config(config, arm, seed, frac, backbone,
+                            pretrained.get(arm, {}).get('workdir', ''),
+                            os.path.join(workdir, 'data_subsets'))
+        s = _run(c, d, f'fine-tuning {arm}, label fraction {fkey}, seed {seed}')
+        curves[fkey].setdefault(arm, {})[seed] = read_curve(d)
+        finals[fkey].setdefault(arm, {})[seed] = {
+            'eval': s.get('eval'), 'final_train_loss': s.get('final_train_loss')}
+        seconds[d] = s.get('train_seconds')
+  stats = summarize(curves, list(config.arms), list(config.seeds))
+  header = (f'UP-DETR vs scratch: {len(config.seeds)} seeds {list(config.seeds)}, '
+            f'{config.finetune.num_train_steps} fine-tuning steps (batch '
+            f'{config.finetune.batch_size}), evaluation set {config.finetune.data.eval_ann_file}')
+  text = format_table(stats, header)
+  results = {
+      'arms': list(config.arms), 'seeds': list(config.seeds),
+      'label_fractions': list(config.label_fractions), 'backbone_checkpoint': backbone,
+      'pretraining': pretrained, 'stats': stats, 'curves': {
+          f: {a: {str(s): {str(t): v for t, v in c.items()} for s, c in per_seed.items()}
+              for a, per_seed in per_arm.items()} for f, per_arm in curves.items()},
+      'final': {f: {a: {str(s): v for s, v in per_seed.items()} for a, per_seed in
+                    per_arm.items()} for f, per_arm in finals.items()},
+      'eval_set': _eval_set_size(config.finetune.data),
+      'minutes_this_invocation': round((time.time() - t0) / 60, 1),
+      'config': json.loads(config.to_json_best_effort()),
+  }
+  files.write_json(os.path.join(workdir, 'results.json'), results)
+  files.write_file(os.path.join(workdir, 'results.txt'), text + '\n')
+  if stats and all(t['steps'] for t in stats.values()):
+    plot(stats, os.path.join(workdir, 'curves.png'))
+  print(text, flush=True)
+  return results
+
+
+def _eval_set_size(data_config) -> dict:
+  path = data_config.get('eval_ann_file', '')
+  if data_config.get('source', 'coco_json') != 'coco_json' or not files.exists(path):
+    return {}
+  coco = files.read_json(path)
+  return {'images': len(coco['images']),
+          'boxes': sum(1 for a in coco.get('annotations', []) if not a.get('iscrowd', 0))}
+
+
+def main(argv):
+  from absl import app  # noqa: PLC0415
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.getLogger().setLevel(logging.WARNING)
+  run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  from absl import app, flags
+  from ml_collections import config_flags
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/compare.py[:variant]')
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'output directory of every stage')
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)
