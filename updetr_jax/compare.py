@@ -29,6 +29,7 @@ import logging
 import os
 import time
 
+import jax
 import numpy as np
 
 from updetr_jax import files, visualize
@@ -305,11 +306,12 @@ def run(config, workdir: str) -> dict:
       'minutes_this_invocation': round((time.time() - t0) / 60, 1),
       'config': json.loads(config.to_json_best_effort()),
   }
-  files.write_json(os.path.join(workdir, 'results.json'), results)
-  files.write_file(os.path.join(workdir, 'results.txt'), text + '\n')
-  if stats and all(t['steps'] for t in stats.values()):
-    plot(stats, os.path.join(workdir, 'curves.png'))
-  print(text, flush=True)
+  if jax.process_index() == 0:  # every process ran every stage; one writes
+    files.write_json(os.path.join(workdir, 'results.json'), results)
+    files.write_file(os.path.join(workdir, 'results.txt'), text + '\n')
+    if stats and all(t['steps'] for t in stats.values()):
+      plot(stats, os.path.join(workdir, 'curves.png'))
+    print(text, flush=True)
   return results
 
 
