@@ -94,10 +94,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if variant == 'demo':
     config.arms = ('updetr', 'scratch')
-    config.miniature.num_pool = 1000
-    config.stage0.steps = 300
-    p.num_train_steps = 800
-    f.num_train_steps = 1000
-    f.eval.every_steps = 500
-    f.checkpoint_every_steps = 500
+    config.stage0.steps = 250
+    p.num_train_steps = 600
+    f.num_train_steps = 800
+    f.eval.every_steps = 400
+    f.checkpoint_every_steps = 400
   return config

@@ -103,6 +103,7 @@ def test_eval_disjoint_from_pool_and_train(small):
 
 
 def test_coco_json_valid(small):
+  lo, hi = miniature.OBJECTS_PER_IMAGE
   for split in ('train', 'eval'):
     coco = COCO(small[f'{split}_ann'])
     assert sorted(coco.getCatIds()) == [1, 2, 3, 4, 5, 6]
@@ -111,7 +112,7 @@ def test_coco_json_valid(small):
       path = os.path.join(small[f'{split}_dir'], img['file_name'])
       assert Image.open(path).size == (img['width'], img['height'])
       anns = coco.loadAnns(coco.getAnnIds(imgIds=img['id']))
-      assert 3 <= len(anns) <= 8
+      assert lo <= len(anns) <= hi
       for a in anns:
         x, y, w, h = a['bbox']
         assert w > 0 and h > 0 and a['area'] == w * h and a['iscrowd'] == 0
@@ -126,7 +127,7 @@ def test_boxes_are_tight():
   assets = miniature.split_assets('eval')
   for cat, instances in assets.instances.items():
     for inst in instances[:5]:
-      for side in (12.0, 35.0, 60.0):
+      for side in (24.0, 40.0, 64.0):
         aspect = float(rng.uniform(0.9, 1.1))
         gray, alpha = miniature._object_shape(inst, cat, side, aspect)
         assert gray.shape == alpha.shape and max(alpha.shape) <= side * 1.1 + 1
@@ -136,7 +137,8 @@ def test_boxes_are_tight():
           assert (alpha == 1).all()
   image, anns = miniature.render_scene(np.random.default_rng(1), assets, (128, 128))
   assert image.shape == (128, 128, 3) and image.dtype == np.uint8
-  assert 3 <= len(anns) <= 8
+  lo, hi = miniature.OBJECTS_PER_IMAGE
+  assert lo <= len(anns) <= hi
 
 
 def test_rewrite_only_when_needed(tmp_path, monkeypatch):
