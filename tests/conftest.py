@@ -82,3 +82,22 @@ def pytest_configure(config):
       raise pytest.UsageError('\n'.join(
           f'CI=true: optional test dependency {m!r} is not installed ({_hint(m)})'
           for m in missing))
+
+
+# Exit without interpreter teardown once pytest has reported. TensorFlow can deadlock
+# while Python tears down: seen once here, a full-suite run that had printed "221
+# passed" hung in tf.data's ~IteratorResource (waiting for its thread pool while the
+# main thread held the GIL, under updetr_jax.data.batching._close_iterators) until
+# killed. Every test has finished and been reported by then; only the exit is cut.
+_EXIT_STATUS = {}
+
+
+def pytest_sessionfinish(session, exitstatus):
+  _EXIT_STATUS['status'] = int(exitstatus)
+
+
+def pytest_unconfigure(config):
+  if 'status' in _EXIT_STATUS and os.environ.get('UPDETR_TEST_TEARDOWN') != '1':
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_EXIT_STATUS['status'])
