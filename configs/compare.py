@@ -11,7 +11,7 @@ Variants (``:name``):
       45 min on 2 cores). ``--config.seeds=(0,1,2,3,4)`` for the README figures (the
       3-seed runs are reused), ``--config.label_fractions=(0.1,1.0)`` for fewer labels,
       ``--config.arms=(...,'updetr_trainable_cnn',...)`` for the frozen-CNN ablation.
-  ``demo``: its short form (``make finetune-demo``, about 10 min): UP-DETR vs scratch,
+  ``demo``: its short form (``make finetune-demo``, about 7 min): UP-DETR vs scratch,
       3 seeds, short budgets (early fine-tuning only: read its noise level).
 
 Your own data: ``--config.miniature.enabled=False`` and the data fields of the two
@@ -94,9 +94,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if variant == 'demo':
     config.arms = ('updetr', 'scratch')
-    config.stage0.steps = 250
-    p.num_train_steps = 600
-    f.num_train_steps = 800
-    f.eval.every_steps = 400
-    f.checkpoint_every_steps = 400
+    config.stage0.steps = 200
+    p.num_train_steps = 500
+    f.num_train_steps = 600
+    f.eval.every_steps = 300
+    f.checkpoint_every_steps = 300
   return config
