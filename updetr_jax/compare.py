@@ -38,21 +38,12 @@ from updetr_jax import files, visualize
 # 'scratch' is DETR with the same CNN and no pre-trained transformer.
 ARMS = {
     'updetr': {},  # the paper's setting: frozen CNN + feature reconstruction
-    'updetr_no_feature_recon': {'model.feature_recon': False,
-                                'loss.weight_feature': 0.0},
+    'updetr_no_feature_recon': {'model.feature_recon': False},
     # "feature reconstruction without frozen CNN": the CNN trains in pre-training.
     'updetr_trainable_cnn': {'optim.frozen': (r'^position/',)},
     'scratch': None,
 }
 METRICS = ('AP', 'AP50')
-
-
-def _set(config, dotted: str, value) -> None:
-  *parents, leaf = dotted.split('.')
-  node = config
-  for p in parents:
-    node = node[p]
-  node[leaf] = value
 
 
 def _finished(workdir: str) -> dict | None:
@@ -121,8 +112,7 @@ def prepare_backbone(config, workdir: str) -> str:
 def pretrain_config(config, arm: str, backbone: str):
   """The pre-training run of a pre-trained arm."""
   c = config.pretrain.copy_and_resolve_references()
-  for key, value in ARMS[arm].items():
-    _set(c, key, value)
+  c.update_from_flattened_dict(ARMS[arm])
   c.init.backbone_checkpoint = backbone
   if config.compilation_cache_dir:
     c.compilation_cache_dir = config.compilation_cache_dir

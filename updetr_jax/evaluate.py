@@ -13,8 +13,9 @@ Diagnostics of whether the patches are used at all (``patch_iou``):
     the group: is any of them on the patch?);
   * own group: 1 where the matched query of patch j lies in patch j's group, else 0
     (chance: 1 / M);
-  * group best, wrong patches (``patch_iou_wrong_patches``): group best when every
-    image gets another image's patches; equal to group best when the predictions do
+  * group best, wrong patches (``group_best_wrong_patches``, computed by the
+    pre-training eval step with ``group_best_iou``): group best when every image
+    gets another image's patches; equal to group best when the predictions do
     not depend on the patches.
 
 Detection (fine-tuned DETR, SPEC §2, §4, §7):

@@ -334,8 +334,10 @@ class PatchTask:
     self.before = None
     self._eval_it = None
     self.eval_data, self.held_out = eval_data_config(config.data)
-    self.eval_images = 'held-out images' if self.held_out else \
-        'training images (new patches; no held-out set configured)'
+    self.eval_images = 'held-out images' if self.held_out else 'training images'
+    if not self.held_out and config.eval.get('num_batches', 0) > 0:
+      logging.warning('pre-training evaluation: no held-out images configured '
+                      '(data.eval_folder / eval_tfds_split); new patches of training images')
 
   def examples_per_epoch(self) -> int:
     return self.config.examples_per_epoch
@@ -378,12 +380,7 @@ class PatchTask:
   def finish(self, metrics: dict, step: int, workdir: str) -> dict:
     """Summary entries (and the patch PNG) after the final evaluation."""
     before = self.before
-    out = {'eval_images': self.eval_images,
-           'mean_iou_before': round(before['matched'], 4),
-           'mean_iou_after': round(metrics['patch_iou_matched'], 4),
-           'group_top_iou_before': round(before['group_top'], 4),
-           'group_top_iou_after': round(metrics['patch_iou_group_top'], 4),
-           # every patch metric (evaluate.patch_iou: diagnostics included)
+    out = {'eval_images': self.eval_images,  # every metric of evaluate.patch_iou
            'patch_eval_before': {k: round(v, 4) for k, v in before.items()},
            'patch_eval_after': {k[len('patch_iou_'):]: round(v, 4) for k, v in metrics.items()}}
     if jax.process_index() == 0:
@@ -394,7 +391,7 @@ class PatchTask:
       visualize.plot_patch_detection(
           png, batch['images'][0], batch['padding_mask'][0], batch['patches'][0],
           batch['targets']['boxes'][0], boxes[0], iou['matched'][0],
-          title=f'query patches of {self.eval_images.split(" (")[0]} after {step} steps: '
+          title=f'query patches of {self.eval_images} after {step} steps: '
                 'matched predictions\n'
                 f'(mean IoU {before["matched"]:.2f} -> {metrics["patch_iou_matched"]:.2f})')
       out['png'] = png
