@@ -29,10 +29,9 @@ def pretrain_workdir(tmp_path_factory):
   keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
   state['params'] = jax.tree_util.tree_unflatten(
       tree, [x + jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-  manager = checkpoints.train_manager(os.path.join(workdir, 'checkpoints'), save_every_steps=1,
-                                      keep=2, async_save=False)
-  manager.save(7, args=checkpoints.ocp.args.StandardSave(
-      {'state': state, 'constants': constants}))
+  manager = checkpoints.TrainCheckpoints(os.path.join(workdir, 'checkpoints'), keep=2,
+                                         config=config, async_save=False)
+  manager.save(7, {'state': state, 'constants': constants})
   manager.wait_until_finished()
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort())

@@ -2,6 +2,7 @@
 127.0.0.1) train like 1 process x 8 devices, and each layout resumes the other's
 checkpoint. Also the single-host / argument rules of ``distributed.maybe_initialize``.
 """
+import glob
 import json
 import os
 import socket
@@ -43,12 +44,13 @@ def _env(local_devices: int, cache_dir) -> dict:
 class Job:
   """One training job (``processes`` x ``8 / processes`` devices) as subprocesses."""
 
-  def __init__(self, workdir, steps: int, processes: int, log_dir, cache_dir):
+  def __init__(self, workdir, steps: int, processes: int, log_dir, cache_dir,
+               checkpoint_every: int = 1000):
     self.workdir, self.processes = workdir, processes
     cmd = [sys.executable, '-m', 'updetr_jax.main', '--config=configs/pretrain.py:demo',
            f'--workdir={workdir}', *TINY_OVERRIDES, f'--config.batch_size={DEVICES}',
            f'--config.num_train_steps={steps}', '--config.log_every_steps=1',
-           '--config.checkpoint_every_steps=1000', '--config.keep_checkpoints=5']
+           f'--config.checkpoint_every_steps={checkpoint_every}', '--config.keep_checkpoints=5']
     port = _free_port()
     env = _env(DEVICES // processes, cache_dir)
     self.logs, self.procs = [], []
@@ -81,6 +83,17 @@ class Job:
       if p.poll() is None:
         p.kill()
         p.wait()
+
+
+def _wait_all(job, timeout=TIMEOUT) -> list[int]:
+  """Exit codes of the job's processes (killed at the timeout)."""
+  deadline = time.time() + timeout
+  try:
+    while any(p.poll() is None for p in job.procs) and time.time() < deadline:
+      time.sleep(0.2)
+  finally:
+    job.kill()
+  return [p.returncode for p in job.procs]
 
 
 def _run_together(*jobs, timeout=TIMEOUT):
@@ -156,6 +169,43 @@ def test_two_processes_train_like_one_and_resume_each_other(tmp_path):
   np.testing.assert_allclose(resumed_a, resumed_b, rtol=1e-5)
   print(f'fresh runs {t1 - t0:.0f} s, resumed runs {t2 - t1:.0f} s; losses '
         f'{[one[s] for s in range(1, STEPS + 1)]} then {resumed_a}')
+
+
+def test_two_processes_fall_back_from_a_corrupt_newest_step_together(tmp_path):
+  """Every process verifies, they agree on the newest intact step, process 0 moves the
+  corrupt one aside; with no intact step left, every process stops (no fresh start)."""
+  workdir, logs, cache = str(tmp_path / 'run'), tmp_path / 'logs', tmp_path / 'jax_cache'
+  logs.mkdir()
+  _run_together(Job(workdir, STEPS, 2, logs, cache, checkpoint_every=1))
+  assert _checkpoint_steps(workdir) == list(range(1, STEPS + 1))
+  first = _losses(workdir)
+  newest = os.path.join(workdir, 'checkpoints', str(STEPS))
+  for f in glob.glob(os.path.join(newest, 'default', 'ocdbt.process_0', 'd', '*')):
+    with open(f, 'r+b') as fh:  # a torn copy / bad disk: same size, other bytes
+      fh.seek(os.path.getsize(f) // 2)
+      fh.write(b'\x5a' * 16)
+
+  job = Job(workdir, STEPS + 1, 2, logs, cache, checkpoint_every=1)
+  _run_together(job)
+  for i in range(2):
+    log = job.log(i)
+    assert f'step {STEPS} is corrupt or incomplete' in log and 'values differ' in log, log
+    assert f'at step {STEPS - 1}' in log, log  # resumed from the newest intact step
+  assert os.path.isdir(os.path.join(workdir, 'corrupt_checkpoints', str(STEPS)))
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    moved = json.load(f)['corrupt_checkpoints_moved_to']
+  assert [os.path.relpath(p, workdir) for p in moved] == [f'corrupt_checkpoints/{STEPS}']
+  resumed = _losses(workdir)
+  np.testing.assert_allclose(resumed[STEPS], first[STEPS], rtol=1e-5)  # step 3 retrained
+  assert _checkpoint_steps(workdir)[-1] == STEPS + 1
+
+  for step in _checkpoint_steps(workdir):  # now no step is intact
+    os.remove(os.path.join(workdir, 'checkpoints', str(step), '_CHECKPOINT_METADATA'))
+  job = Job(workdir, STEPS + 2, 2, logs, cache, checkpoint_every=1)
+  codes = _wait_all(job)
+  for i in range(2):
+    assert codes[i] != 0 and 'no step is intact' in job.log(i), (codes, job.log(i)[-3000:])
+  assert max(_losses(workdir)) == STEPS + 1  # nothing trained from scratch
 
 
 def test_single_host_is_left_alone(monkeypatch):

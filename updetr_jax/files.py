@@ -52,6 +52,39 @@ def listdir(path: str) -> list[str]:
   return os.listdir(path)
 
 
+def walk_files(path: str) -> list[tuple[str, int]]:
+  """(path relative to ``path`` with '/' separators, size in bytes) of every file below."""
+  out = []
+  if is_remote(path):
+    gfile = _gfile()
+    for root, _, names in gfile.walk(path):
+      for name in names:
+        full = join(root, name)
+        out.append((os.path.relpath(full, path).replace(os.sep, '/'), gfile.stat(full).length))
+    return sorted(out)
+  for root, _, names in os.walk(path):
+    for name in names:
+      full = os.path.join(root, name)
+      out.append((os.path.relpath(full, path).replace(os.sep, '/'), os.path.getsize(full)))
+  return sorted(out)
+
+
+def rename(src: str, dst: str) -> None:
+  """Moves a file or directory (on an object store: each file copied, then the
+  source removed)."""
+  if not is_remote(src):
+    os.rename(src, dst)
+    return
+  gfile = _gfile()
+  if not gfile.isdir(src):
+    gfile.rename(src, dst)
+    return
+  for rel, _ in walk_files(src):
+    gfile.makedirs(os.path.dirname(join(dst, rel)))
+    gfile.copy(join(src, rel), join(dst, rel))
+  gfile.rmtree(src)
+
+
 def open_file(path: str, mode: str = 'r'):
   return _gfile().GFile(path, mode) if is_remote(path) else open(path, mode)
 

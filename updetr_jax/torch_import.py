@@ -265,7 +265,7 @@ def main(argv):
   from updetr_jax import checkpoints
   cfg = _CONFIG.value
   variables = import_torch_checkpoint(_CHECKPOINT.value, cfg.model)
-  checkpoints.save_variables(_OUTPUT.value, variables)
+  checkpoints.save_variables(_OUTPUT.value, variables, cfg.model.to_dict())
   n = sum(x.size for x in jax.tree_util.tree_leaves(variables))
   print(f'wrote {n:,} values from {_CHECKPOINT.value} to {_OUTPUT.value}')
 

@@ -507,10 +507,10 @@ class BestCheckpoint:
   """Keeps the checkpoint with the best ``eval.best_metric`` in ``workdir/best``
   (one step; ``best.json`` holds its step and metrics). Survives restarts."""
 
-  def __init__(self, workdir: str, metric: str):
+  def __init__(self, workdir: str, metric: str, config):
     self.metric = metric
-    self.manager = checkpoints.train_manager(
-        os.path.join(workdir, checkpoints.BEST_DIR), save_every_steps=1, keep=1)
+    self.manager = checkpoints.TrainCheckpoints(
+        os.path.join(workdir, checkpoints.BEST_DIR), save_every_steps=1, keep=1, config=config)
     self.json = os.path.join(workdir, checkpoints.BEST_DIR, 'best.json')
     self.record = None
     if files.exists(self.json):
@@ -525,7 +525,7 @@ class BestCheckpoint:
     value = metrics[self.metric]
     if self.record is not None and not value > self.record['value']:
       return False
-    self.manager.save(step, args=checkpoints.ocp.args.StandardSave(ckpt), force=True)
+    self.manager.save(step, ckpt, force=True)
     self.record = {'step': step, 'metric': self.metric, 'value': value, 'metrics': metrics}
     if jax.process_index() == 0:
       files.write_json(self.json, self.record)
@@ -568,10 +568,10 @@ def run(config, workdir: str) -> dict:
   evaluating = config.eval.get('enabled', config.eval.get('num_batches', 0) > 0)
 
   # ------------------------------------------------------ Checkpoints
-  manager = checkpoints.train_manager(
-      os.path.join(workdir, checkpoints.LAST_DIR),
-      save_every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints)
-  best = (BestCheckpoint(workdir, config.eval.best_metric)
+  manager = checkpoints.TrainCheckpoints(
+      os.path.join(workdir, checkpoints.LAST_DIR), save_every_steps=config.checkpoint_every_steps,
+      keep=config.keep_checkpoints, config=config)
+  best = (BestCheckpoint(workdir, config.eval.best_metric, config)
           if evaluating and config.eval.get('best_metric') else None)
 
   # ------------------------------------------------------ Model & optimizer
@@ -584,7 +584,7 @@ def run(config, workdir: str) -> dict:
                   f'{optim.count_params(state["params"]):,}',
                   f'{optim.count_params(constants["frozen"]):,}', num_steps, steps_per_epoch)
   state, constants = jax.device_put((state, constants), repl)
-  restored, start = checkpoints.restore_latest(manager, {'state': state, 'constants': constants})
+  restored, start = manager.restore_latest({'state': state, 'constants': constants})
   if restored is not None:
     state, constants = restored['state'], restored['constants']
     logging.warning('resumed from %s at step %d', manager.directory, start)
@@ -636,15 +636,13 @@ def run(config, workdir: str) -> dict:
       scalars['lr'] = float(schedules['lr'](step - 1))
       progress(step, scalars)
       if manager.should_save(step) or step == num_steps:
-        manager.save(step, args=checkpoints.ocp.args.StandardSave(
-            {'state': state, 'constants': constants}), force=step == num_steps)
+        manager.save(step, {'state': state, 'constants': constants}, force=step == num_steps)
       if eval_now and step != num_steps:
         run_eval(step)
     if preemption.reached(step) and step < num_steps:  # checkpoint this step, stop cleanly
       check_finite(jax.device_get(step_metrics), step)
       if not manager.should_save(step):
-        manager.save(step, args=checkpoints.ocp.args.StandardSave(
-            {'state': state, 'constants': constants}), force=True)
+        manager.save(step, {'state': state, 'constants': constants}, force=True)
       logging.warning('preemption notice (SIGTERM): saved step %d to %s; rerun the same '
                       'command to resume', step, manager.directory)
       preempted_at = step
@@ -667,6 +665,8 @@ def run(config, workdir: str) -> dict:
     summary['final_train_loss'] = round(float(np.mean(progress.history['loss'][1][-5:])), 4)
   if config.init.get('pretrained'):
     summary['init'] = config.init.pretrained
+  if manager.moved_aside:
+    summary['corrupt_checkpoints_moved_to'] = manager.moved_aside
   summary.update({k: v for k, v in progress.cost.items() if v})
   if evaluating:
     metrics = run_eval(num_steps)

@@ -1,0 +1,252 @@
+"""Checkpoint integrity, by fault injection on the demo-sized model's training state:
+every fault either gives back the exact saved values or an error / fallback that
+names the damage; never different values.
+"""
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import jax
+import numpy as np
+import pytest
+
+from configs import pretrain
+from updetr_jax import checkpoints, integrity, optim, train
+from updetr_jax.models import build_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _state(config, seed: int):
+  """Training state of ``config``'s model with non-initial values (differs by seed)."""
+  model = build_model(config.model)
+  _, state, constants, _, _ = train.init_train_state(config, model, jax.random.PRNGKey(0), 10)
+  leaves, tree = jax.tree_util.tree_flatten(state['params'])
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  state['params'] = jax.tree_util.tree_unflatten(
+      tree, [x + jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+  return {'state': state, 'constants': constants}
+
+
+def _host(tree):
+  return {k: np.asarray(v) for k, v in integrity.leaf_paths(tree).items()}
+
+
+def _assert_equal(got, want):
+  got, want = _host(got), _host(want)
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+@pytest.fixture(scope='module')
+def saved(tmp_path_factory):
+  """A pristine workdir (config.json, checkpoints at steps 1 and 2), and the trees."""
+  config = pretrain.get_config('demo')
+  trees = {1: _state(config, 1), 2: _state(config, 2)}
+  workdir = str(tmp_path_factory.mktemp('pristine'))
+  ckpts = checkpoints.TrainCheckpoints(os.path.join(workdir, checkpoints.LAST_DIR), keep=5,
+                                       config=config)
+  for step, tree in trees.items():
+    ckpts.save(step, tree)
+  ckpts.wait_until_finished()
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort())
+  return workdir, config, trees
+
+
+@pytest.fixture
+def workdir(saved, tmp_path):
+  """A fresh copy of the pristine workdir, to damage."""
+  src, config, trees = saved
+  dst = str(tmp_path / 'workdir')
+  shutil.copytree(src, dst)
+  return dst, config, trees
+
+
+def _ckpts(workdir, config):
+  return checkpoints.TrainCheckpoints(os.path.join(workdir, checkpoints.LAST_DIR), keep=5,
+                                      config=config)
+
+
+def _overwrite_middle(path, n=16):
+  size = os.path.getsize(path)
+  with open(path, 'r+b') as f:
+    f.seek(size // 2)
+    f.write(bytes((i * 37 + 11) % 256 for i in range(n)))
+
+
+def _step_dir(workdir, step=2):
+  return os.path.join(workdir, checkpoints.LAST_DIR, str(step))
+
+
+def _data_files(workdir, step=2):
+  return sorted(glob.glob(os.path.join(_step_dir(workdir, step), 'default', 'ocdbt.process_0',
+                                       'd', '*')))
+
+
+def test_intact_checkpoints_come_back_exactly(workdir):
+  wd, config, trees = workdir
+  ckpts = _ckpts(wd, config)
+  for step in (1, 2):
+    _assert_equal(ckpts.restore(step, trees[step]), trees[step])
+  tree, step = ckpts.restore_latest(trees[2])
+  assert step == 2
+  _assert_equal(tree, trees[2])
+  record = integrity.read_record(_step_dir(wd), 'x')
+  assert set(record['arrays']) == set(_host(trees[2]))
+  assert os.path.exists(os.path.join(_step_dir(wd), integrity.FILES_RECORD))
+
+
+def _damage_data_bytes(wd):
+  for f in _data_files(wd):
+    _overwrite_middle(f)
+
+
+def _damage_data_bytes_without_file_record(wd):
+  os.remove(os.path.join(_step_dir(wd), integrity.FILES_RECORD))  # e.g. killed before it
+  _damage_data_bytes(wd)
+
+
+def _damage_tree_metadata(wd):
+  _overwrite_middle(os.path.join(_step_dir(wd), 'default', '_METADATA'))
+
+
+def _damage_step_metadata(wd):
+  _overwrite_middle(os.path.join(_step_dir(wd), '_CHECKPOINT_METADATA'))
+
+
+def _damage_ocdbt_manifest(wd):
+  _overwrite_middle(os.path.join(_step_dir(wd), 'default', 'ocdbt.process_0', 'manifest.ocdbt'),
+                    n=8)
+
+
+def _truncate_data_file(wd):
+  f = max(_data_files(wd), key=os.path.getsize)
+  with open(f, 'r+b') as fh:
+    fh.truncate(os.path.getsize(f) // 2)
+
+
+def _remove_data_file(wd):
+  os.remove(max(_data_files(wd), key=os.path.getsize))
+
+
+def _remove_commit_marker(wd):
+  os.remove(os.path.join(_step_dir(wd), integrity.COMMIT_MARKER))
+
+
+# fault -> text the error must contain (what failed, by name)
+FAULTS = {
+    'data_bytes': (_damage_data_bytes, 'values differ from those saved'),
+    'data_bytes_no_file_record': (_damage_data_bytes_without_file_record,
+                                  'values differ from those saved'),
+    'tree_metadata_bytes': (_damage_tree_metadata, 'default/_METADATA: contents changed'),
+    'step_metadata_bytes': (_damage_step_metadata, '_CHECKPOINT_METADATA'),
+    'ocdbt_manifest_bytes': (_damage_ocdbt_manifest, 'manifest.ocdbt: contents changed'),
+    'truncated_file': (_truncate_data_file, 'bytes when saved'),
+    'missing_file': (_remove_data_file, 'file missing'),
+    'no_commit_marker': (_remove_commit_marker, 'commit_success.txt is missing'),
+}
+
+
+@pytest.mark.parametrize('fault', sorted(FAULTS))
+def test_fault_in_newest_step_is_named_and_resume_falls_back(workdir, fault):
+  wd, config, trees = workdir
+  damage, named = FAULTS[fault]
+  damage(wd)
+  # Reading it (predict, init.pretrained, export): an error naming the damage.
+  with pytest.raises(integrity.CorruptCheckpointError) as e:
+    checkpoints.restore_workdir_variables(wd)
+  assert 'step 2 is corrupt or incomplete' in str(e.value) and named in str(e.value), e.value
+  # Resuming: the intact step 1, exactly; step 2 moved aside with all its files.
+  files_before = sorted(os.path.relpath(p, _step_dir(wd))
+                        for p in glob.glob(os.path.join(_step_dir(wd), '**'), recursive=True))
+  tree, step = _ckpts(wd, config).restore_latest(trees[2])
+  assert step == 1
+  _assert_equal(tree, trees[1])
+  aside = os.path.join(wd, 'corrupt_checkpoints', '2')
+  assert not os.path.exists(_step_dir(wd))
+  assert sorted(os.path.relpath(p, aside)
+                for p in glob.glob(os.path.join(aside, '**'), recursive=True)) == files_before
+  assert _ckpts(wd, config).all_steps() == [1]
+
+
+def test_no_intact_step_stops_and_moves_nothing(workdir):
+  wd, config, trees = workdir
+  for step in (1, 2):
+    os.remove(max(_data_files(wd, step), key=os.path.getsize))
+  with pytest.raises(integrity.CorruptCheckpointError, match='no step is intact') as e:
+    _ckpts(wd, config).restore_latest(trees[2])
+  assert 'step 2: ' in str(e.value) and 'step 1: ' in str(e.value)
+  assert os.path.isdir(_step_dir(wd, 1)) and os.path.isdir(_step_dir(wd, 2))
+  assert not os.path.exists(os.path.join(wd, 'corrupt_checkpoints'))
+
+
+def test_another_configuration_is_named_not_called_corrupt(workdir):
+  wd, config, trees = workdir
+  other = pretrain.get_config('demo')
+  other.model.num_queries = config.model.num_queries * 2
+  other.optim.weight_decay = 0.5
+  abstract = jax.eval_shape(lambda: _state(other, 1))
+  with pytest.raises(integrity.ConfigMismatchError) as e:
+    _ckpts(wd, other).restore_latest(abstract)
+  msg = str(e.value)
+  assert 'step 2 was written by another model/optimizer configuration' in msg
+  assert (f'config.model.num_queries: checkpoint {config.model.num_queries} vs this run '
+          f'{other.model.num_queries}') in msg
+  assert 'config.optim.weight_decay' in msg and 'query_embed/embedding' in msg
+  assert os.path.isdir(_step_dir(wd, 2))  # an intact checkpoint is never moved
+
+
+def test_variables_checkpoint_is_verified(saved, tmp_path):
+  """Orbax variables (save_variables: torch_import, init.checkpoint, predict)."""
+  _, config, trees = saved
+  variables = {'params': optim.merge_params(trees[2]['state']['params'],
+                                            trees[2]['constants']['frozen']),
+               'batch_stats': trees[2]['constants']['batch_stats']}
+  path = str(tmp_path / 'variables')
+  checkpoints.save_variables(path, variables, config.model.to_dict())
+  _assert_equal(checkpoints.load_variables(path, variables), variables)
+  for f in glob.glob(os.path.join(path, 'ocdbt.process_0', 'd', '*')):
+    _overwrite_middle(f)
+  with pytest.raises(integrity.CorruptCheckpointError, match='values differ'):
+    checkpoints.load_variables(path, variables)
+  with pytest.raises(integrity.CorruptCheckpointError, match='values differ'):
+    checkpoints.load_variables(path)
+
+
+_KILL_MID_SAVE = textwrap.dedent('''
+    import sys
+    import time
+    import numpy as np
+    from updetr_jax import checkpoints
+    ckpts = checkpoints.TrainCheckpoints(sys.argv[1], keep=5)
+    ckpts.save(1, {'w': np.full((4096, 4096), 1, np.float32), 'b': np.arange(7, dtype=np.int32)})
+    ckpts.wait_until_finished()
+    ckpts.save(2, {'w': np.full((4096, 4096), 2, np.float32), 'b': np.arange(7, dtype=np.int32)})
+    print('saving', flush=True)  # asynchronous: save() returned, the files are being written
+    time.sleep(600)
+''')
+
+
+def test_kill_during_asynchronous_save_leaves_an_exact_checkpoint(tmp_path):
+  directory = str(tmp_path / 'checkpoints')
+  proc = subprocess.Popen([sys.executable, '-c', _KILL_MID_SAVE, directory], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu'),
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  try:
+    assert proc.stdout.readline().strip() == 'saving'
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  left = sorted(os.listdir(directory))
+  assert any(n.startswith('2.orbax-checkpoint-tmp') for n in left), (
+      f'the save of step 2 was not in flight when killed ({left}); nothing was tested')
+  tree, step = checkpoints.TrainCheckpoints(directory, keep=5).restore_latest(
+      {'w': np.zeros((4096, 4096), np.float32), 'b': np.zeros(7, np.int32)})
+  assert step == 1, left
+  np.testing.assert_array_equal(tree['w'], 1)
+  np.testing.assert_array_equal(tree['b'], np.arange(7))
