@@ -22,7 +22,8 @@ from configs import compare as compare_config  # noqa: E402
 from updetr_jax import compare  # noqa: E402
 from updetr_jax.data import eval_data_config, make_pretrain_dataset  # noqa: E402
 from updetr_jax.models import build_model  # noqa: E402
-from updetr_jax.torch_import import import_torch_checkpoint, init_variables  # noqa: E402
+from updetr_jax.models import init_variables
+from updetr_jax.torch_import import import_torch_checkpoint  # noqa: E402
 
 
 def cosines(features: np.ndarray) -> tuple[float, float]:

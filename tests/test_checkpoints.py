@@ -9,9 +9,9 @@ import pytest
 from flax import traverse_util
 
 from configs import pretrain
-from updetr_jax import checkpoints, optim, train
+from updetr_jax import checkpoints, optim, pretrained, train
 from updetr_jax.models import build_model
-from updetr_jax.torch_import import init_variables
+from updetr_jax.models import init_variables
 
 ARCH = dict(backbone='resnet_tiny', hidden_dim=32, nheads=2, enc_layers=1, dec_layers=2,
             dim_feedforward=64, num_queries=8)
@@ -56,10 +56,10 @@ def test_restore_pretrained_weights_leaf_by_leaf(pretrain_workdir):
 
 def test_finetune_init_copies_all_but_the_task_heads(pretrain_workdir):
   workdir, expected, pre_config = pretrain_workdir
-  pretrained, _, pre_model = checkpoints.restore_workdir_variables(workdir)
+  source, _, pre_model = checkpoints.restore_workdir_variables(workdir)
   detr_config = dict(pre_config.model.to_dict(), num_classes=5, num_patches=0)
   fresh = init_variables(build_model(detr_config), jax.random.PRNGKey(3))
-  variables = checkpoints.init_from_pretrained(fresh, detr_config, pretrained, pre_model)
+  variables = pretrained.init_from_pretrained(fresh, detr_config, source, pre_model)
   got, src, new = _flat(variables), _flat(expected), _flat(fresh)
   assert not any(k[1] in ('patch2query', 'feature_align') for k in got)
   copied = 0
@@ -75,11 +75,11 @@ def test_finetune_init_copies_all_but_the_task_heads(pretrain_workdir):
 
 def test_architecture_mismatch_names_the_fields(pretrain_workdir):
   workdir, _, pre_config = pretrain_workdir
-  pretrained, _, pre_model = checkpoints.restore_workdir_variables(workdir)
+  source, _, pre_model = checkpoints.restore_workdir_variables(workdir)
   detr_config = dict(pre_config.model.to_dict(), num_patches=0, pre_norm=False, hidden_dim=64)
   fresh = init_variables(build_model(detr_config), jax.random.PRNGKey(0))
   with pytest.raises(ValueError) as e:
-    checkpoints.init_from_pretrained(fresh, detr_config, pretrained, pre_model)
+    pretrained.init_from_pretrained(fresh, detr_config, source, pre_model)
   assert 'hidden_dim: pre-trained 32 vs model 64' in str(e.value)
   assert 'pre_norm: pre-trained True vs model False' in str(e.value)
 

@@ -14,7 +14,7 @@ from configs import compare as compare_config  # noqa: E402
 from updetr_jax import checkpoints, compare, train  # noqa: E402
 from updetr_jax.data import miniature  # noqa: E402
 from updetr_jax.models import build_model  # noqa: E402
-from updetr_jax.torch_import import init_variables  # noqa: E402
+from updetr_jax.models import init_variables  # noqa: E402
 
 TINY_MODEL = dict(backbone='resnet_tiny', hidden_dim=32, nheads=2, enc_layers=1,
                   dec_layers=2, dim_feedforward=64, num_queries=8)

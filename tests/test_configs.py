@@ -4,7 +4,7 @@ import pytest
 from configs import finetune_coco, finetune_voc, pretrain
 from updetr_jax import optim
 from updetr_jax.models import build_model
-from updetr_jax.torch_import import variable_shapes
+from updetr_jax.models import variable_shapes
 
 
 def test_release_defaults():

@@ -8,7 +8,7 @@ from flax import traverse_util
 from test_train import fixed_batch, tiny_config
 from updetr_jax import train
 from updetr_jax.models import build_model
-from updetr_jax.torch_import import variable_shapes
+from updetr_jax.models import variable_shapes
 
 
 def _float_dtypes(tree):

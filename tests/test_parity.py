@@ -183,18 +183,18 @@ def test_finetune_init_from_release_updetr_pth(tmp_path):
   class head (which stays fresh), patch2query and feature_align."""
   from flax import traverse_util
 
-  from updetr_jax import checkpoints
-  from updetr_jax.torch_import import init_variables
+  from updetr_jax import pretrained
+  from updetr_jax.models import init_variables
   pre = tiny_config(pre_norm=True, num_classes=2, num_patches=4)
   tm = torch_model(pre, seed=2)
   path = tmp_path / 'updetr.pth'
   torch.save({'model': tm.state_dict()}, path)
   detr_cfg = dict(pre, num_patches=0, num_classes=7)
   fresh = init_variables(build_model(detr_cfg), jax.random.PRNGKey(1))
-  src, src_cfg = checkpoints.load_pretrained(str(path), detr_cfg)
+  src, src_cfg = pretrained.load_pretrained(str(path), detr_cfg)
   assert src_cfg is None and 'patch2query' in src['params']
   got = traverse_util.flatten_dict(
-      checkpoints.init_from_pretrained(fresh, detr_cfg, src, src_cfg))
+      pretrained.init_from_pretrained(fresh, detr_cfg, src, src_cfg))
   want = traverse_util.flatten_dict(import_torch_checkpoint(str(path), pre))
   new = traverse_util.flatten_dict(fresh)
   for k, v in got.items():
@@ -202,4 +202,4 @@ def test_finetune_init_from_release_updetr_pth(tmp_path):
     np.testing.assert_array_equal(np.asarray(v), np.asarray(ref_leaf), err_msg='/'.join(k))
   # A post-norm DETR cannot take the pre-norm file: the importer names the extra norm.
   with pytest.raises(CheckpointMismatchError, match='encoder.norm'):
-    checkpoints.load_pretrained(str(path), dict(detr_cfg, pre_norm=False))
+    pretrained.load_pretrained(str(path), dict(detr_cfg, pre_norm=False))

@@ -11,7 +11,8 @@ from PIL import Image
 from updetr_jax import files, ssl_backbone
 from updetr_jax.models import build_model
 from updetr_jax.models.resnet import build_resnet
-from updetr_jax.torch_import import import_torch_checkpoint, init_variables, load_state_dict
+from updetr_jax.models import init_variables
+from updetr_jax.torch_import import import_torch_checkpoint, load_state_dict
 
 TINY_DETR = dict(backbone='resnet_tiny', position_embedding='sine', hidden_dim=16, nheads=2,
                  enc_layers=1, dec_layers=1, dim_feedforward=32, dropout=0.0, num_queries=4,

@@ -16,7 +16,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from updetr_jax import files, integrity
+from updetr_jax import files, integrity, optim
+from updetr_jax.models import build_model, variable_shapes
 
 
 def _what(directory: str, step: int | None = None) -> str:
@@ -256,13 +257,6 @@ class TrainCheckpoints:
     self.manager.reload()
 
 
-# Fields that must agree between a pre-training checkpoint and the model it initialises.
-ARCHITECTURE_FIELDS = ('backbone', 'dilation', 'position_embedding', 'hidden_dim', 'nheads',
-                       'enc_layers', 'dec_layers', 'dim_feedforward', 'num_queries', 'pre_norm')
-# Heads that are task specific and never carried from pre-training into fine-tuning.
-PRETRAIN_ONLY_HEADS = ('class_embed', 'patch2query', 'feature_align')
-
-
 BEST_DIR = 'best'  # workdir/best: the checkpoint with the best evaluation metric
 LAST_DIR = 'checkpoints'  # workdir/checkpoints: the latest training states
 
@@ -284,10 +278,6 @@ def restore_workdir_variables(workdir: str, which: str = 'latest'):
     which = 'best' if has_steps(best) else 'latest'
   if not files.exists(os.path.join(workdir, 'config.json')):
     raise FileNotFoundError(f'{workdir} is not a training workdir (no config.json)')
-  from updetr_jax import optim
-  from updetr_jax.models import build_model
-  from updetr_jax.torch_import import variable_shapes
-
   try:
     config = files.read_json(os.path.join(workdir, 'config.json'))
   except ValueError as e:
@@ -311,70 +301,3 @@ def restore_workdir_variables(workdir: str, which: str = 'latest'):
 def has_steps(directory: str) -> bool:
   """Does ``directory`` hold step folders of a checkpoint manager?"""
   return files.isdir(directory) and any(d.isdigit() for d in files.listdir(directory))
-
-
-def load_pretrained(path: str, model_config):
-  """Pre-trained weights for fine-tuning, from any of:
-
-  * a training workdir (``config.json`` + ``checkpoints/``): its latest checkpoint;
-  * a PyTorch release ``.pth`` (UP-DETR pre-training or DETR): imported with
-    ``model_config``'s architecture, the heads sized from the file;
-  * an Orbax variables checkpoint (``save_variables`` / ``updetr_jax.torch_import``).
-  Returns (variables, model config dict of the source, or None when unknown).
-  """
-  if files.isdir(path) and files.exists(os.path.join(path, 'config.json')):
-    variables, _, config = restore_workdir_variables(path)
-    return variables, config
-  if path.endswith('.pth'):
-    from updetr_jax.torch_import import import_torch_checkpoint, load_state_dict
-    sd = load_state_dict(path)
-    if 'class_embed.weight' not in sd:
-      raise ValueError(f'{path} has no class_embed.weight: not a DETR / UP-DETR model '
-                       '(a backbone-only file goes to init.backbone_checkpoint)')
-    config = dict(model_config)
-    config.update(num_classes=int(sd['class_embed.weight'].shape[0]) - 1,
-                  num_patches=1 if 'patch2query.weight' in sd else 0,
-                  feature_recon=any(k.startswith('feature_align.') for k in sd))
-    return import_torch_checkpoint(sd, config), None
-  if not files.isdir(path):
-    raise FileNotFoundError(
-        f'init.pretrained={path!r}: no such workdir, .pth file or Orbax checkpoint')
-  return load_variables(path), None
-
-
-def init_from_pretrained(variables, model_config, pretrained, pretrained_model_config):
-  """Fine-tuning init: every pre-trained weight except the task heads.
-
-  Args:
-    variables: freshly initialised variables of the fine-tuning model.
-    model_config: its model config; pretrained / pretrained_model_config: the
-      pre-training variables and model config (``load_pretrained``; a config of
-      None checks the shapes only).
-  Returns: variables with all leaves but ``PRETRAIN_ONLY_HEADS`` copied from
-    ``pretrained``; ``class_embed`` keeps its fresh init.
-  Raises: ValueError naming the architecture fields that differ or the weights
-    that are missing / misshapen.
-  """
-  from flax import traverse_util
-
-  diff = [f'{f}: pre-trained {pretrained_model_config.get(f)!r} vs model {model_config[f]!r}'
-          for f in ARCHITECTURE_FIELDS if pretrained_model_config is not None
-          and pretrained_model_config.get(f) != model_config[f]]
-  if diff:
-    raise ValueError('pre-trained checkpoint has another architecture:\n  ' + '\n  '.join(diff))
-  src = traverse_util.flatten_dict(dict(pretrained))
-  out = traverse_util.flatten_dict(dict(variables))
-  problems = []
-  for path, leaf in out.items():
-    if path[1] in PRETRAIN_ONLY_HEADS:
-      continue
-    if path not in src:
-      problems.append(f'missing {"/".join(path)}')
-    elif np.shape(src[path]) != np.shape(leaf):
-      problems.append(f'{"/".join(path)}: pre-trained {np.shape(src[path])} vs model '
-                      f'{np.shape(leaf)}')
-    else:
-      out[path] = jax.numpy.asarray(src[path], leaf.dtype)
-  if problems:
-    raise ValueError('pre-trained weights do not fit the model:\n  ' + '\n  '.join(problems))
-  return traverse_util.unflatten_dict(out)

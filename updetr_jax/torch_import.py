@@ -28,7 +28,7 @@ import numpy as np
 from flax import traverse_util
 
 from updetr_jax import files
-from updetr_jax.models import build_model
+from updetr_jax.models import build_model, init_variables, variable_shapes
 
 # Heads of classification / self-supervised checkpoints that DETR never uses.
 BACKBONE_ONLY_IGNORED = ('fc.', 'projection_head.', 'prototypes.')
@@ -117,24 +117,6 @@ def _to_flax(value: np.ndarray, flax_ndim: int, is_kernel: bool) -> np.ndarray:
   if is_kernel and flax_ndim == 2:
     return value.T  # [out, in] -> [in, out]
   return value
-
-
-def _dummy_inputs(model):
-  images = jnp.zeros((1, 64, 64, 3), jnp.float32)
-  mask = jnp.zeros((1, 64, 64), bool)
-  if hasattr(model, 'num_patches'):
-    return images, mask, jnp.zeros((1, model.num_patches, 32, 32, 3), jnp.float32)
-  return images, mask, None
-
-
-def variable_shapes(model) -> dict:
-  """Shapes/dtypes of the model's variables, without computing anything."""
-  return jax.eval_shape(model.init, jax.random.PRNGKey(0), *_dummy_inputs(model))
-
-
-def init_variables(model, rng):
-  """Initialised variables (jitted init on small dummy inputs)."""
-  return jax.jit(model.init)(rng, *_dummy_inputs(model))
 
 
 def convert_state_dict(sd: Mapping[str, np.ndarray], shapes, backbone_only: bool) -> dict:

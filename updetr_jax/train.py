@@ -25,10 +25,11 @@ import optax
 from clu import metric_writers
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from updetr_jax import checkpoints, evaluate, files, losses, matching, mfu, optim, visualize
+from updetr_jax import (checkpoints, evaluate, files, losses, matching, mfu, optim, pretrained,
+                        visualize)
 from updetr_jax.data import eval_data_config, make_detection_dataset, make_pretrain_dataset
-from updetr_jax.models import build_model
-from updetr_jax.torch_import import import_torch_checkpoint, init_variables
+from updetr_jax.models import build_model, init_variables
+from updetr_jax.torch_import import import_torch_checkpoint
 
 
 def make_mesh() -> jax.sharding.Mesh:
@@ -94,7 +95,7 @@ def init_train_state(config, model, rng, steps_per_epoch: int, load_init: bool =
 
   ``config.init``: ``backbone_checkpoint`` (torchvision-layout ResNet .pth),
   ``pretrained`` (fine-tuning: every weight but the task heads of an UP-DETR
-  pre-training workdir, .pth or Orbax variables; ``checkpoints.load_pretrained``),
+  pre-training workdir, .pth or Orbax variables; ``pretrained.load_pretrained``),
   ``checkpoint`` (Orbax variables of this very model). load_init=False skips them
   (a resumed run restores its own checkpoint instead).
   Returns (variables, state, constants, tx, schedules): state = {'step', 'params'
@@ -106,11 +107,11 @@ def init_train_state(config, model, rng, steps_per_epoch: int, load_init: bool =
     variables = import_torch_checkpoint(init.backbone_checkpoint, config.model,
                                         variables=variables)
   if init.get('pretrained'):
-    pretrained, source_config = checkpoints.load_pretrained(init.pretrained, config.model)
-    variables = checkpoints.init_from_pretrained(variables, dict(config.model), pretrained,
-                                                 source_config)
+    source, source_config = pretrained.load_pretrained(init.pretrained, config.model)
+    variables = pretrained.init_from_pretrained(variables, dict(config.model), source,
+                                                source_config)
     logging.warning('initialised from %s (all weights but %s)', init.pretrained,
-                    ', '.join(checkpoints.PRETRAIN_ONLY_HEADS))
+                    ', '.join(pretrained.PRETRAIN_ONLY_HEADS))
   if init.get('checkpoint'):
     variables = checkpoints.load_variables(init.checkpoint, variables)
   trainable, frozen = optim.partition_params(variables['params'], config.optim.frozen)

@@ -1,4 +1,5 @@
 """Flax modules: ResNet backbone, position encodings, transformer, DETR, UP-DETR."""
+import jax
 import jax.numpy as jnp
 
 from updetr_jax.models.detr import DETR, REMAT_CHOICES
@@ -38,3 +39,21 @@ def build_model(model_config, dtype=None):
                   patch_query_drop=cfg.get('patch_query_drop', 0.1))
   return DETR(**kwargs)
 
+
+def _dummy_inputs(model):
+  """Smallest inputs that build every variable: a 64x64 image (+ 32x32 patches)."""
+  images = jnp.zeros((1, 64, 64, 3), jnp.float32)
+  mask = jnp.zeros((1, 64, 64), bool)
+  if hasattr(model, 'num_patches'):
+    return images, mask, jnp.zeros((1, model.num_patches, 32, 32, 3), jnp.float32)
+  return images, mask, None
+
+
+def variable_shapes(model) -> dict:
+  """Shapes/dtypes of the model's variables, without computing anything."""
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), *_dummy_inputs(model))
+
+
+def init_variables(model, rng):
+  """Initialised variables (jitted init on small dummy inputs)."""
+  return jax.jit(model.init)(rng, *_dummy_inputs(model))
