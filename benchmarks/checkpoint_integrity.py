@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import pretrain  # noqa: E402
-from updetr_jax import checkpoints, integrity, train  # noqa: E402
+from updetr_jax import checkpoints, integrity, train_step  # noqa: E402
 from updetr_jax.models import build_model  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def release_state():
   """{'state', 'constants'} of the release pre-training config, random values."""
   config = pretrain.get_config()
   model = build_model(config.model)
-  abstract = jax.eval_shape(lambda: train.init_train_state(
+  abstract = jax.eval_shape(lambda: train_step.init_train_state(
       config, model, jax.random.PRNGKey(0), 100)[1:3])
   leaves, tree = jax.tree_util.tree_flatten(abstract)
   rng = np.random.default_rng(0)

@@ -29,11 +29,10 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import pretrain  # noqa: E402
-from updetr_jax import mfu, train  # noqa: E402
+from updetr_jax import mfu, train_step  # noqa: E402
 from updetr_jax.models import REMAT_CHOICES, build_model  # noqa: E402
 
 
@@ -71,17 +70,17 @@ def main():
   config.batch_size = args.batch
   config.loss_replicas = 1
   model = build_model(config.model)
-  _, state, constants, tx, _ = train.init_train_state(
+  _, state, constants, tx, _ = train_step.init_train_state(
       config, model, jax.random.PRNGKey(0), steps_per_epoch=1000)
-  mesh = train.make_mesh()
+  mesh = train_step.make_mesh()
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   state, constants = jax.device_put((state, constants), repl)
-  batch = train.to_global(synthetic_batch(args.batch, args.image_size,
+  batch = train_step.to_global(synthetic_batch(args.batch, args.image_size,
                                           config.model.num_patches, args.patch_size),
                           sharding)
-  loss_fn = train.criterion(config)
-  step = jax.jit(train.make_train_step(model, tx, loss_fn),
+  loss_fn = train_step.criterion(config)
+  step = jax.jit(train_step.make_train_step(model, tx, loss_fn),
                  donate_argnums=(0,), out_shardings=(repl, repl))
   rng = jax.random.PRNGKey(1)
   t0 = time.perf_counter()
@@ -95,7 +94,7 @@ def main():
   if args.remat:  # count the step without recomputation (lowering only, no compile)
     plain = build_model(dict(config.model, remat=''))
     model_flops = mfu.step_flops(
-        jax.jit(train.make_train_step(plain, tx, loss_fn)).lower(state, constants, batch, rng))
+        jax.jit(train_step.make_train_step(plain, tx, loss_fn)).lower(state, constants, batch, rng))
   times = []
   for _ in range(args.repeats):
     t0 = time.perf_counter()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import pretrain
-from updetr_jax import checkpoints, integrity, optim, train
+from updetr_jax import checkpoints, integrity, optim, train_step
 from updetr_jax.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _state(config, seed: int):
   """Training state of ``config``'s model with non-initial values (differs by seed)."""
   model = build_model(config.model)
-  _, state, constants, _, _ = train.init_train_state(config, model, jax.random.PRNGKey(0), 10)
+  _, state, constants, _, _ = train_step.init_train_state(config, model, jax.random.PRNGKey(0),
+                                                         10)
   leaves, tree = jax.tree_util.tree_flatten(state['params'])
   keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
   state['params'] = jax.tree_util.tree_unflatten(

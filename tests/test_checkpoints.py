@@ -1,15 +1,13 @@
 """Pre-training workdir -> fine-tuning init: exactly the intended weights."""
-import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
 
 from configs import pretrain
-from updetr_jax import checkpoints, optim, pretrained, train
+from updetr_jax import checkpoints, optim, pretrained, train_step
 from updetr_jax.models import build_model
 from updetr_jax.models import init_variables
 
@@ -24,7 +22,8 @@ def pretrain_workdir(tmp_path_factory):
   config = pretrain.get_config()
   config.model.update(num_patches=2, **ARCH)
   model = build_model(config.model)
-  _, state, constants, _, _ = train.init_train_state(config, model, jax.random.PRNGKey(0), 10)
+  _, state, constants, _, _ = train_step.init_train_state(config, model, jax.random.PRNGKey(0),
+                                                         10)
   leaves, tree = jax.tree_util.tree_flatten(state['params'])
   keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
   state['params'] = jax.tree_util.tree_unflatten(
@@ -93,7 +92,7 @@ def test_init_train_state_with_init_pretrained(pretrain_workdir):
   config.model.update(num_classes=4, **ARCH)
   config.init.pretrained = workdir
   model = build_model(config.model)
-  variables, state, constants, _, _ = train.init_train_state(
+  variables, state, constants, _, _ = train_step.init_train_state(
       config, model, jax.random.PRNGKey(5), 10)
   got, src = _flat(variables), _flat(expected)
   fresh = _flat(init_variables(model, jax.random.PRNGKey(5)))
@@ -104,4 +103,4 @@ def test_init_train_state_with_init_pretrained(pretrain_workdir):
   assert 'layer2_0' in state['params']['body'] and 'layer1_0' in constants['frozen']['body']
   config.model.num_queries = 12
   with pytest.raises(ValueError, match='num_queries: pre-trained 8 vs model 12'):
-    train.init_train_state(config, build_model(config.model), jax.random.PRNGKey(5), 10)
+    train_step.init_train_state(config, build_model(config.model), jax.random.PRNGKey(5), 10)

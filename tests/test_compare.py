@@ -11,7 +11,7 @@ from conftest import importorskip  # fails instead of skipping under CI=true
 importorskip('tensorflow')
 
 from configs import compare as compare_config  # noqa: E402
-from updetr_jax import checkpoints, compare, train  # noqa: E402
+from updetr_jax import checkpoints, compare, train, train_step  # noqa: E402
 from updetr_jax.data import miniature  # noqa: E402
 from updetr_jax.models import build_model  # noqa: E402
 from updetr_jax.models import init_variables  # noqa: E402
@@ -116,7 +116,7 @@ def test_pretrained_arm_starts_from_the_pretrained_transformer(data, tmp_path):
                                 str(tmp_path / 'subsets'))
     c.model.num_classes = 7  # what the loop takes from the data (num_classes=-1)
     model = build_model(c.model)
-    variables, *_ = train.init_train_state(c, model, jax.random.PRNGKey(c.seed), 10)
+    variables, *_ = train_step.init_train_state(c, model, jax.random.PRNGKey(c.seed), 10)
     fresh = init_variables(model, jax.random.PRNGKey(c.seed))  # nothing loaded
     return _flat(variables['params']), _flat(fresh['params'])
 

@@ -10,7 +10,7 @@ from conftest import importorskip  # fails instead of skipping under CI=true
 tf = importorskip('tensorflow')
 
 from updetr_jax import data  # noqa: E402
-from updetr_jax.data import augment, batching, patches, sources  # noqa: E402
+from updetr_jax.data import augment, patches, planning, sources  # noqa: E402
 from data_helpers import assert_same, take  # noqa: E402
 
 # Good images (h, w) as lossless PNG unless noted; names exercise nesting and case.
@@ -91,7 +91,7 @@ def test_resize_rule_and_release_buckets():
   for s in (320, 336, 352, 368, 400, 416, 432, 448, 464, 480):
     for hw in ((375, 500), (500, 375), (333, 500), (100, 1600)):
       rh, rw = data.resize_rule(*hw, s, 600)
-      k, ch, cw = batching.assign_buckets([rh], [rw], data.default_data_config())
+      k, ch, cw = planning.assign_buckets([rh], [rw], data.default_data_config())
       bh, bw = shapes[int(k[0])]
       assert (ch[0], cw[0]) == (rh, rw) and rh <= bh and rw <= bw
   assert data.bucket_shapes(data.demo_data_config()) == [(128, 160), (160, 128)]

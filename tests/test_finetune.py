@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from configs import finetune_coco
-from updetr_jax import checkpoints, evaluate, train
+from updetr_jax import checkpoints, evaluate, train, train_step
+from updetr_jax.tasks import detection as detection_task
 from updetr_jax.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,12 +142,12 @@ def test_eval_batch_1_equals_batch_8(trained):
   config, workdir, _, _ = trained
   variables, _, _ = checkpoints.restore_workdir_variables(workdir, 'latest')
   model = build_model(config.model)
-  mesh = train.make_mesh()
+  mesh = train_step.make_mesh()
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   out = {}
   for bs in (1, 8):
     config.eval.batch_size = bs
-    task = train.DetectionTask(config, sharding)
+    task = detection_task.DetectionTask(config, sharding)
     metrics = task.evaluate(model, variables, 0, os.path.join(workdir, f'eval_bs{bs}'))
     results = json.load(open(os.path.join(workdir, f'eval_bs{bs}', 'eval', 'detections.json')))
     out[bs] = metrics, sorted((r['image_id'], r['bbox'], r['score'], r['category_id'])
@@ -172,16 +173,16 @@ def test_resume_keeps_going_and_refuses_nothing(trained):
 
 def test_detection_config_errors(trained):
   config, _, _, _ = trained
-  mesh = train.make_mesh()
+  mesh = train_step.make_mesh()
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   bad = config.copy_and_resolve_references()
   bad.model.num_classes = 5
   with pytest.raises(ValueError, match=r'model.num_classes=5 .* labels .* up to 17'):
-    train.DetectionTask(bad, sharding)
+    detection_task.DetectionTask(bad, sharding)
   bad = config.copy_and_resolve_references()
   bad.model.num_patches = 2
   with pytest.raises(ValueError, match='num_patches=0'):
-    train.DetectionTask(bad, sharding)
+    detection_task.DetectionTask(bad, sharding)
 
 
 def test_predict_cli_on_the_workdir(trained, tmp_path):

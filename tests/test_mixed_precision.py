@@ -6,7 +6,7 @@ import pytest
 from flax import traverse_util
 
 from test_train import fixed_batch, tiny_config
-from updetr_jax import train
+from updetr_jax import train_step
 from updetr_jax.models import build_model
 from updetr_jax.models import variable_shapes
 
@@ -36,9 +36,9 @@ def initial():
   test here starts from these weights.
   """
   config = tiny_config()
-  _, state, constants, tx, _ = train.init_train_state(config, build_model(config.model),
+  _, state, constants, tx, _ = train_step.init_train_state(config, build_model(config.model),
                                                       jax.random.PRNGKey(0), 10)
-  variables = jax.tree_util.tree_map(np.asarray, train.full_variables(state, constants))
+  variables = jax.tree_util.tree_map(np.asarray, train_step.full_variables(state, constants))
   return jax.tree_util.tree_map(np.asarray, state), constants, tx, variables
 
 
@@ -54,7 +54,8 @@ def steps_by_dtype(initial):
   for dtype in ('float32', 'bfloat16'):
     config = tiny_config()
     config.model.dtype = dtype
-    step = jax.jit(train.make_train_step(build_model(config.model), tx, train.criterion(config)))
+    step = jax.jit(train_step.make_train_step(build_model(config.model), tx,
+                                              train_step.criterion(config)))
     new, metrics = step(jax.tree_util.tree_map(jnp.asarray, state0), constants, batch,
                         jax.random.PRNGKey(0))
     out[dtype] = (state0, new, jax.device_get(metrics))
@@ -119,7 +120,7 @@ def test_bf16_compute_dtypes_per_module():
 def _loss_and_grads(config, variables, batch):
   """Loss and gradients w.r.t. all params (backbone too) of a train-mode forward."""
   model = build_model(config.model)
-  loss_fn = train.criterion(config)
+  loss_fn = train_step.criterion(config)
 
   def loss_of(params):
     out = model.apply(dict(variables, params=params), batch['images'], batch['padding_mask'],

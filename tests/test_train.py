@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from updetr_jax import train
+from updetr_jax import train_step
 from updetr_jax.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,8 +59,9 @@ def fixed_batch(batch=4, num_patches=2, seed=0):
 
 def setup_step(config):
   model = build_model(config.model)
-  _, state, constants, tx, _ = train.init_train_state(config, model, jax.random.PRNGKey(0), 10)
-  step = jax.jit(train.make_train_step(model, tx, train.criterion(config)))
+  _, state, constants, tx, _ = train_step.init_train_state(config, model, jax.random.PRNGKey(0),
+                                                           10)
+  step = jax.jit(train_step.make_train_step(model, tx, train_step.criterion(config)))
   return state, constants, step
 
 
@@ -110,7 +111,8 @@ def test_learned_position_embedding_is_in_the_backbone_group():
                       position_embedding='learned')
   config.optim.update(lr=1e-2, lr_backbone=0.0)  # only the non-backbone group moves
   model = build_model(config.model)
-  _, state, constants, tx, _ = train.init_train_state(config, model, jax.random.PRNGKey(0), 10)
+  _, state, constants, tx, _ = train_step.init_train_state(config, model, jax.random.PRNGKey(0),
+                                                           10)
   assert 'position' in state['params']
   grads = jax.tree_util.tree_map(jnp.ones_like, state['params'])
   updates, _ = tx.update(grads, state['opt_state'], state['params'])
@@ -129,7 +131,7 @@ def test_non_finite_loss_leaves_state_unchanged_and_stops():
   jax.tree_util.tree_map(np.testing.assert_array_equal, before,
                          jax.tree_util.tree_map(np.asarray, state['params']))
   with pytest.raises(FloatingPointError, match='non-finite training loss at step 1'):
-    train.check_finite(jax.device_get(metrics), 1)
+    train_step.check_finite(jax.device_get(metrics), 1)
 
 
 def _main_cmd(workdir, steps, extra=()):
@@ -226,14 +228,14 @@ _DEVICES_SCRIPT = textwrap.dedent('''
     import jax, jax.numpy as jnp, numpy as np
     sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
     from test_train import tiny_config, fixed_batch, setup_step
-    from updetr_jax import train
+    from updetr_jax import train_step
     from jax.sharding import NamedSharding, PartitionSpec as P
     config = tiny_config(); config.batch_size = 8
     state, constants, step = setup_step(config)
-    mesh = train.make_mesh()
+    mesh = train_step.make_mesh()
     repl = NamedSharding(mesh, P())
     state, constants = jax.device_put((state, constants), repl)
-    batch = train.to_global(fixed_batch(batch=8), NamedSharding(mesh, P('data')))
+    batch = train_step.to_global(fixed_batch(batch=8), NamedSharding(mesh, P('data')))
     out = []
     for _ in range(3):
       state, m = step(state, constants, batch, jax.random.PRNGKey(0))
@@ -262,12 +264,13 @@ def _feature_grads(config, stop_target: bool):
   with (stop_target) or without a stop-gradient on the target ``gt_feature``."""
   config.loss.update(weight_ce=0.0, weight_bbox=0.0, weight_giou=0.0, weight_feature=1.0)
   model = build_model(config.model)
-  _, state, constants, _, _ = train.init_train_state(config, model, jax.random.PRNGKey(0), 10)
+  _, state, constants, _, _ = train_step.init_train_state(config, model, jax.random.PRNGKey(0),
+                                                         10)
   batch = jax.tree_util.tree_map(jnp.asarray, fixed_batch())
-  loss_fn = train.criterion(config)
+  loss_fn = train_step.criterion(config)
 
   def loss_of(params):
-    out = model.apply(train.full_variables(dict(state, params=params), constants),
+    out = model.apply(train_step.full_variables(dict(state, params=params), constants),
                       batch['images'], batch['padding_mask'], batch['patches'], train=False)
     if stop_target:
       out = dict(out, gt_feature=jax.lax.stop_gradient(out['gt_feature']))

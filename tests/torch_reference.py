@@ -23,7 +23,7 @@ Public API
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -25,7 +25,7 @@ as a printed table (``results.txt``) and ``curves.png`` (AP against steps, +- st
 from __future__ import annotations
 
 import json
-import logging
+from absl import logging
 import os
 import time
 
@@ -157,13 +157,13 @@ def finetune_config(config, arm: str, seed: int, fraction: float, backbone: str,
 def _run(config, workdir: str, what: str) -> dict:
   done = _finished(workdir)
   if done is not None:
-    logging.warning('compare: %s finished earlier (%s), skipped', what, workdir)
+    logging.info('compare: %s finished earlier (%s), skipped', what, workdir)
     return done
   from updetr_jax import train  # noqa: PLC0415
-  logging.warning('compare: %s -> %s', what, workdir)
+  logging.info('compare: %s -> %s', what, workdir)
   t0 = time.time()
   summary = train.run(config, workdir)
-  logging.warning('compare: %s done in %.0f s', what, time.time() - t0)
+  logging.info('compare: %s done in %.0f s', what, time.time() - t0)
   return summary
 
 
@@ -316,9 +316,10 @@ def _eval_set_size(data_config) -> dict:
 
 def main(argv):
   from absl import app  # noqa: PLC0415
+  from updetr_jax import cli  # noqa: PLC0415
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.getLogger().setLevel(logging.WARNING)
+  cli.setup_logging()
   run(_CONFIG.value, _WORKDIR.value)
 
 

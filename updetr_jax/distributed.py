@@ -29,7 +29,7 @@ Example, two processes with 4 CPU devices each on one machine::
 from __future__ import annotations
 
 import glob
-import logging
+from absl import logging
 import os
 import urllib.request
 from typing import Sequence
@@ -180,7 +180,7 @@ def maybe_initialize(coordinator_address: str | None = None,
                          f'touches the JAX backend: {e}') from e
     raise
   _initialized = True
-  logging.warning('distributed (%s): process %d of %d, %d local of %d global devices '
-                  '(%s)', source, jax.process_index(), jax.process_count(),
-                  jax.local_device_count(), jax.device_count(), jax.default_backend())
+  logging.info('distributed (%s): process %d of %d, %d local of %d global devices '
+               '(%s)', source, jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count(), jax.default_backend())
   return True

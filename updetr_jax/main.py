@@ -7,12 +7,10 @@ Multi-host: run the same command in every process with ``--coordinator_address=
 HOST:PORT --num_processes=N --process_id=I`` (or under SLURM / on a TPU pod slice,
 where they are detected; see ``updetr_jax.distributed``).
 """
-import logging
-
 from absl import app, flags
 from ml_collections import config_flags
 
-from updetr_jax import distributed, train
+from updetr_jax import cli, distributed, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file[:variant]')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'output directory (checkpoints, logs)')
@@ -29,7 +27,7 @@ _LOCAL_DEVICE_IDS = flags.DEFINE_list(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.getLogger().setLevel(logging.WARNING)
+  cli.setup_logging()
   distributed.maybe_initialize(  # before anything touches the JAX backend
       _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _LOCAL_DEVICE_IDS.value)
   summary = train.run(_CONFIG.value, _WORKDIR.value)

@@ -105,6 +105,8 @@ def predict_files(model, variables, paths, output: str, *, threshold: float = 0.
 
 def main(argv):
   from absl import app
+  from updetr_jax import cli
+  cli.setup_logging()
   paths = argv[1:]
   if not paths:
     raise app.UsageError('give at least one image file')

@@ -47,7 +47,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-import logging
+from absl import logging
 import os
 import time
 from typing import Sequence
@@ -383,7 +383,7 @@ def train_ssl_backbone(image_folder: str, output_path: str, *,
   if not overwrite and files.exists(output_path) and files.exists(summary_path):
     old = files.read_json(summary_path)
     if old.get('params') == params_desc:
-      logging.warning('ssl: %s exists with the same parameters: skipped', output_path)
+      logging.info('ssl: %s exists with the same parameters: skipped', output_path)
       return dict(old, skipped=True)
   t_load = time.time()
   images, paths = load_images(all_paths, image_size)
@@ -393,9 +393,9 @@ def train_ssl_backbone(image_folder: str, output_path: str, *,
     logging.warning('ssl: batch_size %d > %d images: using %d', batch_size, len(images),
                     len(images))
     batch_size = len(images)
-  logging.warning('ssl: %d images from %s (%.1fs); SimCLR %s, %d steps x %d images '
-                  '(%d views of %dpx)', len(images), image_folder, time.time() - t_load,
-                  backbone, steps, batch_size, 2 * batch_size, image_size)
+  logging.info('ssl: %d images from %s (%.1fs); SimCLR %s, %d steps x %d images '
+               '(%d views of %dpx)', len(images), image_folder, time.time() - t_load,
+               backbone, steps, batch_size, 2 * batch_size, image_size)
 
   model = SimCLRNet(backbone_name=backbone)
   x0 = make_batch(images, batch_size, image_size, seed, 0)
@@ -444,16 +444,16 @@ def train_ssl_backbone(image_folder: str, output_path: str, *,
       jax.block_until_ready(metrics)
       t_first = t_mark = time.time()
       s_mark = 1
-      logging.warning('ssl: first step (compile) %.1fs', t_first - t0)
+      logging.info('ssl: first step (compile) %.1fs', t_first - t0)
     if (step + 1) % log_every == 0 or step + 1 == steps:
       history += jax.device_get(pending)
       pending = []
       now = time.time()
       rate = (step + 1 - s_mark) / max(now - t_mark, 1e-9) if step + 1 > s_mark else 0.0
       m = history[-1]
-      logging.warning('ssl step %d/%d  loss %.4f  top1 %.2f  lr %.2e  %.2f steps/s  ETA %s',
-                      step + 1, steps, m['loss'], m['top1'], float(schedule(step)), rate,
-                      _fmt_eta((steps - step - 1) / rate) if rate else '?')
+      logging.info('ssl step %d/%d  loss %.4f  top1 %.2f  lr %.2e  %.2f steps/s  ETA %s',
+                   step + 1, steps, m['loss'], m['top1'], float(schedule(step)), rate,
+                   _fmt_eta((steps - step - 1) / rate) if rate else '?')
       t_mark, s_mark = now, step + 1
   t_end = time.time()  # the last progress line fetched the last step's metrics
   seconds = t_end - t0
@@ -487,16 +487,17 @@ def train_ssl_backbone(image_folder: str, output_path: str, *,
       neg_cos_before=float(before['neg_cos']), neg_cos_after=float(after['neg_cos']),
       loss_history=losses)
   files.write_json(summary_path, summary)
-  logging.warning('ssl: wrote %s in %.0fs: loss %.3f -> %.3f; held-out retrieval top-1 '
-                  '%.3f -> %.3f (chance %.3f)', output_path, seconds, summary['first_loss'],
-                  summary['final_loss'], summary['retrieval_top1_before'],
-                  summary['retrieval_top1_after'], summary['retrieval_chance'])
+  logging.info('ssl: wrote %s in %.0fs: loss %.3f -> %.3f; held-out retrieval top-1 '
+               '%.3f -> %.3f (chance %.3f)', output_path, seconds, summary['first_loss'],
+               summary['final_loss'], summary['retrieval_top1_before'],
+               summary['retrieval_top1_after'], summary['retrieval_chance'])
   return summary
 
 
 def main(argv):
   del argv
-  logging.getLogger().setLevel(logging.WARNING)
+  from updetr_jax import cli  # noqa: PLC0415
+  cli.setup_logging()
   kw = {k: getattr(_FLAGS, k) for k in DEFAULTS}
   summary = train_ssl_backbone(_FLAGS.images, _FLAGS.output, overwrite=_FLAGS.overwrite, **kw)
   print({k: v for k, v in summary.items() if k not in ('loss_history', 'params')})

@@ -17,7 +17,7 @@ CLI (writes an Orbax checkpoint of the variables):
 """
 from __future__ import annotations
 
-import logging
+from absl import logging
 import os
 import re
 from typing import Any, Mapping
@@ -244,7 +244,8 @@ def import_torch_checkpoint(path_or_state_dict, model_config, *, rng=None, varia
 
 def main(argv):
   del argv
-  from updetr_jax import checkpoints
+  from updetr_jax import checkpoints, cli
+  cli.setup_logging()
   cfg = _CONFIG.value
   variables = import_torch_checkpoint(_CHECKPOINT.value, cfg.model)
   checkpoints.save_variables(_OUTPUT.value, variables, cfg.model.to_dict())

@@ -11,8 +11,9 @@ Fine-tuning (labelled detection data: COCO json, TFDS COCO / VOC), detection.py:
   detection_data_config() / voc_data_config()
 The miniature benchmark of real pixels (pre-training pool, labelled train / eval sets
 as COCO json; docs/miniature.md): miniature.write_miniature(directory, ...).
-Batch layout, bucketing, determinism and host sharding: see batching.py; sources and
-bad-image handling: sources.py; patches: patches.py; transforms: augment.py.
+Shape buckets and epoch plans: planning.py; batches, determinism and host sharding:
+batching.py; data configs: config.py; sources and bad-image handling: sources.py;
+patches: patches.py; transforms: augment.py.
 
 Data config fields (ConfigDict or dict; missing fields take the release value):
   source          'tfds' | 'folder' | 'demo'.
@@ -62,9 +63,10 @@ except RuntimeError:  # already initialised by the caller
   pass
 
 from updetr_jax.data.augment import resize_rule  # noqa: E402
-from updetr_jax.data.batching import (  # noqa: E402
-    DataStats, bucket_shapes, default_data_config, demo_data_config, eval_data_config,
-    make_pretrain_dataset, resolve_config)
+from updetr_jax.data.batching import make_pretrain_dataset  # noqa: E402
+from updetr_jax.data.config import (  # noqa: E402
+    default_data_config, demo_data_config, eval_data_config, resolve_config)
+from updetr_jax.data.planning import DataStats, bucket_shapes  # noqa: E402
 from updetr_jax.data.detection import (  # noqa: E402
     DatasetInfo, detection_bucket_shapes, detection_data_config, make_detection_dataset,
     voc_data_config)

@@ -1,39 +1,12 @@
-"""Shape buckets, epoch planning, per-host sharding and batching of the patch pipeline.
+"""The patch pipeline: tf.data over the epoch plan, per-host batches, resumption.
 
-Shape buckets. ``data.buckets`` lists (short, long) caps; ``bucket_shapes(cfg)``
-returns the fixed (H, W) set: every cap as landscape (H=short, W=long) and then as
-portrait (H=long, W=short). The release caps (384, 512), (448, 576), (480, 608)
-(multiples of 32) give 6 shapes; the 4:3 ImageNet photo resized to 320..368 /
-400..432 / 448..480 lands in the first / second / third cap. An image goes to the
-bucket of its orientation (landscape if W >= H) with the smallest area that holds its
-resized (h, w). Nothing is resized to fit a bucket, except in the rare case that no
-cap holds the image (aspect ratio beyond ~16:1 at max_size 600, where the rule's
-rounding may exceed max_size by a few pixels): its sides are then clamped to the
-largest cap. Every batch holds one bucket; images are zero-padded bottom/right.
-
-Epoch plan (numpy, identical on every host; depends on (seed, epoch) only):
-  1. order: a permutation of the examples (argsort of a Philox stream keyed by
-     (seed, epoch)); identity when ``shuffle`` is False or in evaluation.
-     Examples are images x ``demo_repeats`` (demo only); example e shows image
-     e % num_images. Skipped images (corrupt, truncated, too small) are dropped.
-  2. scale: one of ``scales`` per example, uniform (Philox stream (seed, epoch));
-     ``eval_scale`` in evaluation. Resized size by ``augment.resize_rule``.
-  3. walking the order, each example joins its bucket's queue; a queue that reaches
-     the global batch size becomes the next global batch. Training drops what is
-     left in the queues at the end of the epoch (at most G-1 examples per bucket);
-     evaluation emits the partial batches last, padded with rows whose ``valid``
-     is False.
-A resumed run (``start_step`` = global batches already consumed) re-plans the
-epochs and skips batches without reading any image, so it yields exactly the
-batches of an uninterrupted run. Host p (of process_count) loads rows
-[p*b, (p+1)*b) of every global batch, b = global_batch_size // process_count, so
-concatenating the hosts' batches gives the process_count=1 batch.
+Shapes and epoch plans come from ``planning``; configs from ``config``.
 
 Per-example randomness (patch rectangles, augmentation) uses stateless TF ops keyed
 by (k(seed, epoch), example): the same whatever the thread count or host layout.
 
 Bad images never stop the pipeline. The index (see sources.py) skips corrupt,
-truncated and too-small images and marks conversions; DataStats counts each such
+truncated and too-small images and marks conversions; ``planning.DataStats`` counts each such
 image once per epoch that is planned (a resumed epoch counts whole). An image that
 passed the index but fails to load or decode in the pipeline (e.g. changed on disk)
 is found when TF raises, marked bad, and the pipeline is rebuilt at the same step
@@ -44,7 +17,6 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import math
 import sys
 import threading
 import weakref
@@ -53,127 +25,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from updetr_jax.data import augment, patches, sources
-
-# Execution fields shared by the pre-training and detection pipelines.
-PIPELINE_DEFAULTS: dict[str, Any] = dict(
-    shuffle=True,
-    cache_decoded=False,
-    num_parallel_calls=-1,
-    prefetch=2,
-    threads=0,
-    index_cache_dir='~/.cache/updetr_jax',
-    index_threads=0,
-    tune_malloc=True,
-)
-
-DEFAULTS: dict[str, Any] = dict(
-    source='tfds',
-    tfds_name='imagenet2012',
-    tfds_split='train',
-    tfds_data_dir=None,
-    tfds_image_key='image',
-    folder='',
-    demo_images=sources.DEMO_IMAGES,
-    demo_repeats=1,
-    # Pre-training evaluation images, never trained on (see eval_data_config):
-    eval_tfds_split='validation',  # tfds: ImageNet's validation split
-    eval_folder='',  # folder: a second folder ('' = new patches of the training images)
-    eval_demo_images=(),  # demo: photos kept out of demo_images
-    scales=(320, 336, 352, 368, 400, 416, 432, 448, 464, 480),
-    max_size=600,
-    eval_scale=480,
-    buckets=((384, 512), (448, 576), (480, 608)),
-    patch_size=128,
-    augment_patches=True,
-    color_jitter=(0.4, 0.4, 0.4, 0.1),
-    color_jitter_prob=0.8,
-    color_jitter_random_order=False,
-    grayscale_prob=0.2,
-    blur_prob=0.5,
-    blur_sigma=(0.1, 2.0),
-    blur_kernel_size=0,
-    **PIPELINE_DEFAULTS,
-)
-
-DEMO_OVERRIDES: dict[str, Any] = dict(
-    source='demo',
-    demo_images=sources.DEMO_TRAIN_IMAGES,
-    eval_demo_images=sources.DEMO_EVAL_IMAGES,
-    demo_repeats=16,
-    scales=(96, 112, 128),
-    max_size=160,
-    eval_scale=128,
-    buckets=((128, 160),),
-    patch_size=32,
-    cache_decoded=True,
-    index_cache_dir=None,
-)
-
-
-def _as_config(d):
-  try:
-    import ml_collections  # noqa: PLC0415
-    return ml_collections.ConfigDict(d)
-  except ImportError:  # pragma: no cover
-    return dict(d)
-
-
-def default_data_config():
-  """Release data config (ImageNet via TFDS, see the package docstring)."""
-  return _as_config(dict(DEFAULTS))
-
-
-def demo_data_config():
-  """Small config on the scikit-image photos: trains a tiny model on CPU in minutes."""
-  return _as_config({**DEFAULTS, **DEMO_OVERRIDES})
-
-
-def resolve_config(data_config, defaults=None) -> dict:
-  """ConfigDict / dict (partial) -> plain dict with every field; rejects unknown ones.
-
-  ``defaults``: the field set and default values (pre-training's DEFAULTS if None).
-  """
-  defaults = DEFAULTS if defaults is None else defaults
-  if data_config is None:
-    data_config = {}
-  if hasattr(data_config, 'to_dict'):
-    data_config = data_config.to_dict()
-  unknown = sorted(set(data_config) - set(defaults))
-  if unknown:
-    raise ValueError(f'unknown data config field(s) {unknown}; known: {sorted(defaults)}')
-  cfg = {**defaults, **dict(data_config)}
-  cfg['scales'] = tuple(int(s) for s in cfg['scales'])
-  cfg['buckets'] = tuple((int(s), int(l)) for s, l in cfg['buckets'])
-  if not cfg['scales']:
-    raise ValueError('data.scales must not be empty')
-  if not cfg['max_size']:
-    raise ValueError('data.max_size must be set (it bounds the bucket shapes)')
-  return cfg
-
-
-def eval_data_config(data_config) -> tuple[dict, bool]:
-  """The pre-training evaluation's data: (resolved config, held_out).
-
-  held_out is True when the evaluation images are never trained on: TFDS
-  ``eval_tfds_split`` (ImageNet validation) when it differs from ``tfds_split``, a
-  folder ``eval_folder``, or the demo's ``eval_demo_images``. Otherwise (a folder run
-  without ``eval_folder``, a TFDS run with ``eval_tfds_split=''``) the evaluation
-  draws new patches from the training images, and held_out is False.
-  """
-  cfg = resolve_config(data_config)
-  kind = cfg['source']
-  if kind == 'tfds' and cfg['eval_tfds_split'] and cfg['eval_tfds_split'] != cfg['tfds_split']:
-    return dict(cfg, tfds_split=cfg['eval_tfds_split']), True
-  if kind == 'folder' and cfg['eval_folder']:
-    return dict(cfg, folder=cfg['eval_folder']), True
-  if kind == 'demo' and cfg['eval_demo_images']:
-    overlap = set(cfg['eval_demo_images']) & set(cfg['demo_images'])
-    if overlap:
-      raise ValueError(f'data.eval_demo_images and data.demo_images share {sorted(overlap)}')
-    return dict(cfg, demo_images=tuple(cfg['eval_demo_images'])), True
-  return cfg, False
-
+from updetr_jax.data import augment, config, patches, planning, sources
 
 _MALLOC_TUNED = False
 
@@ -198,216 +50,6 @@ def tune_malloc() -> bool:
                        and mallopt(m_trim_threshold, 1 << 30)
                        and mallopt(m_top_pad, 512 << 20))
   return _MALLOC_TUNED
-
-
-# --- shape buckets ---------------------------------------------------------------------
-
-def _caps(cfg) -> list[tuple[int, int]]:
-  """Bucket caps [(short, long)] of a RESOLVED config (validated)."""
-  caps = list(cfg['buckets'])
-  if not caps:
-    r32 = lambda v: 32 * math.ceil(v / 32)  # noqa: E731
-    caps = [(r32(max(cfg['scales'] + (cfg['eval_scale'],))), r32(cfg['max_size']))]
-  for s, l in caps:
-    if not 0 < s <= l:
-      raise ValueError(f'data.buckets: cap {(s, l)} needs 0 < short <= long')
-  need_s = max(cfg['scales'] + (cfg['eval_scale'],))
-  if max(s for s, _ in caps) < need_s or max(l for _, l in caps) < cfg['max_size']:
-    raise ValueError(f'data.buckets={caps}: some cap must reach short side {need_s} '
-                     f'and some cap long side max_size={cfg["max_size"]}')
-  return caps
-
-
-def bucket_shapes(data_config) -> list[tuple[int, int]]:
-  """The fixed (H, W) shapes of all batches: landscape caps, then portrait caps."""
-  return shapes_of_caps(_caps(resolve_config(data_config)))
-
-
-def shapes_of_caps(caps) -> list[tuple[int, int]]:
-  """[(short, long)] caps -> [(H, W)]: landscape caps, then portrait caps."""
-  return [(s, l) for s, l in caps] + [(l, s) for s, l in caps]
-
-
-def assign_buckets(rh, rw, data_config):
-  """Resized sizes int [n] -> (bucket id [n] into bucket_shapes, clamped rh, rw)."""
-  return assign_to_caps(rh, rw, _caps(resolve_config(data_config)))
-
-
-def assign_to_caps(rh, rw, caps):
-  """assign_buckets with explicit [(short, long)] caps (see assign_buckets)."""
-  rh, rw = np.asarray(rh, np.int64), np.asarray(rw, np.int64)
-  k = len(caps)
-  portrait = rh > rw
-  short, long_ = np.minimum(rh, rw), np.maximum(rh, rw)
-  area = np.array([s * l for s, l in caps], np.int64)
-  s_cap = np.array([s for s, _ in caps])[None]
-  l_cap = np.array([l for _, l in caps])[None]
-  fits = (short[:, None] <= s_cap) & (long_[:, None] <= l_cap)
-  cost = np.where(fits, area[None], np.iinfo(np.int64).max)
-  best = np.argmin(cost, 1)
-  largest = int(np.argmax(area))
-  best = np.where(fits.any(1), best, largest)
-  short = np.minimum(short, s_cap[0, best])
-  long_ = np.minimum(long_, l_cap[0, best])
-  bucket = best + k * portrait
-  return bucket, np.where(portrait, long_, short), np.where(portrait, short, long_)
-
-
-# --- statistics ------------------------------------------------------------------------
-
-class DataStats:
-  """Counts of skipped / converted images, readable at any time (thread-safe).
-
-  Skips: corrupt, truncated, too_small (each image once per planned epoch).
-  Conversions to RGB: grayscale, cmyk, alpha (alpha dropped); same counting.
-  decode_failed: rows replaced at load time (this host, once per batch).
-  Also: epochs planned, batches and valid examples yielded by this host.
-  """
-  SKIPS = ('corrupt', 'truncated', 'too_small')
-  CONVERSIONS = ('grayscale', 'cmyk', 'alpha')
-
-  EXTRA: tuple[str, ...] = ()  # more counters of subclasses
-
-  def __init__(self, source_name: str = ''):
-    self.source = source_name
-    self._lock = threading.Lock()
-    self._counts = {k: 0 for k in self.SKIPS + self.CONVERSIONS + ('decode_failed',)}
-    self._counts.update(epochs=0, batches=0, examples=0)
-    self._counts.update({k: 0 for k in self.EXTRA})
-
-  def _add(self, **kw):
-    with self._lock:
-      for k, v in kw.items():
-        self._counts[k] += int(v)
-
-  def add_epoch(self, status):
-    counts = np.bincount(np.asarray(status, np.int64), minlength=len(sources.STATUS_NAMES))
-    self._add(epochs=1, **{n: counts[i] for i, n in enumerate(sources.STATUS_NAMES)
-                           if n != 'ok'})
-
-  def as_dict(self) -> dict[str, int]:
-    with self._lock:
-      return dict(self._counts)
-
-  def report(self) -> str:
-    d = self.as_dict()
-    skip = ', '.join(f'{k} {d[k]}' for k in self.SKIPS)
-    conv = ', '.join(f'{k} {d[k]}' for k in self.CONVERSIONS)
-    return (f'data[{self.source}]: {d["batches"]} batches, {d["examples"]} examples, '
-            f'{d["epochs"]} epoch(s) planned; skipped: {skip}; converted: {conv}; '
-            f'decode_failed {d["decode_failed"]}')
-
-  def __repr__(self):
-    return self.report()
-
-
-# --- epoch planning --------------------------------------------------------------------
-
-def _philox_u64(seed: int, epoch: int, tag: int, n: int) -> np.ndarray:
-  """n uint64 from a Philox stream keyed by (seed, epoch, tag) (platform-stable)."""
-  ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), tag])
-  return np.random.Philox(ss).random_raw(n).astype(np.uint64)
-
-
-def example_key(seed: int, epoch: int) -> int:
-  """First word of the per-example stateless TF seed [k(seed, epoch), example]."""
-  ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), 7])
-  return int(ss.generate_state(1, np.uint32)[0])
-
-
-class EpochPlan:
-  """Global batches of one epoch.
-
-  examples int64 [nb, G] (example ids), valid bool [nb, G], bucket int [nb];
-  per example (all n): image int64, rh, rw int32 (resized, clamped to the bucket);
-  extra: more per-example arrays [n, ...] (e.g. detection geometry).
-  """
-
-  def __init__(self, examples, valid, bucket, image, rh, rw, extra=None):
-    self.examples, self.valid, self.bucket = examples, valid, bucket
-    self.image, self.rh, self.rw = image, rh, rw
-    self.extra = extra or {}
-
-  def __len__(self):
-    return len(self.bucket)
-
-
-def philox_uniform(seed: int, epoch: int, tag: int, n: int) -> np.ndarray:
-  """float64 [n] in [0, 1): entry e depends only on (seed, epoch, tag, e)."""
-  return (_philox_u64(seed, epoch, tag, n) >> np.uint64(11)).astype(np.float64) * 2.0**-53
-
-
-def philox_choice(values, seed: int, epoch: int, tag: int, n: int) -> np.ndarray:
-  """[n] uniform picks from ``values`` (entry e depends on (seed, epoch, tag, e))."""
-  values = np.asarray(values)
-  i = (philox_uniform(seed, epoch, tag, n) * len(values)).astype(np.int64)
-  return values[np.minimum(i, len(values) - 1)]
-
-
-def epoch_order(usable, *, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
-  """Example order int64 [<= n]: a (seed, epoch) permutation (or identity), with the
-  examples whose ``usable`` [n] is False removed."""
-  n = len(usable)
-  if shuffle:
-    order = np.argsort(_philox_u64(seed, epoch, 1, n), kind='stable')
-  else:
-    order = np.arange(n, dtype=np.int64)
-  return order[np.asarray(usable, bool)[order]]
-
-
-def plan_epoch(index: sources.ImageIndex, cfg: dict, *, seed: int, epoch: int,
-               train: bool, global_batch: int, repeats: int = 1) -> EpochPlan:
-  """Plan one epoch (see module docstring). ``cfg``: resolved data config."""
-  n_img = len(index)
-  n = n_img * repeats
-  image = np.arange(n, dtype=np.int64) % n_img
-  order = epoch_order(index.usable[image], seed=seed, epoch=epoch,
-                      shuffle=train and cfg['shuffle'])
-  if train:
-    scale = philox_choice(np.asarray(cfg['scales'], np.int64), seed, epoch, 2, n)
-  else:
-    scale = np.full(n, cfg['eval_scale'], np.int64)
-  h = np.maximum(index.height[image], 1)
-  w = np.maximum(index.width[image], 1)
-  rh, rw = augment.resize_rule(h, w, scale, cfg['max_size'])
-  bucket, rh, rw = assign_to_caps(rh, rw, _caps(cfg))
-  examples, valid, bucket_of = group_batches(order, bucket, global_batch, train)
-  return EpochPlan(examples, valid, bucket_of, image, rh.astype(np.int32),
-                   rw.astype(np.int32))
-
-
-def group_batches(order, bucket, global_batch: int, train: bool):
-  """Bucket queues -> (examples int64 [nb, G], valid bool [nb, G], bucket [nb]).
-
-  Walking ``order``, each example joins the queue of ``bucket[example]``; a full
-  queue is the next batch. Training drops the remainders; evaluation appends them
-  (bucket order), padded with copies of their first example (valid False).
-  """
-  b_ord = bucket[order]
-  batches, done = [], []  # (members, bucket), completion position
-  for k in np.unique(b_ord):
-    pos = np.flatnonzero(b_ord == k)
-    full = len(pos) // global_batch
-    for j in range(full):
-      sel = pos[j * global_batch:(j + 1) * global_batch]
-      batches.append((order[sel], k, global_batch))
-      done.append(sel[-1])
-    rest = len(pos) - full * global_batch
-    if rest and not train:
-      sel = pos[full * global_batch:]
-      members = np.concatenate([order[sel], np.full(global_batch - rest, order[sel[0]])])
-      batches.append((members, k, rest))
-      done.append(len(order) + k)  # partial batches last, in bucket order
-  ranked = [batches[i] for i in np.argsort(np.asarray(done, np.int64), kind='stable')]
-  nb = len(ranked)
-  examples = np.zeros((nb, global_batch), np.int64)
-  valid = np.zeros((nb, global_batch), bool)
-  bucket_of = np.zeros(nb, np.int64)
-  for i, (members, k, count) in enumerate(ranked):
-    examples[i] = members
-    valid[i, :count] = True
-    bucket_of[i] = k
-  return examples, valid, bucket_of
 
 
 # --- the tf.data pipeline --------------------------------------------------------------
@@ -504,7 +146,7 @@ class BatchIterator:
     self.stats = stats
     self.repeats = cfg['demo_repeats'] if cfg['source'] == 'demo' else 1
     self.bad_images: set[int] = set()  # found at load time
-    self._plans: dict[int, EpochPlan] = {}
+    self._plans: dict[int, planning.EpochPlan] = {}
     self._counted_epochs: set[int] = set()
     self._epoch_batches: dict[int, int] = {}  # batches per planned epoch
     self._lock = threading.RLock()
@@ -514,9 +156,9 @@ class BatchIterator:
     self._it = None
     _LIVE_ITERATORS.add(self)
 
-  def make_plan(self, epoch: int) -> EpochPlan:
+  def make_plan(self, epoch: int) -> planning.EpochPlan:
     """Plan one epoch (uncached)."""
-    return plan_epoch(self.source.index, self.cfg, seed=self.seed, epoch=epoch,
+    return planning.plan_epoch(self.source.index, self.cfg, seed=self.seed, epoch=epoch,
                       train=self.train, global_batch=self.global_batch,
                       repeats=self.repeats)
 
@@ -554,12 +196,12 @@ class BatchIterator:
     self.step = step
 
   # planning --------------------------------------------------------------------------
-  def plan(self, epoch: int) -> EpochPlan:
+  def plan(self, epoch: int) -> planning.EpochPlan:
     """The epoch's plan (the last two are cached)."""
     with self._lock:
       return self._plan_locked(epoch)
 
-  def _plan_locked(self, epoch: int) -> EpochPlan:
+  def _plan_locked(self, epoch: int) -> planning.EpochPlan:
     if epoch not in self._plans:
       plan = self.make_plan(epoch)
       if self.train and len(plan) == 0:
@@ -600,7 +242,7 @@ class BatchIterator:
     paths = self.source.paths
     return dict(
         example=ex, image=img,
-        key0=np.full(b, example_key(self.seed, epoch), np.int64),
+        key0=np.full(b, planning.example_key(self.seed, epoch), np.int64),
         height=idx.height[img], width=idx.width[img],
         rh=plan.rh[ex], rw=plan.rw[ex],
         bh=np.full(b, bh, np.int32), bw=np.full(b, bw, np.int32),
@@ -696,7 +338,7 @@ class PretrainIterator(BatchIterator):
   """Iterator of host-local pre-training batches (see ``make_pretrain_dataset``)."""
 
   def __init__(self, source, cfg, *, num_patches, **kw):
-    super().__init__(source, cfg, shapes=bucket_shapes(cfg), **kw)
+    super().__init__(source, cfg, shapes=planning.bucket_shapes(cfg), **kw)
     self.num_patches = num_patches
     self._row_fn = make_row_fn(source, cfg, num_patches=num_patches, train=self.train)
 
@@ -722,10 +364,10 @@ def check_batch_args(global_batch_size, start_step, process_index, process_count
 def make_pretrain_dataset(data_config, *, global_batch_size: int, num_patches: int,
                           train: bool = True, seed: int = 0, start_step: int = 0,
                           process_index: int = 0, process_count: int = 1):
-  """Host-local batches for UP-DETR pre-training -> (iterator, DataStats).
+  """Host-local batches for UP-DETR pre-training -> (iterator, planning.DataStats).
 
   Each batch (b = global_batch_size // process_count, M = num_patches,
-  P = patch_size, (H, W) one of ``bucket_shapes(data_config)``):
+  P = patch_size, (H, W) one of ``planning.bucket_shapes(data_config)``):
     images        float32 [b, H, W, 3]  ImageNet-normalised, zero-padded bottom/right
     padding_mask  bool [b, H, W]         True on padding
     patches       float32 [b, M, P, P, 3] normalised query patches
@@ -736,14 +378,14 @@ def make_pretrain_dataset(data_config, *, global_batch_size: int, num_patches: i
   Training iterates epochs forever; evaluation (train=False) makes one
   deterministic pass without augmentation and pads the last batch of each bucket.
   """
-  cfg = resolve_config(data_config)
+  cfg = config.resolve_config(data_config)
   check_batch_args(global_batch_size, start_step, process_index, process_count)
   if num_patches < 1:
     raise ValueError(f'num_patches={num_patches} must be >= 1')
   if cfg['tune_malloc']:
     tune_malloc()
   source = sources.make_source(cfg)
-  stats = DataStats(source.name)
+  stats = planning.DataStats(source.name)
   it = PretrainIterator(source, cfg, global_batch_size=global_batch_size,
                         num_patches=num_patches, train=train, seed=seed,
                         start_step=start_step, process_index=process_index,

@@ -5,7 +5,7 @@ Public API:
       start_step=0, process_index=0, process_count=1) -> (iterator, DataStats, DatasetInfo)
   detection_data_config(**overrides) / voc_data_config(**overrides)
 
-It reuses the pre-training machinery (batching.py, sources.py): the per-image index
+It reuses the pre-training machinery (planning.py, batching.py, sources.py): the per-image index
 and its bad-file handling, epoch planning with Philox streams keyed by (seed, epoch,
 example), shape buckets, per-host row sharding, rebuild-on-decode-failure, DataStats.
 
@@ -73,7 +73,7 @@ import tensorflow as tf
 
 from updetr_jax.class_names import COCO_CATEGORIES, VOC_CLASSES
 from updetr_jax import files
-from updetr_jax.data import augment, batching, sources
+from updetr_jax.data import augment, batching, config, planning, sources
 
 DETECTION_DEFAULTS: dict[str, Any] = dict(
     source='coco_json',
@@ -98,7 +98,7 @@ DETECTION_DEFAULTS: dict[str, Any] = dict(
     max_targets=100,
     buckets=((608, 832), (800, 1088), (800, 1344)),
     repeats=1,
-    **batching.PIPELINE_DEFAULTS,
+    **config.PIPELINE_DEFAULTS,
 )
 
 # Philox stream tags of the per-example training geometry (1, 2: see batching).
@@ -107,7 +107,7 @@ _T_FLIP, _T_CROP, _T_S1, _T_CH, _T_CW, _T_Y, _T_X, _T_S2, _T_KEEP = range(10, 19
 
 def detection_data_config(**overrides):
   """COCO 2017 fine-tuning config (json layout of the release; see module docstring)."""
-  return batching._as_config({**DETECTION_DEFAULTS, **overrides})
+  return config.as_config({**DETECTION_DEFAULTS, **overrides})
 
 
 def voc_data_config(**overrides):
@@ -117,7 +117,7 @@ def voc_data_config(**overrides):
 
 def resolve_detection_config(data_config) -> dict:
   """ConfigDict / dict (partial) -> plain dict with every field (unknown ones rejected)."""
-  cfg = batching.resolve_config(data_config, DETECTION_DEFAULTS)
+  cfg = config.resolve_config(data_config, DETECTION_DEFAULTS)
   cfg['crop_resize_scales'] = tuple(int(s) for s in cfg['crop_resize_scales'])
   lo, hi = (int(v) for v in cfg['crop_size'])
   if not 0 < lo <= hi:
@@ -132,7 +132,7 @@ def resolve_detection_config(data_config) -> dict:
 
 def detection_bucket_shapes(data_config) -> list[tuple[int, int]]:
   """The fixed (H, W) batch shapes of a detection config."""
-  return batching.shapes_of_caps(batching._caps(resolve_detection_config(data_config)))
+  return planning.shapes_of_caps(planning.caps(resolve_detection_config(data_config)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +153,7 @@ class DatasetInfo:
   source: str
 
 
-class DetectionStats(batching.DataStats):
+class DetectionStats(planning.DataStats):
   """DataStats plus dropped boxes (once per dataset) and truncated target rows."""
   EXTRA = ('crowd_boxes', 'empty_boxes', 'difficult_boxes', 'targets_truncated')
 
@@ -393,10 +393,10 @@ def plan_geometry(h, w, cfg: dict, *, seed: int, epoch: int, train: bool) -> dic
     z = np.zeros(n, np.int64)
     g = dict(flip=z, crop=z, h1=h, w1=w, y0=z, x0=z, ch=h, cw=w, rh=rh, rw=rw)
     return {k: np.asarray(v, np.int32) for k, v in g.items()}
-  u = lambda tag: batching.philox_uniform(seed, epoch, tag, n)  # noqa: E731
+  u = lambda tag: planning.philox_uniform(seed, epoch, tag, n)  # noqa: E731
   flip = u(_T_FLIP) < cfg['hflip_prob']
   crop = u(_T_CROP) < cfg['crop_prob']
-  s1 = batching.philox_choice(cfg['crop_resize_scales'], seed, epoch, _T_S1, n)
+  s1 = planning.philox_choice(cfg['crop_resize_scales'], seed, epoch, _T_S1, n)
   h1, w1 = augment.resize_rule(h, w, s1, None)
   h1, w1 = np.maximum(h1, 1), np.maximum(w1, 1)
   lo, hi = cfg['crop_size']
@@ -407,7 +407,7 @@ def plan_geometry(h, w, cfg: dict, *, seed: int, epoch: int, train: bool) -> dic
   h1, w1 = np.where(crop, h1, h), np.where(crop, w1, w)
   y0, x0 = np.where(crop, y0, 0), np.where(crop, x0, 0)
   ch, cw = np.where(crop, ch, h), np.where(crop, cw, w)
-  s2 = batching.philox_choice(cfg['scales'], seed, epoch, _T_S2, n)
+  s2 = planning.philox_choice(cfg['scales'], seed, epoch, _T_S2, n)
   rh, rw = augment.resize_rule(ch, cw, s2, cfg['max_size'])
   g = dict(flip=flip, crop=crop, h1=h1, w1=w1, y0=y0, x0=x0, ch=ch, cw=cw, rh=rh, rw=rw)
   return {k: np.asarray(v, np.int32) for k, v in g.items()}
@@ -435,7 +435,7 @@ class DetectionIterator(batching.BatchIterator):
   """Iterator of host-local detection batches (see ``make_detection_dataset``)."""
 
   def __init__(self, source, cfg, ann: Annotations, **kw):
-    super().__init__(source, cfg, shapes=batching.shapes_of_caps(batching._caps(cfg)), **kw)
+    super().__init__(source, cfg, shapes=planning.shapes_of_caps(planning.caps(cfg)), **kw)
     self.ann = ann
     self.repeats = int(cfg['repeats']) if self.train else 1
     self.max_targets = int(cfg['max_targets'])
@@ -445,15 +445,15 @@ class DetectionIterator(batching.BatchIterator):
     index, cfg = self.source.index, self.cfg
     n = len(index) * self.repeats
     image = np.arange(n, dtype=np.int64) % len(index)
-    order = batching.epoch_order(index.usable[image], seed=self.seed, epoch=epoch,
+    order = planning.epoch_order(index.usable[image], seed=self.seed, epoch=epoch,
                                  shuffle=self.train and cfg['shuffle'])
     g = plan_geometry(index.height[image], index.width[image], cfg, seed=self.seed,
                       epoch=epoch, train=self.train)
-    bucket, rh, rw = batching.assign_to_caps(g.pop('rh'), g.pop('rw'),
-                                             batching._caps(cfg))
-    examples, valid, bucket_of = batching.group_batches(order, bucket, self.global_batch,
+    bucket, rh, rw = planning.assign_to_caps(g.pop('rh'), g.pop('rw'),
+                                             planning.caps(cfg))
+    examples, valid, bucket_of = planning.group_batches(order, bucket, self.global_batch,
                                                         self.train)
-    return batching.EpochPlan(examples, valid, bucket_of, image, rh.astype(np.int32),
+    return planning.EpochPlan(examples, valid, bucket_of, image, rh.astype(np.int32),
                               rw.astype(np.int32), extra=g)
 
   def row_signature(self):

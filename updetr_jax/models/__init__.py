@@ -5,6 +5,9 @@ import jax.numpy as jnp
 from updetr_jax.models.detr import DETR, REMAT_CHOICES
 from updetr_jax.models.updetr import UPDETR, group_attention_mask
 
+__all__ = ['DETR', 'UPDETR', 'REMAT_CHOICES', 'build_model', 'group_attention_mask',
+           'init_variables', 'variable_shapes']
+
 _FIELDS = ('backbone', 'dilation', 'position_embedding', 'hidden_dim', 'nheads', 'enc_layers',
            'dec_layers', 'dim_feedforward', 'dropout', 'num_queries', 'pre_norm', 'num_classes',
            'aux_loss')

@@ -1,7 +1,7 @@
 """The update step and what it needs: mesh, train state, loss, step cost. TF-free.
 
-Everything a benchmark or a new task needs to build and time the jitted step without
-the input pipeline (``benchmarks/device_suite.py`` runs it where TensorFlow is not
+Everything a benchmark or a task needs to build and time the jitted step without the
+input pipeline (``benchmarks/device_suite.py`` runs it where TensorFlow is not
 installed):
 
   make_mesh / to_global / process_gather: the ``('data',)`` mesh and host <-> global
@@ -15,7 +15,7 @@ installed):
 from __future__ import annotations
 
 import functools
-import logging
+from absl import logging
 
 import jax
 import jax.numpy as jnp
@@ -105,8 +105,8 @@ def init_train_state(config, model, rng, steps_per_epoch: int, load_init: bool =
     source, source_config = pretrained.load_pretrained(init.pretrained, config.model)
     variables = pretrained.init_from_pretrained(variables, dict(config.model), source,
                                                 source_config)
-    logging.warning('initialised from %s (all weights but %s)', init.pretrained,
-                    ', '.join(pretrained.PRETRAIN_ONLY_HEADS))
+    logging.info('initialised from %s (all weights but %s)', init.pretrained,
+                 ', '.join(pretrained.PRETRAIN_ONLY_HEADS))
   if init.get('checkpoint'):
     variables = checkpoints.load_variables(init.checkpoint, variables)
   trainable, frozen = optim.partition_params(variables['params'], config.optim.frozen)
@@ -175,10 +175,10 @@ def step_cost(train_step, args, dtype: str) -> dict:
   peak_dtype = mfu.peak_dtype(dtype, device)
   peak = mfu.device_peak_flops(kind, peak_dtype)
   total_peak = peak * jax.device_count() if peak else None
-  logging.warning('train step: %s GFLOP (XLA cost analysis, first batch shape); %d x %s, '
-                  'peak %s', f'{flops / 1e9:,.1f}' if flops else '?', jax.device_count(),
-                  kind, f'{total_peak / 1e12:,.0f} TFLOP/s ({peak_dtype})' if total_peak
-                  else 'unknown (no MFU)')
+  logging.info('train step: %s GFLOP (XLA cost analysis, first batch shape); %d x %s, '
+               'peak %s', f'{flops / 1e9:,.1f}' if flops else '?', jax.device_count(),
+               kind, f'{total_peak / 1e12:,.0f} TFLOP/s ({peak_dtype})' if total_peak
+               else 'unknown (no MFU)')
   return {'flops_per_step': flops, 'peak_flops': total_peak}
 
 

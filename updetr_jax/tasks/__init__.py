@@ -1,0 +1,62 @@
+"""Training tasks: what ``train.run`` trains and how it evaluates, one module each.
+
+``train.run`` owns the loop (mesh, checkpoints, optimizer, jitted step, logging,
+preemption); a task owns everything specific to what is learnt. A new task is one
+module here plus a config whose ``task`` field names it in ``TASKS``.
+
+The interface (``Task``), called in this order by ``train.run``:
+
+``Task(config, data_sharding)``
+    Validates the config (raise ``ValueError`` naming the field) and may resolve
+    fields from the data before the model is built (e.g. ``model.num_classes``).
+``examples_per_epoch() -> int``
+    Sets ``config.examples_per_epoch`` (epochs -> steps, schedules).
+``criterion() -> loss_fn``
+    ``(model outputs, batch['targets']) -> (loss, {name: term})``, jittable; the loss
+    inputs are whatever ``train_data``'s batches carry under ``'targets'``.
+``train_data(start_step) -> (iterator, stats)``
+    Host-local batches (numpy dicts with ``train_step.MODEL_INPUTS`` keys: ``images``
+    [B, H, W, 3], ``padding_mask`` [B, H, W], ``targets`` (padded, fixed shapes),
+    optionally ``patches``), resumed at ``start_step``; ``stats.as_dict()`` /
+    ``stats.report()`` count skipped inputs. ``iterator.close()`` ends it.
+``evaluate(model, variables, step, workdir) -> {metric: float}``
+    Called every ``eval.every_steps``, at the end, and at step 0 when the class
+    attribute ``evaluate_at_start`` is True; the metrics go to TensorBoard,
+    ``eval.jsonl`` and (``eval.best_metric``) the best checkpoint.
+``finish(metrics, step, workdir) -> dict``
+    Summary entries (and PNGs) after the final evaluation.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Protocol
+
+# config.task -> 'module:class' (imported on use: a task's data code loads only when run)
+TASKS = {
+    'pretrain': 'updetr_jax.tasks.pretrain:PatchTask',
+    'detection': 'updetr_jax.tasks.detection:DetectionTask',
+}
+
+
+class Task(Protocol):
+  """See the module docstring."""
+
+  evaluate_at_start: bool
+
+  def examples_per_epoch(self) -> int: ...
+
+  def criterion(self): ...
+
+  def train_data(self, start: int): ...
+
+  def evaluate(self, model, variables, step: int, workdir: str) -> dict: ...
+
+  def finish(self, metrics: dict, step: int, workdir: str) -> dict: ...
+
+
+def get_task(name: str) -> type:
+  """The task class registered as ``name`` (``config.task``)."""
+  if name not in TASKS:
+    raise ValueError(f'config.task={name!r}: choose one of {sorted(TASKS)}')
+  module, cls = TASKS[name].split(':')
+  return getattr(importlib.import_module(module), cls)
