@@ -4,12 +4,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo finetune-demo compare-mini test bench clean
+.PHONY: install demo finetune-demo compare-mini test lint format bench clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+# The tested pins (requirements*.txt), then the package itself, editable (console
+# scripts updetr-train, updetr-predict, ... in .venv/bin; see pyproject.toml).
+$(STAMP): requirements.txt requirements-dev.txt requirements-torch.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,6 +34,15 @@ finetune-demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# One style (2-space indentation, pyproject.toml [tool.ruff]): `make format` applies it.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 bench: install
 	$(PY) benchmarks/matching.py

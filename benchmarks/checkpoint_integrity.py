@@ -31,7 +31,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import pretrain  # noqa: E402
+from updetr_jax.configs import pretrain  # noqa: E402
 from updetr_jax import checkpoints, integrity, train_step  # noqa: E402
 from updetr_jax.models import build_model  # noqa: E402
 

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import pretrain  # noqa: E402
+from updetr_jax.configs import pretrain  # noqa: E402
 from updetr_jax import mfu, train_step  # noqa: E402
 from updetr_jax.models import REMAT_CHOICES, build_model  # noqa: E402
 

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import pretrain
+from updetr_jax.configs import pretrain
 from updetr_jax import checkpoints, integrity, optim, train_step
 from updetr_jax.models import build_model
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from configs import pretrain
+from updetr_jax.configs import pretrain
 from updetr_jax import checkpoints, optim, pretrained, train_step
 from updetr_jax.models import build_model
 from updetr_jax.models import init_variables
@@ -86,7 +86,7 @@ def test_architecture_mismatch_names_the_fields(pretrain_workdir):
 def test_init_train_state_with_init_pretrained(pretrain_workdir):
   """config.init.pretrained through the trainer's init: the fine-tuning state holds the
   pre-trained transformer and a fresh class head; a mismatch names the fields."""
-  from configs import finetune_coco
+  from updetr_jax.configs import finetune_coco
   workdir, expected, pre_config = pretrain_workdir
   config = finetune_coco.get_config()
   config.model.update(num_classes=4, **ARCH)

@@ -10,7 +10,7 @@ from flax import traverse_util
 from conftest import importorskip  # fails instead of skipping under CI=true
 importorskip('tensorflow')
 
-from configs import compare as compare_config  # noqa: E402
+from updetr_jax.configs import compare as compare_config  # noqa: E402
 from updetr_jax import checkpoints, compare, train, train_step  # noqa: E402
 from updetr_jax.data import miniature  # noqa: E402
 from updetr_jax.models import build_model  # noqa: E402

@@ -1,7 +1,7 @@
 """Config files: release hyper-parameters and the fine-tuning parameter groups."""
 import pytest
 
-from configs import finetune_coco, finetune_voc, pretrain
+from updetr_jax.configs import finetune_coco, finetune_voc, pretrain
 from updetr_jax import optim
 from updetr_jax.models import build_model
 from updetr_jax.models import variable_shapes

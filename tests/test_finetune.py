@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import finetune_coco
+from updetr_jax.configs import finetune_coco
 from updetr_jax import checkpoints, evaluate, train, train_step
 from updetr_jax.tasks import detection as detection_task
 from updetr_jax.models import build_model

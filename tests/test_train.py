@@ -18,7 +18,7 @@ from updetr_jax.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configs import pretrain  # noqa: E402
+from updetr_jax.configs import pretrain  # noqa: E402
 
 TINY_OVERRIDES = [
     '--config.model.backbone=resnet_tiny', '--config.model.hidden_dim=32',
@@ -98,7 +98,7 @@ def test_frozen_backbone_has_no_gradient_or_optimizer_state():
 def test_learned_position_embedding_is_in_the_backbone_group():
   """The release's parameter groups put ``backbone.1.row_embed`` / ``col_embed`` with
   the backbone: frozen in pre-training, lr_backbone in fine-tuning."""
-  from configs import finetune_coco  # noqa: PLC0415
+  from updetr_jax.configs import finetune_coco  # noqa: PLC0415
   config = pretrain.get_config()
   config.model.update(backbone='resnet_tiny', hidden_dim=32, nheads=2, enc_layers=1,
                       dec_layers=1, dim_feedforward=64, num_queries=8, num_patches=2,

@@ -14,7 +14,7 @@ from conftest import importorskip  # fails instead of skipping under CI=true
 tfds = importorskip('tensorflow_datasets')
 importorskip('array_record')  # TFDS' random-access (as_data_source) format
 
-from configs import finetune_voc  # noqa: E402
+from updetr_jax.configs import finetune_voc  # noqa: E402
 from test_finetune import tiny_finetune_config  # noqa: E402
 from updetr_jax import evaluate, train  # noqa: E402
 from updetr_jax.class_names import VOC_CLASSES  # noqa: E402

@@ -1,5 +1,19 @@
 """Command-line plumbing shared by the entry points (``updetr_jax.main``, ``compare``,
-``predict``, ``torch_import``, ``ssl_backbone``).
+``predict``, ``torch_import``, ``export``, ``ssl_backbone``).
+
+Every entry point has the same shape, so that its console script (pyproject.toml) and
+its ``python -m`` form are one thing::
+
+  def _define_flags(): ...        # absl flags, defined only when run as a program
+  def main(argv): ...
+  def cli_main():                 # the console script
+    cli.run(main, _define_flags)
+  if __name__ == '__main__':
+    cli_main()
+
+``run`` resolves ``--config=configs/<file>.py[:variant]`` against the installed
+package when the path does not exist (so the configs work from any directory after
+``pip install``), then hands over to ``absl.app.run``.
 
 Logging: every module logs through absl (``from absl import logging``); progress
 (steps/s, ETA, evaluations, checkpoints) is INFO, problems are WARNING or ERROR.
@@ -13,10 +27,36 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import sys
+from typing import Callable, Sequence
 
-from absl import flags, logging
+from absl import app, flags, logging
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
+
+
+def resolve_config_args(argv: Sequence[str]) -> list[str]:
+  """``--config=configs/x.py[:variant]`` (or ``x.py``) -> the packaged config file when
+  the given path does not exist; other arguments unchanged."""
+  out = []
+  for arg in argv:
+    if arg.startswith('--config='):
+      path, sep, variant = arg[len('--config='):].partition(':')
+      if path and not os.path.exists(path):
+        rel = path[len('configs/'):] if path.startswith('configs/') else path
+        packaged = os.path.join(CONFIG_DIR, rel)
+        if os.path.exists(packaged):
+          arg = f'--config={packaged}{sep}{variant}'
+    out.append(arg)
+  return out
+
+
+def run(main: Callable, define_flags: Callable | None = None) -> None:
+  """A console script / ``python -m`` entry: flags, config paths, ``app.run(main)``."""
+  if define_flags is not None:
+    define_flags()
+  app.run(main, argv=resolve_config_args(sys.argv))
 
 
 class _OwnInfo(std_logging.Filter):

@@ -320,13 +320,23 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   cli.setup_logging()
-  run(_CONFIG.value, _WORKDIR.value)
+  from absl import flags  # noqa: PLC0415
+  run(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+def _define_flags():
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file('config', None, 'configs/compare.py[:variant]')
+  flags.DEFINE_string('workdir', None, 'output directory of every stage')
+  flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def cli_main():
+  """Console script ``updetr-compare``."""
+  from updetr_jax import cli  # noqa: PLC0415
+  cli.run(main, _define_flags)
 
 
 if __name__ == '__main__':
-  from absl import app, flags
-  from ml_collections import config_flags
-  _CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/compare.py[:variant]')
-  _WORKDIR = flags.DEFINE_string('workdir', None, 'output directory of every stage')
-  flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  cli_main()

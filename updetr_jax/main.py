@@ -12,27 +12,34 @@ from ml_collections import config_flags
 
 from updetr_jax import cli, distributed, train
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'config file[:variant]')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'output directory (checkpoints, logs)')
-flags.mark_flags_as_required(['config', 'workdir'])
-_COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None, 'multi-host: HOST:PORT of process 0 (with --num_processes, '
-    '--process_id)')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'multi-host: number of processes')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'multi-host: index of this process')
-_LOCAL_DEVICE_IDS = flags.DEFINE_list(
-    'local_device_ids', None, 'multi-host: local devices this process uses (default all)')
+
+def _define_flags():
+  config_flags.DEFINE_config_file('config', None, 'config file[:variant]')
+  flags.DEFINE_string('workdir', None, 'output directory (checkpoints, logs)')
+  flags.mark_flags_as_required(['config', 'workdir'])
+  flags.DEFINE_string('coordinator_address', None, 'multi-host: HOST:PORT of process 0 (with '
+                      '--num_processes, --process_id)')
+  flags.DEFINE_integer('num_processes', None, 'multi-host: number of processes')
+  flags.DEFINE_integer('process_id', None, 'multi-host: index of this process')
+  flags.DEFINE_list('local_device_ids', None,
+                    'multi-host: local devices this process uses (default all)')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   cli.setup_logging()
+  f = flags.FLAGS
   distributed.maybe_initialize(  # before anything touches the JAX backend
-      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _LOCAL_DEVICE_IDS.value)
-  summary = train.run(_CONFIG.value, _WORKDIR.value)
+      f.coordinator_address, f.num_processes, f.process_id, f.local_device_ids)
+  summary = train.run(f.config, f.workdir)
   print({k: v for k, v in summary.items() if k != 'data_stats'})
 
 
+def cli_main():
+  """Console script ``updetr-train``."""
+  cli.run(main, _define_flags)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  cli_main()

@@ -26,9 +26,11 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 from PIL import Image
 
-from updetr_jax import checkpoints, evaluate, visualize
+from updetr_jax import checkpoints, cli, evaluate, visualize
 from updetr_jax.class_names import get_class_names
 from updetr_jax.models import build_model
 
@@ -57,15 +59,58 @@ def load_image(path: str) -> np.ndarray:
     return np.asarray(im.convert('RGB'))
 
 
+def resize_rule_tf(height, width, scale: int, max_size: int | None):
+  """``data.augment.resize_rule`` in TensorFlow ops, for sizes known only when run.
+
+  Args: height, width: int scalar tensors; scale, max_size: Python ints (max_size
+    0 or None: no cap). Returns (new_h, new_w) int32 scalar tensors, equal to
+    ``resize_rule``'s: the same float64 operations in the same order (tf.round, like
+    np.round, rounds halves to even).
+  """
+  import tensorflow as tf  # noqa: PLC0415
+  h = tf.cast(height, tf.float64)
+  w = tf.cast(width, tf.float64)
+  s = tf.constant(scale, tf.float64)
+  short, long_ = tf.minimum(h, w), tf.maximum(h, w)
+  if max_size:
+    over = long_ / short * s > max_size
+    s = tf.where(over, tf.round(max_size * short / long_), s)
+  new_long = tf.floor(s * long_ / short)
+  portrait = w < h  # DETR: w < h -> w is the short side
+  new_h = tf.cast(tf.where(portrait, new_long, s), tf.int32)
+  new_w = tf.cast(tf.where(portrait, s, new_long), tf.int32)
+  return new_h, new_w
+
+
+def preprocess_images(images, scale: int, max_size: int | None):
+  """The one preprocessing of ``predict`` and of the exported detector (``export``).
+
+  TensorFlow ops: runs eagerly (``preprocess``) or inside a ``tf.function`` whose
+  batch and image sizes are unknown until run (the SavedModel's signature).
+  Args: images: uint8 [B, H, W, 3] RGB (tensor or array; B images of one size).
+  Returns: (x float32 [B, h, w, 3]: resized to (h, w) = ``resize_rule(H, W, scale,
+    max_size)`` by ``data.augment.resize_image`` (bilinear, antialiased when
+    shrinking, as the evaluation pipeline) and ImageNet-normalised
+    (``data.augment.normalize``); orig_size float32 [B, 2]: (H, W) of every image).
+  """
+  import tensorflow as tf  # noqa: PLC0415
+  from updetr_jax.data import augment  # noqa: PLC0415
+  images = tf.convert_to_tensor(images)
+  if images.dtype != tf.uint8:
+    raise ValueError(f'images must be uint8 RGB [B, H, W, 3], got {images.dtype.name}')
+  shape = tf.shape(images)
+  new_h, new_w = resize_rule_tf(shape[1], shape[2], scale, max_size)
+  x = augment.resize_image(tf.cast(images, tf.float32), tf.stack([new_h, new_w]))
+  x = augment.normalize(x, 255.0)
+  orig_size = tf.tile(tf.cast(shape[None, 1:3], tf.float32), tf.stack([shape[0], 1]))
+  return x, orig_size
+
+
 def preprocess(image_rgb: np.ndarray, scale: int, max_size: int) -> np.ndarray:
   """RGB uint8 [H, W, 3] -> resized (DETR rule, bilinear) ImageNet-normalised
-  float32 [h, w, 3]."""
-  from updetr_jax.data.augment import resize_rule
-  h, w = image_rgb.shape[:2]
-  nh, nw = resize_rule(h, w, scale, max_size)
-  resized = Image.fromarray(image_rgb).resize((nw, nh), Image.BILINEAR)
-  x = np.asarray(resized, np.float32) / 255.0
-  return (x - visualize.IMAGENET_MEAN) / visualize.IMAGENET_STD
+  float32 [h, w, 3] (``preprocess_images`` of a batch of one)."""
+  x, _ = preprocess_images(np.asarray(image_rgb, np.uint8)[None], scale, max_size)
+  return x[0].numpy()
 
 
 def _png_names(paths):
@@ -104,53 +149,58 @@ def predict_files(model, variables, paths, output: str, *, threshold: float = 0.
 
 
 def main(argv):
-  from absl import app
-  from updetr_jax import cli
+  FLAGS = flags.FLAGS  # noqa: N806
   cli.setup_logging()
   paths = argv[1:]
   if not paths:
     raise app.UsageError('give at least one image file')
-  if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
+  if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
     raise app.UsageError('give exactly one of --workdir and --checkpoint')
-  if _WORKDIR.value:
+  if FLAGS.workdir:
     variables, step, model_config = checkpoints.restore_workdir_variables(
-        _WORKDIR.value, _WHICH.value)
+        FLAGS.workdir, FLAGS.which)
     if model_config.get('num_patches'):
-      raise app.UsageError(f'{_WORKDIR.value} holds an UP-DETR pre-training model '
+      raise app.UsageError(f'{FLAGS.workdir} holds an UP-DETR pre-training model '
                            f'(model.num_patches={model_config["num_patches"]}), which needs '
                            'query patches; fine-tune it into DETR first')
     model = build_model(model_config)
-    print(f'restored step {step} of {_WORKDIR.value} ({_WHICH.value})')
+    print(f'restored step {step} of {FLAGS.workdir} ({FLAGS.which})')
   else:
-    if _CONFIG.value is None:
+    if FLAGS.config is None:
       raise app.UsageError('--checkpoint needs --config (the model it was trained with)')
-    model = build_model(_CONFIG.value.model)
-    variables = load_model_variables(model, _CONFIG.value.model, _CHECKPOINT.value)
-  records = predict_files(model, variables, paths, _OUTPUT.value,
-                          threshold=_THRESHOLD.value,
-                          class_names=get_class_names(_CLASS_NAMES.value),
-                          scale=_SCALE.value, max_size=_MAX_SIZE.value)
-  shown = sum(r['score'] >= _THRESHOLD.value for r in records)
-  print(f'{len(paths)} images, {shown} detections >= {_THRESHOLD.value}; '
-        f'wrote {_OUTPUT.value}/detections.json and pngs')
+    model = build_model(FLAGS.config.model)
+    variables = load_model_variables(model, FLAGS.config.model, FLAGS.checkpoint)
+  records = predict_files(model, variables, paths, FLAGS.output,
+                          threshold=FLAGS.threshold,
+                          class_names=get_class_names(FLAGS.class_names),
+                          scale=FLAGS.scale, max_size=FLAGS.max_size)
+  shown = sum(r['score'] >= FLAGS.threshold for r in records)
+  print(f'{len(paths)} images, {shown} detections >= {FLAGS.threshold}; '
+        f'wrote {FLAGS.output}/detections.json and pngs')
+
+
+def _define_flags():
+  config_flags.DEFINE_config_file('config', None, 'config file (uses its .model)')
+  flags.DEFINE_string('checkpoint', None,
+                                    'Orbax variables checkpoint directory or PyTorch .pth')
+  flags.DEFINE_string('workdir', None,
+                                 'training workdir (latest checkpoint, its config.json)')
+  flags.DEFINE_enum('which', 'auto', ['auto', 'best', 'latest'],
+                             'with --workdir: the best-evaluated checkpoint (workdir/best), '
+                             'the latest, or auto (best when there is one)')
+  flags.DEFINE_string('output', None, 'output directory')
+  flags.DEFINE_float('threshold', 0.7, 'score threshold for the pictures')
+  flags.DEFINE_enum('class_names', 'coco', ['coco', 'voc', 'none'],
+                                   'label names for the pictures and json')
+  flags.DEFINE_integer('scale', 800, 'shorter side after resizing')
+  flags.DEFINE_integer('max_size', 1333, 'cap on the longer side')
+  flags.mark_flags_as_required(['output'])
+
+
+def cli_main():
+  """Console script ``updetr-predict``."""
+  cli.run(main, _define_flags)
 
 
 if __name__ == '__main__':
-  from absl import app, flags
-  from ml_collections import config_flags
-  _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file (uses its .model)')
-  _CHECKPOINT = flags.DEFINE_string('checkpoint', None,
-                                    'Orbax variables checkpoint directory or PyTorch .pth')
-  _WORKDIR = flags.DEFINE_string('workdir', None,
-                                 'training workdir (latest checkpoint, its config.json)')
-  _WHICH = flags.DEFINE_enum('which', 'auto', ['auto', 'best', 'latest'],
-                             'with --workdir: the best-evaluated checkpoint (workdir/best), '
-                             'the latest, or auto (best when there is one)')
-  _OUTPUT = flags.DEFINE_string('output', None, 'output directory')
-  _THRESHOLD = flags.DEFINE_float('threshold', 0.7, 'score threshold for the pictures')
-  _CLASS_NAMES = flags.DEFINE_enum('class_names', 'coco', ['coco', 'voc', 'none'],
-                                   'label names for the pictures and json')
-  _SCALE = flags.DEFINE_integer('scale', 800, 'shorter side after resizing')
-  _MAX_SIZE = flags.DEFINE_integer('max_size', 1333, 'cap on the longer side')
-  flags.mark_flags_as_required(['output'])
-  app.run(main)
+  cli_main()

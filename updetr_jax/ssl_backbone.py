@@ -41,6 +41,9 @@ deterministic given the seed.
 API: train_ssl_backbone(image_folder, output_path, ...) -> summary dict.
 CLI:
   python -m updetr_jax.ssl_backbone --images=DIR --output=FILE.npz [--steps=N ...]
+
+One file: SimCLR's augmentation, projection head, loss, loop and the export to the
+torchvision layout are used only together, by stage 0.
 """
 from __future__ import annotations
 
@@ -498,13 +501,15 @@ def main(argv):
   del argv
   from updetr_jax import cli  # noqa: PLC0415
   cli.setup_logging()
-  kw = {k: getattr(_FLAGS, k) for k in DEFAULTS}
-  summary = train_ssl_backbone(_FLAGS.images, _FLAGS.output, overwrite=_FLAGS.overwrite, **kw)
+  from absl import flags  # noqa: PLC0415
+  f = flags.FLAGS
+  kw = {k: getattr(f, k) for k in DEFAULTS}
+  summary = train_ssl_backbone(f.images, f.output, overwrite=f.overwrite, **kw)
   print({k: v for k, v in summary.items() if k not in ('loss_history', 'params')})
 
 
-if __name__ == '__main__':
-  from absl import app, flags
+def _define_flags():
+  from absl import flags  # noqa: PLC0415
   flags.DEFINE_string('images', None, 'folder of unlabeled images (searched recursively)')
   flags.DEFINE_string('output', None, '.npz to write (torchvision-layout state dict)')
   flags.DEFINE_string('backbone', DEFAULTS['backbone'], 'a RESNET_VARIANTS name')
@@ -517,5 +522,13 @@ if __name__ == '__main__':
   flags.DEFINE_float('weight_decay', DEFAULTS['weight_decay'], 'AdamW weight decay (kernels)')
   flags.DEFINE_bool('overwrite', False, 'train even if the output exists with these params')
   flags.mark_flags_as_required(['images', 'output'])
-  _FLAGS = flags.FLAGS
-  app.run(main)
+
+
+def cli_main():
+  """Console script ``updetr-ssl-backbone``."""
+  from updetr_jax import cli  # noqa: PLC0415
+  cli.run(main, _define_flags)
+
+
+if __name__ == '__main__':
+  cli_main()

@@ -244,20 +244,31 @@ def import_torch_checkpoint(path_or_state_dict, model_config, *, rng=None, varia
 
 def main(argv):
   del argv
+  from absl import flags
   from updetr_jax import checkpoints, cli
   cli.setup_logging()
-  cfg = _CONFIG.value
-  variables = import_torch_checkpoint(_CHECKPOINT.value, cfg.model)
-  checkpoints.save_variables(_OUTPUT.value, variables, cfg.model.to_dict())
+  FLAGS = flags.FLAGS  # noqa: N806
+  cfg = FLAGS.config
+  variables = import_torch_checkpoint(FLAGS.checkpoint, cfg.model)
+  checkpoints.save_variables(FLAGS.output, variables, cfg.model.to_dict())
   n = sum(x.size for x in jax.tree_util.tree_leaves(variables))
-  print(f'wrote {n:,} values from {_CHECKPOINT.value} to {_OUTPUT.value}')
+  print(f'wrote {n:,} values from {FLAGS.checkpoint} to {FLAGS.output}')
+
+
+def _define_flags():
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file('config', None, 'config file (uses its .model)')
+  flags.DEFINE_string('checkpoint', None, 'PyTorch .pth file')
+  flags.DEFINE_string('output', None, 'directory for the Orbax checkpoint')
+  flags.mark_flags_as_required(['config', 'checkpoint', 'output'])
+
+
+def cli_main():
+  """Console script ``updetr-import``."""
+  from updetr_jax import cli
+  cli.run(main, _define_flags)
 
 
 if __name__ == '__main__':
-  from absl import app, flags
-  from ml_collections import config_flags
-  _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file (uses its .model)')
-  _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'PyTorch .pth file')
-  _OUTPUT = flags.DEFINE_string('output', None, 'directory for the Orbax checkpoint')
-  flags.mark_flags_as_required(['config', 'checkpoint', 'output'])
-  app.run(main)
+  cli_main()

@@ -9,6 +9,10 @@ It reuses the pre-training machinery (planning.py, batching.py, sources.py): the
 and its bad-file handling, epoch planning with Philox streams keyed by (seed, epoch,
 example), shape buckets, per-host row sharding, rebuild-on-decode-failure, DataStats.
 
+One file: config, annotation sources (COCO json, TFDS COCO / VOC), the epoch plan of
+DETR's augmentation and the tf.data row function form one chain whose shapes and
+fields are checked against each other.
+
 Sources (``source``):
   coco_json  ``ann_file`` (COCO format) + ``image_dir``; in evaluation
              ``eval_ann_file`` / ``eval_image_dir`` when set. Images ordered by id.

@@ -10,6 +10,10 @@ Public API:
       image_size=(128, 128), verify=False) -> dict of paths and counts
   miniature_paths(directory) -> the same dict without writing (counts: manifest's)
   render_split(split, num_images, *, seed=0, image_size=(128, 128))
+
+One file: the generator's stages (object sources, layouts, rendering, COCO json,
+manifest) share one seeding scheme that makes the benchmark deterministic and its
+splits disjoint; they are read together, with docs/miniature.md.
       -> iterator of (image uint8 [H, W, 3], annotations)
   contact_sheet(paths, out_png, split='eval', num_images=12, scale=2)
   CLI: python -m updetr_jax.data.miniature --output=DIR [--seed=0 ...]

@@ -1,12 +1,14 @@
 """Flax modules: ResNet backbone, position encodings, transformer, DETR, UP-DETR."""
+from absl import logging
 import jax
 import jax.numpy as jnp
 
 from updetr_jax.models.detr import DETR, REMAT_CHOICES
+from updetr_jax.models.transformer import ATTENTION_CHOICES
 from updetr_jax.models.updetr import UPDETR, group_attention_mask
 
-__all__ = ['DETR', 'UPDETR', 'REMAT_CHOICES', 'build_model', 'group_attention_mask',
-           'init_variables', 'variable_shapes']
+__all__ = ['DETR', 'UPDETR', 'ATTENTION_CHOICES', 'REMAT_CHOICES', 'build_model',
+           'group_attention_mask', 'init_variables', 'variable_shapes']
 
 _FIELDS = ('backbone', 'dilation', 'position_embedding', 'hidden_dim', 'nheads', 'enc_layers',
            'dec_layers', 'dim_feedforward', 'dropout', 'num_queries', 'pre_norm', 'num_classes',
@@ -19,8 +21,11 @@ def build_model(model_config, dtype=None):
   Args: model_config: the ``.model`` ConfigDict (or any mapping) with the release's
     argument names. dtype: activation/matmul dtype (default: model_config.dtype or
     float32); parameters are always float32. Optional fields: ``remat`` (one of
-    REMAT_CHOICES, default '': no rematerialisation), ``num_patches``,
-    ``patch_query_drop``.
+    REMAT_CHOICES, default '': no rematerialisation), ``attention`` (one of
+    ATTENTION_CHOICES, default 'einsum': the release's attention; 'dot_product' /
+    'cudnn' use ``jax.nn.dot_product_attention`` and skip the dropout on attention
+    probabilities, logged as a warning when ``dropout`` > 0; same parameters),
+    ``num_patches``, ``patch_query_drop``.
   """
   cfg = dict(model_config)
   missing = [f for f in _FIELDS if f not in cfg]
@@ -34,6 +39,14 @@ def build_model(model_config, dtype=None):
   kwargs['remat'] = cfg.get('remat') or ''
   if kwargs['remat'] not in REMAT_CHOICES:
     raise ValueError(f"model.remat={kwargs['remat']!r}: expected one of {REMAT_CHOICES}")
+  kwargs['attention'] = cfg.get('attention') or 'einsum'
+  if kwargs['attention'] not in ATTENTION_CHOICES:
+    raise ValueError(f"model.attention={kwargs['attention']!r}: expected one of "
+                     f'{ATTENTION_CHOICES}')
+  if kwargs['attention'] != 'einsum' and kwargs['dropout'] > 0:
+    logging.warning('model.attention=%r applies no dropout to attention probabilities '
+                    '(the release applies model.dropout=%s there too); residual and FFN '
+                    'dropout are unchanged', kwargs['attention'], kwargs['dropout'])
   if cfg.get('num_patches'):
     if kwargs['num_queries'] % cfg['num_patches']:
       raise ValueError(f"model.num_queries={kwargs['num_queries']} must be divisible by "

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from updetr_jax.models.layers import MLP, TORCH_KERNEL_INIT, _uniform_bias, linear
 from updetr_jax.models.position import build_position_encoding
 from updetr_jax.models.resnet import build_resnet, downsample_mask
-from updetr_jax.models.transformer import Transformer
+from updetr_jax.models.transformer import ATTENTION_CHOICES, Transformer
 
 # model.remat: which blocks recompute their activations in the backward pass
 # (less memory, about one more forward of those blocks); parameter names unchanged.
@@ -39,10 +39,16 @@ class DETR(nn.Module):
   aux_loss: bool = True
   dtype: jnp.dtype = jnp.float32  # activation / matmul dtype; parameters stay float32
   remat: str = ''  # '' | 'transformer' | 'backbone' | 'all' (see REMAT_CHOICES)
+  # 'einsum' | 'dot_product' | 'cudnn' (ATTENTION_CHOICES, models/transformer.py); the
+  # fused two apply no dropout to attention probabilities. Same parameters either way.
+  attention: str = 'einsum'
 
   def setup(self):
     if self.remat not in REMAT_CHOICES:
       raise ValueError(f'model.remat={self.remat!r}: expected one of {REMAT_CHOICES}')
+    if self.attention not in ATTENTION_CHOICES:
+      raise ValueError(f'model.attention={self.attention!r}: expected one of '
+                       f'{ATTENTION_CHOICES}')
     self.body = build_resnet(self.backbone, self.dilation, self.dtype,
                              remat=self.remat in ('backbone', 'all'))
     self.position = build_position_encoding(self.position_embedding, self.hidden_dim)
@@ -55,7 +61,7 @@ class DETR(nn.Module):
         d_model=self.hidden_dim, nheads=self.nheads, num_encoder_layers=self.enc_layers,
         num_decoder_layers=self.dec_layers, dim_feedforward=self.dim_feedforward,
         dropout=self.dropout, pre_norm=self.pre_norm, dtype=self.dtype,
-        remat=self.remat in ('transformer', 'all'))
+        remat=self.remat in ('transformer', 'all'), attention=self.attention)
     self.class_embed = linear(self.num_classes + 1, self.hidden_dim, name=None)
     self.bbox_embed = MLP(self.hidden_dim, 4, 3)
 

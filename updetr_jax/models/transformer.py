@@ -10,10 +10,26 @@ softmax are float32 (the q.k product accumulates into float32), LayerNorm
 statistics are float32 (flax promotes them), and the decoder's shared final norm
 emits float32 for the heads. ``remat=True`` recomputes each layer's activations
 in the backward pass (``nn.remat``) without changing the parameter names.
+
+Attention implementation (``attention``, ``ATTENTION_CHOICES``; same parameters
+and names whichever is chosen, so checkpoints load either way):
+
+  'einsum'       the default: two einsums and a softmax, written out. Exact release
+                 semantics, dropout on the attention probabilities included.
+  'dot_product'  ``jax.nn.dot_product_attention`` with ``implementation='xla'``.
+  'cudnn'        ``jax.nn.dot_product_attention`` with ``implementation='cudnn'``:
+                 cuDNN's fused (flash) attention kernel. GPU only, bfloat16/float16
+                 inputs only (``model.dtype='bfloat16'``); JAX raises otherwise.
+
+The two fused choices apply NO dropout to the attention probabilities (the JAX API
+has none): with ``dropout > 0`` in training they differ from the release by that
+one term, while the residual and feed-forward dropouts stay as they are. With
+dropout off they compute the same function as 'einsum' (float32: to ~1e-6).
 """
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from updetr_jax.models.layers import _uniform_bias, layer_norm
@@ -24,18 +40,46 @@ from updetr_jax.models.layers import _uniform_bias, layer_norm
 _XAVIER = nn.initializers.xavier_uniform()
 _XAVIER_PACKED_QKV = nn.initializers.variance_scaling(0.5, 'fan_avg', 'uniform')
 
+# model.attention: how the attention itself is computed (see the module docstring).
+ATTENTION_CHOICES = ('einsum', 'dot_product', 'cudnn')
+
+
+def fused_attention(q, k, v, mask, implementation: str):
+  """softmax(q.k) v by ``jax.nn.dot_product_attention``; no probability dropout.
+
+  Args:
+    q: [B, Lq, h, dh], already scaled by dh ** -0.5 (as the einsum path does).
+    k, v: [B, Lk, h, dh], the same dtype as q.
+    mask: bool broadcastable to [B, h, Lq, Lk] (True = may attend), or None.
+    implementation: 'xla' or 'cudnn'.
+
+  Returns:
+    [B, Lq, h, dh] in q's dtype. Logits and softmax are float32 in both
+    implementations, as in the einsum path.
+  """
+  if mask is not None:
+    mask = jnp.asarray(mask, bool)
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    if implementation == 'cudnn':
+      # cuDNN takes the mask as a bias whose last two dimensions must be [Lq, Lk].
+      mask = jnp.broadcast_to(mask, mask.shape[:2] + (q.shape[1], k.shape[1]))
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0,
+                                      implementation=implementation)
+
 
 class MultiHeadAttention(nn.Module):
   """torch.nn.MultiheadAttention semantics.
 
   Call: query [B, Lq, d], key [B, Lk, d], value [B, Lk, d],
   mask bool broadcastable to [B, heads, Lq, Lk] (True = may attend).
-  Returns [B, Lq, d].
+  Returns [B, Lq, d]. ``attention``: one of ATTENTION_CHOICES (the fused ones
+  skip the dropout on attention probabilities; see the module docstring).
   """
   d_model: int
   num_heads: int
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  attention: str = 'einsum'
 
   @nn.compact
   def __call__(self, query, key, value, mask=None, train: bool = False):
@@ -52,13 +96,21 @@ class MultiHeadAttention(nn.Module):
     q = proj(query, 'q_proj', _XAVIER_PACKED_QKV) * (dh ** -0.5)
     k = proj(key, 'k_proj', _XAVIER_PACKED_QKV)
     v = proj(value, 'v_proj', _XAVIER_PACKED_QKV)
-    # Accumulate (and keep) the logits in float32 even when q, k are bfloat16.
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
-    if mask is not None:
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = nn.softmax(logits, axis=-1)
-    probs = nn.Dropout(self.dropout)(probs, deterministic=not train).astype(v.dtype)
-    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(query.shape[:-1] + (d,))
+    if self.attention == 'einsum':
+      # Accumulate (and keep) the logits in float32 even when q, k are bfloat16.
+      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+      if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+      probs = nn.softmax(logits, axis=-1)
+      probs = nn.Dropout(self.dropout)(probs, deterministic=not train).astype(v.dtype)
+      out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+    elif self.attention in ATTENTION_CHOICES:
+      out = fused_attention(q, k, v, mask,
+                            'cudnn' if self.attention == 'cudnn' else 'xla')
+    else:
+      raise ValueError(f'model.attention={self.attention!r}: expected one of '
+                       f'{ATTENTION_CHOICES}')
+    out = out.reshape(query.shape[:-1] + (d,))
     return nn.Dense(d, kernel_init=_XAVIER, bias_init=nn.initializers.zeros,
                     name='out_proj', dtype=self.dtype)(out)
 
@@ -80,10 +132,12 @@ class EncoderLayer(nn.Module):
   dropout: float
   pre_norm: bool
   dtype: jnp.dtype = jnp.float32
+  attention: str = 'einsum'
 
   @nn.compact
   def __call__(self, src, pos, mask, train: bool = False):
-    attn = MultiHeadAttention(self.d_model, self.nheads, self.dropout, self.dtype, name='self_attn')
+    attn = MultiHeadAttention(self.d_model, self.nheads, self.dropout, self.dtype,
+                              self.attention, name='self_attn')
     drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=not train)
     ffn = lambda x: feed_forward(x, self.d_model, self.dim_feedforward, self.dropout, train,
                                  self.dtype)
@@ -108,13 +162,14 @@ class DecoderLayer(nn.Module):
   dropout: float
   pre_norm: bool
   dtype: jnp.dtype = jnp.float32
+  attention: str = 'einsum'
 
   @nn.compact
   def __call__(self, tgt, memory, pos, query_pos, self_mask, memory_mask, train: bool = False):
     self_attn = MultiHeadAttention(self.d_model, self.nheads, self.dropout, self.dtype,
-                                   name='self_attn')
+                                   self.attention, name='self_attn')
     cross_attn = MultiHeadAttention(self.d_model, self.nheads, self.dropout, self.dtype,
-                                    name='multihead_attn')
+                                    self.attention, name='multihead_attn')
     drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=not train)
     ffn = lambda x: feed_forward(x, self.d_model, self.dim_feedforward, self.dropout, train,
                                  self.dtype)
@@ -181,6 +236,7 @@ class Transformer(nn.Module):
     pos [B, S, d], query_pos [B, N, d], self_mask bool [N, N] or None (True = may attend).
   Returns: hs [L_dec, B, N, d] float32, memory [B, S, d] (``dtype``).
   ``remat``: rematerialise every encoder and decoder layer in the backward pass.
+  ``attention``: one of ATTENTION_CHOICES (module docstring).
   """
   d_model: int = 256
   nheads: int = 8
@@ -191,11 +247,13 @@ class Transformer(nn.Module):
   pre_norm: bool = False
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
+  attention: str = 'einsum'
 
   @nn.compact
   def __call__(self, src, padding, pos, query_pos, self_mask=None, train: bool = False):
     kw = dict(d_model=self.d_model, nheads=self.nheads, dim_feedforward=self.dim_feedforward,
-              dropout=self.dropout, pre_norm=self.pre_norm, dtype=self.dtype)
+              dropout=self.dropout, pre_norm=self.pre_norm, dtype=self.dtype,
+              attention=self.attention)
     memory_mask = (~padding)[:, None, None, :]
     memory = Encoder(kw, self.num_encoder_layers, self.remat, name='encoder')(
         src, pos, memory_mask, train)

@@ -10,7 +10,7 @@ frozen, pre-norm, N=100 queries, M=10 patches, batch 256, 60 epochs, lr drop at 
 """
 import ml_collections
 
-from configs import common
+from updetr_jax.configs import common
 
 
 def model_config(**overrides) -> ml_collections.ConfigDict:

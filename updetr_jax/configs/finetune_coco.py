@@ -15,7 +15,7 @@ with the release's ``--coco_path`` layout), or TFDS ``coco/2017`` with
 """
 import ml_collections
 
-from configs import common
+from updetr_jax.configs import common
 
 # Stem and stage 1 frozen, stages 2-4 trained at lr_backbone (DETR's backbone rule).
 FROZEN_STEM_AND_STAGE1 = (r'^body/(conv1|bn1|layer1_\d+)/',)

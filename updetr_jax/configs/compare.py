@@ -25,7 +25,7 @@ and a CNN (``--config.backbone_checkpoint=swav.pth``, or stage 0 on your pool wi
 """
 import ml_collections
 
-from configs import common, finetune_coco, pretrain
+from updetr_jax.configs import common, finetune_coco, pretrain
 
 VARIANTS = ('mini', 'demo')
 

@@ -9,7 +9,7 @@ objects ignored. Variants: default ``150ep`` (lr drop at 100), ``300ep`` (drop a
 """
 import ml_collections
 
-from configs.finetune_coco import finetune_config
+from updetr_jax.configs.finetune_coco import finetune_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
