@@ -16,6 +16,7 @@ on stdout.
 
     python benchmarks/checkpoint_integrity.py [--repeats 3] [--dir /tmp/ckpt_bench]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,13 +41,17 @@ def release_state():
   """{'state', 'constants'} of the release pre-training config, random values."""
   config = pretrain.get_config()
   model = build_model(config.model)
-  abstract = jax.eval_shape(lambda: train_step.init_train_state(
-      config, model, jax.random.PRNGKey(0), 100)[1:3])
+  abstract = jax.eval_shape(
+    lambda: train_step.init_train_state(config, model, jax.random.PRNGKey(0), 100)[1:3]
+  )
   leaves, tree = jax.tree_util.tree_flatten(abstract)
   rng = np.random.default_rng(0)
-  values = [jax.numpy.asarray(rng.standard_normal(x.shape).astype(x.dtype))
-            if np.issubdtype(x.dtype, np.floating) else jax.numpy.zeros(x.shape, x.dtype)
-            for x in leaves]
+  values = [
+    jax.numpy.asarray(rng.standard_normal(x.shape).astype(x.dtype))
+    if np.issubdtype(x.dtype, np.floating)
+    else jax.numpy.zeros(x.shape, x.dtype)
+    for x in leaves
+  ]
   state, constants = jax.tree_util.tree_unflatten(tree, values)
   return config, {'state': state, 'constants': constants}
 
@@ -68,32 +73,49 @@ def main():
   nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))
   integrity.make_record(tree)  # compile the checksums (once per process)
 
-  results = {k: [] for k in ('save_plain_s', 'save_verified_s', 'record_s', 'restore_plain_s',
-                             'restore_verified_s')}
+  results = {
+    k: []
+    for k in (
+      'save_plain_s',
+      'save_verified_s',
+      'record_s',
+      'restore_plain_s',
+      'restore_verified_s',
+    )
+  }
   for r in range(args.repeats + 1):
     shutil.rmtree(root, ignore_errors=True)
-    plain = checkpoints.train_manager(os.path.join(root, 'plain'), save_every_steps=1, keep=1,
-                                      async_save=False)
-    ours = checkpoints.TrainCheckpoints(os.path.join(root, 'verified'), config=config,
-                                        async_save=False)
+    plain = checkpoints.train_manager(
+      os.path.join(root, 'plain'), save_every_steps=1, keep=1, async_save=False
+    )
+    ours = checkpoints.TrainCheckpoints(
+      os.path.join(root, 'verified'), config=config, async_save=False
+    )
     t = {
-        'save_plain_s': timed(lambda: plain.save(
-            1, args=checkpoints.ocp.args.StandardSave(tree), force=True)),
-        'save_verified_s': timed(lambda: (ours.save(1, tree, force=True),
-                                          ours.wait_until_finished())),
-        'record_s': timed(lambda: integrity.make_record(tree)),
-        'restore_plain_s': timed(lambda: plain.restore(
-            1, args=checkpoints.ocp.args.StandardRestore(tree))),
-        'restore_verified_s': timed(lambda: ours.restore(1, tree)),
+      'save_plain_s': timed(
+        lambda: plain.save(1, args=checkpoints.ocp.args.StandardSave(tree), force=True)
+      ),
+      'save_verified_s': timed(
+        lambda: (ours.save(1, tree, force=True), ours.wait_until_finished())
+      ),
+      'record_s': timed(lambda: integrity.make_record(tree)),
+      'restore_plain_s': timed(
+        lambda: plain.restore(1, args=checkpoints.ocp.args.StandardRestore(tree))
+      ),
+      'restore_verified_s': timed(lambda: ours.restore(1, tree)),
     }
     if r:  # the first round warms Orbax and the file cache
       for k, v in t.items():
         results[k].append(v)
   shutil.rmtree(root, ignore_errors=True)
-  out = {'model': 'UP-DETR pre-training (ResNet-50, 6+6 layers), state with AdamW moments',
-         'arrays': len(jax.tree_util.tree_leaves(tree)), 'values': n,
-         'megabytes': round(nbytes / 2**20, 1), 'backend': jax.default_backend(),
-         'repeats': args.repeats}
+  out = {
+    'model': 'UP-DETR pre-training (ResNet-50, 6+6 layers), state with AdamW moments',
+    'arrays': len(jax.tree_util.tree_leaves(tree)),
+    'values': n,
+    'megabytes': round(nbytes / 2**20, 1),
+    'backend': jax.default_backend(),
+    'repeats': args.repeats,
+  }
   out.update({k: round(statistics.median(v), 3) for k, v in results.items()})
   out['save_overhead'] = round(out['save_verified_s'] / out['save_plain_s'] - 1, 3)
   out['restore_overhead'] = round(out['restore_verified_s'] / out['restore_plain_s'] - 1, 3)

@@ -16,6 +16,7 @@ medians over ``--runs`` runs are reported. One JSON line on stdout.
 
     python benchmarks/input_pipeline.py [--images 512] [--batch 32] [--runs 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,12 +35,16 @@ SIZES = ((375, 500), (500, 375), (333, 500), (500, 400))
 def write_images(folder: str, n: int) -> None:
   import numpy as np  # noqa: PLC0415
   from PIL import Image  # noqa: PLC0415
+
   rng = np.random.default_rng(0)
   for i in range(n):
     h, w = SIZES[i % len(SIZES)]
     yy, xx = np.mgrid[0:h, 0:w] / 9.0
-    ch = [np.sin(xx * rng.uniform(0.2, 1) + rng.uniform(0, 6)) *
-          np.cos(yy * rng.uniform(0.2, 1) + rng.uniform(0, 6)) for _ in range(3)]
+    ch = [
+      np.sin(xx * rng.uniform(0.2, 1) + rng.uniform(0, 6))
+      * np.cos(yy * rng.uniform(0.2, 1) + rng.uniform(0, 6))
+      for _ in range(3)
+    ]
     img = np.stack(ch, -1) * 90 + 128 + rng.normal(0, 12, (h, w, 3))
     img = np.clip(img, 0, 255).astype(np.uint8)
     Image.fromarray(img).save(os.path.join(folder, f'{i:05d}.jpg'), quality=90)
@@ -51,17 +56,28 @@ def child(args) -> None:
   if threads == 1:
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
   import tensorflow as tf  # noqa: PLC0415
+
   tf.config.threading.set_intra_op_parallelism_threads(threads)
   tf.config.threading.set_inter_op_parallelism_threads(threads)
   sys.path.insert(0, ROOT)
   from updetr_jax import data  # noqa: PLC0415
+
   cfg = data.default_data_config()
-  cfg.update(dict(source='folder', folder=args.folder, index_cache_dir=None,
-                  threads=threads, num_parallel_calls=threads, prefetch=2,
-                  tune_malloc=not args.no_tune_malloc))
+  cfg.update(
+    dict(
+      source='folder',
+      folder=args.folder,
+      index_cache_dir=None,
+      threads=threads,
+      num_parallel_calls=threads,
+      prefetch=2,
+      tune_malloc=not args.no_tune_malloc,
+    )
+  )
   t0 = time.perf_counter()
-  it, stats = data.make_pretrain_dataset(cfg, global_batch_size=args.batch,
-                                         num_patches=args.num_patches, seed=0)
+  it, stats = data.make_pretrain_dataset(
+    cfg, global_batch_size=args.batch, num_patches=args.num_patches, seed=0
+  )
   index_s = time.perf_counter() - t0
   rates = []
   for _ in range(args.runs):
@@ -72,16 +88,39 @@ def child(args) -> None:
       b = next(it)
     dt = time.perf_counter() - t0
     rates.append(args.batches * args.batch / dt)
-  print(json.dumps(dict(threads=threads, rates=rates, index_s=index_s,
-                        shapes=sorted({tuple(b['images'].shape[1:3])}))), flush=True)
+  print(
+    json.dumps(
+      dict(
+        threads=threads,
+        rates=rates,
+        index_s=index_s,
+        shapes=sorted({tuple(b['images'].shape[1:3])}),
+      )
+    ),
+    flush=True,
+  )
 
 
 def run_child(args, threads: int) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), '--child', '--threads', str(threads),
-         '--folder', args.folder, '--batch', str(args.batch), '--runs', str(args.runs),
-         '--batches', str(args.batches), '--warmup', str(args.warmup),
-         '--num_patches', str(args.num_patches)] + (
-             ['--no_tune_malloc'] if args.no_tune_malloc else [])
+  cmd = [
+    sys.executable,
+    os.path.abspath(__file__),
+    '--child',
+    '--threads',
+    str(threads),
+    '--folder',
+    args.folder,
+    '--batch',
+    str(args.batch),
+    '--runs',
+    str(args.runs),
+    '--batches',
+    str(args.batches),
+    '--warmup',
+    str(args.warmup),
+    '--num_patches',
+    str(args.num_patches),
+  ] + (['--no_tune_malloc'] if args.no_tune_malloc else [])
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
   out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -112,13 +151,20 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     allc = None if args.skip_all_cores else run_child(args, cores)
   result = dict(
-      images_per_s_per_core=round(statistics.median(one['rates']), 2),
-      images_per_s=round(statistics.median(allc['rates']), 2) if allc else None,
-      threads=cores, batch=args.batch, num_patches=args.num_patches, patch_size=128,
-      image_sizes=[f'{w}x{h}' for h, w in SIZES], runs=args.runs,
-      batches_per_run=args.batches, per_core_runs=[round(r, 2) for r in one['rates']],
-      all_core_runs=[round(r, 2) for r in allc['rates']] if allc else None,
-      index_s_per_core=round(one['index_s'], 2), tune_malloc=not args.no_tune_malloc)
+    images_per_s_per_core=round(statistics.median(one['rates']), 2),
+    images_per_s=round(statistics.median(allc['rates']), 2) if allc else None,
+    threads=cores,
+    batch=args.batch,
+    num_patches=args.num_patches,
+    patch_size=128,
+    image_sizes=[f'{w}x{h}' for h, w in SIZES],
+    runs=args.runs,
+    batches_per_run=args.batches,
+    per_core_runs=[round(r, 2) for r in one['rates']],
+    all_core_runs=[round(r, 2) for r in allc['rates']] if allc else None,
+    index_s_per_core=round(one['index_s'], 2),
+    tune_malloc=not args.no_tune_malloc,
+  )
   print(json.dumps(result))
 
 

@@ -9,6 +9,7 @@ of the same image and of different images, for a random CNN and for a CNN checkp
     python benchmarks/patch_features.py --workdir=workdir/compare \
         [--checkpoint=workdir/compare/stage0/backbone.npz] [--patch_sizes=32,64]
 """
+
 import argparse
 import json
 import os
@@ -52,8 +53,9 @@ def main():
   data, held_out = eval_data_config(p.data)
   for size in (int(s) for s in args.patch_sizes.split(',')):
     data['patch_size'] = size
-    it, _ = make_pretrain_dataset(data, global_batch_size=args.batch,
-                                  num_patches=p.model.num_patches, train=False, seed=1)
+    it, _ = make_pretrain_dataset(
+      data, global_batch_size=args.batch, num_patches=p.model.num_patches, train=False, seed=1
+    )
     batch = next(it)
     it.close()
     for name, path in (('random', ''), ('checkpoint', checkpoint)):
@@ -62,10 +64,21 @@ def main():
         variables = import_torch_checkpoint(path, p.model, variables=variables)
       out = model.apply(variables, batch['images'], batch['padding_mask'], batch['patches'])
       same, other = cosines(np.asarray(out['gt_feature']))
-      print(json.dumps(dict(cnn=name, checkpoint=path, patch_size=size, held_out=held_out,
-                            images=args.batch, patches_per_image=p.model.num_patches,
-                            cos_same_image=round(same, 3), cos_other_images=round(other, 3))),
-            flush=True)
+      print(
+        json.dumps(
+          dict(
+            cnn=name,
+            checkpoint=path,
+            patch_size=size,
+            held_out=held_out,
+            images=args.batch,
+            patches_per_image=p.model.num_patches,
+            cos_same_image=round(same, 3),
+            cos_other_images=round(other, 3),
+          )
+        ),
+        flush=True,
+      )
 
 
 if __name__ == '__main__':

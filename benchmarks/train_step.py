@@ -1,7 +1,7 @@
 """Times the UP-DETR pre-training step (release model: R50 frozen, pre-norm, N=100, M=10).
 
   python benchmarks/train_step.py --batch 2 --image-size 320 [--repeats 5] [--dtype bfloat16]
-      [--remat transformer|backbone|all]
+      [--remat transformer|backbone|all] [--attention einsum|dot_product|cudnn]
 
 Prints one JSON line: images_per_s, step_s (median), batch, image_size, device, ...
 Synthetic inputs (random images and patch boxes); the whole jitted step is timed:
@@ -16,7 +16,12 @@ over the peak of all devices (hfu uses flops_per_step instead). The peak is
 looked up for peak_dtype: bfloat16 for --dtype bfloat16; for float32, 'tf32' on
 GPUs at JAX's default matmul precision (float32 matmuls run on the tensor
 cores), else 'float32'. mfu/hfu are null where the peak is unknown (CPU).
+
+TensorFlow-free: the release config, the synthetic batch and the timing come from
+benchmarks/device_suite.py (the suite of every step case on one GPU), which also
+measures fine-tuning, bfloat16, fused attention and the matching share.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,26 +34,15 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
-from updetr_jax.configs import pretrain  # noqa: E402
+from benchmarks.device_suite import (  # noqa: E402
+  peak_info,
+  step_config,
+  synthetic_batch,
+  time_calls,
+)
 from updetr_jax import mfu, train_step  # noqa: E402
-from updetr_jax.models import REMAT_CHOICES, build_model  # noqa: E402
-
-
-def synthetic_batch(batch, size, num_patches, patch_size, seed=0):
-  rng = np.random.default_rng(seed)
-  wh = rng.uniform(0.1, 0.5, (batch, num_patches, 2))
-  c = rng.uniform(wh / 2, 1 - wh / 2)
-  return {
-      'images': rng.standard_normal((batch, size, size, 3)).astype(np.float32),
-      'padding_mask': np.zeros((batch, size, size), bool),
-      'patches': rng.standard_normal((batch, num_patches, patch_size, patch_size, 3)
-                                     ).astype(np.float32),
-      'targets': {'boxes': np.concatenate([c, wh], -1).astype(np.float32),
-                  'labels': np.ones((batch, num_patches), np.int32),
-                  'mask': np.ones((batch, num_patches), bool)},
-  }
+from updetr_jax.models import ATTENTION_CHOICES, REMAT_CHOICES, build_model  # noqa: E402
 
 
 def main():
@@ -59,29 +53,44 @@ def main():
   p.add_argument('--repeats', type=int, default=5)
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   p.add_argument('--backbone', default='resnet50')
-  p.add_argument('--remat', default='', choices=REMAT_CHOICES,
-                 help="rematerialise 'transformer' layers, 'backbone' blocks or 'all'")
+  p.add_argument(
+    '--remat',
+    default='',
+    choices=REMAT_CHOICES,
+    help="rematerialise 'transformer' layers, 'backbone' blocks or 'all'",
+  )
+  p.add_argument(
+    '--attention',
+    default='einsum',
+    choices=ATTENTION_CHOICES,
+    help="model.attention: 'einsum' (release) or jax.nn.dot_product_attention",
+  )
   args = p.parse_args()
 
-  config = pretrain.get_config()
-  config.model.backbone = args.backbone
-  config.model.dtype = args.dtype
-  config.model.remat = args.remat
-  config.batch_size = args.batch
-  config.loss_replicas = 1
+  config = step_config(
+    'pretrain',
+    batch_size=args.batch,
+    backbone=args.backbone,
+    dtype=args.dtype,
+    remat=args.remat,
+    attention=args.attention,
+  )
   model = build_model(config.model)
   _, state, constants, tx, _ = train_step.init_train_state(
-      config, model, jax.random.PRNGKey(0), steps_per_epoch=1000)
+    config, model, jax.random.PRNGKey(0), steps_per_epoch=1000
+  )
   mesh = train_step.make_mesh()
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   state, constants = jax.device_put((state, constants), repl)
-  batch = train_step.to_global(synthetic_batch(args.batch, args.image_size,
-                                          config.model.num_patches, args.patch_size),
-                          sharding)
+  batch = train_step.to_global(
+    synthetic_batch(args.batch, args.image_size, config.model.num_patches, args.patch_size),
+    sharding,
+  )
   loss_fn = train_step.criterion(config)
-  step = jax.jit(train_step.make_train_step(model, tx, loss_fn),
-                 donate_argnums=(0,), out_shardings=(repl, repl))
+  step = jax.jit(
+    train_step.make_train_step(model, tx, loss_fn), donate_argnums=(0,), out_shardings=(repl, repl)
+  )
   rng = jax.random.PRNGKey(1)
   t0 = time.perf_counter()
   lowered = step.lower(state, constants, batch, rng)
@@ -94,33 +103,48 @@ def main():
   if args.remat:  # count the step without recomputation (lowering only, no compile)
     plain = build_model(dict(config.model, remat=''))
     model_flops = mfu.step_flops(
-        jax.jit(train_step.make_train_step(plain, tx, loss_fn)).lower(state, constants, batch, rng))
-  times = []
-  for _ in range(args.repeats):
-    t0 = time.perf_counter()
-    state, metrics = compiled(state, constants, batch, rng)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t0)
+      jax.jit(train_step.make_train_step(plain, tx, loss_fn)).lower(state, constants, batch, rng)
+    )
+  holder = {'state': state}
+
+  def call():
+    holder['state'], m = compiled(holder['state'], constants, batch, rng)
+    return m
+
+  metrics, times = time_calls(call, 0, args.repeats)
   step_s = statistics.median(times)
   device = jax.devices()[0]
-  peak_name = mfu.peak_dtype(args.dtype, device)
-  peak = mfu.device_peak_flops(device.device_kind, peak_name)
+  peak_name, peak = peak_info(args.dtype, device)
   n = jax.device_count()
   util = mfu.mfu(model_flops, step_s, n, peak)
   hw_util = mfu.mfu(flops, step_s, n, peak)
-  print(json.dumps({
-      'images_per_s': round(args.batch / step_s, 3), 'step_s': round(step_s, 4),
-      'batch': args.batch, 'image_size': args.image_size, 'device': str(device),
-      'device_kind': device.device_kind, 'num_devices': n,
-      'dtype': args.dtype, 'remat': args.remat, 'backbone': args.backbone,
-      'compile_s': round(compile_s, 1), 'times_s': [round(t, 4) for t in times],
-      'loss': float(metrics['loss']),
-      'flops_per_step': flops, 'model_flops_per_step': model_flops,
-      'achieved_flops_per_s': flops / step_s if flops else None,
-      'peak_dtype': peak_name, 'peak_flops_per_device': peak,
-      'mfu': None if util is None else round(util, 4),
-      'hfu': None if hw_util is None else round(hw_util, 4),
-  }))
+  print(
+    json.dumps(
+      {
+        'images_per_s': round(args.batch / step_s, 3),
+        'step_s': round(step_s, 4),
+        'batch': args.batch,
+        'image_size': args.image_size,
+        'device': str(device),
+        'device_kind': device.device_kind,
+        'num_devices': n,
+        'dtype': args.dtype,
+        'remat': args.remat,
+        'backbone': args.backbone,
+        'attention': args.attention,
+        'compile_s': round(compile_s, 1),
+        'times_s': [round(t, 4) for t in times],
+        'loss': float(metrics['loss']),
+        'flops_per_step': flops,
+        'model_flops_per_step': model_flops,
+        'achieved_flops_per_s': flops / step_s if flops else None,
+        'peak_dtype': peak_name,
+        'peak_flops_per_device': peak,
+        'mfu': None if util is None else round(util, 4),
+        'hfu': None if hw_util is None else round(hw_util, 4),
+      }
+    )
+  )
 
 
 if __name__ == '__main__':

@@ -7,6 +7,7 @@ under ``CI=true`` (set by the CI) it fails the run instead: the session stops be
 collecting if one is not installed, and a test module whose import of one fails is a
 collection error.
 """
+
 import importlib
 import importlib.util
 import os
@@ -26,17 +27,18 @@ jax.config.update('jax_default_matmul_precision', 'highest')
 
 # Compiled programs are shared across the session's tests and subprocesses (reruns of
 # the same step after a kill, the two-run comparisons): a fresh directory per session.
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
-                      tempfile.mkdtemp(prefix='updetr_jax_test_xla_cache_'))
+os.environ.setdefault(
+  'JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='updetr_jax_test_xla_cache_')
+)
 jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
 
 
 # Module -> the requirements file that installs it (`make install` installs both).
 OPTIONAL_DEPS = {
-    'torch': 'requirements-dev.txt',
-    'tensorflow': 'requirements.txt',
-    'tensorflow_datasets': 'requirements.txt',
-    'array_record': 'requirements.txt',  # TFDS' random-access format
+  'torch': 'requirements-dev.txt',
+  'tensorflow': 'requirements.txt',
+  'tensorflow_datasets': 'requirements.txt',
+  'array_record': 'requirements.txt',  # TFDS' random-access format
 }
 
 
@@ -59,8 +61,7 @@ def importorskip(modname: str, reason: str | None = None):
     return importlib.import_module(modname)
   except ImportError as e:
     error = e
-  message = (f'could not import optional test dependency {modname!r} '
-             f'({_hint(modname)}): {error}')
+  message = f'could not import optional test dependency {modname!r} ({_hint(modname)}): {error}'
   if on_ci():
     pytest.fail(f'CI=true: {message}', pytrace=False)
   pytest.skip(reason or message, allow_module_level=True)
@@ -79,9 +80,11 @@ def pytest_configure(config):
   if on_ci():
     missing = [m for m in OPTIONAL_DEPS if not _installed(m)]
     if missing:
-      raise pytest.UsageError('\n'.join(
-          f'CI=true: optional test dependency {m!r} is not installed ({_hint(m)})'
-          for m in missing))
+      raise pytest.UsageError(
+        '\n'.join(
+          f'CI=true: optional test dependency {m!r} is not installed ({_hint(m)})' for m in missing
+        )
+      )
 
 
 # Exit without interpreter teardown once pytest has reported. TensorFlow can deadlock

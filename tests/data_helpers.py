@@ -1,4 +1,5 @@
 """Helpers shared by the data-pipeline tests."""
+
 import numpy as np
 
 

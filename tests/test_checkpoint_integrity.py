@@ -2,6 +2,7 @@
 every fault either gives back the exact saved values or an error / fallback that
 names the damage; never different values.
 """
+
 import glob
 import os
 import shutil
@@ -23,12 +24,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _state(config, seed: int):
   """Training state of ``config``'s model with non-initial values (differs by seed)."""
   model = build_model(config.model)
-  _, state, constants, _, _ = train_step.init_train_state(config, model, jax.random.PRNGKey(0),
-                                                         10)
+  _, state, constants, _, _ = train_step.init_train_state(config, model, jax.random.PRNGKey(0), 10)
   leaves, tree = jax.tree_util.tree_flatten(state['params'])
   keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
   state['params'] = jax.tree_util.tree_unflatten(
-      tree, [x + jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+    tree, [x + jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+  )
   return {'state': state, 'constants': constants}
 
 
@@ -49,8 +50,9 @@ def saved(tmp_path_factory):
   config = pretrain.get_config('demo')
   trees = {1: _state(config, 1), 2: _state(config, 2)}
   workdir = str(tmp_path_factory.mktemp('pristine'))
-  ckpts = checkpoints.TrainCheckpoints(os.path.join(workdir, checkpoints.LAST_DIR), keep=5,
-                                       config=config)
+  ckpts = checkpoints.TrainCheckpoints(
+    os.path.join(workdir, checkpoints.LAST_DIR), keep=5, config=config
+  )
   for step, tree in trees.items():
     ckpts.save(step, tree)
   ckpts.wait_until_finished()
@@ -69,8 +71,9 @@ def workdir(saved, tmp_path):
 
 
 def _ckpts(workdir, config):
-  return checkpoints.TrainCheckpoints(os.path.join(workdir, checkpoints.LAST_DIR), keep=5,
-                                      config=config)
+  return checkpoints.TrainCheckpoints(
+    os.path.join(workdir, checkpoints.LAST_DIR), keep=5, config=config
+  )
 
 
 def _overwrite_middle(path, n=16):
@@ -85,8 +88,9 @@ def _step_dir(workdir, step=2):
 
 
 def _data_files(workdir, step=2):
-  return sorted(glob.glob(os.path.join(_step_dir(workdir, step), 'default', 'ocdbt.process_0',
-                                       'd', '*')))
+  return sorted(
+    glob.glob(os.path.join(_step_dir(workdir, step), 'default', 'ocdbt.process_0', 'd', '*'))
+  )
 
 
 def test_intact_checkpoints_come_back_exactly(workdir):
@@ -121,8 +125,9 @@ def _damage_step_metadata(wd):
 
 
 def _damage_ocdbt_manifest(wd):
-  _overwrite_middle(os.path.join(_step_dir(wd), 'default', 'ocdbt.process_0', 'manifest.ocdbt'),
-                    n=8)
+  _overwrite_middle(
+    os.path.join(_step_dir(wd), 'default', 'ocdbt.process_0', 'manifest.ocdbt'), n=8
+  )
 
 
 def _truncate_data_file(wd):
@@ -141,15 +146,17 @@ def _remove_commit_marker(wd):
 
 # fault -> text the error must contain (what failed, by name)
 FAULTS = {
-    'data_bytes': (_damage_data_bytes, 'values differ from those saved'),
-    'data_bytes_no_file_record': (_damage_data_bytes_without_file_record,
-                                  'values differ from those saved'),
-    'tree_metadata_bytes': (_damage_tree_metadata, 'default/_METADATA: contents changed'),
-    'step_metadata_bytes': (_damage_step_metadata, '_CHECKPOINT_METADATA'),
-    'ocdbt_manifest_bytes': (_damage_ocdbt_manifest, 'manifest.ocdbt: contents changed'),
-    'truncated_file': (_truncate_data_file, 'bytes when saved'),
-    'missing_file': (_remove_data_file, 'file missing'),
-    'no_commit_marker': (_remove_commit_marker, 'commit_success.txt is missing'),
+  'data_bytes': (_damage_data_bytes, 'values differ from those saved'),
+  'data_bytes_no_file_record': (
+    _damage_data_bytes_without_file_record,
+    'values differ from those saved',
+  ),
+  'tree_metadata_bytes': (_damage_tree_metadata, 'default/_METADATA: contents changed'),
+  'step_metadata_bytes': (_damage_step_metadata, '_CHECKPOINT_METADATA'),
+  'ocdbt_manifest_bytes': (_damage_ocdbt_manifest, 'manifest.ocdbt: contents changed'),
+  'truncated_file': (_truncate_data_file, 'bytes when saved'),
+  'missing_file': (_remove_data_file, 'file missing'),
+  'no_commit_marker': (_remove_commit_marker, 'commit_success.txt is missing'),
 }
 
 
@@ -163,15 +170,19 @@ def test_fault_in_newest_step_is_named_and_resume_falls_back(workdir, fault):
     checkpoints.restore_workdir_variables(wd)
   assert 'step 2 is corrupt or incomplete' in str(e.value) and named in str(e.value), e.value
   # Resuming: the intact step 1, exactly; step 2 moved aside with all its files.
-  files_before = sorted(os.path.relpath(p, _step_dir(wd))
-                        for p in glob.glob(os.path.join(_step_dir(wd), '**'), recursive=True))
+  files_before = sorted(
+    os.path.relpath(p, _step_dir(wd))
+    for p in glob.glob(os.path.join(_step_dir(wd), '**'), recursive=True)
+  )
   tree, step = _ckpts(wd, config).restore_latest(trees[2])
   assert step == 1
   _assert_equal(tree, trees[1])
   aside = os.path.join(wd, 'corrupt_checkpoints', '2')
   assert not os.path.exists(_step_dir(wd))
-  assert sorted(os.path.relpath(p, aside)
-                for p in glob.glob(os.path.join(aside, '**'), recursive=True)) == files_before
+  assert (
+    sorted(os.path.relpath(p, aside) for p in glob.glob(os.path.join(aside, '**'), recursive=True))
+    == files_before
+  )
   assert _ckpts(wd, config).all_steps() == [1]
 
 
@@ -196,8 +207,10 @@ def test_another_configuration_is_named_not_called_corrupt(workdir):
     _ckpts(wd, other).restore_latest(abstract)
   msg = str(e.value)
   assert 'step 2 was written by another model/optimizer configuration' in msg
-  assert (f'config.model.num_queries: checkpoint {config.model.num_queries} vs this run '
-          f'{other.model.num_queries}') in msg
+  assert (
+    f'config.model.num_queries: checkpoint {config.model.num_queries} vs this run '
+    f'{other.model.num_queries}'
+  ) in msg
   assert 'config.optim.weight_decay' in msg and 'query_embed/embedding' in msg
   assert os.path.isdir(_step_dir(wd, 2))  # an intact checkpoint is never moved
 
@@ -205,9 +218,10 @@ def test_another_configuration_is_named_not_called_corrupt(workdir):
 def test_variables_checkpoint_is_verified(saved, tmp_path):
   """Orbax variables (save_variables: torch_import, init.checkpoint, predict)."""
   _, config, trees = saved
-  variables = {'params': optim.merge_params(trees[2]['state']['params'],
-                                            trees[2]['constants']['frozen']),
-               'batch_stats': trees[2]['constants']['batch_stats']}
+  variables = {
+    'params': optim.merge_params(trees[2]['state']['params'], trees[2]['constants']['frozen']),
+    'batch_stats': trees[2]['constants']['batch_stats'],
+  }
   path = str(tmp_path / 'variables')
   checkpoints.save_variables(path, variables, config.model.to_dict())
   _assert_equal(checkpoints.load_variables(path, variables), variables)
@@ -219,7 +233,7 @@ def test_variables_checkpoint_is_verified(saved, tmp_path):
     checkpoints.load_variables(path)
 
 
-_KILL_MID_SAVE = textwrap.dedent('''
+_KILL_MID_SAVE = textwrap.dedent("""
     import sys
     import time
     import numpy as np
@@ -230,14 +244,19 @@ _KILL_MID_SAVE = textwrap.dedent('''
     ckpts.save(2, {'w': np.full((4096, 4096), 2, np.float32), 'b': np.arange(7, dtype=np.int32)})
     print('saving', flush=True)  # asynchronous: save() returned, the files are being written
     time.sleep(600)
-''')
+""")
 
 
 def test_kill_during_asynchronous_save_leaves_an_exact_checkpoint(tmp_path):
   directory = str(tmp_path / 'checkpoints')
-  proc = subprocess.Popen([sys.executable, '-c', _KILL_MID_SAVE, directory], cwd=ROOT,
-                          env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu'),
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  proc = subprocess.Popen(
+    [sys.executable, '-c', _KILL_MID_SAVE, directory],
+    cwd=ROOT,
+    env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu'),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.DEVNULL,
+    text=True,
+  )
   try:
     assert proc.stdout.readline().strip() == 'saving'
   finally:
@@ -245,9 +264,11 @@ def test_kill_during_asynchronous_save_leaves_an_exact_checkpoint(tmp_path):
     proc.wait()
   left = sorted(os.listdir(directory))
   assert any(n.startswith('2.orbax-checkpoint-tmp') for n in left), (
-      f'the save of step 2 was not in flight when killed ({left}); nothing was tested')
+    f'the save of step 2 was not in flight when killed ({left}); nothing was tested'
+  )
   tree, step = checkpoints.TrainCheckpoints(directory, keep=5).restore_latest(
-      {'w': np.zeros((4096, 4096), np.float32), 'b': np.zeros(7, np.int32)})
+    {'w': np.zeros((4096, 4096), np.float32), 'b': np.zeros(7, np.int32)}
+  )
   assert step == 1, left
   np.testing.assert_array_equal(tree['w'], 1)
   np.testing.assert_array_equal(tree['b'], np.arange(7))

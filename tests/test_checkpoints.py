@@ -1,4 +1,5 @@
 """Pre-training workdir -> fine-tuning init: exactly the intended weights."""
+
 import os
 
 import jax
@@ -11,8 +12,15 @@ from updetr_jax import checkpoints, optim, pretrained, train_step
 from updetr_jax.models import build_model
 from updetr_jax.models import init_variables
 
-ARCH = dict(backbone='resnet_tiny', hidden_dim=32, nheads=2, enc_layers=1, dec_layers=2,
-            dim_feedforward=64, num_queries=8)
+ARCH = dict(
+  backbone='resnet_tiny',
+  hidden_dim=32,
+  nheads=2,
+  enc_layers=1,
+  dec_layers=2,
+  dim_feedforward=64,
+  num_queries=8,
+)
 
 
 @pytest.fixture(scope='module')
@@ -22,20 +30,23 @@ def pretrain_workdir(tmp_path_factory):
   config = pretrain.get_config()
   config.model.update(num_patches=2, **ARCH)
   model = build_model(config.model)
-  _, state, constants, _, _ = train_step.init_train_state(config, model, jax.random.PRNGKey(0),
-                                                         10)
+  _, state, constants, _, _ = train_step.init_train_state(config, model, jax.random.PRNGKey(0), 10)
   leaves, tree = jax.tree_util.tree_flatten(state['params'])
   keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
   state['params'] = jax.tree_util.tree_unflatten(
-      tree, [x + jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-  manager = checkpoints.TrainCheckpoints(os.path.join(workdir, 'checkpoints'), keep=2,
-                                         config=config, async_save=False)
+    tree, [x + jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+  )
+  manager = checkpoints.TrainCheckpoints(
+    os.path.join(workdir, 'checkpoints'), keep=2, config=config, async_save=False
+  )
   manager.save(7, {'state': state, 'constants': constants})
   manager.wait_until_finished()
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort())
-  expected = {'params': optim.merge_params(state['params'], constants['frozen']),
-              'batch_stats': constants['batch_stats']}
+  expected = {
+    'params': optim.merge_params(state['params'], constants['frozen']),
+    'batch_stats': constants['batch_stats'],
+  }
   return workdir, expected, config
 
 
@@ -87,18 +98,21 @@ def test_init_train_state_with_init_pretrained(pretrain_workdir):
   """config.init.pretrained through the trainer's init: the fine-tuning state holds the
   pre-trained transformer and a fresh class head; a mismatch names the fields."""
   from updetr_jax.configs import finetune_coco
+
   workdir, expected, pre_config = pretrain_workdir
   config = finetune_coco.get_config()
   config.model.update(num_classes=4, **ARCH)
   config.init.pretrained = workdir
   model = build_model(config.model)
   variables, state, constants, _, _ = train_step.init_train_state(
-      config, model, jax.random.PRNGKey(5), 10)
+    config, model, jax.random.PRNGKey(5), 10
+  )
   got, src = _flat(variables), _flat(expected)
   fresh = _flat(init_variables(model, jax.random.PRNGKey(5)))
   for k, v in got.items():
-    np.testing.assert_array_equal(v, fresh[k] if k[1] == 'class_embed' else src[k],
-                                  err_msg='/'.join(k))
+    np.testing.assert_array_equal(
+      v, fresh[k] if k[1] == 'class_embed' else src[k], err_msg='/'.join(k)
+    )
   assert 'layer1_0' not in state['params']['body']  # stage 1 frozen, stage 2 trained
   assert 'layer2_0' in state['params']['body'] and 'layer1_0' in constants['frozen']['body']
   config.model.num_queries = 12

@@ -1,4 +1,5 @@
 """The pre-training vs scratch harness, end to end on tiny budgets."""
+
 import json
 import os
 
@@ -8,6 +9,7 @@ import pytest
 from flax import traverse_util
 
 from conftest import importorskip  # fails instead of skipping under CI=true
+
 importorskip('tensorflow')
 
 from updetr_jax.configs import compare as compare_config  # noqa: E402
@@ -16,8 +18,15 @@ from updetr_jax.data import miniature  # noqa: E402
 from updetr_jax.models import build_model  # noqa: E402
 from updetr_jax.models import init_variables  # noqa: E402
 
-TINY_MODEL = dict(backbone='resnet_tiny', hidden_dim=32, nheads=2, enc_layers=1,
-                  dec_layers=2, dim_feedforward=64, num_queries=8)
+TINY_MODEL = dict(
+  backbone='resnet_tiny',
+  hidden_dim=32,
+  nheads=2,
+  enc_layers=1,
+  dec_layers=2,
+  dim_feedforward=64,
+  num_queries=8,
+)
 
 
 def tiny_config(data: dict, cache: str):
@@ -31,15 +40,31 @@ def tiny_config(data: dict, cache: str):
   c.stage0.update(images=data['pool_dir'], steps=3, batch_size=8, image_size=32)
   p, f = c.pretrain, c.finetune
   p.model.update(num_patches=2, **TINY_MODEL)
-  p.data.update(folder=data['pool_dir'], eval_folder=data['eval_dir'], scales=(64,),
-                max_size=80, eval_scale=64, buckets=((64, 80),), patch_size=16)
+  p.data.update(
+    folder=data['pool_dir'],
+    eval_folder=data['eval_dir'],
+    scales=(64,),
+    max_size=80,
+    eval_scale=64,
+    buckets=((64, 80),),
+    patch_size=16,
+  )
   p.update(batch_size=4, num_train_steps=3, checkpoint_every_steps=3, log_every_steps=1)
   p.eval.num_batches = 1
   f.model.update(**TINY_MODEL)
-  f.data.update(ann_file=data['train_ann'], image_dir=data['train_dir'],
-                eval_ann_file=data['eval_ann'], eval_image_dir=data['eval_dir'],
-                scales=(64,), max_size=80, eval_scale=64, crop_resize_scales=(64,),
-                crop_size=(48, 64), buckets=((64, 80),), repeats=4)
+  f.data.update(
+    ann_file=data['train_ann'],
+    image_dir=data['train_dir'],
+    eval_ann_file=data['eval_ann'],
+    eval_image_dir=data['eval_dir'],
+    scales=(64,),
+    max_size=80,
+    eval_scale=64,
+    crop_resize_scales=(64,),
+    crop_size=(48, 64),
+    buckets=((64, 80),),
+    repeats=4,
+  )
   f.update(batch_size=4, num_train_steps=4, checkpoint_every_steps=2, log_every_steps=2)
   f.eval.update(every_steps=2, batch_size=4, num_pictures=0)
   return c
@@ -70,8 +95,11 @@ def test_harness_end_to_end_and_rerun(data, tmp_path):
       per_seed = [results['curves']['0.5'][arm][str(s)]['4'][m] for s in (0, 1)]
       assert cells[-1]['mean'] == pytest.approx(np.mean(per_seed))
       assert cells[-1]['std'] == pytest.approx(np.std(per_seed, ddof=1))
-  diffs = [results['curves']['0.5']['updetr'][str(s)]['4']['AP']
-           - results['curves']['0.5']['scratch'][str(s)]['4']['AP'] for s in (0, 1)]
+  diffs = [
+    results['curves']['0.5']['updetr'][str(s)]['4']['AP']
+    - results['curves']['0.5']['scratch'][str(s)]['4']['AP']
+    for s in (0, 1)
+  ]
   assert stats['paired']['updetr']['AP'][-1]['mean'] == pytest.approx(np.mean(diffs))
   assert 'scratch' not in stats['paired']
   for name in ('results.json', 'results.txt', 'curves.png', 'stage0/backbone.npz'):
@@ -81,8 +109,7 @@ def test_harness_end_to_end_and_rerun(data, tmp_path):
   subset = json.load(open(os.path.join(workdir, 'data_subsets', 'train_frac0.5_seed0.json')))
   assert len(subset['images']) == 4
   for arm in ('updetr', 'scratch'):
-    cfg = json.load(open(os.path.join(workdir, 'finetune', 'frac0.5', arm, 'seed0',
-                                      'config.json')))
+    cfg = json.load(open(os.path.join(workdir, 'finetune', 'frac0.5', arm, 'seed0', 'config.json')))
     assert cfg['data']['ann_file'].endswith('train_frac0.5_seed0.json')
     assert cfg['init']['backbone_checkpoint'].endswith('stage0/backbone.npz')
 
@@ -112,8 +139,9 @@ def test_pretrained_arm_starts_from_the_pretrained_transformer(data, tmp_path):
   pre = _flat(pre_vars['params'])
 
   def initial(arm):
-    c = compare.finetune_config(config, arm, 0, 1.0, '', pre_dir if arm != 'scratch' else '',
-                                str(tmp_path / 'subsets'))
+    c = compare.finetune_config(
+      config, arm, 0, 1.0, '', pre_dir if arm != 'scratch' else '', str(tmp_path / 'subsets')
+    )
     c.model.num_classes = 7  # what the loop takes from the data (num_classes=-1)
     model = build_model(c.model)
     variables, *_ = train_step.init_train_state(c, model, jax.random.PRNGKey(c.seed), 10)

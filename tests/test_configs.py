@@ -1,4 +1,5 @@
 """Config files: release hyper-parameters and the fine-tuning parameter groups."""
+
 import pytest
 
 from updetr_jax.configs import finetune_coco, finetune_voc, pretrain
@@ -10,7 +11,11 @@ from updetr_jax.models import variable_shapes
 def test_release_defaults():
   p = pretrain.get_config()
   assert (p.model.pre_norm, p.model.num_queries, p.model.num_patches, p.model.num_classes) == (
-      True, 100, 10, 2)
+    True,
+    100,
+    10,
+    2,
+  )
   assert p.optim.lr == 1e-4 and p.optim.clip_max_norm == 0.1 and p.batch_size == 256
   assert pretrain.get_config('single_query').model.num_patches == 1
   c = finetune_coco.get_config()
@@ -36,13 +41,22 @@ def test_finetune_freezes_exactly_stem_and_stage1():
 def test_random_real_size_cnn_is_refused(tmp_path):
   """A resnet50/101 run that would keep a random CNN stops before anything runs."""
   from updetr_jax import train, train_step  # noqa: PLC0415
-  for config in (pretrain.get_config(), pretrain.get_config('single_query'),
-                 finetune_coco.get_config(), finetune_voc.get_config()):
+
+  for config in (
+    pretrain.get_config(),
+    pretrain.get_config('single_query'),
+    finetune_coco.get_config(),
+    finetune_voc.get_config(),
+  ):
     with pytest.raises(ValueError, match=r'init\.backbone_checkpoint.*SwAV.*random_backbone'):
       train_step.check_backbone_init(config, resuming=False)
     train_step.check_backbone_init(config, resuming=True)  # a resumed run has its weights
-    for field, value in (('backbone_checkpoint', 'swav.pth'), ('pretrained', '/w'),
-                         ('checkpoint', '/v'), ('random_backbone', True)):
+    for field, value in (
+      ('backbone_checkpoint', 'swav.pth'),
+      ('pretrained', '/w'),
+      ('checkpoint', '/v'),
+      ('random_backbone', True),
+    ):
       c = config.copy_and_resolve_references()
       c.init[field] = value
       train_step.check_backbone_init(c, resuming=False)
@@ -62,6 +76,7 @@ def test_coco_epoch_is_every_train2017_image():
 
 def test_pretraining_evaluation_images_are_never_trained_on():
   from updetr_jax.data import eval_data_config  # noqa: PLC0415
+
   demo = pretrain.get_config('demo')
   cfg, held_out = eval_data_config(demo.data)
   assert held_out and cfg['demo_images'] == tuple(demo.data.eval_demo_images)

@@ -1,4 +1,5 @@
 """Input pipeline: buckets, patches, determinism, resume, host sharding, bad files."""
+
 import io
 import os
 
@@ -7,6 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import importorskip  # fails instead of skipping under CI=true
+
 tf = importorskip('tensorflow')
 
 from updetr_jax import data  # noqa: E402
@@ -14,21 +16,38 @@ from updetr_jax.data import augment, patches, planning, sources  # noqa: E402
 from data_helpers import assert_same, take  # noqa: E402
 
 # Good images (h, w) as lossless PNG unless noted; names exercise nesting and case.
-GOOD = {'a/img0.png': (40, 60), 'a/b/img1.PNG': (64, 48), 'img2.png': (50, 50),
-        'img3.png': (36, 80), 'c/img4.png': (70, 45), 'img5.png': (33, 41),
-        'img6.png': (48, 64), 'img7.png': (57, 39), 'img8.JPG': (45, 60),
-        'img9.jpeg': (60, 44), 'img10.bmp': (40, 52)}
-BAD = {'bad/corrupt.jpg': 'corrupt', 'bad/trunc.jpg': 'truncated',
-       'bad/tiny.png': 'too_small', 'bad/gray.png': 'grayscale', 'bad/cmyk.jpg': 'cmyk',
-       'bad/rgba.png': 'alpha'}
+GOOD = {
+  'a/img0.png': (40, 60),
+  'a/b/img1.PNG': (64, 48),
+  'img2.png': (50, 50),
+  'img3.png': (36, 80),
+  'c/img4.png': (70, 45),
+  'img5.png': (33, 41),
+  'img6.png': (48, 64),
+  'img7.png': (57, 39),
+  'img8.JPG': (45, 60),
+  'img9.jpeg': (60, 44),
+  'img10.bmp': (40, 52),
+}
+BAD = {
+  'bad/corrupt.jpg': 'corrupt',
+  'bad/trunc.jpg': 'truncated',
+  'bad/tiny.png': 'too_small',
+  'bad/gray.png': 'grayscale',
+  'bad/cmyk.jpg': 'cmyk',
+  'bad/rgba.png': 'alpha',
+}
 
 
 def _photo(h, w, seed):
   """Smooth random colour image (compresses like a photo)."""
   r = np.random.default_rng(seed)
   yy, xx = np.mgrid[0:h, 0:w] / 7.0
-  ch = [np.sin(xx * r.uniform(0.3, 1) + r.uniform(0, 6)) +
-        np.cos(yy * r.uniform(0.3, 1) + r.uniform(0, 6)) for _ in range(3)]
+  ch = [
+    np.sin(xx * r.uniform(0.3, 1) + r.uniform(0, 6))
+    + np.cos(yy * r.uniform(0.3, 1) + r.uniform(0, 6))
+    for _ in range(3)
+  ]
   img = np.stack(ch, -1) * 60 + 128 + r.normal(0, 8, (h, w, 3))
   return np.clip(img, 0, 255).astype(np.uint8)
 
@@ -52,7 +71,7 @@ def folder(tmp_path_factory):
   buf = io.BytesIO()
   Image.fromarray(_photo(60, 80, 99)).save(buf, 'JPEG', quality=90)
   with open(j(root, 'bad/trunc.jpg'), 'wb') as f:
-    f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+    f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
   _save(j(root, 'bad/tiny.png'), _photo(10, 10, 5))
   _save(j(root, 'bad/gray.png'), _photo(40, 50, 6)[..., 0])
   _save(j(root, 'bad/cmyk.jpg'), Image.fromarray(_photo(44, 58, 7)).convert('CMYK'), 'JPEG')
@@ -64,9 +83,18 @@ def folder(tmp_path_factory):
 
 
 def cfg_for(folder, **kw):
-  c = dict(source='folder', folder=folder, scales=(32, 40, 48), max_size=64, eval_scale=48,
-           buckets=((48, 64),), patch_size=16, index_cache_dir=None, prefetch=1,
-           num_parallel_calls=2)
+  c = dict(
+    source='folder',
+    folder=folder,
+    scales=(32, 40, 48),
+    max_size=64,
+    eval_scale=48,
+    buckets=((48, 64),),
+    patch_size=16,
+    index_cache_dir=None,
+    prefetch=1,
+    num_parallel_calls=2,
+  )
   c.update(kw)
   return c
 
@@ -78,12 +106,12 @@ def load_original(folder, index):
 
 # --- unit pieces -------------------------------------------------------------------------
 
+
 def test_resize_rule_and_release_buckets():
   assert data.resize_rule(375, 500, 480, 600) == (450, 600)
   assert data.resize_rule(500, 375, 320, 600) == (426, 320)
   assert data.resize_rule(300, 451, 128, 160) == (106, 159)
-  h, w = data.resize_rule(np.array([375, 500]), np.array([500, 375]), np.array([480, 320]),
-                          600)
+  h, w = data.resize_rule(np.array([375, 500]), np.array([500, 375]), np.array([480, 320]), 600)
   assert list(h) == [450, 426] and list(w) == [600, 320]
   shapes = data.bucket_shapes(data.default_data_config())
   assert len(shapes) <= 8 and (480, 608) in shapes and (608, 480) in shapes
@@ -106,7 +134,10 @@ def test_folder_listing_and_probe(folder):
     got = data.probe_image(open(os.path.join(folder, name), 'rb').read())[2]
     assert sources.STATUS_NAMES[got] == status, name
   assert data.probe_image(open(os.path.join(folder, 'img2.png'), 'rb').read())[:3] == (
-      50, 50, sources.OK)
+    50,
+    50,
+    sources.OK,
+  )
 
 
 def test_image_index_cache_roundtrip(folder, tmp_path):
@@ -147,15 +178,28 @@ def test_patch_sampling_bounds():
 def test_augment_ops():
   x = tf.random.stateless_uniform([3, 16, 16, 3], seed=[1, 2])
   flat = tf.fill([2, 16, 16, 3], 0.3)
-  np.testing.assert_allclose(augment.gaussian_blur(flat, tf.constant([0.5, 2.0]), 5), flat,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    augment.gaussian_blur(flat, tf.constant([0.5, 2.0]), 5), flat, atol=1e-6
+  )
   assert augment.blur_kernel_size(128) == 13 and augment.blur_kernel_size(224) == 23
-  y = augment.augment_patches(x, tf.constant([5, 6], tf.int64), jitter_prob=1.0,
-                              grayscale_prob=0.0, blur_prob=1.0, kernel_size=3)
+  y = augment.augment_patches(
+    x,
+    tf.constant([5, 6], tf.int64),
+    jitter_prob=1.0,
+    grayscale_prob=0.0,
+    blur_prob=1.0,
+    kernel_size=3,
+  )
   assert y.shape == x.shape and 0 <= float(tf.reduce_min(y)) and float(tf.reduce_max(y)) <= 1
   assert not np.allclose(y, x)
-  same = augment.augment_patches(x, tf.constant([5, 6], tf.int64), jitter_prob=0.0,
-                                 grayscale_prob=0.0, blur_prob=0.0, kernel_size=3)
+  same = augment.augment_patches(
+    x,
+    tf.constant([5, 6], tf.int64),
+    jitter_prob=0.0,
+    grayscale_prob=0.0,
+    blur_prob=0.0,
+    kernel_size=3,
+  )
   np.testing.assert_array_equal(same, x)
 
 
@@ -164,9 +208,13 @@ def test_tfrecord_index(tmp_path):
   payloads = [b'abc', b'', os.urandom(1000)]
   with tf.io.TFRecordWriter(path) as w:
     for p in payloads:
-      w.write(tf.train.Example(features=tf.train.Features(feature={
-          'image': tf.train.Feature(bytes_list=tf.train.BytesList(value=[p]))})
-      ).SerializeToString())
+      w.write(
+        tf.train.Example(
+          features=tf.train.Features(
+            feature={'image': tf.train.Feature(bytes_list=tf.train.BytesList(value=[p]))}
+          )
+        ).SerializeToString()
+      )
   idx = sources.TFRecordIndex([(path, 1, -1)])
   assert len(idx) == 2
   ex = tf.train.Example.FromString(idx.read(1))
@@ -175,13 +223,13 @@ def test_tfrecord_index(tmp_path):
 
 def test_config_errors(folder):
   with pytest.raises(ValueError, match='global_batch_size=6.*process_count=4'):
-    data.make_pretrain_dataset(cfg_for(folder), global_batch_size=6, num_patches=2,
-                               process_count=4)
+    data.make_pretrain_dataset(cfg_for(folder), global_batch_size=6, num_patches=2, process_count=4)
   with pytest.raises(ValueError, match='scale'):
     data.resolve_config({'scale': 3})
 
 
 # --- the pipeline ------------------------------------------------------------------------
+
 
 def test_train_batches_structure(folder):
   cfg = cfg_for(folder)
@@ -210,14 +258,14 @@ def test_train_batches_structure(folder):
       assert (rh, rw) in {data.resize_rule(h, w, s, 64) for s in (32, 40, 48)}
       assert (b['images'][i][~valid] == 0).all()
       # Boxes sit on the pixel grid of the original image.
-      np.testing.assert_allclose(t['boxes'][i, :, 2] * w, np.round(t['boxes'][i, :, 2] * w),
-                                 atol=1e-3)
+      np.testing.assert_allclose(
+        t['boxes'][i, :, 2] * w, np.round(t['boxes'][i, :, 2] * w), atol=1e-3
+      )
 
 
 def test_eval_patch_and_image_match_boxes(folder):
   cfg = cfg_for(folder)
-  it, stats = data.make_pretrain_dataset(cfg, global_batch_size=4, num_patches=3,
-                                         train=False)
+  it, stats = data.make_pretrain_dataset(cfg, global_batch_size=4, num_patches=3, train=False)
   batches = list(it)
   seen = []
   for b in batches:
@@ -236,8 +284,9 @@ def test_eval_patch_and_image_match_boxes(folder):
   # One pass: every usable image exactly once (11 good + 3 converted).
   assert sorted(seen) == sorted(np.flatnonzero(it.source.index.usable).tolist())
   d = stats.as_dict()
-  assert {k: d[k] for k in ('corrupt', 'truncated', 'too_small', 'grayscale', 'cmyk',
-                            'alpha')} == dict.fromkeys(BAD.values(), 1)
+  assert {
+    k: d[k] for k in ('corrupt', 'truncated', 'too_small', 'grayscale', 'cmyk', 'alpha')
+  } == dict.fromkeys(BAD.values(), 1)
   assert d['epochs'] == 1 and d['examples'] == 14 and 'corrupt 1' in stats.report()
 
 
@@ -257,25 +306,30 @@ def test_determinism_resume_and_host_sharding(folder):
   for a, b in zip(ref[k:], resumed):
     assert_same(a, b)
   # Two hosts: concatenating host 0 and host 1 rows gives the single-host batch.
-  hosts = [take(data.make_pretrain_dataset(cfg, seed=3, process_index=p, process_count=2,
-                                           **kw)[0], 3) for p in range(2)]
+  hosts = [
+    take(data.make_pretrain_dataset(cfg, seed=3, process_index=p, process_count=2, **kw)[0], 3)
+    for p in range(2)
+  ]
   for j in range(3):
     assert hosts[0][j]['images'].shape[0] == 2
-    cat = {k: np.concatenate([hosts[0][j][k], hosts[1][j][k]])
-           for k in ('images', 'padding_mask', 'patches', 'valid', 'index')}
-    cat['targets'] = {k: np.concatenate([hosts[0][j]['targets'][k],
-                                         hosts[1][j]['targets'][k]])
-                      for k in ('boxes', 'labels', 'mask')}
+    cat = {
+      k: np.concatenate([hosts[0][j][k], hosts[1][j][k]])
+      for k in ('images', 'padding_mask', 'patches', 'valid', 'index')
+    }
+    cat['targets'] = {
+      k: np.concatenate([hosts[0][j]['targets'][k], hosts[1][j]['targets'][k]])
+      for k in ('boxes', 'labels', 'mask')
+    }
     assert_same(cat, ref[j])
 
 
 def test_file_broken_after_indexing_is_replaced_and_counted(folder, tmp_path):
   import shutil
+
   root = str(tmp_path / 'copy')
   shutil.copytree(folder, root)
   cfg = cfg_for(root, shuffle=False)
-  it, stats = data.make_pretrain_dataset(cfg, global_batch_size=2, num_patches=2,
-                                         train=False)
+  it, stats = data.make_pretrain_dataset(cfg, global_batch_size=2, num_patches=2, train=False)
   victim = data.list_image_files(root).index(os.path.join(root, 'img2.png'))
   with open(os.path.join(root, 'img2.png'), 'wb') as f:  # valid header, then garbage
     f.write(open(os.path.join(folder, 'img2.png'), 'rb').read()[:60] + b'\0' * 500)

@@ -1,4 +1,5 @@
 """Detection (fine-tuning) input pipeline: targets, augmentation geometry, determinism."""
+
 import json
 import os
 
@@ -7,6 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import importorskip  # fails instead of skipping under CI=true
+
 tf = importorskip('tensorflow')
 
 from updetr_jax import data  # noqa: E402
@@ -16,14 +18,21 @@ from data_helpers import assert_same, take  # noqa: E402
 DARK, BRIGHT = 20, 230
 # image id -> (h, w, [(category, xywh, iscrowd)]); boxes are drawn BRIGHT unless crowd.
 IMAGES = {
-    3: (60, 80, [(1, (10, 15, 30, 20), 0), (1, (0, 0, 20, 20), 1),   # crowd: dropped
-                 (2, (50, 10, 0, 10), 0)]),                           # empty: dropped
-    7: (80, 60, [(3, (5, 30, 20, 25), 0), (2, (40, 60, 40, 40), 0)]),  # crosses border
-    11: (64, 64, []),                                                 # no annotations
-    25: (50, 70, [(5, (20, 10, 25, 25), 0)]),
-    30: (70, 50, [(1, (8, 8, 20, 30), 0), (3, (30, 40, 15, 20), 0)]),
-    31: (56, 72, [(2, (40, 5, 25, 40), 0)]),
-    32: (66, 66, [(5, (2, 2, 30, 30), 0), (1, (40, 40, 20, 20), 0)]),
+  3: (
+    60,
+    80,
+    [
+      (1, (10, 15, 30, 20), 0),
+      (1, (0, 0, 20, 20), 1),  # crowd: dropped
+      (2, (50, 10, 0, 10), 0),
+    ],
+  ),  # empty: dropped
+  7: (80, 60, [(3, (5, 30, 20, 25), 0), (2, (40, 60, 40, 40), 0)]),  # crosses border
+  11: (64, 64, []),  # no annotations
+  25: (50, 70, [(5, (20, 10, 25, 25), 0)]),
+  30: (70, 50, [(1, (8, 8, 20, 30), 0), (3, (30, 40, 15, 20), 0)]),
+  31: (56, 72, [(2, (40, 5, 25, 40), 0)]),
+  32: (66, 66, [(5, (2, 2, 30, 30), 0), (1, (40, 40, 20, 20), 0)]),
 }
 CORRUPT_ID = 20
 CATS = (1, 2, 3, 5)
@@ -33,7 +42,7 @@ def _draw(h, w, anns):
   img = np.full((h, w, 3), DARK, np.uint8)
   for _, (x, y, bw, bh), crowd in anns:
     if not crowd and bw > 0 and bh > 0:
-      img[int(y):int(y + bh), int(x):int(x + bw)] = BRIGHT
+      img[int(y) : int(y + bh), int(x) : int(x + bw)] = BRIGHT
   return img
 
 
@@ -41,16 +50,18 @@ def _draw(h, w, anns):
 def coco(tmp_path_factory):
   root = str(tmp_path_factory.mktemp('coco'))
   os.makedirs(os.path.join(root, 'img'))
-  js = dict(images=[], annotations=[],
-            categories=[dict(id=c, name=f'c{c}') for c in CATS])
+  js = dict(images=[], annotations=[], categories=[dict(id=c, name=f'c{c}') for c in CATS])
   aid = 1
   for iid, (h, w, anns) in IMAGES.items():
     name = f'{iid:04d}.jpg'
     Image.fromarray(_draw(h, w, anns)).save(os.path.join(root, 'img', name), quality=95)
     js['images'].append(dict(id=iid, file_name=name, height=h, width=w))
     for c, box, crowd in anns:
-      js['annotations'].append(dict(id=aid, image_id=iid, category_id=c, bbox=list(box),
-                                    area=box[2] * box[3], iscrowd=crowd))
+      js['annotations'].append(
+        dict(
+          id=aid, image_id=iid, category_id=c, bbox=list(box), area=box[2] * box[3], iscrowd=crowd
+        )
+      )
       aid += 1
   js['images'].append(dict(id=CORRUPT_ID, file_name='bad.jpg', height=40, width=40))
   with open(os.path.join(root, 'img', 'bad.jpg'), 'wb') as f:
@@ -63,10 +74,21 @@ def coco(tmp_path_factory):
 
 def cfg_for(coco, **kw):
   ann, img = coco
-  c = dict(source='coco_json', ann_file=ann, image_dir=img, eval_ann_file='',
-           scales=(32, 40, 48), max_size=64, eval_scale=48, crop_resize_scales=(48, 56),
-           crop_size=(24, 40), buckets=((48, 64),), index_cache_dir=None, prefetch=1,
-           num_parallel_calls=2)
+  c = dict(
+    source='coco_json',
+    ann_file=ann,
+    image_dir=img,
+    eval_ann_file='',
+    scales=(32, 40, 48),
+    max_size=64,
+    eval_scale=48,
+    crop_resize_scales=(48, 56),
+    crop_size=(24, 40),
+    buckets=((48, 64),),
+    index_cache_dir=None,
+    prefetch=1,
+    num_parallel_calls=2,
+  )
   c.update(kw)
   return c
 
@@ -135,6 +157,7 @@ def check_pixels(b, i):
 
 # --- units -------------------------------------------------------------------------------
 
+
 def test_label_map():
   coco_ids = sorted(detection.COCO_CATEGORIES)
   m = detection.label_map(coco_ids)
@@ -161,16 +184,26 @@ def test_transform_boxes_flip_and_crop():
 
 
 def test_tfds_example_conversion():
-  coco_ex = {'image/id': 42, 'objects': {
+  coco_ex = {
+    'image/id': 42,
+    'objects': {
       'bbox': np.array([[0.1, 0.2, 0.5, 0.6], [0, 0, 1, 1]], np.float32),
-      'label': np.array([0, 79]), 'is_crowd': np.array([False, True])}}
+      'label': np.array([0, 79]),
+      'is_crowd': np.array([False, True]),
+    },
+  }
   iid, xywh, lab, crowd, diff = detection.tfds_per_image(coco_ex, 'coco', 100, 200)
   assert iid == 42 and diff is None and crowd.tolist() == [False, True]
   np.testing.assert_allclose(xywh[0], [40, 10, 80, 40], atol=1e-4)
   assert lab.tolist() == [1, 90]  # person, toothbrush: COCO category ids
-  voc_ex = {'image/filename': b'2008_000123.jpg', 'objects': {
+  voc_ex = {
+    'image/filename': b'2008_000123.jpg',
+    'objects': {
       'bbox': np.array([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]], np.float32),
-      'label': np.array([14, 7]), 'is_difficult': np.array([False, True])}}
+      'label': np.array([14, 7]),
+      'is_difficult': np.array([False, True]),
+    },
+  }
   e = detection.tfds_per_image(voc_ex, 'voc', 50, 80)
   assert e[0] == 2008000123 and e[2].tolist() == [14, 7]
   ann = detection.build_annotations([e], [50], [80])
@@ -192,6 +225,7 @@ def test_concat_source(coco):
 
 
 # --- the pipeline ------------------------------------------------------------------------
+
 
 def test_eval_targets_once_each(coco):
   cfg = cfg_for(coco)
@@ -236,17 +270,20 @@ def test_train_augmentation_keeps_boxes_on_objects(coco, hflip, crop):
 
 def test_flip_mirrors_image_and_boxes(coco):
   kw = dict(global_batch_size=2, seed=5)
-  plain = take(data.make_detection_dataset(cfg_for(coco, hflip_prob=0.0, crop_prob=0.0),
-                                           **kw)[0], 3)
-  flipped = take(data.make_detection_dataset(cfg_for(coco, hflip_prob=1.0, crop_prob=0.0),
-                                             **kw)[0], 3)
+  plain = take(
+    data.make_detection_dataset(cfg_for(coco, hflip_prob=0.0, crop_prob=0.0), **kw)[0], 3
+  )
+  flipped = take(
+    data.make_detection_dataset(cfg_for(coco, hflip_prob=1.0, crop_prob=0.0), **kw)[0], 3
+  )
   for a, b in zip(plain, flipped):
     np.testing.assert_array_equal(a['image_id'], b['image_id'])
     for i in range(2):
       rh, rw = unpadded(a, i)
       assert unpadded(b, i) == (rh, rw)
-      np.testing.assert_allclose(b['images'][i, :rh, :rw], a['images'][i, :rh, ::-1][:, -rw:],
-                                 atol=1e-4)
+      np.testing.assert_allclose(
+        b['images'][i, :rh, :rw], a['images'][i, :rh, ::-1][:, -rw:], atol=1e-4
+      )
       ta, tb = a['targets'], b['targets']
       np.testing.assert_array_equal(ta['mask'][i], tb['mask'][i])
       k = int(ta['mask'][i].sum())
@@ -269,7 +306,8 @@ def test_crop_sizes_and_truncation(coco):
     n += 1
   assert stats.as_dict()['batches'] == n
   eval_it, eval_stats, _ = data.make_detection_dataset(
-      cfg_for(coco, max_targets=1), global_batch_size=2, train=False)
+    cfg_for(coco, max_targets=1), global_batch_size=2, train=False
+  )
   list(eval_it)
   assert eval_stats.as_dict()['targets_truncated'] == 3  # images 7, 30 and 32
 
@@ -281,21 +319,28 @@ def test_determinism_resume_and_host_sharding(coco):
   ref = take(ref_it, 6)
   assert ref_stats.as_dict()['epochs'] >= 2  # crosses an epoch boundary
   other = take(data.make_detection_dataset(cfg, seed=4, **kw)[0], 3)
-  assert any(not np.array_equal(a['image_id'], b['image_id']) or
-             a['images'].shape != b['images'].shape for a, b in zip(other, ref))
+  assert any(
+    not np.array_equal(a['image_id'], b['image_id']) or a['images'].shape != b['images'].shape
+    for a, b in zip(other, ref)
+  )
   k = len(ref_it.plan(0)) + 1
   resumed = take(data.make_detection_dataset(cfg, seed=3, start_step=k, **kw)[0], 6 - k)
   for a, b in zip(ref[k:], resumed):
     assert_same(a, b)
-  hosts = [take(data.make_detection_dataset(cfg, seed=3, process_index=p, process_count=2,
-                                            **kw)[0], 3) for p in range(2)]
+  hosts = [
+    take(data.make_detection_dataset(cfg, seed=3, process_index=p, process_count=2, **kw)[0], 3)
+    for p in range(2)
+  ]
   for j in range(3):
     assert hosts[0][j]['images'].shape[0] == 1
-    cat = {k: np.concatenate([hosts[0][j][k], hosts[1][j][k]])
-           for k in ('images', 'padding_mask', 'valid', 'image_id', 'orig_size')}
-    cat['targets'] = {k: np.concatenate([hosts[0][j]['targets'][k],
-                                         hosts[1][j]['targets'][k]])
-                      for k in ('labels', 'boxes', 'mask')}
+    cat = {
+      k: np.concatenate([hosts[0][j][k], hosts[1][j][k]])
+      for k in ('images', 'padding_mask', 'valid', 'image_id', 'orig_size')
+    }
+    cat['targets'] = {
+      k: np.concatenate([hosts[0][j]['targets'][k], hosts[1][j]['targets'][k]])
+      for k in ('labels', 'boxes', 'mask')
+    }
     assert_same(cat, ref[j])
 
 
@@ -303,8 +348,7 @@ def test_config_errors(coco):
   with pytest.raises(ValueError, match='unknown data config'):
     data.make_detection_dataset(cfg_for(coco, patch_size=3), global_batch_size=2)
   with pytest.raises(FileNotFoundError):
-    data.make_detection_dataset(cfg_for(coco, ann_file='/nonexistent.json'),
-                                global_batch_size=2)
+    data.make_detection_dataset(cfg_for(coco, ann_file='/nonexistent.json'), global_batch_size=2)
   c = data.detection_data_config()
   assert c.max_size == 1333 and c.eval_scale == 800 and tuple(c.scales)[::10] == (480, 800)
   shapes = data.detection_bucket_shapes(c)

@@ -1,6 +1,7 @@
 """Evaluation: pre-training patch metrics on hand-made logits; detection
 post-processing, batch-independent inference, COCO AP through pycocotools, VOC07 AP50
 on hand-computed cases, the predict CLI end to end."""
+
 import contextlib
 import io
 import json
@@ -19,17 +20,30 @@ from updetr_jax import build_model, checkpoints, evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TINY = dict(backbone='resnet_tiny', hidden_dim=32, nheads=2, enc_layers=1, dec_layers=1,
-            dim_feedforward=64, num_queries=10, num_classes=5, pre_norm=False, aux_loss=False,
-            position_embedding='sine', dilation=False, dropout=0.0)
+TINY = dict(
+  backbone='resnet_tiny',
+  hidden_dim=32,
+  nheads=2,
+  enc_layers=1,
+  dec_layers=1,
+  dim_feedforward=64,
+  num_queries=10,
+  num_classes=5,
+  pre_norm=False,
+  aux_loss=False,
+  position_embedding='sine',
+  dilation=False,
+  dropout=0.0,
+)
 SIZES = [(70, 90), (100, 64), (64, 64)]  # resized images; the originals are 2x
 
 
 @pytest.fixture(scope='module')
 def tiny():
   model = build_model(TINY)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)),
-                                  jnp.zeros((1, 64, 64), bool))
+  variables = jax.jit(model.init)(
+    jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool)
+  )
   return model, variables, evaluate.make_detect_fn(model)
 
 
@@ -49,12 +63,26 @@ def test_patch_group_top_scores_class_1_and_its_iou():
   # object; M=2 patches -> groups of queries (0, 1, 2) and (3, 4, 5). Queries 0 and 4
   # are the most confident of their group in class 0 but not in class 1: they must
   # lose to queries 1 and 5 (the groups' most confident class-1 queries).
-  logits = [[5.0, 1.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 3.0],
-            [0.0, 0.0, 0.0], [4.0, 0.0, 0.0], [0.0, 3.0, 1.0]]
-  boxes = [[0.1, 0.1, 0.1, 0.1], [0.6, 0.5, 0.4, 0.4], [0.9, 0.9, 0.1, 0.1],
-           [0.7, 0.7, 0.2, 0.2], [0.8, 0.2, 0.1, 0.1], [0.25, 0.25, 0.1, 0.2]]
-  outputs = {'pred_logits': jnp.array([logits], jnp.float32),
-             'pred_boxes': jnp.array([boxes], jnp.float32)}
+  logits = [
+    [5.0, 1.0, 0.0],
+    [0.0, 2.0, 0.0],
+    [0.0, 0.0, 3.0],
+    [0.0, 0.0, 0.0],
+    [4.0, 0.0, 0.0],
+    [0.0, 3.0, 1.0],
+  ]
+  boxes = [
+    [0.1, 0.1, 0.1, 0.1],
+    [0.6, 0.5, 0.4, 0.4],
+    [0.9, 0.9, 0.1, 0.1],
+    [0.7, 0.7, 0.2, 0.2],
+    [0.8, 0.2, 0.1, 0.1],
+    [0.25, 0.25, 0.1, 0.2],
+  ]
+  outputs = {
+    'pred_logits': jnp.array([logits], jnp.float32),
+    'pred_boxes': jnp.array([boxes], jnp.float32),
+  }
   picked, scores = evaluate.patch_predictions(outputs, num_patches=2)
   np.testing.assert_allclose(picked[0], [boxes[1], boxes[5]], atol=1e-7)
   p1 = [_softmax(row)[1] for row in logits]
@@ -62,10 +90,11 @@ def test_patch_group_top_scores_class_1_and_its_iou():
   assert _softmax(logits[0])[0] > _softmax(logits[1])[0]  # class 0 would pick query 0
   np.testing.assert_allclose(scores[0], [p1[1], p1[5]], rtol=1e-6)
 
-  targets = {'labels': jnp.ones((1, 2), jnp.int32),
-             'boxes': jnp.array([[[0.5, 0.5, 0.4, 0.4], [0.25, 0.25, 0.2, 0.2]]],
-                                jnp.float32),
-             'mask': jnp.ones((1, 2), bool)}
+  targets = {
+    'labels': jnp.ones((1, 2), jnp.int32),
+    'boxes': jnp.array([[[0.5, 0.5, 0.4, 0.4], [0.25, 0.25, 0.2, 0.2]]], jnp.float32),
+    'mask': jnp.ones((1, 2), bool),
+  }
   iou = evaluate.patch_iou(outputs, targets, num_patches=2)['group_top']
   # Patch 0: target xyxy (.3, .3, .7, .7), query 1 (.4, .3, .8, .7): intersection
   # .3 * .4 = .12, union .16 + .16 - .12 = .20 -> .6 (query 0 would give 0).
@@ -82,8 +111,11 @@ def test_patch_diagnostics_group_best_and_own_group():
   far = [0.9, 0.9, 0.1, 0.1]
   boxes = [t1, [0.4, 0.4, 0.2, 0.2], far, t0]
   outputs = {'pred_logits': jnp.zeros((1, 4, 3)), 'pred_boxes': jnp.array([boxes])}
-  targets = {'labels': jnp.ones((1, 2), jnp.int32), 'boxes': jnp.array([[t0, t1]]),
-             'mask': jnp.array([[True, True]])}
+  targets = {
+    'labels': jnp.ones((1, 2), jnp.int32),
+    'boxes': jnp.array([[t0, t1]]),
+    'mask': jnp.array([[True, True]]),
+  }
   ious = evaluate.patch_iou(outputs, targets, num_patches=2)
   np.testing.assert_allclose(ious['matched'], [[1.0, 1.0]], atol=1e-6)
   # query 1 (.3, .3, .5, .5) inside patch 0's (.3, .3, .7, .7): .04 / .16
@@ -107,8 +139,7 @@ def test_postprocess_matches_numpy():
   np.testing.assert_array_equal(labels, p.argmax(-1))
   h, w = size[:, 0, None], size[:, 1, None]
   cx, cy, bw, bh = np.moveaxis(boxes, -1, 0)
-  want = np.stack([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w,
-                   (cy + bh / 2) * h], -1)
+  want = np.stack([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h], -1)
   np.testing.assert_allclose(xyxy, want, rtol=1e-5, atol=1e-4)
 
 
@@ -146,10 +177,10 @@ def test_detections_do_not_depend_on_the_batch(tiny, images):
   model, variables, detect = tiny
   orig = np.array(SIZES) * 2
   canvases = [(128, 128)]
-  one = evaluate.detect_images(detect, variables, images, orig, batch_size=1,
-                               canvases=canvases)
-  rev = evaluate.detect_images(detect, variables, images[::-1], orig[::-1], batch_size=3,
-                               canvases=canvases)
+  one = evaluate.detect_images(detect, variables, images, orig, batch_size=1, canvases=canvases)
+  rev = evaluate.detect_images(
+    detect, variables, images[::-1], orig[::-1], batch_size=3, canvases=canvases
+  )
   many = {k: v[::-1] for k, v in rev.items()}
   np.testing.assert_allclose(one['boxes'], many['boxes'], atol=1e-3)  # pixels
   np.testing.assert_allclose(one['scores'], many['scores'], atol=1e-5)
@@ -168,17 +199,18 @@ def test_release_style_padding_changes_outputs(tiny, images):
   ims, orig = images[:2], np.array(SIZES[:2]) * 2
   alone = evaluate.detect_images(detect, variables, ims, orig, multiple=1)
   batch_max = tuple(np.max([im.shape[:2] for im in ims], 0))  # (100, 90)
-  padded = evaluate.detect_images(detect, variables, ims, orig, batch_size=2,
-                                  canvases=[batch_max])
+  padded = evaluate.detect_images(detect, variables, ims, orig, batch_size=2, canvases=[batch_max])
   diff = np.abs(alone['boxes'] - padded['boxes']).max(axis=(1, 2))
   assert diff.max() > 1e-2, diff  # pixels of a 200x180 / 140x128 image
 
 
 def _gt_three_images():
   sizes = [(200, 300), (240, 320), (180, 180)]
-  boxes = [np.array([[10, 20, 110, 140], [150, 30, 290, 190]]),
-           np.array([[5, 5, 25, 30], [100, 100, 300, 230], [40, 150, 120, 220]]),
-           np.array([[30, 30, 150, 170]])]
+  boxes = [
+    np.array([[10, 20, 110, 140], [150, 30, 290, 190]]),
+    np.array([[5, 5, 25, 30], [100, 100, 300, 230], [40, 150, 120, 220]]),
+    np.array([[30, 30, 150, 170]]),
+  ]
   cats = [np.array([1, 3]), np.array([3, 7, 1]), np.array([7])]
   return sizes, boxes, cats
 
@@ -202,10 +234,10 @@ def _detections_for(boxes, cats, shift=0.0, n=10, seed=0):
 
 def test_coco_evaluator_equals_pycocotools_on_its_json(tmp_path):
   from pycocotools.cocoeval import COCOeval
+
   sizes, boxes, cats = _gt_three_images()
   ids = [5, 9, 42]
-  gt = evaluate.coco_gt_from_arrays(ids, sizes, boxes, cats,
-                                    categories={1: 'a', 3: 'b', 7: 'c'})
+  gt = evaluate.coco_gt_from_arrays(ids, sizes, boxes, cats, categories={1: 'a', 3: 'b', 7: 'c'})
   results = {}
   for shift in (0.0, 12.0):
     ev = evaluate.CocoEvaluator(label_to_category=[1, 3, 7])
@@ -259,15 +291,20 @@ def _box(x, y, s=10):
 
 def test_voc07_ap50_hand_computed():
   dets = [
-      {'boxes': [_box(0, 0), _box(50, 50), _box(0, 0), _box(20, 20)],  # image 0, class 0
-       'scores': [0.9, 0.8, 0.75, 0.7], 'labels': [0, 0, 0, 0]},
-      {'boxes': [_box(0, 0), _box(1, 1), _box(40, 40), _box(20, 20), _box(60, 60),
-                 _box(70, 70)],
-       'scores': [0.95, 0.93, 0.9, 0.8, 0.1, 0.5], 'labels': [1, 1, 1, 1, 0, 2]},
+    {
+      'boxes': [_box(0, 0), _box(50, 50), _box(0, 0), _box(20, 20)],  # image 0, class 0
+      'scores': [0.9, 0.8, 0.75, 0.7],
+      'labels': [0, 0, 0, 0],
+    },
+    {
+      'boxes': [_box(0, 0), _box(1, 1), _box(40, 40), _box(20, 20), _box(60, 60), _box(70, 70)],
+      'scores': [0.95, 0.93, 0.9, 0.8, 0.1, 0.5],
+      'labels': [1, 1, 1, 1, 0, 2],
+    },
   ]
   gt = [
-      {'boxes': [_box(0, 0), _box(20, 20)], 'labels': [0, 0]},
-      {'boxes': [_box(0, 0), _box(20, 20)], 'labels': [1, 1], 'difficult': [True, False]},
+    {'boxes': [_box(0, 0), _box(20, 20)], 'labels': [0, 0]},
+    {'boxes': [_box(0, 0), _box(20, 20)], 'labels': [1, 1], 'difficult': [True, False]},
   ]
   out = evaluate.voc07_ap50(dets, gt, num_classes=3)
   # class 0: TP .9, FP .8, duplicate FP .75, TP .7, FP .1 (no class-0 box in image 1);
@@ -284,8 +321,13 @@ def test_voc07_11_point_interpolation():
   # 10 boxes, 3 found first then 2 misses: recall reaches exactly 0.3 -> thresholds
   # 0, .1, .2, .3 have precision 1 (t = i / 10 exactly) -> 4 / 11
   gts = [{'boxes': [_box(20 * i, 0) for i in range(10)], 'labels': [0] * 10}]
-  dets = [{'boxes': [_box(0, 0), _box(20, 0), _box(40, 0), _box(0, 100), _box(0, 200)],
-           'scores': [0.9, 0.8, 0.7, 0.6, 0.5], 'labels': [0] * 5}]
+  dets = [
+    {
+      'boxes': [_box(0, 0), _box(20, 0), _box(40, 0), _box(0, 100), _box(0, 200)],
+      'scores': [0.9, 0.8, 0.7, 0.6, 0.5],
+      'labels': [0] * 5,
+    }
+  ]
   assert evaluate.voc07_ap50(dets, gts, 1)['per_class'][0] == pytest.approx(4 / 11)
   # IoU must exceed 0.5: IoU exactly 0.5 is a miss, IoU 0.6 a hit
   half = [{'boxes': [[0, 0, 10, 5]], 'scores': [1.0], 'labels': [0]}]
@@ -299,6 +341,7 @@ def test_voc07_11_point_interpolation():
 
 def test_predict_refuses_a_training_workdir(tmp_path, tiny):
   from updetr_jax import predict
+
   os.makedirs(tmp_path / 'checkpoints' / '100')
   with pytest.raises(ValueError, match='training workdir'):
     predict.load_model_variables(tiny[0], TINY, str(tmp_path))
@@ -314,25 +357,44 @@ def test_predict_cli_end_to_end(tmp_path, tiny):
     Image.fromarray(rng.integers(0, 255, (h, w, 3), np.uint8)).save(paths[-1])
   out = tmp_path / 'out'
   overrides = [f'--config.model.{k}={v}' for k, v in TINY.items()]
-  cmd = [sys.executable, '-m', 'updetr_jax.predict', f'--checkpoint={tmp_path / "ckpt"}',
-         '--config=configs/finetune_coco.py', *overrides, f'--output={out}',
-         '--threshold=0.0', '--class_names=coco', '--scale=64', '--max_size=96', *paths]
+  cmd = [
+    sys.executable,
+    '-m',
+    'updetr_jax.predict',
+    f'--checkpoint={tmp_path / "ckpt"}',
+    '--config=configs/finetune_coco.py',
+    *overrides,
+    f'--output={out}',
+    '--threshold=0.0',
+    '--class_names=coco',
+    '--scale=64',
+    '--max_size=96',
+    *paths,
+  ]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert os.path.getsize(out / 'a.png') > 0 and os.path.getsize(out / 'b.png') > 0
   records = json.load(open(out / 'detections.json'))
   assert len(records) == 2 * TINY['num_queries']
   assert {r['file_name'] for r in records} == {'a.png', 'b.png'}
-  assert set(records[0]) == {'file_name', 'image_id', 'category_id', 'category_name', 'bbox',
-                             'score'}
+  assert set(records[0]) == {
+    'file_name',
+    'image_id',
+    'category_id',
+    'category_name',
+    'bbox',
+    'score',
+  }
   # the same numbers as the model run here on the same preprocessing (weights round trip)
   from updetr_jax import predict
+
   for i, path in enumerate(paths):
     image = predict.load_image(path)
     x = predict.preprocess(image, 64, 96)
     assert x.shape[:2] == [(64, 85), (95, 53)][i]  # DETR's rule: short 64, long <= 96
-    s, l, b = detect(variables, x[None], np.zeros((1,) + x.shape[:2], bool),
-                     np.array([image.shape[:2]]))
+    s, l, b = detect(
+      variables, x[None], np.zeros((1,) + x.shape[:2], bool), np.array([image.shape[:2]])
+    )
     mine = [r for r in records if r['image_id'] == i]
     np.testing.assert_allclose([r['score'] for r in mine], s[0], rtol=1e-4)
     np.testing.assert_array_equal([r['category_id'] for r in mine], l[0])

@@ -1,5 +1,6 @@
 """Workdir files behave the same on a local disk and on a remote filesystem (TF's
 in-memory ram:// stands in for gs://)."""
+
 import os
 
 import matplotlib.pyplot as plt

@@ -1,6 +1,7 @@
 """DETR fine-tuning end to end on a tiny COCO-format set made here: training, pycocotools
 AP equal to pycocotools on the written json, batch-size-invariant evaluation, best and
 last checkpoints, predictions from the workdir."""
+
 import contextlib
 import io
 import json
@@ -29,8 +30,11 @@ def _make_set(root: str, n: int = 10, seed: int = 0):
   rng = np.random.default_rng(seed)
   image_dir = os.path.join(root, 'images')
   os.makedirs(image_dir, exist_ok=True)
-  coco = {'images': [], 'annotations': [],
-          'categories': [{'id': c, 'name': n_} for c, n_ in CATEGORIES.items()]}
+  coco = {
+    'images': [],
+    'annotations': [],
+    'categories': [{'id': c, 'name': n_} for c, n_ in CATEGORIES.items()],
+  }
   sizes = [(60, 80), (80, 60), (48, 96)]
   for i in range(n):
     h, w = sizes[i % len(sizes)]
@@ -40,17 +44,38 @@ def _make_set(root: str, n: int = 10, seed: int = 0):
       c = int(rng.choice(list(CATEGORIES)))
       bw, bh = int(rng.integers(w // 4, w // 2)), int(rng.integers(h // 4, h // 2))
       x, y = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
-      img[y:y + bh, x:x + bw] = COLOURS[c]
-      coco['annotations'].append({'id': len(coco['annotations']) + 1, 'image_id': iid,
-                                  'category_id': c, 'bbox': [x, y, bw, bh],
-                                  'area': bw * bh, 'iscrowd': 0})
+      img[y : y + bh, x : x + bw] = COLOURS[c]
+      coco['annotations'].append(
+        {
+          'id': len(coco['annotations']) + 1,
+          'image_id': iid,
+          'category_id': c,
+          'bbox': [x, y, bw, bh],
+          'area': bw * bh,
+          'iscrowd': 0,
+        }
+      )
     if i == 3:  # a crowd region and an empty box: dropped from training, kept in the json
-      coco['annotations'].append({'id': len(coco['annotations']) + 1, 'image_id': iid,
-                                  'category_id': 4, 'bbox': [0, 0, 10, 10], 'area': 100,
-                                  'iscrowd': 1})
-      coco['annotations'].append({'id': len(coco['annotations']) + 1, 'image_id': iid,
-                                  'category_id': 9, 'bbox': [5, 5, 0, 4], 'area': 0,
-                                  'iscrowd': 0})
+      coco['annotations'].append(
+        {
+          'id': len(coco['annotations']) + 1,
+          'image_id': iid,
+          'category_id': 4,
+          'bbox': [0, 0, 10, 10],
+          'area': 100,
+          'iscrowd': 1,
+        }
+      )
+      coco['annotations'].append(
+        {
+          'id': len(coco['annotations']) + 1,
+          'image_id': iid,
+          'category_id': 9,
+          'bbox': [5, 5, 0, 4],
+          'area': 0,
+          'iscrowd': 0,
+        }
+      )
     name = f'{iid}.png'
     Image.fromarray(img).save(os.path.join(image_dir, name))
     coco['images'].append({'id': iid, 'file_name': name, 'height': h, 'width': w})
@@ -62,14 +87,33 @@ def _make_set(root: str, n: int = 10, seed: int = 0):
 
 def tiny_finetune_config(ann_file, image_dir):
   config = finetune_coco.get_config('150ep')
-  config.model.update(backbone='resnet_tiny', hidden_dim=32, nheads=2, enc_layers=1,
-                      dec_layers=2, dim_feedforward=64, num_queries=10, num_classes=-1,
-                      dropout=0.0)
-  config.data.update(ann_file=ann_file, image_dir=image_dir, eval_ann_file='',
-                     scales=(40, 48), max_size=64, eval_scale=48, crop_resize_scales=(48,),
-                     crop_size=(32, 48), buckets=((48, 64), (48, 96)), max_targets=8,
-                     index_cache_dir=None, cache_decoded=True, prefetch=1,
-                     num_parallel_calls=2)
+  config.model.update(
+    backbone='resnet_tiny',
+    hidden_dim=32,
+    nheads=2,
+    enc_layers=1,
+    dec_layers=2,
+    dim_feedforward=64,
+    num_queries=10,
+    num_classes=-1,
+    dropout=0.0,
+  )
+  config.data.update(
+    ann_file=ann_file,
+    image_dir=image_dir,
+    eval_ann_file='',
+    scales=(40, 48),
+    max_size=64,
+    eval_scale=48,
+    crop_resize_scales=(48,),
+    crop_size=(32, 48),
+    buckets=((48, 64), (48, 96)),
+    max_targets=8,
+    index_cache_dir=None,
+    cache_decoded=True,
+    prefetch=1,
+    num_parallel_calls=2,
+  )
   config.batch_size = 4
   config.loss_replicas = 1
   config.num_train_steps = 8
@@ -94,6 +138,7 @@ def trained(tmp_path_factory):
 def _pycocotools_direct(ann_file, results_file):
   from pycocotools.coco import COCO
   from pycocotools.cocoeval import COCOeval
+
   with contextlib.redirect_stdout(io.StringIO()):
     gt = COCO(ann_file)
     ev = COCOeval(gt, gt.loadRes(results_file), 'bbox')
@@ -150,13 +195,16 @@ def test_eval_batch_1_equals_batch_8(trained):
     task = detection_task.DetectionTask(config, sharding)
     metrics = task.evaluate(model, variables, 0, os.path.join(workdir, f'eval_bs{bs}'))
     results = json.load(open(os.path.join(workdir, f'eval_bs{bs}', 'eval', 'detections.json')))
-    out[bs] = metrics, sorted((r['image_id'], r['bbox'], r['score'], r['category_id'])
-                              for r in results)
+    out[bs] = (
+      metrics,
+      sorted((r['image_id'], r['bbox'], r['score'], r['category_id']) for r in results),
+    )
   assert out[1][0] == out[8][0]
   a, b = out[1][1], out[8][1]
   assert [r[0] for r in a] == [r[0] for r in b]
-  np.testing.assert_allclose([r[1] + [r[2]] for r in a], [r[1] + [r[2]] for r in b],
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    [r[1] + [r[2]] for r in a], [r[1] + [r[2]] for r in b], rtol=1e-5, atol=1e-5
+  )
 
 
 def test_resume_keeps_going_and_refuses_nothing(trained):
@@ -191,11 +239,24 @@ def test_predict_cli_on_the_workdir(trained, tmp_path):
   files = sorted(os.path.join(image_dir, f) for f in os.listdir(image_dir))[:2]
   out = str(tmp_path / 'pred')
   proc = subprocess.run(
-      [sys.executable, '-m', 'updetr_jax.predict', f'--workdir={workdir}', f'--output={out}',
-       '--threshold=0.0', '--class_names=none', *files],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      '-m',
+      'updetr_jax.predict',
+      f'--workdir={workdir}',
+      f'--output={out}',
+      '--threshold=0.0',
+      '--class_names=none',
+      *files,
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   records = json.load(open(os.path.join(out, 'detections.json')))
   assert len(records) == 2 * 10
   assert sorted(os.listdir(out)) == sorted(
-      ['detections.json'] + [os.path.basename(f)[:-4] + '.png' for f in files])
+    ['detections.json'] + [os.path.basename(f)[:-4] + '.png' for f in files]
+  )

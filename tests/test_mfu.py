@@ -1,4 +1,5 @@
 """MFU helpers: the peak table, XLA's FLOP count of a step, the utilisation formula."""
+
 import json
 import os
 import subprocess
@@ -15,7 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T = 1e12
 
 
-@pytest.mark.parametrize('kind, dtype, peak', [
+@pytest.mark.parametrize(
+  'kind, dtype, peak',
+  [
     ('TPU v4', 'bfloat16', 275 * T),
     ('TPU v4', 'float32', 275 * T),  # float32 matmuls are bf16 MXU passes
     ('TPU v5 lite', 'bf16', 197 * T),
@@ -34,7 +37,8 @@ T = 1e12
     ('NVIDIA H200', 'bfloat16', 989 * T),
     ('NVIDIA H200', 'float32', 67 * T),
     ('NVIDIA H200', 'tf32', 494 * T),
-])
+  ],
+)
 def test_peak_table(kind, dtype, peak):
   assert mfu.device_peak_flops(kind, dtype) == pytest.approx(peak)
 
@@ -79,14 +83,13 @@ def test_step_flops_result_formats():
 
   assert mfu.step_flops(Stage({'flops': 12.0, 'bytes accessed': 3.0})) == 12.0
   assert mfu.step_flops(Stage([{'flops': 7.0}])) == 7.0  # older jax: a list of dicts
-  for analysis in (None, [], {}, {'bytes accessed': 1.0}, {'flops': -1.0},
-                   NotImplementedError):
+  for analysis in (None, [], {}, {'bytes accessed': 1.0}, {'flops': -1.0}, NotImplementedError):
     assert mfu.step_flops(Stage(analysis)) is None
 
 
 def test_step_flops_over_a_mesh_counts_all_devices():
   """Compiled (per-device program) and Lowered (whole program) agree on 8 devices."""
-  code = textwrap.dedent('''
+  code = textwrap.dedent("""
       import json, os
       os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
       import jax, jax.numpy as jnp, numpy as np
@@ -102,10 +105,11 @@ def test_step_flops_over_a_mesh_counts_all_devices():
       print(json.dumps(dict(
           devices=jax.device_count(), lowered=mfu.step_flops(lowered),
           compiled=mfu.step_flops(compiled), per_device=float(raw['flops']))))
-  ''')
+  """)
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
-  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
-                       timeout=120, check=True).stdout
+  out = subprocess.run(
+    [sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=120, check=True
+  ).stdout
   got = json.loads(out.strip().splitlines()[-1])
   full = 2 * 256 * 128 * 64
   assert got['devices'] == 8

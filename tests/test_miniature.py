@@ -1,4 +1,5 @@
 """Miniature benchmark: determinism, disjoint splits, COCO validity, the data pipeline."""
+
 import hashlib
 import json
 import os
@@ -9,6 +10,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from conftest import importorskip  # fails instead of skipping under CI=true
+
 importorskip('tensorflow')  # the updetr_jax.data package imports it
 
 from updetr_jax import data  # noqa: E402
@@ -30,8 +32,12 @@ def file_hashes(root):
 
 def pixel_hashes(folder):
   """{sha256 of the decoded uint8 pixels} of the images in folder."""
-  return {hashlib.sha256(np.asarray(Image.open(os.path.join(folder, n)).convert('RGB'))
-                         .tobytes()).hexdigest() for n in sorted(os.listdir(folder))}
+  return {
+    hashlib.sha256(
+      np.asarray(Image.open(os.path.join(folder, n)).convert('RGB')).tobytes()
+    ).hexdigest()
+    for n in sorted(os.listdir(folder))
+  }
 
 
 def load(path):
@@ -58,7 +64,8 @@ def test_layout_and_counts(small):
     assert small['counts'][split]['images'] == len(coco['images']) == 20
     assert small['counts'][split]['boxes'] == len(coco['annotations'])
   assert miniature.miniature_paths(os.path.dirname(small['manifest'])) == {
-      k: v for k, v in small.items() if k != 'seconds'}
+    k: v for k, v in small.items() if k != 'seconds'
+  }
 
 
 def test_same_seed_same_bytes(small, tmp_path):
@@ -67,8 +74,7 @@ def test_same_seed_same_bytes(small, tmp_path):
   b = file_hashes(os.path.dirname(other['manifest']))
   assert a == b and len(a) == 60 + 3
   files = load(small['manifest'])['files']
-  assert {k: v[1] for k, v in files.items()} == {
-      k: v for k, v in a.items() if k != 'manifest.json'}
+  assert {k: v[1] for k, v in files.items()} == {k: v for k, v in a.items() if k != 'manifest.json'}
 
 
 def test_other_seed_other_scenes(small, tmp_path):
@@ -98,7 +104,8 @@ def test_eval_disjoint_from_pool_and_train(small):
   for x, y in (('eval', 'pool'), ('eval', 'train'), ('pool', 'train')):
     assert not keys[x] & keys[y] and not bands[x] & bands[y]
   assert len(keys['eval']) == 30 + 7 + sum(  # faces, coins, digits 0/1/4/7
-      len(miniature._split_indices(n, 0)['eval']) for n in (178, 182, 181, 179))
+    len(miniature._split_indices(n, 0)['eval']) for n in (178, 182, 181, 179)
+  )
   assert set(m['backgrounds']['eval']) == bands['eval']
 
 
@@ -158,7 +165,9 @@ def test_rewrite_only_when_needed(tmp_path, monkeypatch):
   # Other parameters: rewritten, stale files gone.
   out = miniature.write_miniature(d, num_pool=2, num_train=2, num_eval=2, image_size=96)
   assert 'seconds' in out and sorted(os.listdir(out['pool_dir'])) == [
-      '000000_96x96.jpg', '000001_96x96.jpg']
+    '000000_96x96.jpg',
+    '000001_96x96.jpg',
+  ]
   # A missing file, or (with verify) a changed one: rewritten.
   os.remove(os.path.join(out['eval_dir'], '000001_96x96.jpg'))
   out = miniature.write_miniature(d, num_pool=2, num_train=2, num_eval=2, image_size=96)
@@ -182,21 +191,34 @@ def test_default_eval_split_is_large_enough():
 
 
 def test_cli(tmp_path, capsys):
-  out = miniature.main([f'--output={tmp_path}', '--num_pool=2', '--num_train=2',
-                        '--num_eval=2', '--image_size=64,80'])
+  out = miniature.main(
+    [f'--output={tmp_path}', '--num_pool=2', '--num_train=2', '--num_eval=2', '--image_size=64,80']
+  )
   text = capsys.readouterr().out
   assert 'eval :     2 images' in text and out['counts']['pool']['images'] == 2
   assert Image.open(os.path.join(out['eval_dir'], '000000_64x80.jpg')).size == (80, 64)
 
 
 def test_loads_in_the_pipeline(small):
-  common = dict(scales=(96, 112, 128), max_size=128, eval_scale=128,
-                buckets=((128, 128),), index_cache_dir=None, prefetch=1,
-                num_parallel_calls=2)
-  cfg = dict(source='coco_json', ann_file=small['train_ann'],
-             image_dir=small['train_dir'], eval_ann_file=small['eval_ann'],
-             eval_image_dir=small['eval_dir'],
-             crop_resize_scales=(96, 128), crop_size=(64, 96), **common)
+  common = dict(
+    scales=(96, 112, 128),
+    max_size=128,
+    eval_scale=128,
+    buckets=((128, 128),),
+    index_cache_dir=None,
+    prefetch=1,
+    num_parallel_calls=2,
+  )
+  cfg = dict(
+    source='coco_json',
+    ann_file=small['train_ann'],
+    image_dir=small['train_dir'],
+    eval_ann_file=small['eval_ann'],
+    eval_image_dir=small['eval_dir'],
+    crop_resize_scales=(96, 128),
+    crop_size=(64, 96),
+    **common,
+  )
   it, _, info = data.make_detection_dataset(cfg, global_batch_size=4, train=True)
   b = next(it)
   assert b['images'].shape == (4, 128, 128, 3) and b['targets']['mask'].any()

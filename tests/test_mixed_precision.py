@@ -1,4 +1,5 @@
 """bfloat16 compute with float32 parameters, and rematerialisation (model.remat)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,8 +13,9 @@ from updetr_jax.models import variable_shapes
 
 
 def _float_dtypes(tree):
-  return {str(x.dtype) for x in jax.tree_util.tree_leaves(tree)
-          if jnp.issubdtype(x.dtype, jnp.floating)}
+  return {
+    str(x.dtype) for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)
+  }
 
 
 def _batch():
@@ -23,8 +25,9 @@ def _batch():
 def _assert_same_variable_tree(a, b):
   """Same paths, shapes and dtypes (ShapeDtypeStruct trees from variable_shapes)."""
   assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-  jax.tree_util.tree_map(lambda x, y: (x.shape, x.dtype) == (y.shape, y.dtype) or
-                         pytest.fail(f'{x} != {y}'), a, b)
+  jax.tree_util.tree_map(
+    lambda x, y: (x.shape, x.dtype) == (y.shape, y.dtype) or pytest.fail(f'{x} != {y}'), a, b
+  )
 
 
 @pytest.fixture(scope='module')
@@ -36,8 +39,9 @@ def initial():
   test here starts from these weights.
   """
   config = tiny_config()
-  _, state, constants, tx, _ = train_step.init_train_state(config, build_model(config.model),
-                                                      jax.random.PRNGKey(0), 10)
+  _, state, constants, tx, _ = train_step.init_train_state(
+    config, build_model(config.model), jax.random.PRNGKey(0), 10
+  )
   variables = jax.tree_util.tree_map(np.asarray, train_step.full_variables(state, constants))
   return jax.tree_util.tree_map(np.asarray, state), constants, tx, variables
 
@@ -54,10 +58,12 @@ def steps_by_dtype(initial):
   for dtype in ('float32', 'bfloat16'):
     config = tiny_config()
     config.model.dtype = dtype
-    step = jax.jit(train_step.make_train_step(build_model(config.model), tx,
-                                              train_step.criterion(config)))
-    new, metrics = step(jax.tree_util.tree_map(jnp.asarray, state0), constants, batch,
-                        jax.random.PRNGKey(0))
+    step = jax.jit(
+      train_step.make_train_step(build_model(config.model), tx, train_step.criterion(config))
+    )
+    new, metrics = step(
+      jax.tree_util.tree_map(jnp.asarray, state0), constants, batch, jax.random.PRNGKey(0)
+    )
     out[dtype] = (state0, new, jax.device_get(metrics))
   return out
 
@@ -85,8 +91,9 @@ def test_bf16_params_and_optimizer_state_stay_float32(steps_by_dtype):
   assert _float_dtypes(state1['params']) == {'float32'}
   assert _float_dtypes(state1['opt_state']) == {'float32'}
   assert int(state1['step']) == 1
-  moved = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a) != b)),
-                                 state1['params'], state0['params'])
+  moved = jax.tree_util.tree_map(
+    lambda a, b: bool(np.any(np.asarray(a) != b)), state1['params'], state0['params']
+  )
   assert any(jax.tree_util.tree_leaves(moved))  # the step updated the weights
 
 
@@ -103,8 +110,11 @@ def test_bf16_compute_dtypes_per_module():
   variables = variable_shapes(model)
   assert _float_dtypes(variables) == {'float32'}
   out, state = jax.eval_shape(
-      lambda v: model.apply(v, *args, train=True, rngs={'dropout': jax.random.PRNGKey(0)},
-                            capture_intermediates=True), variables)
+    lambda v: model.apply(
+      v, *args, train=True, rngs={'dropout': jax.random.PRNGKey(0)}, capture_intermediates=True
+    ),
+    variables,
+  )
   for key in ('pred_logits', 'pred_boxes', 'pred_feature', 'gt_feature'):
     assert out[key].dtype == jnp.float32, key
   flat = traverse_util.flatten_dict(state['intermediates'])
@@ -123,8 +133,14 @@ def _loss_and_grads(config, variables, batch):
   loss_fn = train_step.criterion(config)
 
   def loss_of(params):
-    out = model.apply(dict(variables, params=params), batch['images'], batch['padding_mask'],
-                      batch['patches'], train=True, rngs={'dropout': jax.random.PRNGKey(3)})
+    out = model.apply(
+      dict(variables, params=params),
+      batch['images'],
+      batch['padding_mask'],
+      batch['patches'],
+      train=True,
+      rngs={'dropout': jax.random.PRNGKey(3)},
+    )
     return loss_fn(out, batch['targets'])[0]
 
   return jax.jit(jax.value_and_grad(loss_of))(variables['params'])
@@ -152,8 +168,9 @@ def test_remat_gives_the_same_loss_and_gradients(initial):
   assert np.isfinite(loss)
   np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
   assert float(jnp.abs(grads['body']['conv1']['kernel']).max()) > 0  # backbone differentiated
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                         grads_r, grads)
+  jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads_r, grads
+  )
 
 
 def test_bad_dtype_or_remat_is_refused():

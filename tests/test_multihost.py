@@ -2,6 +2,7 @@
 127.0.0.1) train like 1 process x 8 devices, and each layout resumes the other's
 checkpoint. Also the single-host / argument rules of ``distributed.maybe_initialize``.
 """
+
 import glob
 import json
 import os
@@ -31,11 +32,15 @@ def _free_port() -> int:
 
 
 def _env(local_devices: int, cache_dir) -> dict:
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={local_devices}',
-             # The resumed runs reuse the other phase's compilations of their layout.
-             JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  env = dict(
+    os.environ,
+    PYTHONPATH=ROOT,
+    JAX_PLATFORMS='cpu',
+    XLA_FLAGS=f'--xla_force_host_platform_device_count={local_devices}',
+    # The resumed runs reuse the other phase's compilations of their layout.
+    JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+  )
   for k in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
     env.pop(k, None)
   return env
@@ -44,24 +49,42 @@ def _env(local_devices: int, cache_dir) -> dict:
 class Job:
   """One training job (``processes`` x ``8 / processes`` devices) as subprocesses."""
 
-  def __init__(self, workdir, steps: int, processes: int, log_dir, cache_dir,
-               checkpoint_every: int = 1000):
+  def __init__(
+    self, workdir, steps: int, processes: int, log_dir, cache_dir, checkpoint_every: int = 1000
+  ):
     self.workdir, self.processes = workdir, processes
-    cmd = [sys.executable, '-m', 'updetr_jax.main', '--config=configs/pretrain.py:demo',
-           f'--workdir={workdir}', *TINY_OVERRIDES, f'--config.batch_size={DEVICES}',
-           f'--config.num_train_steps={steps}', '--config.log_every_steps=1',
-           f'--config.checkpoint_every_steps={checkpoint_every}', '--config.keep_checkpoints=5']
+    cmd = [
+      sys.executable,
+      '-m',
+      'updetr_jax.main',
+      '--config=configs/pretrain.py:demo',
+      f'--workdir={workdir}',
+      *TINY_OVERRIDES,
+      f'--config.batch_size={DEVICES}',
+      f'--config.num_train_steps={steps}',
+      '--config.log_every_steps=1',
+      f'--config.checkpoint_every_steps={checkpoint_every}',
+      '--config.keep_checkpoints=5',
+    ]
     port = _free_port()
     env = _env(DEVICES // processes, cache_dir)
     self.logs, self.procs = [], []
     for i in range(processes):
-      extra = ([f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={processes}',
-                f'--process_id={i}'] if processes > 1 else [])
+      extra = (
+        [
+          f'--coordinator_address=127.0.0.1:{port}',
+          f'--num_processes={processes}',
+          f'--process_id={i}',
+        ]
+        if processes > 1
+        else []
+      )
       log = os.path.join(log_dir, f'{os.path.basename(workdir)}_{steps}_{processes}x_p{i}.log')
       self.logs.append(log)
       with open(log, 'w') as f:  # files, not pipes: the chatty children never block
-        self.procs.append(subprocess.Popen(cmd + extra, cwd=ROOT, env=env, stdout=f,
-                                           stderr=subprocess.STDOUT))
+        self.procs.append(
+          subprocess.Popen(cmd + extra, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        )
 
   def log(self, i: int) -> str:
     with open(self.logs[i]) as f:
@@ -72,8 +95,10 @@ class Job:
     codes = [p.poll() for p in self.procs]
     if all(c in (None, 0) for c in codes):
       return None
-    return '\n'.join(f'--- {self.workdir} process {i} (exit {c}), last output:\n'
-                     f'{self.log(i)[-6000:]}' for i, c in enumerate(codes))
+    return '\n'.join(
+      f'--- {self.workdir} process {i} (exit {c}), last output:\n{self.log(i)[-6000:]}'
+      for i, c in enumerate(codes)
+    )
 
   def done(self) -> bool:
     return all(p.poll() == 0 for p in self.procs)
@@ -106,9 +131,12 @@ def _run_together(*jobs, timeout=TIMEOUT):
         if report:
           pytest.fail(f'a training process failed:\n{report}')
       if time.time() > deadline:
-        pytest.fail(f'timed out after {timeout} s:\n' +
-                    '\n'.join(j.failure() or '\n'.join(j.log(i)[-3000:] for i in
-                                                       range(j.processes)) for j in jobs))
+        pytest.fail(
+          f'timed out after {timeout} s:\n'
+          + '\n'.join(
+            j.failure() or '\n'.join(j.log(i)[-3000:] for i in range(j.processes)) for j in jobs
+          )
+        )
       time.sleep(0.2)
   finally:
     for j in jobs:
@@ -126,8 +154,11 @@ def _losses(workdir) -> dict:
 
 def _checkpoint_steps(workdir) -> list[int]:
   d = os.path.join(workdir, 'checkpoints')
-  return sorted(int(s) for s in os.listdir(d) if s.isdigit()
-                and os.path.exists(os.path.join(d, s, '_CHECKPOINT_METADATA')))
+  return sorted(
+    int(s)
+    for s in os.listdir(d)
+    if s.isdigit() and os.path.exists(os.path.join(d, s, '_CHECKPOINT_METADATA'))
+  )
 
 
 def test_two_processes_train_like_one_and_resume_each_other(tmp_path):
@@ -150,8 +181,9 @@ def test_two_processes_train_like_one_and_resume_each_other(tmp_path):
     assert os.path.exists(os.path.join(w, 'summary.json'))
     assert _checkpoint_steps(w)[-1] == STEPS
   two, one = _losses(a), _losses(b)
-  np.testing.assert_allclose([two[s] for s in range(1, STEPS + 1)],
-                             [one[s] for s in range(1, STEPS + 1)], rtol=1e-5)
+  np.testing.assert_allclose(
+    [two[s] for s in range(1, STEPS + 1)], [one[s] for s in range(1, STEPS + 1)], rtol=1e-5
+  )
 
   # Swap the layouts: A's 2-process checkpoint resumes as 1 x 8, B's 1-process
   # checkpoint as 2 x 4, one more step each.
@@ -167,8 +199,10 @@ def test_two_processes_train_like_one_and_resume_each_other(tmp_path):
     assert _checkpoint_steps(w)[-1] == STEPS + 1
   resumed_a, resumed_b = _losses(a)[STEPS + 1], _losses(b)[STEPS + 1]
   np.testing.assert_allclose(resumed_a, resumed_b, rtol=1e-5)
-  print(f'fresh runs {t1 - t0:.0f} s, resumed runs {t2 - t1:.0f} s; losses '
-        f'{[one[s] for s in range(1, STEPS + 1)]} then {resumed_a}')
+  print(
+    f'fresh runs {t1 - t0:.0f} s, resumed runs {t2 - t1:.0f} s; losses '
+    f'{[one[s] for s in range(1, STEPS + 1)]} then {resumed_a}'
+  )
 
 
 def test_two_processes_fall_back_from_a_corrupt_newest_step_together(tmp_path):
@@ -209,22 +243,31 @@ def test_two_processes_fall_back_from_a_corrupt_newest_step_together(tmp_path):
 
 
 def test_single_host_is_left_alone(monkeypatch):
-  for k in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID', 'SLURM_NTASKS',
-            'OMPI_MCA_orte_hnp_uri', 'MEGASCALE_COORDINATOR_ADDRESS', 'TPU_WORKER_HOSTNAMES',
-            'TPU_PROCESS_ADDRESSES'):
+  for k in (
+    'JAX_COORDINATOR_ADDRESS',
+    'JAX_NUM_PROCESSES',
+    'JAX_PROCESS_ID',
+    'SLURM_NTASKS',
+    'OMPI_MCA_orte_hnp_uri',
+    'MEGASCALE_COORDINATOR_ADDRESS',
+    'TPU_WORKER_HOSTNAMES',
+    'TPU_PROCESS_ADDRESSES',
+  ):
     monkeypatch.delenv(k, raising=False)
   monkeypatch.setattr(distributed, '_on_tpu_vm', lambda: False)
   called = []
-  monkeypatch.setattr(distributed.jax.distributed, 'initialize',
-                      lambda *a, **k: called.append((a, k)))
+  monkeypatch.setattr(
+    distributed.jax.distributed, 'initialize', lambda *a, **k: called.append((a, k))
+  )
   assert distributed.maybe_initialize() is False
   assert distributed.maybe_initialize('127.0.0.1:1234', 1, 0) is False  # one process
   assert not called
 
 
 def test_partial_arguments_name_the_missing_ones(monkeypatch):
-  monkeypatch.setattr(distributed.jax.distributed, 'initialize',
-                      lambda *a, **k: pytest.fail('must not initialise'))
+  monkeypatch.setattr(
+    distributed.jax.distributed, 'initialize', lambda *a, **k: pytest.fail('must not initialise')
+  )
   with pytest.raises(ValueError, match='missing: num_processes, process_id'):
     distributed.maybe_initialize(coordinator_address='127.0.0.1:1234')
   with pytest.raises(ValueError, match=r'process_id=2 must be in \[0, num_processes=2\)'):
@@ -236,16 +279,35 @@ def test_partial_arguments_name_the_missing_ones(monkeypatch):
     distributed.maybe_initialize()
 
 
-@pytest.mark.parametrize('env, cluster', [
-    ({'SLURM_JOB_ID': '7', 'SLURM_STEP_NODELIST': 'n[1-2]', 'SLURM_NTASKS': '2',
-      'SLURM_PROCID': '1', 'SLURM_LOCALID': '0'}, 'slurm'),
-    ({'SLURM_JOB_ID': '7', 'SLURM_STEP_NODELIST': 'n1', 'SLURM_NTASKS': '1',
-      'SLURM_PROCID': '0', 'SLURM_LOCALID': '0'}, None),
+@pytest.mark.parametrize(
+  'env, cluster',
+  [
+    (
+      {
+        'SLURM_JOB_ID': '7',
+        'SLURM_STEP_NODELIST': 'n[1-2]',
+        'SLURM_NTASKS': '2',
+        'SLURM_PROCID': '1',
+        'SLURM_LOCALID': '0',
+      },
+      'slurm',
+    ),
+    (
+      {
+        'SLURM_JOB_ID': '7',
+        'SLURM_STEP_NODELIST': 'n1',
+        'SLURM_NTASKS': '1',
+        'SLURM_PROCID': '0',
+        'SLURM_LOCALID': '0',
+      },
+      None,
+    ),
     ({'TPU_WORKER_HOSTNAMES': 'w-0,w-1,w-2,w-3'}, 'tpu pod slice'),
     ({'TPU_WORKER_HOSTNAMES': 'localhost'}, None),
     ({'MEGASCALE_COORDINATOR_ADDRESS': '10.0.0.2'}, 'tpu multi-slice'),
     ({'OMPI_MCA_orte_hnp_uri': 'x', 'OMPI_COMM_WORLD_SIZE': '4'}, 'ompi'),
-])
+  ],
+)
 def test_cluster_detection_from_the_environment(env, cluster, monkeypatch):
   monkeypatch.setattr(distributed, '_on_tpu_vm', lambda: False)
   assert distributed._cluster_from_env(env) == cluster

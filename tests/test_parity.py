@@ -1,4 +1,5 @@
 """Same weights, same numbers: our Flax models vs PyTorch modules with the release layout."""
+
 import os
 import sys
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import importorskip  # fails instead of skipping under CI=true
+
 torch = importorskip('torch')
 sys.path.insert(0, os.path.dirname(__file__))
 import torch_reference as ref  # noqa: E402
@@ -20,18 +22,44 @@ RTOL = 1e-4
 
 
 def tiny_config(**overrides):
-  cfg = dict(backbone='resnet_tiny', dilation=False, position_embedding='sine', hidden_dim=32,
-             nheads=4, enc_layers=2, dec_layers=3, dim_feedforward=64, dropout=0.1,
-             num_queries=20, pre_norm=False, num_classes=5, aux_loss=True)
+  cfg = dict(
+    backbone='resnet_tiny',
+    dilation=False,
+    position_embedding='sine',
+    hidden_dim=32,
+    nheads=4,
+    enc_layers=2,
+    dec_layers=3,
+    dim_feedforward=64,
+    dropout=0.1,
+    num_queries=20,
+    pre_norm=False,
+    num_classes=5,
+    aux_loss=True,
+  )
   cfg.update(overrides)
   return cfg
 
 
 def torch_model(cfg, seed=0):
   blocks, width = resnet_spec(cfg['backbone'])
-  kwargs = {k: cfg[k] for k in ('dilation', 'position_embedding', 'hidden_dim', 'nheads',
-                                'enc_layers', 'dec_layers', 'dim_feedforward', 'dropout',
-                                'num_queries', 'pre_norm', 'num_classes', 'aux_loss')}
+  kwargs = {
+    k: cfg[k]
+    for k in (
+      'dilation',
+      'position_embedding',
+      'hidden_dim',
+      'nheads',
+      'enc_layers',
+      'dec_layers',
+      'dim_feedforward',
+      'dropout',
+      'num_queries',
+      'pre_norm',
+      'num_classes',
+      'aux_loss',
+    )
+  }
   if cfg.get('num_patches'):
     model = ref.build_updetr(blocks=blocks, width=width, num_patches=cfg['num_patches'], **kwargs)
   else:
@@ -64,8 +92,12 @@ def run_both(cfg, images, mask, patches=None, seed=0):
   variables = import_torch_checkpoint(sd, cfg)
   model = build_model(cfg)
   with jax.default_matmul_precision('highest'):
-    got = jax.jit(model.apply)(variables, jnp.asarray(images), jnp.asarray(mask),
-                               None if patches is None else jnp.asarray(patches))
+    got = jax.jit(model.apply)(
+      variables,
+      jnp.asarray(images),
+      jnp.asarray(mask),
+      None if patches is None else jnp.asarray(patches),
+    )
   return got, expected
 
 
@@ -88,11 +120,14 @@ def compare_outputs(got, expected, keys):
         assert_close(g[k], e[k], f'aux_outputs[{i}].{k}')
 
 
-@pytest.mark.parametrize('overrides', [
+@pytest.mark.parametrize(
+  'overrides',
+  [
     dict(),  # DETR, post-norm, sine
     dict(position_embedding='learned', dilation=True),  # DC5
     dict(pre_norm=True, aux_loss=False),
-])
+  ],
+)
 def test_detr_matches_torch(overrides):
   cfg = tiny_config(**overrides)
   images, mask = padded_batch()
@@ -116,8 +151,16 @@ def test_updetr_pretrain_matches_torch(num_patches, k):
 
 def test_release_size_detr_r50_matches_torch():
   """ResNet-50 and the full 6+6-layer, 256-d transformer (small images for speed)."""
-  cfg = tiny_config(backbone='resnet50', hidden_dim=256, nheads=8, enc_layers=6, dec_layers=6,
-                    dim_feedforward=2048, num_queries=100, num_classes=91)
+  cfg = tiny_config(
+    backbone='resnet50',
+    hidden_dim=256,
+    nheads=8,
+    enc_layers=6,
+    dec_layers=6,
+    dim_feedforward=2048,
+    num_queries=100,
+    num_classes=91,
+  )
   images, mask = padded_batch(((96, 128), (128, 96)), seed=3)
   got, expected = run_both(cfg, images, mask)
   compare_outputs(got, expected, ('pred_logits', 'pred_boxes'))
@@ -185,6 +228,7 @@ def test_finetune_init_from_release_updetr_pth(tmp_path):
 
   from updetr_jax import pretrained
   from updetr_jax.models import init_variables
+
   pre = tiny_config(pre_norm=True, num_classes=2, num_patches=4)
   tm = torch_model(pre, seed=2)
   path = tmp_path / 'updetr.pth'
@@ -193,8 +237,7 @@ def test_finetune_init_from_release_updetr_pth(tmp_path):
   fresh = init_variables(build_model(detr_cfg), jax.random.PRNGKey(1))
   src, src_cfg = pretrained.load_pretrained(str(path), detr_cfg)
   assert src_cfg is None and 'patch2query' in src['params']
-  got = traverse_util.flatten_dict(
-      pretrained.init_from_pretrained(fresh, detr_cfg, src, src_cfg))
+  got = traverse_util.flatten_dict(pretrained.init_from_pretrained(fresh, detr_cfg, src, src_cfg))
   want = traverse_util.flatten_dict(import_torch_checkpoint(str(path), pre))
   new = traverse_util.flatten_dict(fresh)
   for k, v in got.items():

@@ -1,4 +1,5 @@
 """Stage 0 (SimCLR pre-training of the CNN) -> .npz -> the detector's frozen backbone."""
+
 import os
 import sys
 
@@ -14,9 +15,20 @@ from updetr_jax.models.resnet import build_resnet
 from updetr_jax.models import init_variables
 from updetr_jax.torch_import import import_torch_checkpoint, load_state_dict
 
-TINY_DETR = dict(backbone='resnet_tiny', position_embedding='sine', hidden_dim=16, nheads=2,
-                 enc_layers=1, dec_layers=1, dim_feedforward=32, dropout=0.0, num_queries=4,
-                 pre_norm=False, num_classes=3, aux_loss=False)
+TINY_DETR = dict(
+  backbone='resnet_tiny',
+  position_embedding='sine',
+  hidden_dim=16,
+  nheads=2,
+  enc_layers=1,
+  dec_layers=1,
+  dim_feedforward=32,
+  dropout=0.0,
+  num_queries=4,
+  pre_norm=False,
+  num_classes=3,
+  aux_loss=False,
+)
 TRAIN = dict(backbone='resnet_tiny', steps=40, batch_size=16, image_size=32, seed=0, lr=3e-3)
 
 
@@ -74,10 +86,18 @@ def test_export_layout_is_torchvision_and_swav_head(trained):
   _, out, _ = trained
   sd = load_state_dict(out)
   assert sd['conv1.weight'].shape == (8, 3, 7, 7)  # OIHW
-  for k in ('bn1.weight', 'bn1.bias', 'bn1.running_mean', 'bn1.running_var',
-            'layer1.0.conv2.weight', 'layer4.0.downsample.0.weight',
-            'layer4.0.downsample.1.running_var', 'projection_head.0.weight',
-            'projection_head.1.running_mean', 'projection_head.3.bias'):
+  for k in (
+    'bn1.weight',
+    'bn1.bias',
+    'bn1.running_mean',
+    'bn1.running_var',
+    'layer1.0.conv2.weight',
+    'layer4.0.downsample.0.weight',
+    'layer4.0.downsample.1.running_var',
+    'projection_head.0.weight',
+    'projection_head.1.running_mean',
+    'projection_head.3.bias',
+  ):
     assert k in sd, k
   assert sd['projection_head.0.weight'].shape == (256, 256)  # [out, in]
   # Training moved the BN statistics away from the identity.
@@ -92,13 +112,17 @@ def test_trained_file_imports_into_the_detector(trained, dilation):
   base = init_variables(build_model(cfg), jax.random.PRNGKey(1))
   variables = import_torch_checkpoint(out, cfg, variables=base)  # raises on any mismatch
   sd = load_state_dict(out)
-  np.testing.assert_array_equal(variables['batch_stats']['body']['bn1']['mean'],
-                                sd['bn1.running_mean'])
-  np.testing.assert_array_equal(variables['params']['body']['layer2_0']['conv2']['kernel'],
-                                sd['layer2.0.conv2.weight'].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+    variables['batch_stats']['body']['bn1']['mean'], sd['bn1.running_mean']
+  )
+  np.testing.assert_array_equal(
+    variables['params']['body']['layer2_0']['conv2']['kernel'],
+    sd['layer2.0.conv2.weight'].transpose(2, 3, 1, 0),
+  )
   # Only the backbone comes from the file; the rest is `base`.
-  np.testing.assert_array_equal(variables['params']['query_embed']['embedding'],
-                                base['params']['query_embed']['embedding'])
+  np.testing.assert_array_equal(
+    variables['params']['query_embed']['embedding'], base['params']['query_embed']['embedding']
+  )
 
 
 @pytest.fixture(scope='module')
@@ -110,10 +134,14 @@ def simclr_variables():
   x = jnp.asarray(rng.normal(size=(8, 32, 32, 3)), jnp.float32)
   v = jax.jit(model.init, static_argnums=2)(jax.random.PRNGKey(0), x, False)
   params = jax.tree_util.tree_map(
-      lambda p: p + jnp.asarray(rng.normal(0, 0.2, p.shape), p.dtype), v['params'])
+    lambda p: p + jnp.asarray(rng.normal(0, 0.2, p.shape), p.dtype), v['params']
+  )
   stats = v['batch_stats']
-  update = jax.jit(lambda p, s: model.apply({'params': p, 'batch_stats': s}, 1.5 * x + 0.3,
-                                            True, mutable=['batch_stats'])[1]['batch_stats'])
+  update = jax.jit(
+    lambda p, s: model.apply(
+      {'params': p, 'batch_stats': s}, 1.5 * x + 0.3, True, mutable=['batch_stats']
+    )[1]['batch_stats']
+  )
   for _ in range(3):
     stats = update(params, stats)
   return jax.device_get({'params': params, 'batch_stats': stats})
@@ -125,15 +153,15 @@ def test_detector_backbone_equals_the_eval_mode_twin(simclr_variables, tmp_path,
   path = str(tmp_path / 'w.npz')
   files.write_npz(path, ssl_backbone.export_torchvision(v))
   cfg = dict(TINY_DETR, dilation=dilation)
-  variables = import_torch_checkpoint(path, cfg,
-                                      variables=init_variables(build_model(cfg),
-                                                               jax.random.PRNGKey(1)))
+  variables = import_torch_checkpoint(
+    path, cfg, variables=init_variables(build_model(cfg), jax.random.PRNGKey(1))
+  )
   x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 64, 48, 3)), jnp.float32)
   twin = ssl_backbone.build_train_resnet('resnet_tiny', dilation=dilation)
   want = jax.jit(twin.apply, static_argnums=2)(ssl_backbone.backbone_variables(v), x, False)
   got = jax.jit(build_resnet('resnet_tiny', dilation).apply)(
-      {'params': variables['params']['body'], 'batch_stats': variables['batch_stats']['body']},
-      x)
+    {'params': variables['params']['body'], 'batch_stats': variables['batch_stats']['body']}, x
+  )
   assert got.shape == want.shape == ((2, 4, 3, 256) if dilation else (2, 2, 2, 256))
   scale = float(jnp.abs(want).max())
   assert scale > 0
@@ -146,8 +174,10 @@ def test_same_seed_same_weights(tmp_path):
   a = ssl_backbone.train_ssl_backbone(images, str(tmp_path / 'a' / 'w.npz'), **kw)
   b = ssl_backbone.train_ssl_backbone(images, str(tmp_path / 'b' / 'w.npz'), **kw)
   assert a['loss_history'] == b['loss_history']
-  sa, sb = load_state_dict(str(tmp_path / 'a' / 'w.npz')), load_state_dict(
-      str(tmp_path / 'b' / 'w.npz'))
+  sa, sb = (
+    load_state_dict(str(tmp_path / 'a' / 'w.npz')),
+    load_state_dict(str(tmp_path / 'b' / 'w.npz')),
+  )
   assert sa.keys() == sb.keys()
   for k in sa:
     np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
@@ -155,8 +185,13 @@ def test_same_seed_same_weights(tmp_path):
 
 def test_load_state_dict_reads_npz_without_torch(tmp_path, monkeypatch):
   path = str(tmp_path / 'sd.npz')
-  np.savez(path, **{'module.conv1.weight': np.ones((2, 3, 1, 1), np.float64),
-                    'module.bn1.running_var': np.arange(2)})
+  np.savez(
+    path,
+    **{
+      'module.conv1.weight': np.ones((2, 3, 1, 1), np.float64),
+      'module.bn1.running_var': np.arange(2),
+    },
+  )
   monkeypatch.setitem(sys.modules, 'torch', None)  # `import torch` raises ImportError
   sd = load_state_dict(path)
   assert sorted(sd) == ['bn1.running_var', 'conv1.weight']

@@ -1,6 +1,7 @@
 """The package's layout rules: no import cycles (function-level imports included), no
 module above ~500 lines without a reason in its docstring, tasks only through the
 registry, and every console script equal to its ``python -m`` module."""
+
 import ast
 import os
 import re
@@ -19,8 +20,9 @@ def _modules() -> dict[str, str]:
     for name in names:
       if name.endswith('.py'):
         rel = os.path.relpath(os.path.join(root, name), ROOT)[:-3].replace(os.sep, '.')
-        out[rel[:-len('.__init__')] if rel.endswith('.__init__') else rel] = os.path.join(
-            root, name)
+        out[rel[: -len('.__init__')] if rel.endswith('.__init__') else rel] = os.path.join(
+          root, name
+        )
   return out
 
 
@@ -36,10 +38,9 @@ def _imports(name: str, path: str, modules) -> set[str]:
     elif isinstance(node, ast.ImportFrom):
       base = node.module or ''
       if node.level:  # relative import
-        parts = name.split('.')[:len(name.split('.')) - node.level + (1 if is_package else 0)]
+        parts = name.split('.')[: len(name.split('.')) - node.level + (1 if is_package else 0)]
         base = '.'.join(parts + ([base] if base else []))
-      targets = [f'{base}.{a.name}' if f'{base}.{a.name}' in modules else base
-                 for a in node.names]
+      targets = [f'{base}.{a.name}' if f'{base}.{a.name}' in modules else base for a in node.names]
     else:
       continue
     for t in targets:
@@ -58,7 +59,7 @@ def _find_cycle(graph) -> list[str] | None:
     stack.append(n)
     for m in sorted(graph[n]):
       if state.get(m) == 'open':
-        return stack[stack.index(m):] + [m]
+        return stack[stack.index(m) :] + [m]
       if m not in state:
         found = visit(m)
         if found:
@@ -80,8 +81,9 @@ def test_no_import_cycles():
   graph = {n: _imports(n, p, modules) for n, p in modules.items()}
   # A package's __init__ re-exporting its submodules is not a cycle with them.
   for n in graph:
-    graph[n] = {m for m in graph[n] if not (m.startswith(n + '.') and modules[n].endswith(
-        '__init__.py'))}
+    graph[n] = {
+      m for m in graph[n] if not (m.startswith(n + '.') and modules[n].endswith('__init__.py'))
+    }
   graph = {n: {m for m in ms if not n.startswith(m + '.')} for n, ms in graph.items()}
   cycle = _find_cycle(graph)
   assert cycle is None, 'import cycle: ' + ' -> '.join(cycle)
@@ -101,8 +103,9 @@ def test_long_modules_say_why_they_are_one_file():
     doc = ast.get_docstring(ast.parse(text)) or ''
     if n > MAX_LINES + 20 and REASON not in doc:
       too_long.append(f'{name}: {n} lines')
-  assert not too_long, (f'modules above ~{MAX_LINES} lines without a "{REASON}" line in '
-                        f'their docstring: {too_long}')
+  assert not too_long, (
+    f'modules above ~{MAX_LINES} lines without a "{REASON}" line in their docstring: {too_long}'
+  )
 
 
 def test_the_loop_never_branches_on_a_task_name():
@@ -123,7 +126,9 @@ def test_console_scripts_are_the_python_m_entry_points():
       tree = ast.parse(f.read())
     funcs = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
     assert func in funcs, (script, target)
-    main_block = [n for n in tree.body if isinstance(n, ast.If)
-                  and '__main__' in ast.unparse(n.test)]
+    main_block = [
+      n for n in tree.body if isinstance(n, ast.If) and '__main__' in ast.unparse(n.test)
+    ]
     assert main_block and ast.unparse(main_block[0].body[-1]).strip() == f'{func}()', (
-        f'{module}: `python -m` must run {func}(), the same as {script}')
+      f'{module}: `python -m` must run {func}(), the same as {script}'
+    )

@@ -1,12 +1,14 @@
 """Target masks follow ``valid``: the padding rows of an evaluation pass and the rows of
 an image that fails to decode in the pipeline (replaced by a gray image) carry no
 targets, in the pre-training and the detection pipelines."""
+
 import os
 import shutil
 
 import numpy as np
 
 from conftest import importorskip  # fails instead of skipping under CI=true
+
 tf = importorskip('tensorflow')
 
 from updetr_jax import data  # noqa: E402
@@ -45,8 +47,9 @@ def _check_masks(batches, stats, key, victim):
 def test_pretrain_mask_false_on_padding_and_replaced_rows(folder, tmp_path):
   root = str(tmp_path / 'images')
   shutil.copytree(folder, root)
-  it, stats = data.make_pretrain_dataset(test_data.cfg_for(root), global_batch_size=4,
-                                         num_patches=3, train=False)
+  it, stats = data.make_pretrain_dataset(
+    test_data.cfg_for(root), global_batch_size=4, num_patches=3, train=False
+  )
   victim = data.list_image_files(root).index(os.path.join(root, 'img2.png'))
   _break(os.path.join(root, 'img2.png'))  # after indexing: found at load time
   batches = list(it)
@@ -62,7 +65,8 @@ def test_detection_mask_false_on_padding_and_replaced_rows(coco, tmp_path):
   root = str(tmp_path / 'img')
   shutil.copytree(image_dir, root)
   it, stats, _ = data.make_detection_dataset(
-      test_detection_data.cfg_for((ann, root)), global_batch_size=3, train=False)
+    test_detection_data.cfg_for((ann, root)), global_batch_size=3, train=False
+  )
   victim = 25
   _break(os.path.join(root, f'{victim:04d}.jpg'))
   batches = list(it)

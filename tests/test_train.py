@@ -1,5 +1,6 @@
 """Pre-training loop: a real step learns, NaN never lands, SIGKILL + resume is exact,
 8 devices give the loss of 1."""
+
 import json
 import os
 import signal
@@ -21,22 +22,40 @@ sys.path.insert(0, ROOT)
 from updetr_jax.configs import pretrain  # noqa: E402
 
 TINY_OVERRIDES = [
-    '--config.model.backbone=resnet_tiny', '--config.model.hidden_dim=32',
-    '--config.model.nheads=2', '--config.model.enc_layers=1', '--config.model.dec_layers=2',
-    '--config.model.dim_feedforward=64', '--config.model.num_queries=8',
-    '--config.model.num_patches=2', '--config.data.scales=(64,)', '--config.data.max_size=80',
-    '--config.data.eval_scale=64', '--config.data.buckets=((64,80),)',
-    '--config.data.patch_size=16', '--config.data.demo_repeats=2', '--config.batch_size=4',
-    '--config.eval.num_batches=0',
+  '--config.model.backbone=resnet_tiny',
+  '--config.model.hidden_dim=32',
+  '--config.model.nheads=2',
+  '--config.model.enc_layers=1',
+  '--config.model.dec_layers=2',
+  '--config.model.dim_feedforward=64',
+  '--config.model.num_queries=8',
+  '--config.model.num_patches=2',
+  '--config.data.scales=(64,)',
+  '--config.data.max_size=80',
+  '--config.data.eval_scale=64',
+  '--config.data.buckets=((64,80),)',
+  '--config.data.patch_size=16',
+  '--config.data.demo_repeats=2',
+  '--config.batch_size=4',
+  '--config.eval.num_batches=0',
 ]
 
 
 def tiny_config():
   config = pretrain.get_config('demo')
-  config.model.update(backbone='resnet_tiny', hidden_dim=32, nheads=2, enc_layers=1,
-                      dec_layers=2, dim_feedforward=64, num_queries=8, num_patches=2)
-  config.data.update(scales=(64,), max_size=80, eval_scale=64, buckets=((64, 80),),
-                     patch_size=16, demo_repeats=2)
+  config.model.update(
+    backbone='resnet_tiny',
+    hidden_dim=32,
+    nheads=2,
+    enc_layers=1,
+    dec_layers=2,
+    dim_feedforward=64,
+    num_queries=8,
+    num_patches=2,
+  )
+  config.data.update(
+    scales=(64,), max_size=80, eval_scale=64, buckets=((64, 80),), patch_size=16, demo_repeats=2
+  )
   config.batch_size = 4
   return config
 
@@ -48,19 +67,20 @@ def fixed_batch(batch=4, num_patches=2, seed=0):
   mask = np.zeros((batch, 64, 80), bool)
   mask[0, 48:] = True  # a padded image
   return {
-      'images': rng.standard_normal((batch, 64, 80, 3)).astype(np.float32),
-      'padding_mask': mask,
-      'patches': rng.standard_normal((batch, num_patches, 16, 16, 3)).astype(np.float32),
-      'targets': {'boxes': np.concatenate([c, wh], -1).astype(np.float32),
-                  'labels': np.ones((batch, num_patches), np.int32),
-                  'mask': np.ones((batch, num_patches), bool)},
+    'images': rng.standard_normal((batch, 64, 80, 3)).astype(np.float32),
+    'padding_mask': mask,
+    'patches': rng.standard_normal((batch, num_patches, 16, 16, 3)).astype(np.float32),
+    'targets': {
+      'boxes': np.concatenate([c, wh], -1).astype(np.float32),
+      'labels': np.ones((batch, num_patches), np.int32),
+      'mask': np.ones((batch, num_patches), bool),
+    },
   }
 
 
 def setup_step(config):
   model = build_model(config.model)
-  _, state, constants, tx, _ = train_step.init_train_state(config, model, jax.random.PRNGKey(0),
-                                                           10)
+  _, state, constants, tx, _ = train_step.init_train_state(config, model, jax.random.PRNGKey(0), 10)
   step = jax.jit(train_step.make_train_step(model, tx, train_step.criterion(config)))
   return state, constants, step
 
@@ -82,15 +102,24 @@ def test_train_steps_lower_the_loss_on_a_fixed_batch():
 
 def test_frozen_backbone_has_no_gradient_or_optimizer_state():
   config = pretrain.get_config()  # release: the whole CNN frozen
-  config.model.update(backbone='resnet_tiny', hidden_dim=32, nheads=2, enc_layers=1,
-                      dec_layers=1, dim_feedforward=64, num_queries=8, num_patches=2)
+  config.model.update(
+    backbone='resnet_tiny',
+    hidden_dim=32,
+    nheads=2,
+    enc_layers=1,
+    dec_layers=1,
+    dim_feedforward=64,
+    num_queries=8,
+    num_patches=2,
+  )
   config.loss_replicas = 1
   state, constants, step = setup_step(config)
   assert 'body' not in state['params'] and 'body' in constants['frozen']
   opt_paths = jax.tree_util.tree_flatten_with_path(state['opt_state'])[0]
   assert not any('body' in jax.tree_util.keystr(p) for p, _ in opt_paths)
-  state, metrics = step(state, constants, jax.tree_util.tree_map(jnp.asarray, fixed_batch()),
-                        jax.random.PRNGKey(0))
+  state, metrics = step(
+    state, constants, jax.tree_util.tree_map(jnp.asarray, fixed_batch()), jax.random.PRNGKey(0)
+  )
   assert bool(metrics['finite'])
   assert 'body' not in state['params']
 
@@ -99,20 +128,36 @@ def test_learned_position_embedding_is_in_the_backbone_group():
   """The release's parameter groups put ``backbone.1.row_embed`` / ``col_embed`` with
   the backbone: frozen in pre-training, lr_backbone in fine-tuning."""
   from updetr_jax.configs import finetune_coco  # noqa: PLC0415
+
   config = pretrain.get_config()
-  config.model.update(backbone='resnet_tiny', hidden_dim=32, nheads=2, enc_layers=1,
-                      dec_layers=1, dim_feedforward=64, num_queries=8, num_patches=2,
-                      position_embedding='learned')
+  config.model.update(
+    backbone='resnet_tiny',
+    hidden_dim=32,
+    nheads=2,
+    enc_layers=1,
+    dec_layers=1,
+    dim_feedforward=64,
+    num_queries=8,
+    num_patches=2,
+    position_embedding='learned',
+  )
   state, constants, _ = setup_step(config)
   assert 'position' not in state['params'] and 'position' in constants['frozen']
   config = finetune_coco.get_config()
-  config.model.update(backbone='resnet_tiny', hidden_dim=32, nheads=2, enc_layers=1,
-                      dec_layers=1, dim_feedforward=64, num_queries=8, num_classes=3,
-                      position_embedding='learned')
+  config.model.update(
+    backbone='resnet_tiny',
+    hidden_dim=32,
+    nheads=2,
+    enc_layers=1,
+    dec_layers=1,
+    dim_feedforward=64,
+    num_queries=8,
+    num_classes=3,
+    position_embedding='learned',
+  )
   config.optim.update(lr=1e-2, lr_backbone=0.0)  # only the non-backbone group moves
   model = build_model(config.model)
-  _, state, constants, tx, _ = train_step.init_train_state(config, model, jax.random.PRNGKey(0),
-                                                           10)
+  _, state, constants, tx, _ = train_step.init_train_state(config, model, jax.random.PRNGKey(0), 10)
   assert 'position' in state['params']
   grads = jax.tree_util.tree_map(jnp.ones_like, state['params'])
   updates, _ = tx.update(grads, state['opt_state'], state['params'])
@@ -125,20 +170,30 @@ def test_non_finite_loss_leaves_state_unchanged_and_stops():
   batch = fixed_batch()
   batch['images'][1, 3, 3, 0] = np.nan
   before = jax.tree_util.tree_map(np.asarray, state['params'])
-  state, metrics = step(state, constants, jax.tree_util.tree_map(jnp.asarray, batch),
-                        jax.random.PRNGKey(0))
+  state, metrics = step(
+    state, constants, jax.tree_util.tree_map(jnp.asarray, batch), jax.random.PRNGKey(0)
+  )
   assert not bool(metrics['finite'])
-  jax.tree_util.tree_map(np.testing.assert_array_equal, before,
-                         jax.tree_util.tree_map(np.asarray, state['params']))
+  jax.tree_util.tree_map(
+    np.testing.assert_array_equal, before, jax.tree_util.tree_map(np.asarray, state['params'])
+  )
   with pytest.raises(FloatingPointError, match='non-finite training loss at step 1'):
     train_step.check_finite(jax.device_get(metrics), 1)
 
 
 def _main_cmd(workdir, steps, extra=()):
-  return [sys.executable, '-m', 'updetr_jax.main', '--config=configs/pretrain.py:demo',
-          f'--workdir={workdir}', f'--config.num_train_steps={steps}',
-          '--config.checkpoint_every_steps=2', '--config.log_every_steps=1',
-          *TINY_OVERRIDES, *extra]
+  return [
+    sys.executable,
+    '-m',
+    'updetr_jax.main',
+    '--config=configs/pretrain.py:demo',
+    f'--workdir={workdir}',
+    f'--config.num_train_steps={steps}',
+    '--config.checkpoint_every_steps=2',
+    '--config.log_every_steps=1',
+    *TINY_OVERRIDES,
+    *extra,
+  ]
 
 
 def _losses(workdir):
@@ -163,8 +218,9 @@ STEPS = 24
 def reference_losses(tmp_path_factory):
   """Losses of an uninterrupted run of STEPS steps."""
   ref_dir = tmp_path_factory.mktemp('ref')
-  subprocess.run(_main_cmd(ref_dir, STEPS), cwd=ROOT, env=_env(), check=True,
-                 capture_output=True, timeout=600)
+  subprocess.run(
+    _main_cmd(ref_dir, STEPS), cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=600
+  )
   ref = _losses(ref_dir)
   assert sorted(ref) == list(range(1, STEPS + 1))
   return ref
@@ -173,8 +229,13 @@ def reference_losses(tmp_path_factory):
 def test_sigkill_and_rerun_gives_the_uninterrupted_losses(tmp_path, reference_losses):
   steps, ref = STEPS, reference_losses
   run_dir = tmp_path / 'run'
-  proc = subprocess.Popen(_main_cmd(run_dir, steps), cwd=ROOT, env=_env(),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    _main_cmd(run_dir, steps),
+    cwd=ROOT,
+    env=_env(),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   ckpt = run_dir / 'checkpoints' / '4'
   deadline = time.time() + 600
   while not ckpt.is_dir() and proc.poll() is None and time.time() < deadline:
@@ -184,25 +245,29 @@ def test_sigkill_and_rerun_gives_the_uninterrupted_losses(tmp_path, reference_lo
   killed_at = max(_losses(run_dir))
   assert killed_at < steps, 'the run finished before it was killed; nothing was tested'
 
-  subprocess.run(_main_cmd(run_dir, steps), cwd=ROOT, env=_env(), check=True,
-                 capture_output=True, timeout=600)
+  subprocess.run(
+    _main_cmd(run_dir, steps), cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=600
+  )
   resumed = _losses(run_dir)  # later lines (the rerun) overwrite the killed run's
   assert sorted(resumed) == list(range(1, steps + 1))
   for s in range(1, steps + 1):
     np.testing.assert_allclose(resumed[s], ref[s], rtol=1e-6, err_msg=f'step {s}')
 
 
-def test_sigterm_checkpoints_the_current_step_exits_0_and_resumes(tmp_path,
-                                                                  reference_losses):
+def test_sigterm_checkpoints_the_current_step_exits_0_and_resumes(tmp_path, reference_losses):
   """A preemption notice saves the step being trained (not the last periodic one)."""
   run_dir = tmp_path / 'run'
   cmd = _main_cmd(run_dir, STEPS, ['--config.checkpoint_every_steps=100'])
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+  )
   deadline = time.time() + 600
   metrics = run_dir / 'metrics.jsonl'
-  while proc.poll() is None and time.time() < deadline and not (
-      metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+  while (
+    proc.poll() is None
+    and time.time() < deadline
+    and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3)
+  ):
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=600)
@@ -213,8 +278,7 @@ def test_sigterm_checkpoints_the_current_step_exits_0_and_resumes(tmp_path,
   assert saved == [stopped_at], saved  # the current step, with periodic saves every 100
   assert f'saved step {stopped_at}' in err
 
-  rerun = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
-                         timeout=600)
+  rerun = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert f'at step {stopped_at}' in rerun.stderr
   resumed = _losses(run_dir)
@@ -223,7 +287,7 @@ def test_sigterm_checkpoints_the_current_step_exits_0_and_resumes(tmp_path,
     np.testing.assert_allclose(resumed[s], reference_losses[s], rtol=1e-6, err_msg=f'step {s}')
 
 
-_DEVICES_SCRIPT = textwrap.dedent('''
+_DEVICES_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp, numpy as np
     sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
@@ -241,15 +305,16 @@ _DEVICES_SCRIPT = textwrap.dedent('''
       state, m = step(state, constants, batch, jax.random.PRNGKey(0))
       out.append(float(m['loss']))
     print(json.dumps({{'devices': jax.device_count(), 'losses': out}}))
-''')
+""")
 
 
 def _run_devices(n):
   env = _env()
   env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={n}'
   script = _DEVICES_SCRIPT.format(root=ROOT, tests=os.path.dirname(__file__))
-  res = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True,
-                       text=True, timeout=600, check=True)
+  res = subprocess.run(
+    [sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=600, check=True
+  )
   return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -264,14 +329,18 @@ def _feature_grads(config, stop_target: bool):
   with (stop_target) or without a stop-gradient on the target ``gt_feature``."""
   config.loss.update(weight_ce=0.0, weight_bbox=0.0, weight_giou=0.0, weight_feature=1.0)
   model = build_model(config.model)
-  _, state, constants, _, _ = train_step.init_train_state(config, model, jax.random.PRNGKey(0),
-                                                         10)
+  _, state, constants, _, _ = train_step.init_train_state(config, model, jax.random.PRNGKey(0), 10)
   batch = jax.tree_util.tree_map(jnp.asarray, fixed_batch())
   loss_fn = train_step.criterion(config)
 
   def loss_of(params):
-    out = model.apply(train_step.full_variables(dict(state, params=params), constants),
-                      batch['images'], batch['padding_mask'], batch['patches'], train=False)
+    out = model.apply(
+      train_step.full_variables(dict(state, params=params), constants),
+      batch['images'],
+      batch['padding_mask'],
+      batch['patches'],
+      train=False,
+    )
     if stop_target:
       out = dict(out, gt_feature=jax.lax.stop_gradient(out['gt_feature']))
     return loss_fn(out, batch['targets'])[0]
@@ -287,8 +356,9 @@ def test_feature_target_gradient_as_in_the_release():
   config.optim.frozen = ()  # CNN trains ("feature reconstruction without frozen CNN")
   free = _feature_grads(config, stop_target=False)
   stopped = _feature_grads(config, stop_target=True)
-  diff = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), free['body'],
-                                stopped['body'])
+  diff = jax.tree_util.tree_map(
+    lambda a, b: float(jnp.abs(a - b).max()), free['body'], stopped['body']
+  )
   assert max(jax.tree_util.tree_leaves(diff)) > 1e-6  # the target path reaches the CNN
   config = tiny_config()
   config.loss_replicas = 1  # frozen CNN (the default): identical gradients

@@ -1,6 +1,7 @@
 """PASCAL VOC fine-tuning through TFDS, offline: a tiny builder shaped like TFDS `voc`
 is prepared as ArrayRecord in a temporary data_dir, then read by the 'tfds_voc' source
 (ground truth for evaluation, a short fine-tune with COCO metrics and VOC07 AP50)."""
+
 import contextlib
 import io
 import json
@@ -11,6 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import importorskip  # fails instead of skipping under CI=true
+
 tfds = importorskip('tensorflow_datasets')
 importorskip('array_record')  # TFDS' random-access (as_data_source) format
 
@@ -71,22 +73,29 @@ def _image(entry, seed):
 class TinyVoc(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Synthetic stand-in for TFDS `voc` (same feature layout, 20 VOC classes). Not
   registered: `tfds.builder('tiny_voc', data_dir=...)` reads it back from its files."""
+
   VERSION = tfds.core.Version('1.0.0')
 
   def _info(self):
     return tfds.core.DatasetInfo(
-        builder=self, description='Coloured rectangles in the layout of TFDS voc.',
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(encoding_format='jpeg'),
-            'image/filename': tfds.features.Text(),
-            'objects': tfds.features.Sequence({
-                'bbox': tfds.features.BBoxFeature(),
-                'label': tfds.features.ClassLabel(names=VOC_CLASSES),
-                'is_difficult': np.bool_,
-                'is_truncated': np.bool_,
-                'pose': tfds.features.ClassLabel(names=POSES),
-            }),
-        }))
+      builder=self,
+      description='Coloured rectangles in the layout of TFDS voc.',
+      features=tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Image(encoding_format='jpeg'),
+          'image/filename': tfds.features.Text(),
+          'objects': tfds.features.Sequence(
+            {
+              'bbox': tfds.features.BBoxFeature(),
+              'label': tfds.features.ClassLabel(names=VOC_CLASSES),
+              'is_difficult': np.bool_,
+              'is_truncated': np.bool_,
+              'pose': tfds.features.ClassLabel(names=POSES),
+            }
+          ),
+        }
+      ),
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
@@ -95,13 +104,24 @@ class TinyVoc(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self, split):
     for k, entry in enumerate(_split_spec(split)):
       h, w = entry['h'], entry['w']
-      objects = [{
+      objects = [
+        {
           'bbox': tfds.features.BBox(ymin=y0 / h, xmin=x0 / w, ymax=y1 / h, xmax=x1 / w),
-          'label': label, 'is_difficult': difficult, 'is_truncated': bool(x0 == 0),
-          'pose': POSES[(k + j) % len(POSES)]}
-                 for j, (label, (x0, y0, x1, y1), difficult) in enumerate(entry['objects'])]
-      yield entry['filename'], {'image': _image(entry, 1000 * len(split) + k),
-                                'image/filename': entry['filename'], 'objects': objects}
+          'label': label,
+          'is_difficult': difficult,
+          'is_truncated': bool(x0 == 0),
+          'pose': POSES[(k + j) % len(POSES)],
+        }
+        for j, (label, (x0, y0, x1, y1), difficult) in enumerate(entry['objects'])
+      ]
+      yield (
+        entry['filename'],
+        {
+          'image': _image(entry, 1000 * len(split) + k),
+          'image/filename': entry['filename'],
+          'objects': objects,
+        },
+      )
 
 
 @pytest.fixture(scope='module')
@@ -109,8 +129,8 @@ def voc_dir(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp('tfds'))
   builder = TinyVoc(data_dir=data_dir)
   builder.download_and_prepare(
-      file_format='array_record',
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    file_format='array_record', download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+  )
   written = os.listdir(os.path.join(data_dir, NAME, '1.0.0'))
   assert any('.array_record' in f for f in written), written
   return data_dir
@@ -119,8 +139,12 @@ def voc_dir(tmp_path_factory):
 def _voc_data(data_dir):
   """The VOC fine-tuning config's data section, pointed at the tiny dataset."""
   data = finetune_voc.get_config().data
-  data.update(tfds_voc_train=(f'{NAME}:train',), tfds_voc_eval=(f'{NAME}:test',),
-              tfds_data_dir=data_dir, index_cache_dir=None)
+  data.update(
+    tfds_voc_train=(f'{NAME}:train',),
+    tfds_voc_eval=(f'{NAME}:test',),
+    tfds_data_dir=data_dir,
+    index_cache_dir=None,
+  )
   return data
 
 
@@ -129,9 +153,16 @@ def _expected_gt(split):
   rows = []
   for e in sorted(_split_spec(split), key=lambda e: e['image_id']):
     boxes = np.array([b for _, b, _ in e['objects']], np.float64).reshape(-1, 4)
-    rows.append((e['image_id'], e['h'], e['w'], boxes,
-                 np.array([l for l, _, _ in e['objects']], np.int64),
-                 np.array([d for _, _, d in e['objects']], bool)))
+    rows.append(
+      (
+        e['image_id'],
+        e['h'],
+        e['w'],
+        boxes,
+        np.array([l for l, _, _ in e['objects']], np.int64),
+        np.array([d for _, _, d in e['objects']], bool),
+      )
+    )
   return rows
 
 
@@ -177,8 +208,12 @@ def test_evaluation_ground_truth_from_tfds(voc_dir):
     assert coco['AP50'] == pytest.approx(1.0, abs=1e-12), with_difficult
   # Counting the difficult boxes as ordinary ones would lower the first score.
   plain = evaluate.coco_gt_from_arrays(
-      [r[0] for r in expected], [r[1:3] for r in expected], [r[3] for r in expected],
-      [r[4] + 1 for r in expected], categories=range(1, 21))
+    [r[0] for r in expected],
+    [r[1:3] for r in expected],
+    [r[3] for r in expected],
+    [r[4] + 1 for r in expected],
+    categories=range(1, 21),
+  )
   without = [r for r in evaluator.results() if r['score'] < 0.95]
   assert evaluate.voc07_from_coco(plain, without, evaluator.image_ids)['mAP'] < 0.99
 
@@ -188,15 +223,25 @@ def _pycocotools_on_expected(expected, results_file):
   -> iscrowd), by pycocotools directly."""
   from pycocotools.coco import COCO
   from pycocotools.cocoeval import COCOeval
-  dataset = {'images': [], 'annotations': [],
-             'categories': [{'id': i + 1, 'name': n} for i, n in enumerate(VOC_CLASSES)]}
+
+  dataset = {
+    'images': [],
+    'annotations': [],
+    'categories': [{'id': i + 1, 'name': n} for i, n in enumerate(VOC_CLASSES)],
+  }
   for iid, h, w, boxes, labels, difficult in expected:
     dataset['images'].append({'id': iid, 'height': h, 'width': w})
     for (x0, y0, x1, y1), label, d in zip(boxes, labels, difficult):
-      dataset['annotations'].append({
-          'id': len(dataset['annotations']) + 1, 'image_id': iid,
-          'category_id': int(label) + 1, 'bbox': [x0, y0, x1 - x0, y1 - y0],
-          'area': (x1 - x0) * (y1 - y0), 'iscrowd': int(d)})
+      dataset['annotations'].append(
+        {
+          'id': len(dataset['annotations']) + 1,
+          'image_id': iid,
+          'category_id': int(label) + 1,
+          'bbox': [x0, y0, x1 - x0, y1 - y0],
+          'area': (x1 - x0) * (y1 - y0),
+          'iscrowd': int(d),
+        }
+      )
   with contextlib.redirect_stdout(io.StringIO()):
     gt = COCO()
     gt.dataset = dataset
@@ -211,11 +256,15 @@ def _pycocotools_on_expected(expected, results_file):
 def test_finetune_on_tfds_voc(voc_dir, tmp_path):
   config = tiny_finetune_config('', '')  # tiny DETR; the data section is replaced
   voc = finetune_voc.get_config()
-  config.data.update(source=voc.data.source, tfds_voc_train=(f'{NAME}:train',),
-                     tfds_voc_eval=(f'{NAME}:test',), tfds_data_dir=voc_dir,
-                     buckets=((64, 64),),  # one square canvas: one compile per step kind
-                     cache_decoded=False,  # images read from the ArrayRecord files
-                     index_cache_dir=None)
+  config.data.update(
+    source=voc.data.source,
+    tfds_voc_train=(f'{NAME}:train',),
+    tfds_voc_eval=(f'{NAME}:test',),
+    tfds_data_dir=voc_dir,
+    buckets=((64, 64),),  # one square canvas: one compile per step kind
+    cache_decoded=False,  # images read from the ArrayRecord files
+    index_cache_dir=None,
+  )
   config.eval.update(voc07=voc.eval.voc07, every_steps=6, num_pictures=0)
   config.num_train_steps = 6
   config.checkpoint_every_steps = 6
@@ -253,16 +302,19 @@ def test_finetune_on_tfds_voc(voc_dir, tmp_path):
   for iid, _, _, boxes, labels, difficult in expected:
     rs = by_image[iid]
     xywh = np.array([r['bbox'] for r in rs], np.float64).reshape(-1, 4)
-    dets.append({'boxes': np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),
-                 'scores': np.array([r['score'] for r in rs], np.float64),
-                 'labels': np.array([r['category_id'] - 1 for r in rs], np.int64)})
+    dets.append(
+      {
+        'boxes': np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),
+        'scores': np.array([r['score'] for r in rs], np.float64),
+        'labels': np.array([r['category_id'] - 1 for r in rs], np.int64),
+      }
+    )
     gts.append({'boxes': boxes, 'labels': labels, 'difficult': difficult})
   ours = evaluate.voc07_ap50(dets, gts, len(VOC_CLASSES))['mAP']
   assert abs(metrics['AP50_voc07'] - ours) <= 1e-9, (metrics['AP50_voc07'], ours)
   # ... and the COCO metrics equal pycocotools on the same generated ground truth.
   direct = _pycocotools_on_expected(expected, results_file)
-  np.testing.assert_allclose([metrics[k] for k in evaluate.COCO_METRICS], direct,
-                             rtol=0, atol=1e-9)
+  np.testing.assert_allclose([metrics[k] for k in evaluate.COCO_METRICS], direct, rtol=0, atol=1e-9)
 
 
 def test_cached_annotations_and_index_survive_a_rerun(voc_dir, tmp_path):
@@ -270,8 +322,7 @@ def test_cached_annotations_and_index_survive_a_rerun(voc_dir, tmp_path):
   index and the annotations and a second run reads them back unchanged; a version in
   the spec ('name:version:split') is accepted."""
   data = _voc_data(voc_dir)
-  data.update(index_cache_dir=str(tmp_path / 'cache'),
-              tfds_voc_eval=(f'{NAME}:1.0.0:test',))
+  data.update(index_cache_dir=str(tmp_path / 'cache'), tfds_voc_eval=(f'{NAME}:1.0.0:test',))
   fresh = evaluate.evaluation_ground_truth(_voc_data(voc_dir))
   first = evaluate.evaluation_ground_truth(data)
   written = sorted(os.listdir(tmp_path / 'cache'))

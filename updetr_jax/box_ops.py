@@ -18,81 +18,83 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 __all__ = [
-    "box_cxcywh_to_xyxy",
-    "box_xyxy_to_cxcywh",
-    "box_area",
-    "box_iou",
-    "generalized_box_iou",
+  'box_cxcywh_to_xyxy',
+  'box_xyxy_to_cxcywh',
+  'box_area',
+  'box_iou',
+  'generalized_box_iou',
 ]
 
 
 def box_cxcywh_to_xyxy(b):
-    """``(cx, cy, w, h) -> (x0, y0, x1, y1)``."""
-    b = jnp.asarray(b, jnp.float32)
-    cx, cy, w, h = b[..., 0], b[..., 1], b[..., 2], b[..., 3]
-    return jnp.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
+  """``(cx, cy, w, h) -> (x0, y0, x1, y1)``."""
+  b = jnp.asarray(b, jnp.float32)
+  cx, cy, w, h = b[..., 0], b[..., 1], b[..., 2], b[..., 3]
+  return jnp.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
 
 
 def box_xyxy_to_cxcywh(b):
-    """``(x0, y0, x1, y1) -> (cx, cy, w, h)``."""
-    b = jnp.asarray(b, jnp.float32)
-    x0, y0, x1, y1 = b[..., 0], b[..., 1], b[..., 2], b[..., 3]
-    return jnp.stack([0.5 * (x0 + x1), 0.5 * (y0 + y1), x1 - x0, y1 - y0], axis=-1)
+  """``(x0, y0, x1, y1) -> (cx, cy, w, h)``."""
+  b = jnp.asarray(b, jnp.float32)
+  x0, y0, x1, y1 = b[..., 0], b[..., 1], b[..., 2], b[..., 3]
+  return jnp.stack([0.5 * (x0 + x1), 0.5 * (y0 + y1), x1 - x0, y1 - y0], axis=-1)
 
 
 def _unstack(b):
-    b = jnp.asarray(b, jnp.float32)
-    return b[..., 0], b[..., 1], b[..., 2], b[..., 3]
+  b = jnp.asarray(b, jnp.float32)
+  return b[..., 0], b[..., 1], b[..., 2], b[..., 3]
 
 
 def _rect_area(x0, y0, x1, y1):
-    """Area of a rectangle from its corners, 0 when inverted."""
-    return jnp.maximum(x1 - x0, 0.0) * jnp.maximum(y1 - y0, 0.0)
+  """Area of a rectangle from its corners, 0 when inverted."""
+  return jnp.maximum(x1 - x0, 0.0) * jnp.maximum(y1 - y0, 0.0)
 
 
 def box_area(b):
-    """Area of xyxy boxes; inverted boxes (x1 < x0 or y1 < y0) have area 0."""
-    return _rect_area(*_unstack(b))
+  """Area of xyxy boxes; inverted boxes (x1 < x0 or y1 < y0) have area 0."""
+  return _rect_area(*_unstack(b))
 
 
 def _safe_div(num, den):
-    """``num / den`` where ``den >= 0``; 0 where ``den == 0`` (finite gradients)."""
-    pos = den > 0
-    return jnp.where(pos, num / jnp.where(pos, den, 1.0), 0.0)
+  """``num / den`` where ``den >= 0``; 0 where ``den == 0`` (finite gradients)."""
+  pos = den > 0
+  return jnp.where(pos, num / jnp.where(pos, den, 1.0), 0.0)
 
 
 def _iou_parts(a, b):
-    # Coordinates are split before broadcasting so that pairwise calls
-    # ([..., N, 1, 4] vs [..., 1, M, 4]) work on [..., N, M] planes.
-    ax0, ay0, ax1, ay1 = _unstack(a)
-    bx0, by0, bx1, by1 = _unstack(b)
-    inter = _rect_area(jnp.maximum(ax0, bx0), jnp.maximum(ay0, by0),
-                       jnp.minimum(ax1, bx1), jnp.minimum(ay1, by1))
-    union = _rect_area(ax0, ay0, ax1, ay1) + _rect_area(bx0, by0, bx1, by1) - inter
-    return inter, union
+  # Coordinates are split before broadcasting so that pairwise calls
+  # ([..., N, 1, 4] vs [..., 1, M, 4]) work on [..., N, M] planes.
+  ax0, ay0, ax1, ay1 = _unstack(a)
+  bx0, by0, bx1, by1 = _unstack(b)
+  inter = _rect_area(
+    jnp.maximum(ax0, bx0), jnp.maximum(ay0, by0), jnp.minimum(ax1, bx1), jnp.minimum(ay1, by1)
+  )
+  union = _rect_area(ax0, ay0, ax1, ay1) + _rect_area(bx0, by0, bx1, by1) - inter
+  return inter, union
 
 
 def box_iou(a, b):
-    """Elementwise (broadcasting) IoU of xyxy boxes.
+  """Elementwise (broadcasting) IoU of xyxy boxes.
 
-    Returns ``(iou, union)``, both with the broadcast leading shape. ``iou`` is 0
-    when the union is empty (both boxes of zero area).
-    """
-    inter, union = _iou_parts(a, b)
-    return _safe_div(inter, union), union
+  Returns ``(iou, union)``, both with the broadcast leading shape. ``iou`` is 0
+  when the union is empty (both boxes of zero area).
+  """
+  inter, union = _iou_parts(a, b)
+  return _safe_div(inter, union), union
 
 
 def generalized_box_iou(a, b):
-    """Elementwise (broadcasting) generalized IoU of xyxy boxes.
+  """Elementwise (broadcasting) generalized IoU of xyxy boxes.
 
-    ``giou = iou - (area_c - union) / area_c`` with ``area_c`` the area of the
-    smallest enclosing box. In ``[-1, 1]`` for valid boxes; finite for any finite
-    boxes (the enclosing-area term is 0 when ``area_c == 0``).
-    """
-    inter, union = _iou_parts(a, b)
-    iou = _safe_div(inter, union)
-    ax0, ay0, ax1, ay1 = _unstack(a)
-    bx0, by0, bx1, by1 = _unstack(b)
-    area_c = _rect_area(jnp.minimum(ax0, bx0), jnp.minimum(ay0, by0),
-                        jnp.maximum(ax1, bx1), jnp.maximum(ay1, by1))
-    return iou - _safe_div(area_c - union, area_c)
+  ``giou = iou - (area_c - union) / area_c`` with ``area_c`` the area of the
+  smallest enclosing box. In ``[-1, 1]`` for valid boxes; finite for any finite
+  boxes (the enclosing-area term is 0 when ``area_c == 0``).
+  """
+  inter, union = _iou_parts(a, b)
+  iou = _safe_div(inter, union)
+  ax0, ay0, ax1, ay1 = _unstack(a)
+  bx0, by0, bx1, by1 = _unstack(b)
+  area_c = _rect_area(
+    jnp.minimum(ax0, bx0), jnp.minimum(ay0, by0), jnp.maximum(ax1, bx1), jnp.maximum(ay1, by1)
+  )
+  return iou - _safe_div(area_c - union, area_c)

@@ -7,6 +7,7 @@ written by another model / optimizer configuration names the config fields that
 differ (``integrity.ConfigMismatchError``). Resuming falls back to the newest intact
 step (``TrainCheckpoints.restore_latest``).
 """
+
 from __future__ import annotations
 
 import os
@@ -59,8 +60,9 @@ def load_variables(path: str, target=None):
     if problems:
       raise integrity.CorruptCheckpointError(what, problems)
     try:
-      restored = (ckptr.restore(path) if target is None
-                  else ckptr.restore(path, _shape_structs(target)))
+      restored = (
+        ckptr.restore(path) if target is None else ckptr.restore(path, _shape_structs(target))
+      )
     except Exception as e:  # noqa: BLE001
       raise integrity.CorruptCheckpointError(what, [_unreadable(e)]) from e
   _check_values(record, restored, what)
@@ -83,8 +85,7 @@ def _check_structure(record, target, what, problems, config) -> None:
   """ConfigMismatchError when an intact checkpoint's arrays are not ``target``'s."""
   mismatch = integrity.structure_diff(record, target)
   if mismatch and not problems:
-    fields = (integrity.config_diff(record.get('config', {}), config)
-              if config is not None else [])
+    fields = integrity.config_diff(record.get('config', {}), config) if config is not None else []
     if config is not None and not fields:
       fields = ['no recorded config field differs (written by another version of the code?)']
     raise integrity.ConfigMismatchError(what, fields + mismatch)
@@ -96,8 +97,14 @@ def _check_values(record, restored, what) -> None:
     raise integrity.CorruptCheckpointError(what, bad)
 
 
-def train_manager(directory: str, *, save_every_steps: int, keep: int,
-                  async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
+def train_manager(
+  directory: str,
+  *,
+  save_every_steps: int,
+  keep: int,
+  async_save: bool = True,
+  read_only: bool = False,
+) -> ocp.CheckpointManager:
   """Orbax manager for training state: saves every K steps (plus forced saves), keeps N.
 
   Orbax writes each step to a temporary directory and renames it when complete, so
@@ -107,11 +114,16 @@ def train_manager(directory: str, *, save_every_steps: int, keep: int,
   policies = ocp.checkpoint_managers
   # Every K steps and at a JAX-detected preemption; not Orbax's default extra save of
   # the first step (a forced save ends the run anyway).
-  policy = policies.AnySavePolicy([policies.FixedIntervalPolicy(save_every_steps),
-                                   policies.PreemptionCheckpointingPolicy()])
+  policy = policies.AnySavePolicy(
+    [policies.FixedIntervalPolicy(save_every_steps), policies.PreemptionCheckpointingPolicy()]
+  )
   options = ocp.CheckpointManagerOptions(
-      save_decision_policy=policy, max_to_keep=keep, read_only=read_only,
-      enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
+    save_decision_policy=policy,
+    max_to_keep=keep,
+    read_only=read_only,
+    enable_async_checkpointing=async_save,
+    cleanup_tmp_directories=not read_only,
+  )
   return ocp.CheckpointManager(directory, options=options)
 
 
@@ -120,6 +132,7 @@ def _all_processes(ok: bool) -> bool:
   if jax.process_count() == 1:
     return ok
   from jax.experimental import multihost_utils
+
   return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
@@ -135,12 +148,25 @@ class TrainCheckpoints:
   nothing.
   """
 
-  def __init__(self, directory: str, *, save_every_steps: int = 1, keep: int = 1,
-               config=None, async_save: bool = True, read_only: bool = False):
+  def __init__(
+    self,
+    directory: str,
+    *,
+    save_every_steps: int = 1,
+    keep: int = 1,
+    config=None,
+    async_save: bool = True,
+    read_only: bool = False,
+  ):
     self.directory = files.abspath(directory)
     self.config = config
-    self.manager = train_manager(self.directory, save_every_steps=save_every_steps, keep=keep,
-                                 async_save=async_save, read_only=read_only)
+    self.manager = train_manager(
+      self.directory,
+      save_every_steps=save_every_steps,
+      keep=keep,
+      async_save=async_save,
+      read_only=read_only,
+    )
     self._record_config = integrity.config_record(config)
     self._unsealed: list[int] = []  # committed or in flight, without a file record yet
     self.moved_aside: list[str] = []  # corrupt steps moved away by restore_latest
@@ -160,8 +186,12 @@ class TrainCheckpoints:
       return False
     record = integrity.make_record(tree, None)
     record['config'] = self._record_config
-    saved = self.manager.save(step, args=ocp.args.StandardSave(tree), force=force,
-                              custom_metadata={integrity.RECORD_KEY: record})
+    saved = self.manager.save(
+      step,
+      args=ocp.args.StandardSave(tree),
+      force=force,
+      custom_metadata={integrity.RECORD_KEY: record},
+    )
     self._seal()  # the previous saves have committed by now
     if saved:
       self._unsealed.append(step)
@@ -176,10 +206,9 @@ class TrainCheckpoints:
     done = self._unsealed if not self.manager.is_saving_in_progress() else self._unsealed[:-1]
     for step in done:
       step_dir = os.path.join(self.directory, str(step))
-      if jax.process_index() == 0 and files.exists(os.path.join(step_dir,
-                                                                integrity.COMMIT_MARKER)):
+      if jax.process_index() == 0 and files.exists(os.path.join(step_dir, integrity.COMMIT_MARKER)):
         integrity.write_file_record(step_dir)
-    self._unsealed = self._unsealed[len(done):]
+    self._unsealed = self._unsealed[len(done) :]
 
   def restore(self, step: int, abstract_tree, *, partial: bool = False, as_numpy=False):
     """Step ``step`` into the structure (and shardings) of ``abstract_tree``, verified.
@@ -196,10 +225,12 @@ class TrainCheckpoints:
       raise integrity.CorruptCheckpointError(what, problems)
     target = _shape_structs(abstract_tree)
     if partial:
-      restore_args = jax.tree_util.tree_map(
-          lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target) if as_numpy else None
-      args = ocp.args.PyTreeRestore(item=target, partial_restore=True,
-                                    restore_args=restore_args)
+      restore_args = (
+        jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+        if as_numpy
+        else None
+      )
+      args = ocp.args.PyTreeRestore(item=target, partial_restore=True, restore_args=restore_args)
     else:
       args = ocp.args.StandardRestore(target)
     try:
@@ -226,21 +257,33 @@ class TrainCheckpoints:
       if _all_processes(error is None):
         self._move_aside(failed)
         return tree, step
-      failed.append((step, error or integrity.CorruptCheckpointError(
-          _what(self.directory, step), ['another process could not restore it'])))
+      failed.append(
+        (
+          step,
+          error
+          or integrity.CorruptCheckpointError(
+            _what(self.directory, step), ['another process could not restore it']
+          ),
+        )
+      )
     if failed:
       lines = [f'step {s}: {p}' for s, e in failed for p in e.problems]
       raise integrity.CorruptCheckpointError(
-          _what(self.directory), lines + [
-              'no step is intact; nothing was moved. Restore the files (or move the '
-              'directory away to start from scratch on purpose) and rerun'])
+        _what(self.directory),
+        lines
+        + [
+          'no step is intact; nothing was moved. Restore the files (or move the '
+          'directory away to start from scratch on purpose) and rerun'
+        ],
+      )
     return None, None
 
   def _move_aside(self, failed) -> None:
     if not failed:
       return
-    aside = os.path.join(os.path.dirname(self.directory),
-                         'corrupt_' + os.path.basename(self.directory))
+    aside = os.path.join(
+      os.path.dirname(self.directory), 'corrupt_' + os.path.basename(self.directory)
+    )
     for step, error in failed:
       dst = os.path.join(aside, str(step))
       n = 1
@@ -253,6 +296,7 @@ class TrainCheckpoints:
       self.moved_aside.append(dst)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       multihost_utils.sync_global_devices('updetr_jax.checkpoints.move_aside')
     self.manager.reload()
 
@@ -281,12 +325,15 @@ def restore_workdir_variables(workdir: str, which: str = 'latest'):
   try:
     config = files.read_json(os.path.join(workdir, 'config.json'))
   except ValueError as e:
-    raise ValueError(f'{workdir}/config.json is unreadable ({e}): it gives the shapes of the '
-                     'checkpointed arrays') from e
+    raise ValueError(
+      f'{workdir}/config.json is unreadable ({e}): it gives the shapes of the checkpointed arrays'
+    ) from e
   shapes = variable_shapes(build_model(config['model']))
   trainable, frozen = optim.partition_params(shapes['params'], config['optim']['frozen'])
-  target = {'state': {'params': trainable},
-            'constants': {'frozen': frozen, 'batch_stats': shapes['batch_stats']}}
+  target = {
+    'state': {'params': trainable},
+    'constants': {'frozen': frozen, 'batch_stats': shapes['batch_stats']},
+  }
   sub = BEST_DIR if which == 'best' else LAST_DIR
   ckpts = TrainCheckpoints(os.path.join(workdir, sub), config=config, read_only=True)
   step = ckpts.latest_step()
@@ -294,8 +341,11 @@ def restore_workdir_variables(workdir: str, which: str = 'latest'):
     raise FileNotFoundError(f'no checkpoint in {workdir}/{sub}')
   restored = ckpts.restore(step, target, partial=True, as_numpy=True)
   params = optim.merge_params(restored['state']['params'], restored['constants']['frozen'])
-  return ({'params': params, 'batch_stats': restored['constants']['batch_stats']}, step,
-          config['model'])
+  return (
+    {'params': params, 'batch_stats': restored['constants']['batch_stats']},
+    step,
+    config['model'],
+  )
 
 
 def has_steps(directory: str) -> bool:

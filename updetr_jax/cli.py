@@ -23,6 +23,7 @@ line, while other libraries (Orbax, JAX, TensorFlow) stay at WARNING. An explici
 applies to every library, as absl users expect; ``--logtostderr`` / ``--log_dir``
 behave as usual.
 """
+
 from __future__ import annotations
 
 import logging as std_logging
@@ -42,9 +43,9 @@ def resolve_config_args(argv: Sequence[str]) -> list[str]:
   out = []
   for arg in argv:
     if arg.startswith('--config='):
-      path, sep, variant = arg[len('--config='):].partition(':')
+      path, sep, variant = arg[len('--config=') :].partition(':')
       if path and not os.path.exists(path):
-        rel = path[len('configs/'):] if path.startswith('configs/') else path
+        rel = path[len('configs/') :] if path.startswith('configs/') else path
         packaged = os.path.join(CONFIG_DIR, rel)
         if os.path.exists(packaged):
           arg = f'--config={packaged}{sep}{variant}'
@@ -63,8 +64,9 @@ class _OwnInfo(std_logging.Filter):
   """Lets WARNING and above through, and INFO of this package's modules."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    return (record.levelno >= std_logging.WARNING
-            or os.path.abspath(record.pathname).startswith(_PACKAGE_DIR))
+    return record.levelno >= std_logging.WARNING or os.path.abspath(record.pathname).startswith(
+      _PACKAGE_DIR
+    )
 
 
 def setup_logging() -> None:

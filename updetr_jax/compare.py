@@ -22,6 +22,7 @@ Then ``results.json`` (every curve, and per fraction / arm / evaluation step the
 and std over seeds of each metric and the paired difference arm - scratch), the same
 as a printed table (``results.txt``) and ``curves.png`` (AP against steps, +- std).
 """
+
 from __future__ import annotations
 
 import json
@@ -37,11 +38,11 @@ from updetr_jax import files, visualize
 # Pre-trained arms: overrides of config.pretrain (paths as in the config).
 # 'scratch' is DETR with the same CNN and no pre-trained transformer.
 ARMS = {
-    'updetr': {},  # the paper's setting: frozen CNN + feature reconstruction
-    'updetr_no_feature_recon': {'model.feature_recon': False},
-    # "feature reconstruction without frozen CNN": the CNN trains in pre-training.
-    'updetr_trainable_cnn': {'optim.frozen': (r'^position/',)},
-    'scratch': None,
+  'updetr': {},  # the paper's setting: frozen CNN + feature reconstruction
+  'updetr_no_feature_recon': {'model.feature_recon': False},
+  # "feature reconstruction without frozen CNN": the CNN trains in pre-training.
+  'updetr_trainable_cnn': {'optim.frozen': (r'^position/',)},
+  'scratch': None,
 }
 METRICS = ('AP', 'AP50')
 
@@ -56,35 +57,46 @@ def check_config(config) -> None:
   if unknown:
     raise ValueError(f'config.arms: unknown {unknown}; choose from {sorted(ARMS)}')
   if 'scratch' not in config.arms:
-    raise ValueError("config.arms must include 'scratch' (the baseline of the paired "
-                     'differences)')
+    raise ValueError("config.arms must include 'scratch' (the baseline of the paired differences)")
   if not config.seeds:
     raise ValueError('config.seeds is empty')
   for f in config.label_fractions:
     if not 0 < f <= 1:
       raise ValueError(f'config.label_fractions: {f} is not in (0, 1]')
-  if any(f < 1 for f in config.label_fractions) and \
-      config.finetune.data.get('source', 'coco_json') != 'coco_json':
-    raise ValueError('config.label_fractions < 1 need a COCO json training set '
-                     '(config.finetune.data.source=coco_json)')
+  if (
+    any(f < 1 for f in config.label_fractions)
+    and config.finetune.data.get('source', 'coco_json') != 'coco_json'
+  ):
+    raise ValueError(
+      'config.label_fractions < 1 need a COCO json training set '
+      '(config.finetune.data.source=coco_json)'
+    )
 
 
 # ----------------------------------------------------------------------- stages 0-1
+
 
 def prepare_data(config, workdir: str) -> None:
   """Writes the miniature benchmark (when enabled) and points the configs at it."""
   if not config.miniature.enabled:
     return
   from updetr_jax.data import miniature  # noqa: PLC0415
+
   m = config.miniature
   directory = m.directory or os.path.join(workdir, 'data')
-  paths = miniature.write_miniature(directory, seed=m.seed, num_pool=m.num_pool,
-                                    num_train=m.num_train, num_eval=m.num_eval)
-  config.pretrain.data.update(source='folder', folder=paths['pool_dir'],
-                              eval_folder=paths['eval_dir'])
-  config.finetune.data.update(source='coco_json', ann_file=paths['train_ann'],
-                              image_dir=paths['train_dir'], eval_ann_file=paths['eval_ann'],
-                              eval_image_dir=paths['eval_dir'])
+  paths = miniature.write_miniature(
+    directory, seed=m.seed, num_pool=m.num_pool, num_train=m.num_train, num_eval=m.num_eval
+  )
+  config.pretrain.data.update(
+    source='folder', folder=paths['pool_dir'], eval_folder=paths['eval_dir']
+  )
+  config.finetune.data.update(
+    source='coco_json',
+    ann_file=paths['train_ann'],
+    image_dir=paths['train_dir'],
+    eval_ann_file=paths['eval_ann'],
+    eval_image_dir=paths['eval_dir'],
+  )
   if config.stage0.enabled and not config.stage0.images:
     config.stage0.images = paths['pool_dir']
 
@@ -96,18 +108,29 @@ def prepare_backbone(config, workdir: str) -> str:
   if not config.stage0.enabled:
     return ''
   from updetr_jax import ssl_backbone  # noqa: PLC0415
+
   s = config.stage0
   if not s.images:
-    raise ValueError('config.stage0.images: the folder of unlabeled images for the '
-                     'self-supervised CNN (or set config.backbone_checkpoint)')
+    raise ValueError(
+      'config.stage0.images: the folder of unlabeled images for the '
+      'self-supervised CNN (or set config.backbone_checkpoint)'
+    )
   out = os.path.join(workdir, 'stage0', 'backbone.npz')
   ssl_backbone.train_ssl_backbone(
-      s.images, out, backbone=config.pretrain.model.backbone, steps=s.steps,
-      batch_size=s.batch_size, image_size=s.image_size, seed=s.seed, lr=s.lr)
+    s.images,
+    out,
+    backbone=config.pretrain.model.backbone,
+    steps=s.steps,
+    batch_size=s.batch_size,
+    image_size=s.image_size,
+    seed=s.seed,
+    lr=s.lr,
+  )
   return out
 
 
 # ----------------------------------------------------------------------- stages 2-3
+
 
 def pretrain_config(config, arm: str, backbone: str):
   """The pre-training run of a pre-trained arm."""
@@ -132,16 +155,19 @@ def label_subset(ann_file: str, fraction: float, seed: int, out_dir: str) -> str
   n = max(1, int(round(fraction * len(images))))
   rng = np.random.default_rng([seed, 7919])
   keep = {int(images[i]['id']) for i in sorted(rng.choice(len(images), n, replace=False))}
-  subset = dict(coco, images=[im for im in images if int(im['id']) in keep],
-                annotations=[a for a in coco.get('annotations', [])
-                             if int(a['image_id']) in keep])
+  subset = dict(
+    coco,
+    images=[im for im in images if int(im['id']) in keep],
+    annotations=[a for a in coco.get('annotations', []) if int(a['image_id']) in keep],
+  )
   files.makedirs(out_dir)
   files.write_json(out, subset, indent=None)
   return out
 
 
-def finetune_config(config, arm: str, seed: int, fraction: float, backbone: str,
-                    pretrain_dir: str, subset_dir: str):
+def finetune_config(
+  config, arm: str, seed: int, fraction: float, backbone: str, pretrain_dir: str, subset_dir: str
+):
   """One fine-tuning run: identical for every arm but ``init.pretrained``."""
   c = config.finetune.copy_and_resolve_references()
   c.seed = seed
@@ -160,6 +186,7 @@ def _run(config, workdir: str, what: str) -> dict:
     logging.info('compare: %s finished earlier (%s), skipped', what, workdir)
     return done
   from updetr_jax import train  # noqa: PLC0415
+
   logging.info('compare: %s -> %s', what, workdir)
   t0 = time.time()
   summary = train.run(config, workdir)
@@ -182,10 +209,14 @@ def read_curve(workdir: str) -> dict[int, dict]:
 
 # ----------------------------------------------------------------------- statistics
 
+
 def _mean_std(values) -> dict:
   v = np.asarray(values, np.float64)
-  return {'mean': float(v.mean()), 'std': float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-          'n': int(len(v))}
+  return {
+    'mean': float(v.mean()),
+    'std': float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+    'n': int(len(v)),
+  }
 
 
 def summarize(curves: dict, arms, seeds, metrics=METRICS) -> dict:
@@ -202,18 +233,23 @@ def summarize(curves: dict, arms, seeds, metrics=METRICS) -> dict:
     steps = sorted(set.intersection(*step_sets)) if step_sets else []
     table = {'steps': steps, 'arms': {}, 'paired': {}}
     for arm in arms:
-      table['arms'][arm] = {m: [_mean_std([per_arm[arm][s][t][m] for s in seeds])
-                                for t in steps] for m in metrics}
+      table['arms'][arm] = {
+        m: [_mean_std([per_arm[arm][s][t][m] for s in seeds]) for t in steps] for m in metrics
+      }
       if arm != 'scratch':
         table['paired'][arm] = {
-            m: [_mean_std([per_arm[arm][s][t][m] - per_arm['scratch'][s][t][m]
-                           for s in seeds]) for t in steps] for m in metrics}
+          m: [
+            _mean_std([per_arm[arm][s][t][m] - per_arm['scratch'][s][t][m] for s in seeds])
+            for t in steps
+          ]
+          for m in metrics
+        }
     out[frac] = table
   return out
 
 
 def _pm(cell: dict) -> str:
-  return f"{100 * cell['mean']:.2f} +- {100 * cell['std']:.2f}"
+  return f'{100 * cell["mean"]:.2f} +- {100 * cell["std"]:.2f}'
 
 
 def format_table(stats: dict, header: str = '') -> str:
@@ -223,14 +259,17 @@ def format_table(stats: dict, header: str = '') -> str:
   for frac, table in stats.items():
     arms = list(table['arms'])
     for m in METRICS:
-      lines.append(f'\nlabel fraction {frac}: {m} (x100), mean +- std over seeds; '
-                   'paired difference = arm - scratch, per seed')
+      lines.append(
+        f'\nlabel fraction {frac}: {m} (x100), mean +- std over seeds; '
+        'paired difference = arm - scratch, per seed'
+      )
       cols = [f'{a}' for a in arms] + [f'{a} - scratch' for a in table['paired']]
       width = max(16, *(len(c) + 2 for c in cols))
       lines.append(f'{"step":>6}' + ''.join(f'{c:>{width}}' for c in cols))
       for i, step in enumerate(table['steps']):
-        cells = [table['arms'][a][m][i] for a in arms] + \
-            [table['paired'][a][m][i] for a in table['paired']]
+        cells = [table['arms'][a][m][i] for a in arms] + [
+          table['paired'][a][m][i] for a in table['paired']
+        ]
         lines.append(f'{step:>6}' + ''.join(f'{_pm(c):>{width}}' for c in cells))
   return '\n'.join(lines)
 
@@ -239,14 +278,23 @@ def plot(stats: dict, path: str, metric: str = 'AP') -> None:
   panels = {}
   for frac, table in stats.items():
     panels[f'label fraction {frac}'] = {
-        arm: (table['steps'], [100 * c['mean'] for c in table['arms'][arm][metric]],
-              [100 * c['std'] for c in table['arms'][arm][metric]])
-        for arm in table['arms']}
-  visualize.plot_bands(path, panels, f'{metric} (x100), mean +- std over seeds',
-                       'UP-DETR pre-training vs scratch (same CNN, budget, data order)')
+      arm: (
+        table['steps'],
+        [100 * c['mean'] for c in table['arms'][arm][metric]],
+        [100 * c['std'] for c in table['arms'][arm][metric]],
+      )
+      for arm in table['arms']
+    }
+  visualize.plot_bands(
+    path,
+    panels,
+    f'{metric} (x100), mean +- std over seeds',
+    'UP-DETR pre-training vs scratch (same CNN, budget, data order)',
+  )
 
 
 # ----------------------------------------------------------------------- the harness
+
 
 def run(config, workdir: str) -> dict:
   """Runs (or resumes) every stage; returns and writes ``results.json``."""
@@ -261,9 +309,20 @@ def run(config, workdir: str) -> dict:
     if ARMS[arm] is not None:
       d = os.path.join(workdir, 'pretrain', arm)
       s = _run(pretrain_config(config, arm, backbone), d, f'pre-training {arm}')
-      pretrained[arm] = {'workdir': d, 'summary': {k: s.get(k) for k in (
-          'steps', 'train_seconds', 'final_train_loss', 'eval_images', 'patch_eval_before',
-          'patch_eval_after')}}
+      pretrained[arm] = {
+        'workdir': d,
+        'summary': {
+          k: s.get(k)
+          for k in (
+            'steps',
+            'train_seconds',
+            'final_train_loss',
+            'eval_images',
+            'patch_eval_before',
+            'patch_eval_after',
+          )
+        },
+      }
   curves, finals, seconds = {}, {}, {}
   for frac in config.label_fractions:
     fkey = f'{frac:g}'
@@ -271,30 +330,50 @@ def run(config, workdir: str) -> dict:
     for seed in config.seeds:
       for arm in config.arms:
         d = os.path.join(workdir, 'finetune', f'frac{fkey}', arm, f'seed{seed}')
-        c = finetune_config(config, arm, seed, frac, backbone,
-                            pretrained.get(arm, {}).get('workdir', ''),
-                            os.path.join(workdir, 'data_subsets'))
+        c = finetune_config(
+          config,
+          arm,
+          seed,
+          frac,
+          backbone,
+          pretrained.get(arm, {}).get('workdir', ''),
+          os.path.join(workdir, 'data_subsets'),
+        )
         s = _run(c, d, f'fine-tuning {arm}, label fraction {fkey}, seed {seed}')
         curves[fkey].setdefault(arm, {})[seed] = read_curve(d)
         finals[fkey].setdefault(arm, {})[seed] = {
-            'eval': s.get('eval'), 'final_train_loss': s.get('final_train_loss')}
+          'eval': s.get('eval'),
+          'final_train_loss': s.get('final_train_loss'),
+        }
         seconds[d] = s.get('train_seconds')
   stats = summarize(curves, list(config.arms), list(config.seeds))
-  header = (f'UP-DETR vs scratch: {len(config.seeds)} seeds {list(config.seeds)}, '
-            f'{config.finetune.num_train_steps} fine-tuning steps (batch '
-            f'{config.finetune.batch_size}), evaluation set {config.finetune.data.eval_ann_file}')
+  header = (
+    f'UP-DETR vs scratch: {len(config.seeds)} seeds {list(config.seeds)}, '
+    f'{config.finetune.num_train_steps} fine-tuning steps (batch '
+    f'{config.finetune.batch_size}), evaluation set {config.finetune.data.eval_ann_file}'
+  )
   text = format_table(stats, header)
   results = {
-      'arms': list(config.arms), 'seeds': list(config.seeds),
-      'label_fractions': list(config.label_fractions), 'backbone_checkpoint': backbone,
-      'pretraining': pretrained, 'stats': stats, 'curves': {
-          f: {a: {str(s): {str(t): v for t, v in c.items()} for s, c in per_seed.items()}
-              for a, per_seed in per_arm.items()} for f, per_arm in curves.items()},
-      'final': {f: {a: {str(s): v for s, v in per_seed.items()} for a, per_seed in
-                    per_arm.items()} for f, per_arm in finals.items()},
-      'eval_set': _eval_set_size(config.finetune.data),
-      'minutes_this_invocation': round((time.time() - t0) / 60, 1),
-      'config': json.loads(config.to_json_best_effort()),
+    'arms': list(config.arms),
+    'seeds': list(config.seeds),
+    'label_fractions': list(config.label_fractions),
+    'backbone_checkpoint': backbone,
+    'pretraining': pretrained,
+    'stats': stats,
+    'curves': {
+      f: {
+        a: {str(s): {str(t): v for t, v in c.items()} for s, c in per_seed.items()}
+        for a, per_seed in per_arm.items()
+      }
+      for f, per_arm in curves.items()
+    },
+    'final': {
+      f: {a: {str(s): v for s, v in per_seed.items()} for a, per_seed in per_arm.items()}
+      for f, per_arm in finals.items()
+    },
+    'eval_set': _eval_set_size(config.finetune.data),
+    'minutes_this_invocation': round((time.time() - t0) / 60, 1),
+    'config': json.loads(config.to_json_best_effort()),
   }
   if jax.process_index() == 0:  # every process ran every stage; one writes
     files.write_json(os.path.join(workdir, 'results.json'), results)
@@ -310,23 +389,28 @@ def _eval_set_size(data_config) -> dict:
   if data_config.get('source', 'coco_json') != 'coco_json' or not files.exists(path):
     return {}
   coco = files.read_json(path)
-  return {'images': len(coco['images']),
-          'boxes': sum(1 for a in coco.get('annotations', []) if not a.get('iscrowd', 0))}
+  return {
+    'images': len(coco['images']),
+    'boxes': sum(1 for a in coco.get('annotations', []) if not a.get('iscrowd', 0)),
+  }
 
 
 def main(argv):
   from absl import app  # noqa: PLC0415
   from updetr_jax import cli  # noqa: PLC0415
+
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   cli.setup_logging()
   from absl import flags  # noqa: PLC0415
+
   run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 def _define_flags():
   from absl import flags
   from ml_collections import config_flags
+
   config_flags.DEFINE_config_file('config', None, 'configs/compare.py[:variant]')
   flags.DEFINE_string('workdir', None, 'output directory of every stage')
   flags.mark_flags_as_required(['config', 'workdir'])
@@ -335,6 +419,7 @@ def _define_flags():
 def cli_main():
   """Console script ``updetr-compare``."""
   from updetr_jax import cli  # noqa: PLC0415
+
   cli.run(main, _define_flags)
 
 

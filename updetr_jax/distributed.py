@@ -26,6 +26,7 @@ Example, two processes with 4 CPU devices each on one machine::
     python -m updetr_jax.main ... --coordinator_address=127.0.0.1:12345 \
     --num_processes=2 --process_id=0   # and --process_id=1 in a second shell
 """
+
 from __future__ import annotations
 
 import glob
@@ -36,10 +37,18 @@ from typing import Sequence
 
 import jax
 
-_ENV_ADDRESS, _ENV_COUNT, _ENV_ID = ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES',
-                                     'JAX_PROCESS_ID')
-_SLURM_VARS = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID',
-               'SLURM_LOCALID')  # what JAX's SLURM detection reads
+_ENV_ADDRESS, _ENV_COUNT, _ENV_ID = (
+  'JAX_COORDINATOR_ADDRESS',
+  'JAX_NUM_PROCESSES',
+  'JAX_PROCESS_ID',
+)
+_SLURM_VARS = (
+  'SLURM_JOB_ID',
+  'SLURM_STEP_NODELIST',
+  'SLURM_NTASKS',
+  'SLURM_PROCID',
+  'SLURM_LOCALID',
+)  # what JAX's SLURM detection reads
 _OMPI_URI = 'OMPI_MCA_orte_hnp_uri'
 
 _initialized = False
@@ -60,6 +69,7 @@ def _on_tpu_vm() -> bool:
   """TPU chips on this machine's PCI bus (a file scan; the backend is not touched)."""
   try:
     from jax._src import hardware_utils
+
     return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
   except (ImportError, AttributeError, OSError):
     return bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*'))
@@ -69,8 +79,9 @@ def _tpu_vm_workers(timeout: float = 10.0) -> int:
   """Number of workers of this Cloud TPU VM's slice (GCE metadata), 0 if unknown."""
   host = os.environ.get('GCE_METADATA_IP', 'metadata.google.internal')
   request = urllib.request.Request(
-      f'http://{host}/computeMetadata/v1/instance/attributes/worker-network-endpoints',
-      headers={'Metadata-Flavor': 'Google'})
+    f'http://{host}/computeMetadata/v1/instance/attributes/worker-network-endpoints',
+    headers={'Metadata-Flavor': 'Google'},
+  )
   try:
     with urllib.request.urlopen(request, timeout=timeout) as response:
       return _hosts(response.read().decode())
@@ -92,28 +103,33 @@ def _cluster_from_env(env) -> str | None:
   hosts = env.get('TPU_PROCESS_ADDRESSES') or env.get('TPU_WORKER_HOSTNAMES')
   if _hosts(hosts) > 1:
     return 'tpu pod slice'
-  if (hosts is None and 'TPU_SKIP_MDS_QUERY' not in env and _on_tpu_vm()
-      and _tpu_vm_workers() > 1):
+  if hosts is None and 'TPU_SKIP_MDS_QUERY' not in env and _on_tpu_vm() and _tpu_vm_workers() > 1:
     return 'tpu pod slice'
   return None
 
 
 def _arguments(coordinator_address, num_processes, process_id, env):
   """(kwargs for jax.distributed.initialize, description) or (None, reason)."""
-  given = {'coordinator_address': coordinator_address, 'num_processes': num_processes,
-           'process_id': process_id}
+  given = {
+    'coordinator_address': coordinator_address,
+    'num_processes': num_processes,
+    'process_id': process_id,
+  }
   if any(v is not None for v in given.values()):
     missing = [k for k, v in given.items() if v is None]
     if missing:
-      raise ValueError('multi-process run: give coordinator_address, num_processes and '
-                       f'process_id together (missing: {", ".join(missing)})')
+      raise ValueError(
+        'multi-process run: give coordinator_address, num_processes and '
+        f'process_id together (missing: {", ".join(missing)})'
+      )
     source = 'arguments'
   elif any(env.get(k) for k in (_ENV_COUNT, _ENV_ID)):
     names = (_ENV_ADDRESS, _ENV_COUNT, _ENV_ID)
     missing = [k for k in names if not env.get(k)]
     if missing:
-      raise ValueError(f'multi-process run: set {", ".join(names)} together '
-                       f'(missing: {", ".join(missing)})')
+      raise ValueError(
+        f'multi-process run: set {", ".join(names)} together (missing: {", ".join(missing)})'
+      )
     coordinator_address = env[_ENV_ADDRESS]
     num_processes, process_id = _int_env(_ENV_COUNT, env), _int_env(_ENV_ID, env)
     source = 'environment'
@@ -124,18 +140,25 @@ def _arguments(coordinator_address, num_processes, process_id, env):
     return {}, f'{cluster} (detected by JAX)'  # JAX's cluster detection fills them in
   num_processes, process_id = int(num_processes), int(process_id)
   if num_processes < 1 or not 0 <= process_id < num_processes:
-    raise ValueError(f'process_id={process_id} must be in [0, num_processes='
-                     f'{num_processes})')
+    raise ValueError(f'process_id={process_id} must be in [0, num_processes={num_processes})')
   if num_processes == 1:
     return None, f'single process (num_processes=1 from the {source})'
-  return ({'coordinator_address': coordinator_address, 'num_processes': num_processes,
-           'process_id': process_id}, source)
+  return (
+    {
+      'coordinator_address': coordinator_address,
+      'num_processes': num_processes,
+      'process_id': process_id,
+    },
+    source,
+  )
 
 
-def maybe_initialize(coordinator_address: str | None = None,
-                     num_processes: int | None = None,
-                     process_id: int | None = None,
-                     local_device_ids: Sequence[int] | None = None) -> bool:
+def maybe_initialize(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  local_device_ids: Sequence[int] | None = None,
+) -> bool:
   """Starts JAX's multi-controller runtime when this job is multi-process.
 
   Call it first thing in the program, before any other JAX call that touches the
@@ -176,11 +199,18 @@ def maybe_initialize(coordinator_address: str | None = None,
     jax.distributed.initialize(**kwargs)
   except RuntimeError as e:
     if 'before any JAX calls' in str(e) or 'already initialized' in str(e):
-      raise RuntimeError('distributed.maybe_initialize must be called before anything '
-                         f'touches the JAX backend: {e}') from e
+      raise RuntimeError(
+        f'distributed.maybe_initialize must be called before anything touches the JAX backend: {e}'
+      ) from e
     raise
   _initialized = True
-  logging.info('distributed (%s): process %d of %d, %d local of %d global devices '
-               '(%s)', source, jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count(), jax.default_backend())
+  logging.info(
+    'distributed (%s): process %d of %d, %d local of %d global devices (%s)',
+    source,
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.default_backend(),
+  )
   return True

@@ -40,7 +40,12 @@ with the per-device batch). Here an image's canvas is a function of its own size
 only (``canvas_shape``: the smallest of fixed canvases that holds it, or its size
 rounded up to a multiple of 32; or no padding at all, batch 1), so detections and
 AP do not depend on the batch size, batch order or device count.
+
+One file: every metric here scores the outputs of one inference path (the canvas rule
+above), and the pre-training and detection metrics share the matching and box code;
+a reader compares them side by side.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -74,8 +79,9 @@ def patch_predictions(outputs, num_patches: int):
 
 
 def _iou_with_targets(boxes, targets):
-  iou, _ = box_ops.box_iou(box_ops.box_cxcywh_to_xyxy(boxes),
-                           box_ops.box_cxcywh_to_xyxy(targets['boxes']))
+  iou, _ = box_ops.box_iou(
+    box_ops.box_cxcywh_to_xyxy(boxes), box_ops.box_cxcywh_to_xyxy(targets['boxes'])
+  )
   return jnp.where(targets['mask'], iou, 0.0)
 
 
@@ -90,10 +96,12 @@ def patch_iou(outputs, targets, num_patches: int):
   matched = jnp.take_along_axis(outputs['pred_boxes'], jnp.maximum(idx, 0)[..., None], axis=1)
   g = outputs['pred_boxes'].shape[1] // num_patches
   own = (idx // g == jnp.arange(idx.shape[1])[None]) & targets['mask']
-  return {'matched': _iou_with_targets(matched, targets),
-          'group_top': _iou_with_targets(top, targets),
-          'group_best': group_best_iou(outputs['pred_boxes'], targets, num_patches),
-          'own_group': own.astype(jnp.float32)}
+  return {
+    'matched': _iou_with_targets(matched, targets),
+    'group_top': _iou_with_targets(top, targets),
+    'group_best': group_best_iou(outputs['pred_boxes'], targets, num_patches),
+    'own_group': own.astype(jnp.float32),
+  }
 
 
 def group_best_iou(pred_boxes, targets, num_patches: int):
@@ -109,6 +117,7 @@ def group_best_iou(pred_boxes, targets, num_patches: int):
 
 
 # --- detection: post-processing and batch-independent inference ---------------------
+
 
 def postprocess(pred_logits, pred_boxes, orig_size):
   """DETR's post-processing (SPEC §2); jittable.
@@ -136,8 +145,7 @@ def canvas_shape(height: int, width: int, canvases=None, multiple: int = 32):
     (32 = the C5 stride, which keeps the mask downsampling exact; 1 = no padding).
   """
   if canvases:
-    fits = [(ch * cw, k) for k, (ch, cw) in enumerate(canvases)
-            if ch >= height and cw >= width]
+    fits = [(ch * cw, k) for k, (ch, cw) in enumerate(canvases) if ch >= height and cw >= width]
     if not fits:
       raise ValueError(f'no canvas of {list(canvases)} holds an image of {(height, width)}')
     return tuple(int(v) for v in canvases[min(fits)[1]])
@@ -181,8 +189,16 @@ def make_detect_fn(model, out_shardings=None):
   return detect
 
 
-def detect_images(detect_fn, variables, images: Sequence[np.ndarray], orig_sizes, *,
-                  batch_size: int = 1, canvases=None, multiple: int = 32) -> dict:
+def detect_images(
+  detect_fn,
+  variables,
+  images: Sequence[np.ndarray],
+  orig_sizes,
+  *,
+  batch_size: int = 1,
+  canvases=None,
+  multiple: int = 32,
+) -> dict:
   """Runs ``detect_fn`` on images grouped by canvas (``canvas_shape``), in batches of
   exactly ``batch_size`` rows (the last of each canvas filled with blank rows).
 
@@ -198,16 +214,18 @@ def detect_images(detect_fn, variables, images: Sequence[np.ndarray], orig_sizes
   per_image = {}
   for canvas, idx in groups.items():
     for s in range(0, len(idx), batch_size):
-      chunk = idx[s:s + batch_size]
+      chunk = idx[s : s + batch_size]
       batch, mask = pad_to_canvas([images[i] for i in chunk], canvas, batch_size)
       size = np.ones((batch_size, 2), np.float32)
-      size[:len(chunk)] = orig_sizes[chunk]
+      size[: len(chunk)] = orig_sizes[chunk]
       out = jax.device_get(detect_fn(variables, batch, mask, size))
       for r, i in enumerate(chunk):
         per_image[i] = tuple(o[r] for o in out)
   n = len(images)
-  return {k: np.stack([per_image[i][j] for i in range(n)]) if n else np.zeros((0,))
-          for j, k in enumerate(('scores', 'labels', 'boxes'))}
+  return {
+    k: np.stack([per_image[i][j] for i in range(n)]) if n else np.zeros((0,))
+    for j, k in enumerate(('scores', 'labels', 'boxes'))
+  }
 
 
 # --- COCO-style evaluation ------------------------------------------------------------
@@ -218,6 +236,7 @@ COCO_METRICS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
 def coco_from_dataset(dataset: dict):
   """A pycocotools ``COCO`` from a COCO-format dict, without its printout."""
   from pycocotools.coco import COCO
+
   coco = COCO()
   coco.dataset = dataset
   with contextlib.redirect_stdout(io.StringIO()):
@@ -225,8 +244,7 @@ def coco_from_dataset(dataset: dict):
   return coco
 
 
-def coco_gt_from_arrays(image_ids, image_sizes, boxes, category_ids, iscrowd=None,
-                        categories=None):
+def coco_gt_from_arrays(image_ids, image_sizes, boxes, category_ids, iscrowd=None, categories=None):
   """An in-memory pycocotools ``COCO`` ground truth from per-image arrays.
 
   Args: image_ids [n]; image_sizes [n, 2] (h, w); boxes: n arrays [k_i, 4] xyxy in
@@ -243,9 +261,16 @@ def coco_gt_from_arrays(image_ids, image_sizes, boxes, category_ids, iscrowd=Non
     crowd = np.zeros(len(b), bool) if iscrowd is None else np.asarray(iscrowd[i], bool)
     for box, cat, c in zip(b, np.asarray(category_ids[i]).reshape(-1), crowd):
       bw, bh = box[2] - box[0], box[3] - box[1]
-      anns.append({'id': len(anns) + 1, 'image_id': int(iid), 'category_id': int(cat),
-                   'bbox': [float(box[0]), float(box[1]), float(bw), float(bh)],
-                   'area': float(bw * bh), 'iscrowd': int(c)})
+      anns.append(
+        {
+          'id': len(anns) + 1,
+          'image_id': int(iid),
+          'category_id': int(cat),
+          'bbox': [float(box[0]), float(box[1]), float(bw), float(bh)],
+          'area': float(bw * bh),
+          'iscrowd': int(c),
+        }
+      )
   if categories is None:
     categories = sorted({a['category_id'] for a in anns})
   if isinstance(categories, Mapping):
@@ -302,10 +327,14 @@ class CocoEvaluator:
       cats, keep = self._categories(labels[b])
       x0, y0, x1, y1 = boxes[b].T
       for k in np.flatnonzero(keep):
-        self._results.append({
-            'image_id': iid, 'category_id': int(cats[k]),
+        self._results.append(
+          {
+            'image_id': iid,
+            'category_id': int(cats[k]),
             'bbox': [float(x0[k]), float(y0[k]), float(x1[k] - x0[k]), float(y1[k] - y0[k])],
-            'score': float(scores[b, k])})
+            'score': float(scores[b, k]),
+          }
+        )
 
   @property
   def image_ids(self) -> list[int]:
@@ -326,19 +355,26 @@ class CocoEvaluator:
     the metrics with ground truth are 0.
     """
     from pycocotools.cocoeval import COCOeval
+
     ids = sorted(self._seen)
     missing = set(ids) - set(coco_gt.getImgIds())
     if missing:
-      raise ValueError(f'{len(missing)} evaluated image ids are not in the ground truth, '
-                       f'e.g. {sorted(missing)[:5]}')
+      raise ValueError(
+        f'{len(missing)} evaluated image ids are not in the ground truth, '
+        f'e.g. {sorted(missing)[:5]}'
+      )
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
       if self._results:
         coco_dt = coco_gt.loadRes(self.results())
       else:  # loadRes cannot take an empty list
-        coco_dt = coco_from_dataset({'images': list(coco_gt.dataset['images']),
-                               'categories': list(coco_gt.dataset['categories']),
-                               'annotations': []})
+        coco_dt = coco_from_dataset(
+          {
+            'images': list(coco_gt.dataset['images']),
+            'categories': list(coco_gt.dataset['categories']),
+            'annotations': [],
+          }
+        )
       ev = COCOeval(coco_gt, coco_dt, 'bbox')
       ev.params.imgIds = ids
       ev.evaluate()
@@ -349,6 +385,7 @@ class CocoEvaluator:
 
 
 # --- VOC07 AP50 -----------------------------------------------------------------------
+
 
 def _pairwise_ious(detections, ground_truth, chunk: int = 256) -> list[np.ndarray]:
   """Per image IoU [k_det, k_gt] of xyxy boxes (box_ops, fixed-shape chunks)."""
@@ -361,16 +398,20 @@ def _pairwise_ious(detections, ground_truth, chunk: int = 256) -> list[np.ndarra
     db = np.zeros((chunk, dmax, 4), np.float32)
     gb = np.zeros((chunk, gmax, 4), np.float32)
     for r, i in enumerate(range(s, min(s + chunk, n))):
-      db[r, :dk[i]] = np.asarray(detections[i]['boxes'], np.float32).reshape(-1, 4)
-      gb[r, :gk[i]] = np.asarray(ground_truth[i]['boxes'], np.float32).reshape(-1, 4)
+      db[r, : dk[i]] = np.asarray(detections[i]['boxes'], np.float32).reshape(-1, 4)
+      gb[r, : gk[i]] = np.asarray(ground_truth[i]['boxes'], np.float32).reshape(-1, 4)
     iou, _ = box_ops.box_iou(db[:, :, None], gb[:, None])
     iou = np.asarray(iou)
-    out += [iou[r, :dk[i], :gk[i]] for r, i in enumerate(range(s, min(s + chunk, n)))]
+    out += [iou[r, : dk[i], : gk[i]] for r, i in enumerate(range(s, min(s + chunk, n)))]
   return out
 
 
-def voc07_ap50(detections: Sequence[Mapping], ground_truth: Sequence[Mapping],
-               num_classes: int, iou_threshold: float = 0.5) -> dict:
+def voc07_ap50(
+  detections: Sequence[Mapping],
+  ground_truth: Sequence[Mapping],
+  num_classes: int,
+  iou_threshold: float = 0.5,
+) -> dict:
   """PASCAL VOC07 11-point AP at IoU > 0.5, per class and mean.
 
   Args: detections: per image {'boxes' [k, 4] xyxy, 'scores' [k], 'labels' [k]};
@@ -391,8 +432,10 @@ def voc07_ap50(detections: Sequence[Mapping], ground_truth: Sequence[Mapping],
   det_labels = [np.asarray(d['labels']).reshape(-1) for d in detections]
   det_scores = [np.asarray(d['scores'], np.float64).reshape(-1) for d in detections]
   gt_labels = [np.asarray(g['labels']).reshape(-1) for g in ground_truth]
-  gt_difficult = [np.asarray(g.get('difficult', np.zeros(len(l), bool)), bool).reshape(-1)
-                  for g, l in zip(ground_truth, gt_labels)]
+  gt_difficult = [
+    np.asarray(g.get('difficult', np.zeros(len(l), bool)), bool).reshape(-1)
+    for g, l in zip(ground_truth, gt_labels)
+  ]
   thresholds = np.arange(11) / 10.0
   per_class = []
   for c in range(num_classes):
@@ -425,8 +468,9 @@ def voc07_ap50(detections: Sequence[Mapping], ground_truth: Sequence[Mapping],
     ctp, cfp = np.cumsum(tp), np.cumsum(fp)
     rec = ctp / npos
     prec = ctp / np.maximum(ctp + cfp, np.finfo(np.float64).eps)
-    per_class.append(float(np.mean(
-        [prec[rec >= t].max() if np.any(rec >= t) else 0.0 for t in thresholds])))
+    per_class.append(
+      float(np.mean([prec[rec >= t].max() if np.any(rec >= t) else 0.0 for t in thresholds]))
+    )
   valid = [a for a in per_class if not np.isnan(a)]
   return {'per_class': per_class, 'mAP': float(np.mean(valid)) if valid else float('nan')}
 
@@ -451,13 +495,21 @@ def voc07_from_coco(coco_gt, results: Sequence[Mapping], image_ids) -> dict:
 
   dets, gts = [], []
   for iid, rs in by_image.items():
-    dets.append({'boxes': xyxy([r['bbox'] for r in rs]),
-                 'scores': np.array([r['score'] for r in rs], np.float64),
-                 'labels': np.array([index[int(r['category_id'])] for r in rs], np.int64)})
+    dets.append(
+      {
+        'boxes': xyxy([r['bbox'] for r in rs]),
+        'scores': np.array([r['score'] for r in rs], np.float64),
+        'labels': np.array([index[int(r['category_id'])] for r in rs], np.int64),
+      }
+    )
     anns = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=[iid]))
-    gts.append({'boxes': xyxy([a['bbox'] for a in anns]),
-                'labels': np.array([index[int(a['category_id'])] for a in anns], np.int64),
-                'difficult': np.array([bool(a.get('iscrowd', 0)) for a in anns], bool)})
+    gts.append(
+      {
+        'boxes': xyxy([a['bbox'] for a in anns]),
+        'labels': np.array([index[int(a['category_id'])] for a in anns], np.int64),
+        'difficult': np.array([bool(a.get('iscrowd', 0)) for a in anns], bool),
+      }
+    )
   out = voc07_ap50(dets, gts, len(cat_ids))
   out['category_ids'] = cat_ids
   return out
@@ -497,6 +549,6 @@ def evaluation_ground_truth(data_config):
       cats.append(labels if kind == 'coco' else labels + 1)
       crowd.append(is_crowd | (difficult if difficult is not None else False))
   from updetr_jax.class_names import COCO_CATEGORIES, VOC_CLASSES
-  names = (dict(COCO_CATEGORIES) if kind == 'coco'
-           else {i + 1: n for i, n in enumerate(VOC_CLASSES)})
+
+  names = dict(COCO_CATEGORIES) if kind == 'coco' else {i + 1: n for i, n in enumerate(VOC_CLASSES)}
   return coco_gt_from_arrays(ids, sizes, boxes, cats, crowd, categories=names)

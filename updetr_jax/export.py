@@ -37,9 +37,11 @@ Symbolic image sizes. ``DETR.encode_image`` downsamples the padding mask to the 
 with indices computed in numpy from the static shapes, which symbolic sizes cannot give.
 Unpadded, that mask is all False, so the export traces the model with its
 ``encode_image`` replaced (``flax.linen.intercept_methods``) by the same computation
-with the C5 mask made directly as zeros; nothing else of the model changes. The learned
-position embedding needs static sizes (its 50x50 table), so only ``sine`` exports.
+with the C5 mask made directly as zeros; nothing else of the model changes. A model with
+the learned position embedding (a 50x50 table) exports with the bound on (h, w) it needs
+(``shape_constraints``); larger inputs fail when called, as they do in the model.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,6 +58,7 @@ from updetr_jax import checkpoints, cli, evaluate, files, predict
 from updetr_jax.class_names import get_class_names
 from updetr_jax.data import augment
 from updetr_jax.models import build_model
+from updetr_jax.models.position import PositionEmbeddingLearned
 
 SAVED_MODEL_DIR = 'saved_model'
 JAX_EXPORT_FILE = 'detector.jax_export'
@@ -84,6 +87,16 @@ def _unpadded_encode_image(next_fun, args, kwargs, context):
   return src.reshape(b, h * w, d), mask.reshape(b, h * w), pos.reshape(b, h * w, d)
 
 
+def shape_constraints(model) -> tuple[str, ...]:
+  """Bounds on the symbolic resized size (h, w) that the model needs: the learned
+  position embedding covers C5 maps of at most ``max_len`` cells a side (images of
+  at most 32 * 50 = 1600 px a side, 800 with a dilated C5); none for the sine one."""
+  if model.position_embedding in ('learned', 'v3'):
+    side = (16 if model.dilation else 32) * PositionEmbeddingLearned.max_len
+    return (f'h <= {side}', f'w <= {side}')
+  return ()
+
+
 def make_serving_fn(model):
   """The exported JAX function, traceable with symbolic batch and image sizes.
 
@@ -93,11 +106,10 @@ def make_serving_fn(model):
   run on each image unpadded and ``evaluate.postprocess``, as ``predict``.
   """
   if getattr(model, 'num_patches', 0):
-    raise ValueError(f'an UP-DETR pre-training model (num_patches={model.num_patches}) '
-                     'needs query patches; fine-tune it into DETR to export it')
-  if model.position_embedding not in ('sine', 'v2'):
-    raise ValueError(f'model.position_embedding={model.position_embedding!r}: only the '
-                     "sine embedding exports with symbolic image sizes")
+    raise ValueError(
+      f'an UP-DETR pre-training model (num_patches={model.num_patches}) '
+      'needs query patches; fine-tune it into DETR to export it'
+    )
   detect = evaluate.make_detect_fn(model)
 
   def serve(variables, images, orig_size):
@@ -113,28 +125,32 @@ def export_jax(model, variables, platforms: Sequence[str] = ('cpu',)):
   (scores, labels, boxes), B, h, w symbolic."""
   serve = make_serving_fn(model)
   variables = jax.device_get(variables)
-  b, h, w = jax.export.symbolic_shape('b, h, w')
-  return jax.export.export(jax.jit(lambda x, size: serve(variables, x, size)),
-                           platforms=tuple(platforms))(
-      jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32),
-      jax.ShapeDtypeStruct((b, 2), jnp.float32))
+  b, h, w = jax.export.symbolic_shape('b, h, w', constraints=shape_constraints(model))
+  return jax.export.export(
+    jax.jit(lambda x, size: serve(variables, x, size)), platforms=tuple(platforms)
+  )(jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32), jax.ShapeDtypeStruct((b, 2), jnp.float32))
 
 
-def _saved_model_module(model, variables, *, scale: int, max_size: int,
-                        platforms: Sequence[str]):
+def _saved_model_module(model, variables, *, scale: int, max_size: int, platforms: Sequence[str]):
   """A tf.Module whose ``serve`` is the SavedModel's signature; weights as tf.Variables."""
   import tensorflow as tf  # noqa: PLC0415
   from jax.experimental import jax2tf  # noqa: PLC0415
 
-  converted = jax2tf.convert(make_serving_fn(model), with_gradient=False,
-                             polymorphic_shapes=[None, '(b, h, w, 3)', '(b, 2)'],
-                             native_serialization_platforms=tuple(platforms))
+  converted = jax2tf.convert(
+    make_serving_fn(model),
+    with_gradient=False,
+    polymorphic_shapes=[None, '(b, h, w, 3)', '(b, 2)'],
+    polymorphic_constraints=shape_constraints(model),
+    native_serialization_platforms=tuple(platforms),
+  )
   module = tf.Module()
   module.variables_tree = tf.nest.map_structure(
-      lambda v: tf.Variable(np.asarray(v), trainable=False), jax.device_get(variables))
+    lambda v: tf.Variable(np.asarray(v), trainable=False), jax.device_get(variables)
+  )
 
-  @tf.function(autograph=False, input_signature=[
-      tf.TensorSpec([None, None, None, 3], tf.uint8, name='images')])
+  @tf.function(
+    autograph=False, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name='images')]
+  )
   def serve(images):
     x, orig_size = predict.preprocess_images(images, scale, max_size)
     scores, labels, boxes = converted(module.variables_tree, x, orig_size)
@@ -144,14 +160,16 @@ def _saved_model_module(model, variables, *, scale: int, max_size: int,
   return module
 
 
-def save_tf(model, variables, path: str, *, scale: int, max_size: int,
-            platforms: Sequence[str] = ('cpu',)) -> None:
+def save_tf(
+  model, variables, path: str, *, scale: int, max_size: int, platforms: Sequence[str] = ('cpu',)
+) -> None:
   """Writes the TF SavedModel (signature ``serving_default``, see the module docstring)."""
   import tensorflow as tf  # noqa: PLC0415
-  module = _saved_model_module(model, variables, scale=scale, max_size=max_size,
-                               platforms=platforms)
-  tf.saved_model.save(module, path,
-                      signatures={SIGNATURE: module.serve.get_concrete_function()})
+
+  module = _saved_model_module(
+    model, variables, scale=scale, max_size=max_size, platforms=platforms
+  )
+  tf.saved_model.save(module, path, signatures={SIGNATURE: module.serve.get_concrete_function()})
 
 
 def _model_fields(model) -> dict:
@@ -161,74 +179,112 @@ def _model_fields(model) -> dict:
     if f.name in ('parent', 'name'):
       continue
     v = getattr(model, f.name)
-    out[f.name] = v if isinstance(v, (bool, int, float, str, type(None))) else str(
-        jnp.dtype(v) if f.name == 'dtype' else v)
+    out[f.name] = (
+      v
+      if isinstance(v, (bool, int, float, str, type(None)))
+      else str(jnp.dtype(v) if f.name == 'dtype' else v)
+    )
   return out
 
 
-def _metadata(model, exported, *, scale, max_size, class_names, model_config, platforms,
-              source) -> dict:
+def _metadata(
+  model, exported, *, scale, max_size, class_names, model_config, platforms, source
+) -> dict:
   n, c = model.num_queries, model.num_classes
-  size_rule = (f'(h, w) = updetr_jax.data.augment.resize_rule(H, W, {scale}, {max_size}): '
-               f'shorter side {scale}, longer side at most {max_size}')
+  size_rule = (
+    f'(h, w) = updetr_jax.data.augment.resize_rule(H, W, {scale}, {max_size}): '
+    f'shorter side {scale}, longer side at most {max_size}'
+  )
   outputs = {
-      'scores': {'dtype': 'float32', 'shape': ['B', n],
-                 'description': f'max softmax probability over the {c} real classes'},
-      'labels': {'dtype': 'int32', 'shape': ['B', n],
-                 'description': 'argmax over the real classes (0..num_classes-1)'},
-      'boxes': {'dtype': 'float32', 'shape': ['B', n, 4],
-                'description': 'x0, y0, x1, y1 in original-image pixels'},
+    'scores': {
+      'dtype': 'float32',
+      'shape': ['B', n],
+      'description': f'max softmax probability over the {c} real classes',
+    },
+    'labels': {
+      'dtype': 'int32',
+      'shape': ['B', n],
+      'description': 'argmax over the real classes (0..num_classes-1)',
+    },
+    'boxes': {
+      'dtype': 'float32',
+      'shape': ['B', n, 4],
+      'description': 'x0, y0, x1, y1 in original-image pixels',
+    },
   }
   return {
-      'format_version': FORMAT_VERSION,
-      'preprocessing': {
-          'scale': int(scale), 'max_size': int(max_size) if max_size else None,
-          'resize': size_rule + '; bilinear, antialiased when an axis shrinks below '
-                    f'{augment.ANTIALIAS_BELOW} of its size (data.augment.resize_image)',
-          'normalize': '(pixel / 255 - mean) / std',
-          'mean': list(augment.MEAN), 'std': list(augment.STD),
-          'function': 'updetr_jax.predict.preprocess_images',
-          'padding': 'none: every image runs at its resized size',
+    'format_version': FORMAT_VERSION,
+    'preprocessing': {
+      'scale': int(scale),
+      'max_size': int(max_size) if max_size else None,
+      'resize': size_rule + '; bilinear, antialiased when an axis shrinks below '
+      f'{augment.ANTIALIAS_BELOW} of its size (data.augment.resize_image)',
+      'normalize': '(pixel / 255 - mean) / std',
+      'mean': list(augment.MEAN),
+      'std': list(augment.STD),
+      'function': 'updetr_jax.predict.preprocess_images',
+      'padding': 'none: every image runs at its resized size',
+    },
+    'saved_model': {
+      'path': SAVED_MODEL_DIR,
+      'signature': SIGNATURE,
+      'inputs': {
+        'images': {
+          'dtype': 'uint8',
+          'shape': ['B', 'H', 'W', 3],
+          'description': 'RGB images of one size per batch; resized and normalised '
+          'inside (preprocessing)',
+        }
       },
-      'saved_model': {
-          'path': SAVED_MODEL_DIR, 'signature': SIGNATURE,
-          'inputs': {'images': {
-              'dtype': 'uint8', 'shape': ['B', 'H', 'W', 3],
-              'description': 'RGB images of one size per batch; resized and normalised '
-                             'inside (preprocessing)'}},
-          'outputs': outputs,
-          'platforms': list(platforms),
-      },
-      'jax_export': {
-          'path': JAX_EXPORT_FILE,
-          'load': 'jax.export.deserialize(bytearray(open(path, "rb").read()))',
-          'inputs': [
-              {'name': 'images', 'dtype': 'float32', 'shape': ['B', 'h', 'w', 3],
-               'description': 'the images resized and normalised as in preprocessing, '
-                              'unpadded (= predict.preprocess_images(...)[0])'},
-              {'name': 'orig_size', 'dtype': 'float32', 'shape': ['B', 2],
-               'description': '(H, W) of the original images '
-                              '(= predict.preprocess_images(...)[1])'},
-          ],
-          'outputs': [dict(name=k, **outputs[k]) for k in ('scores', 'labels', 'boxes')],
-          'platforms': list(exported.platforms),
-          'calling_convention_version': int(exported.calling_convention_version),
-          'jax_version': jax.__version__,
-      },
-      'num_queries': n,
-      'num_classes': c,
-      'model': dict(model_config) if model_config is not None else _model_fields(model),
-      'class_names': ({str(k): v for k, v in sorted(class_names.items())}
-                      if class_names is not None else None),
-      'source': dict(source or {}),
+      'outputs': outputs,
+      'platforms': list(platforms),
+    },
+    'jax_export': {
+      'path': JAX_EXPORT_FILE,
+      'load': 'jax.export.deserialize(bytearray(open(path, "rb").read()))',
+      'inputs': [
+        {
+          'name': 'images',
+          'dtype': 'float32',
+          'shape': ['B', 'h', 'w', 3],
+          'description': 'the images resized and normalised as in preprocessing, '
+          'unpadded (= predict.preprocess_images(...)[0])',
+        },
+        {
+          'name': 'orig_size',
+          'dtype': 'float32',
+          'shape': ['B', 2],
+          'description': '(H, W) of the original images (= predict.preprocess_images(...)[1])',
+        },
+      ],
+      'outputs': [dict(name=k, **outputs[k]) for k in ('scores', 'labels', 'boxes')],
+      'shape_constraints': list(shape_constraints(model)),
+      'platforms': list(exported.platforms),
+      'calling_convention_version': int(exported.calling_convention_version),
+      'jax_version': jax.__version__,
+    },
+    'num_queries': n,
+    'num_classes': c,
+    'model': dict(model_config) if model_config is not None else _model_fields(model),
+    'class_names': (
+      {str(k): v for k, v in sorted(class_names.items())} if class_names is not None else None
+    ),
+    'source': dict(source or {}),
   }
 
 
-def export_detector(model, variables, output_dir: str, *, scale: int = 800,
-                    max_size: int = 1333, class_names: Mapping[int, str] | None = None,
-                    model_config: Mapping | None = None,
-                    platforms: Sequence[str] = ('cpu',), source: Mapping | None = None
-                    ) -> dict:
+def export_detector(
+  model,
+  variables,
+  output_dir: str,
+  *,
+  scale: int = 800,
+  max_size: int = 1333,
+  class_names: Mapping[int, str] | None = None,
+  model_config: Mapping | None = None,
+  platforms: Sequence[str] = ('cpu',),
+  source: Mapping | None = None,
+) -> dict:
   """Writes output_dir/saved_model, output_dir/detector.jax_export and export.json.
 
   Args: model: a DETR (``build_model``); variables: its {'params', 'batch_stats'};
@@ -244,11 +300,24 @@ def export_detector(model, variables, output_dir: str, *, scale: int = 800,
   exported = export_jax(model, variables, platforms)
   files.write_file(files.join(output_dir, JAX_EXPORT_FILE), bytes(exported.serialize()))
   logging.info('writing the TF SavedModel %s', files.join(output_dir, SAVED_MODEL_DIR))
-  save_tf(model, variables, files.join(output_dir, SAVED_MODEL_DIR), scale=scale,
-          max_size=max_size, platforms=platforms)
-  meta = _metadata(model, exported, scale=scale, max_size=max_size,
-                   class_names=class_names, model_config=model_config,
-                   platforms=platforms, source=source)
+  save_tf(
+    model,
+    variables,
+    files.join(output_dir, SAVED_MODEL_DIR),
+    scale=scale,
+    max_size=max_size,
+    platforms=platforms,
+  )
+  meta = _metadata(
+    model,
+    exported,
+    scale=scale,
+    max_size=max_size,
+    class_names=class_names,
+    model_config=model_config,
+    platforms=platforms,
+    source=source,
+  )
   files.write_json(files.join(output_dir, METADATA_FILE), meta, indent=1)
   logging.info('wrote %s', output_dir)
   return meta
@@ -269,11 +338,14 @@ def main(argv):
     raise app.UsageError('give exactly one of --workdir and --checkpoint')
   if FLAGS.workdir:
     variables, step, model_config = checkpoints.restore_workdir_variables(
-        FLAGS.workdir, FLAGS.which)
+      FLAGS.workdir, FLAGS.which
+    )
     if model_config.get('num_patches'):
-      raise app.UsageError(f'{FLAGS.workdir} holds an UP-DETR pre-training model '
-                           f'(model.num_patches={model_config["num_patches"]}), which needs '
-                           'query patches; fine-tune it into DETR first')
+      raise app.UsageError(
+        f'{FLAGS.workdir} holds an UP-DETR pre-training model '
+        f'(model.num_patches={model_config["num_patches"]}), which needs '
+        'query patches; fine-tune it into DETR first'
+      )
     source = {'workdir': FLAGS.workdir, 'which': FLAGS.which, 'step': int(step)}
     logging.info('restored step %d of %s (%s)', step, FLAGS.workdir, FLAGS.which)
   else:
@@ -285,28 +357,46 @@ def main(argv):
   if FLAGS.checkpoint:
     variables = predict.load_model_variables(model, model_config, FLAGS.checkpoint)
   platforms = [p.strip() for p in FLAGS.platforms.split(',') if p.strip()]
-  export_detector(model, variables, FLAGS.output, scale=FLAGS.scale, max_size=FLAGS.max_size,
-                  class_names=get_class_names(FLAGS.class_names), model_config=model_config,
-                  platforms=platforms, source=source)
-  print(f'wrote {FLAGS.output}/{SAVED_MODEL_DIR}, {FLAGS.output}/{JAX_EXPORT_FILE} and '
-        f'{FLAGS.output}/{METADATA_FILE}')
+  export_detector(
+    model,
+    variables,
+    FLAGS.output,
+    scale=FLAGS.scale,
+    max_size=FLAGS.max_size,
+    class_names=get_class_names(FLAGS.class_names),
+    model_config=model_config,
+    platforms=platforms,
+    source=source,
+  )
+  print(
+    f'wrote {FLAGS.output}/{SAVED_MODEL_DIR}, {FLAGS.output}/{JAX_EXPORT_FILE} and '
+    f'{FLAGS.output}/{METADATA_FILE}'
+  )
 
 
 def _define_flags():
   config_flags.DEFINE_config_file('config', None, 'config file (uses its .model)')
   flags.DEFINE_string('checkpoint', None, 'Orbax variables checkpoint directory or PyTorch .pth')
   flags.DEFINE_string('workdir', None, 'training workdir (its checkpoints and config.json)')
-  flags.DEFINE_enum('which', 'auto', ['auto', 'best', 'latest'],
-                    'with --workdir: the best-evaluated checkpoint (workdir/best), the '
-                    'latest, or auto (best when there is one)')
+  flags.DEFINE_enum(
+    'which',
+    'auto',
+    ['auto', 'best', 'latest'],
+    'with --workdir: the best-evaluated checkpoint (workdir/best), the '
+    'latest, or auto (best when there is one)',
+  )
   flags.DEFINE_string('output', None, 'output directory')
-  flags.DEFINE_enum('class_names', 'coco', ['coco', 'voc', 'none'],
-                    'label names recorded in export.json')
+  flags.DEFINE_enum(
+    'class_names', 'coco', ['coco', 'voc', 'none'], 'label names recorded in export.json'
+  )
   flags.DEFINE_integer('scale', 800, 'shorter side after resizing')
   flags.DEFINE_integer('max_size', 1333, 'cap on the longer side')
-  flags.DEFINE_string('platforms', 'cpu',
-                      'comma-separated platforms the StableHLO is lowered for: cpu, cuda, '
-                      'tpu (one artifact can hold several)')
+  flags.DEFINE_string(
+    'platforms',
+    'cpu',
+    'comma-separated platforms the StableHLO is lowered for: cpu, cuda, '
+    'tpu (one artifact can hold several)',
+  )
   flags.mark_flags_as_required(['output'])
 
 

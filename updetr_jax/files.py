@@ -4,6 +4,7 @@ Every file a run writes besides checkpoints (Orbax handles those) goes through h
 so a ``gs://`` workdir shared by the hosts of a TPU slice works like a local one.
 Remote paths use ``tf.io.gfile``; local paths use plain Python.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,6 +20,7 @@ def is_remote(path: str) -> bool:
 
 def _gfile():
   import tensorflow as tf
+
   return tf.io.gfile
 
 
@@ -127,6 +129,7 @@ def append_line(path: str, line: str) -> None:
 def write_npz(path: str, arrays: dict) -> None:
   """numpy arrays -> ``path`` (.npz), written whole."""
   import io
+
   buf = io.BytesIO()
   np.savez(buf, **arrays)  # in memory: the zip writer seeks, a remote file cannot
   write_file(path, buf.getvalue())
@@ -135,6 +138,7 @@ def write_npz(path: str, arrays: dict) -> None:
 def read_npz(path: str) -> dict:
   """``write_npz``'s arrays (no pickles)."""
   import io
+
   with open_file(path, 'rb') as f:
     z = np.load(io.BytesIO(f.read()), allow_pickle=False)
     return {k: z[k] for k in z.files}

@@ -19,6 +19,7 @@ or changed files, by name), the array record against the arrays the caller expec
 (another shape or dtype is another configuration, not damage: ``config_diff`` names
 the config fields that differ), then the restored values against their checksums.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,8 +45,9 @@ class CheckpointError(ValueError):
 
   def __init__(self, what: str, problems: list[str], headline: str):
     self.what, self.problems = what, list(problems)
-    shown = self.problems[:20] + ([f'... and {len(self.problems) - 20} more']
-                                  if len(self.problems) > 20 else [])
+    shown = self.problems[:20] + (
+      [f'... and {len(self.problems) - 20} more'] if len(self.problems) > 20 else []
+    )
     super().__init__(f'{what} {headline}:\n  ' + '\n  '.join(shown))
 
 
@@ -90,16 +92,21 @@ def _checksum(x) -> jax.Array:
   """[2] uint32: two independently seeded sums of mix(word, position)."""
   w = _words(x)
   i = jnp.arange(w.shape[0], dtype=jnp.uint32)
-  return jnp.stack([jnp.sum(_fmix32(w ^ _fmix32(i + jnp.uint32(seed))), dtype=jnp.uint32)
-                    for seed in (0x9E3779B9, 0x7F4A7C15)])
+  return jnp.stack(
+    [
+      jnp.sum(_fmix32(w ^ _fmix32(i + jnp.uint32(seed))), dtype=jnp.uint32)
+      for seed in (0x9E3779B9, 0x7F4A7C15)
+    ]
+  )
 
 
 def leaf_paths(tree) -> dict[str, object]:
   """{'a/b/c': leaf} with the names Flax's ``flatten_dict`` would give."""
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    out['/'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))))
-                 for k in path)] = leaf
+    out[
+      '/'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))) for k in path)
+    ] = leaf
   return out
 
 
@@ -107,8 +114,9 @@ def array_checksums(tree) -> dict[str, str]:
   """{path: 16 hex digits} for every array of ``tree`` (jax or numpy arrays, any
   sharding; a collective when arrays span processes)."""
   sums = {p: _checksum(x) for p, x in leaf_paths(tree).items()}
-  return {p: ''.join(f'{int(v):08x}' for v in np.asarray(jax.device_get(s)))
-          for p, s in sums.items()}
+  return {
+    p: ''.join(f'{int(v):08x}' for v in np.asarray(jax.device_get(s))) for p, s in sums.items()
+  }
 
 
 # ---------------------------------------------------------------------- Array record
@@ -125,8 +133,10 @@ def make_record(tree, config=None) -> dict:
   """The array record of ``tree``: {'version', 'arrays': {path: {shape, dtype,
   checksum}}, 'config'}. Reads the arrays on device (blocks until they exist)."""
   sums = array_checksums(tree)
-  arrays = {p: {'shape': list(np.shape(x)), 'dtype': str(jnp.dtype(x.dtype)),
-                'checksum': sums[p]} for p, x in leaf_paths(tree).items()}
+  arrays = {
+    p: {'shape': list(np.shape(x)), 'dtype': str(jnp.dtype(x.dtype)), 'checksum': sums[p]}
+    for p, x in leaf_paths(tree).items()
+  }
   return {'version': VERSION, 'arrays': arrays, 'config': config_record(config)}
 
 
@@ -144,10 +154,15 @@ def config_diff(recorded: dict, config) -> list[str]:
   """'field: checkpoint X vs this run Y' for each recorded config field that differs."""
   ours = _flat_config(config_record(config))
   theirs = _flat_config(recorded)
-  keys = sorted(k for k in set(ours) | set(theirs)
-                if k.split('.')[0] in recorded and ours.get(k) != theirs.get(k))
-  return [f'config.{k}: checkpoint {theirs.get(k, "(absent)")!r} vs this run '
-          f'{ours.get(k, "(absent)")!r}' for k in keys]
+  keys = sorted(
+    k
+    for k in set(ours) | set(theirs)
+    if k.split('.')[0] in recorded and ours.get(k) != theirs.get(k)
+  )
+  return [
+    f'config.{k}: checkpoint {theirs.get(k, "(absent)")!r} vs this run {ours.get(k, "(absent)")!r}'
+    for k in keys
+  ]
 
 
 def structure_diff(record: dict, target) -> list[str]:
@@ -161,17 +176,22 @@ def structure_diff(record: dict, target) -> list[str]:
       continue
     shape, dtype = tuple(arrays[path]['shape']), arrays[path]['dtype']
     if shape != tuple(leaf.shape) or dtype != str(jnp.dtype(leaf.dtype)):
-      problems.append(f'{path}: checkpoint {shape} {dtype} vs expected '
-                      f'{tuple(leaf.shape)} {jnp.dtype(leaf.dtype)}')
+      problems.append(
+        f'{path}: checkpoint {shape} {dtype} vs expected '
+        f'{tuple(leaf.shape)} {jnp.dtype(leaf.dtype)}'
+      )
   return problems
 
 
 def value_diff(record: dict, restored) -> list[str]:
   """Restored arrays whose checksum is not the recorded one."""
   got = array_checksums(restored)
-  return [f'{p}: values differ from those saved (checksum {got[p]}, recorded '
-          f'{record["arrays"][p]["checksum"]})'
-          for p in sorted(got) if got[p] != record['arrays'][p]['checksum']]
+  return [
+    f'{p}: values differ from those saved (checksum {got[p]}, recorded '
+    f'{record["arrays"][p]["checksum"]})'
+    for p in sorted(got)
+    if got[p] != record['arrays'][p]['checksum']
+  ]
 
 
 def read_record(step_dir: str, what: str) -> dict:
@@ -186,8 +206,9 @@ def read_record(step_dir: str, what: str) -> dict:
   except (ValueError, UnicodeDecodeError, AttributeError) as e:
     raise CorruptCheckpointError(what, [f'{STEP_METADATA} is unreadable ({e})']) from None
   if not isinstance(record, dict) or not isinstance(record.get('arrays'), dict):
-    raise CorruptCheckpointError(what, [
-        f'no integrity record in {STEP_METADATA} (not written by updetr_jax.checkpoints)'])
+    raise CorruptCheckpointError(
+      what, [f'no integrity record in {STEP_METADATA} (not written by updetr_jax.checkpoints)']
+    )
   return record
 
 

@@ -7,6 +7,7 @@ Multi-host: run the same command in every process with ``--coordinator_address=
 HOST:PORT --num_processes=N --process_id=I`` (or under SLURM / on a TPU pod slice,
 where they are detected; see ``updetr_jax.distributed``).
 """
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -17,12 +18,16 @@ def _define_flags():
   config_flags.DEFINE_config_file('config', None, 'config file[:variant]')
   flags.DEFINE_string('workdir', None, 'output directory (checkpoints, logs)')
   flags.mark_flags_as_required(['config', 'workdir'])
-  flags.DEFINE_string('coordinator_address', None, 'multi-host: HOST:PORT of process 0 (with '
-                      '--num_processes, --process_id)')
+  flags.DEFINE_string(
+    'coordinator_address',
+    None,
+    'multi-host: HOST:PORT of process 0 (with --num_processes, --process_id)',
+  )
   flags.DEFINE_integer('num_processes', None, 'multi-host: number of processes')
   flags.DEFINE_integer('process_id', None, 'multi-host: index of this process')
-  flags.DEFINE_list('local_device_ids', None,
-                    'multi-host: local devices this process uses (default all)')
+  flags.DEFINE_list(
+    'local_device_ids', None, 'multi-host: local devices this process uses (default all)'
+  )
 
 
 def main(argv):
@@ -31,7 +36,8 @@ def main(argv):
   cli.setup_logging()
   f = flags.FLAGS
   distributed.maybe_initialize(  # before anything touches the JAX backend
-      f.coordinator_address, f.num_processes, f.process_id, f.local_device_ids)
+    f.coordinator_address, f.num_processes, f.process_id, f.local_device_ids
+  )
   summary = train.run(f.config, f.workdir)
   print({k: v for k, v in summary.items() if k != 'data_stats'})
 

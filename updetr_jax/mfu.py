@@ -49,6 +49,7 @@ once per device in the Compiled one, so pass the Lowered stage when that matters
 Older JAX versions return a list with one dict per HLO module from
 ``cost_analysis()``; the first is used.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -56,51 +57,61 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ['PEAK_FLOPS', 'device_generation', 'device_peak_flops', 'peak_dtype',
-           'step_flops', 'mfu']
+__all__ = [
+  'PEAK_FLOPS',
+  'device_generation',
+  'device_peak_flops',
+  'peak_dtype',
+  'step_flops',
+  'mfu',
+]
 
 _T = 1e12
 
 # Dense peak FLOP/s per JAX device and dtype (see the module docstring).
 PEAK_FLOPS: dict[str, dict[str, float]] = {
-    'tpu_v2': dict(bfloat16=22.5 * _T, float32=22.5 * _T),
-    'tpu_v3': dict(bfloat16=61.5 * _T, float32=61.5 * _T),
-    'tpu_v4': dict(bfloat16=275 * _T, float32=275 * _T),
-    'tpu_v5e': dict(bfloat16=197 * _T, float32=197 * _T),
-    'tpu_v5p': dict(bfloat16=459 * _T, float32=459 * _T),
-    'tpu_v6e': dict(bfloat16=918 * _T, float32=918 * _T),
-    'a100': dict(bfloat16=312 * _T, float16=312 * _T, tf32=156 * _T, float32=19.5 * _T),
-    'h100_sxm': dict(bfloat16=989 * _T, float16=989 * _T, tf32=494 * _T, float32=67 * _T),
-    'h100_pcie': dict(bfloat16=756 * _T, float16=756 * _T, tf32=378 * _T, float32=51 * _T),
-    'h100_nvl': dict(bfloat16=835 * _T, float16=835 * _T, tf32=417 * _T, float32=60 * _T),
+  'tpu_v2': dict(bfloat16=22.5 * _T, float32=22.5 * _T),
+  'tpu_v3': dict(bfloat16=61.5 * _T, float32=61.5 * _T),
+  'tpu_v4': dict(bfloat16=275 * _T, float32=275 * _T),
+  'tpu_v5e': dict(bfloat16=197 * _T, float32=197 * _T),
+  'tpu_v5p': dict(bfloat16=459 * _T, float32=459 * _T),
+  'tpu_v6e': dict(bfloat16=918 * _T, float32=918 * _T),
+  'a100': dict(bfloat16=312 * _T, float16=312 * _T, tf32=156 * _T, float32=19.5 * _T),
+  'h100_sxm': dict(bfloat16=989 * _T, float16=989 * _T, tf32=494 * _T, float32=67 * _T),
+  'h100_pcie': dict(bfloat16=756 * _T, float16=756 * _T, tf32=378 * _T, float32=51 * _T),
+  'h100_nvl': dict(bfloat16=835 * _T, float16=835 * _T, tf32=417 * _T, float32=60 * _T),
 }
 PEAK_FLOPS['h200'] = PEAK_FLOPS['h100_sxm']
 
 # (substring of the lower-cased device_kind, generation); the first match wins, so
 # the longer names come before their prefixes. None: known, but not in the table.
 _KIND_PATTERNS: tuple[tuple[str, str | None], ...] = (
-    ('tpu v2', 'tpu_v2'),
-    ('tpu v3', 'tpu_v3'),
-    ('tpu v4 lite', None),  # v4i, inference chip
-    ('tpu v4', 'tpu_v4'),
-    ('tpu v5 lite', 'tpu_v5e'),
-    ('tpu v5e', 'tpu_v5e'),
-    ('tpu v5p', 'tpu_v5p'),
-    ('tpu v5', 'tpu_v5p'),
-    ('tpu v6 lite', 'tpu_v6e'),
-    ('tpu v6e', 'tpu_v6e'),
-    ('a100', 'a100'),
-    ('h100 pcie', 'h100_pcie'),
-    ('h100 nvl', 'h100_nvl'),
-    ('h200 nvl', 'h100_nvl'),
-    ('gh200', 'h100_sxm'),
-    ('h100', 'h100_sxm'),
-    ('h200', 'h200'),
+  ('tpu v2', 'tpu_v2'),
+  ('tpu v3', 'tpu_v3'),
+  ('tpu v4 lite', None),  # v4i, inference chip
+  ('tpu v4', 'tpu_v4'),
+  ('tpu v5 lite', 'tpu_v5e'),
+  ('tpu v5e', 'tpu_v5e'),
+  ('tpu v5p', 'tpu_v5p'),
+  ('tpu v5', 'tpu_v5p'),
+  ('tpu v6 lite', 'tpu_v6e'),
+  ('tpu v6e', 'tpu_v6e'),
+  ('a100', 'a100'),
+  ('h100 pcie', 'h100_pcie'),
+  ('h100 nvl', 'h100_nvl'),
+  ('h200 nvl', 'h100_nvl'),
+  ('gh200', 'h100_sxm'),
+  ('h100', 'h100_sxm'),
+  ('h200', 'h200'),
 )
 
 _DTYPE_ALIASES = {
-    'bf16': 'bfloat16', 'fp32': 'float32', 'f32': 'float32', 'fp16': 'float16',
-    'f16': 'float16', 'half': 'float16',
+  'bf16': 'bfloat16',
+  'fp32': 'float32',
+  'f32': 'float32',
+  'fp16': 'float16',
+  'f16': 'float16',
+  'half': 'float16',
 }
 
 
@@ -196,8 +207,12 @@ def step_flops(stage: Any) -> float | None:
   return flops
 
 
-def mfu(flops_per_step: float | None, step_seconds: float | None, num_devices: int,
-        peak_per_device: float | None) -> float | None:
+def mfu(
+  flops_per_step: float | None,
+  step_seconds: float | None,
+  num_devices: int,
+  peak_per_device: float | None,
+) -> float | None:
   """Model FLOPs utilisation: achieved FLOP/s over the peak of all devices.
 
   Args:

@@ -9,6 +9,7 @@ Parameters are split by path (``'body/layer1_0/conv1/kernel'``) into
     (``backbone.1.row_embed``): frozen in pre-training, lr_backbone in fine-tuning;
   * the rest -- learning rate ``optim.lr``.
 """
+
 from __future__ import annotations
 
 import re
@@ -43,8 +44,9 @@ def merge_params(trainable, frozen):
   return traverse_util.unflatten_dict(flat)
 
 
-def lr_schedule(base_lr: float, steps_per_epoch: int, lr_drop_epochs: Sequence[int],
-                gamma: float = 0.1):
+def lr_schedule(
+  base_lr: float, steps_per_epoch: int, lr_drop_epochs: Sequence[int], gamma: float = 0.1
+):
   """Step decay: lr x gamma at each epoch in lr_drop_epochs (the release's StepLR)."""
   boundaries = {int(e * steps_per_epoch): gamma for e in lr_drop_epochs if e > 0}
   return optax.piecewise_constant_schedule(base_lr, boundaries)
@@ -57,16 +59,22 @@ def make_optimizer(optim_config, trainable_params, steps_per_epoch: int):
   Returns (optax transform, {'lr': schedule, 'lr_backbone': schedule}).
   """
   drops = list(optim_config.lr_drop_epochs)
-  sched = {'lr': lr_schedule(optim_config.lr, steps_per_epoch, drops),
-           'lr_backbone': lr_schedule(optim_config.lr_backbone, steps_per_epoch, drops)}
+  sched = {
+    'lr': lr_schedule(optim_config.lr, steps_per_epoch, drops),
+    'lr_backbone': lr_schedule(optim_config.lr_backbone, steps_per_epoch, drops),
+  }
   labels = traverse_util.path_aware_map(
-      lambda p, _: 'lr_backbone' if p[0] in BACKBONE_MODULES else 'lr', trainable_params)
+    lambda p, _: 'lr_backbone' if p[0] in BACKBONE_MODULES else 'lr', trainable_params
+  )
   tx = optax.chain(
-      optax.clip_by_global_norm(optim_config.clip_max_norm)
-      if optim_config.clip_max_norm > 0 else optax.identity(),
-      optax.multi_transform(
-          {name: optax.adamw(s, weight_decay=optim_config.weight_decay)
-           for name, s in sched.items()}, labels))
+    optax.clip_by_global_norm(optim_config.clip_max_norm)
+    if optim_config.clip_max_norm > 0
+    else optax.identity(),
+    optax.multi_transform(
+      {name: optax.adamw(s, weight_decay=optim_config.weight_decay) for name, s in sched.items()},
+      labels,
+    ),
+  )
   return tx, sched
 
 

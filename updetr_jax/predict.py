@@ -10,14 +10,17 @@ is then not needed); --which picks the checkpoint: auto (default: the best-evalu
 one in workdir/best when present, else the latest), best or latest.
 
 Each image is resized as DETR evaluates (shorter side --scale=800, longer side at
-most --max_size=1333, ``data.augment.resize_rule``), normalised and run alone with
-no padding (a canvas that depends on the image only; see ``evaluate``'s module
-docstring). Writes OUT/detections.json: every one of the N predictions per image
-(no threshold, no NMS, as DETR's COCO evaluation), each {file_name, image_id (the
+most --max_size=1333, ``data.augment.resize_rule``; bilinear as the evaluation
+pipeline), normalised and run alone with no padding (a canvas that depends on the
+image only; see ``evaluate``'s module docstring). ``preprocess_images`` is that
+preprocessing, shared with the exported detector (``updetr_jax.export``).
+Writes OUT/detections.json: every one of the N predictions per image (no threshold,
+no NMS, as DETR's COCO evaluation), each {file_name, image_id (the
 position on the command line), category_id (= label), category_name (when
 --class_names is not 'none'), bbox [x, y, w, h] in original pixels, score}; and
 OUT/<name>.png with the boxes scoring >= --threshold.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,22 +37,28 @@ from updetr_jax import checkpoints, cli, evaluate, visualize
 from updetr_jax.class_names import get_class_names
 from updetr_jax.models import build_model
 
+
 def _looks_like_train_workdir(path: str) -> bool:
   """A training workdir holds checkpoints/<step>/ (train.py's Orbax manager)."""
   sub = os.path.join(path, 'checkpoints')
   return os.path.isdir(sub) or any(
-      d.isdigit() and os.path.isdir(os.path.join(path, d)) for d in os.listdir(path))
+    d.isdigit() and os.path.isdir(os.path.join(path, d)) for d in os.listdir(path)
+  )
 
 
 def load_model_variables(model, model_config, checkpoint: str):
   """Variables for ``model`` from an Orbax variables checkpoint or a ``.pth``."""
   if checkpoint.endswith('.pth'):
     from updetr_jax.torch_import import import_torch_checkpoint
+
     return import_torch_checkpoint(checkpoint, model_config)
   if os.path.isdir(checkpoint) and _looks_like_train_workdir(checkpoint):
     raise ValueError(f'{checkpoint} looks like a training workdir: pass it as --workdir')
-  abstract = jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool)))
+  abstract = jax.eval_shape(
+    lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool)
+    )
+  )
   return checkpoints.load_variables(checkpoint, abstract)
 
 
@@ -68,6 +77,7 @@ def resize_rule_tf(height, width, scale: int, max_size: int | None):
     np.round, rounds halves to even).
   """
   import tensorflow as tf  # noqa: PLC0415
+
   h = tf.cast(height, tf.float64)
   w = tf.cast(width, tf.float64)
   s = tf.constant(scale, tf.float64)
@@ -95,6 +105,7 @@ def preprocess_images(images, scale: int, max_size: int | None):
   """
   import tensorflow as tf  # noqa: PLC0415
   from updetr_jax.data import augment  # noqa: PLC0415
+
   images = tf.convert_to_tensor(images)
   if images.dtype != tf.uint8:
     raise ValueError(f'images must be uint8 RGB [B, H, W, 3], got {images.dtype.name}')
@@ -119,8 +130,17 @@ def _png_names(paths):
   return [f'{s}_{i}' if stems.count(s) > 1 else s for i, s in enumerate(stems)]
 
 
-def predict_files(model, variables, paths, output: str, *, threshold: float = 0.7,
-                  class_names=None, scale: int = 800, max_size: int = 1333) -> list[dict]:
+def predict_files(
+  model,
+  variables,
+  paths,
+  output: str,
+  *,
+  threshold: float = 0.7,
+  class_names=None,
+  scale: int = 800,
+  max_size: int = 1333,
+) -> list[dict]:
   """Detects objects in image files; writes detections.json and one png per image.
 
   Returns the json's records (see the module docstring).
@@ -130,13 +150,25 @@ def predict_files(model, variables, paths, output: str, *, threshold: float = 0.
   evaluator = evaluate.CocoEvaluator()
   for i, (path, name) in enumerate(zip(paths, _png_names(paths))):
     image = load_image(path)
-    out = evaluate.detect_images(detect, variables, [preprocess(image, scale, max_size)],
-                                 [image.shape[:2]], batch_size=1, multiple=1)
+    out = evaluate.detect_images(
+      detect,
+      variables,
+      [preprocess(image, scale, max_size)],
+      [image.shape[:2]],
+      batch_size=1,
+      multiple=1,
+    )
     scores, labels, boxes = out['scores'][0], out['labels'][0], out['boxes'][0]
     evaluator.update([i], scores[None], labels[None], boxes[None])
     keep = scores >= threshold
-    visualize.plot_detections(os.path.join(output, f'{name}.png'), image, boxes[keep],
-                              labels[keep], scores[keep], class_names)
+    visualize.plot_detections(
+      os.path.join(output, f'{name}.png'),
+      image,
+      boxes[keep],
+      labels[keep],
+      scores[keep],
+      class_names,
+    )
   records = []
   for r in evaluator.results():
     rec = {'file_name': os.path.basename(paths[r['image_id']]), **r}
@@ -158,11 +190,14 @@ def main(argv):
     raise app.UsageError('give exactly one of --workdir and --checkpoint')
   if FLAGS.workdir:
     variables, step, model_config = checkpoints.restore_workdir_variables(
-        FLAGS.workdir, FLAGS.which)
+      FLAGS.workdir, FLAGS.which
+    )
     if model_config.get('num_patches'):
-      raise app.UsageError(f'{FLAGS.workdir} holds an UP-DETR pre-training model '
-                           f'(model.num_patches={model_config["num_patches"]}), which needs '
-                           'query patches; fine-tune it into DETR first')
+      raise app.UsageError(
+        f'{FLAGS.workdir} holds an UP-DETR pre-training model '
+        f'(model.num_patches={model_config["num_patches"]}), which needs '
+        'query patches; fine-tune it into DETR first'
+      )
     model = build_model(model_config)
     print(f'restored step {step} of {FLAGS.workdir} ({FLAGS.which})')
   else:
@@ -170,28 +205,39 @@ def main(argv):
       raise app.UsageError('--checkpoint needs --config (the model it was trained with)')
     model = build_model(FLAGS.config.model)
     variables = load_model_variables(model, FLAGS.config.model, FLAGS.checkpoint)
-  records = predict_files(model, variables, paths, FLAGS.output,
-                          threshold=FLAGS.threshold,
-                          class_names=get_class_names(FLAGS.class_names),
-                          scale=FLAGS.scale, max_size=FLAGS.max_size)
+  records = predict_files(
+    model,
+    variables,
+    paths,
+    FLAGS.output,
+    threshold=FLAGS.threshold,
+    class_names=get_class_names(FLAGS.class_names),
+    scale=FLAGS.scale,
+    max_size=FLAGS.max_size,
+  )
   shown = sum(r['score'] >= FLAGS.threshold for r in records)
-  print(f'{len(paths)} images, {shown} detections >= {FLAGS.threshold}; '
-        f'wrote {FLAGS.output}/detections.json and pngs')
+  print(
+    f'{len(paths)} images, {shown} detections >= {FLAGS.threshold}; '
+    f'wrote {FLAGS.output}/detections.json and pngs'
+  )
 
 
 def _define_flags():
   config_flags.DEFINE_config_file('config', None, 'config file (uses its .model)')
-  flags.DEFINE_string('checkpoint', None,
-                                    'Orbax variables checkpoint directory or PyTorch .pth')
-  flags.DEFINE_string('workdir', None,
-                                 'training workdir (latest checkpoint, its config.json)')
-  flags.DEFINE_enum('which', 'auto', ['auto', 'best', 'latest'],
-                             'with --workdir: the best-evaluated checkpoint (workdir/best), '
-                             'the latest, or auto (best when there is one)')
+  flags.DEFINE_string('checkpoint', None, 'Orbax variables checkpoint directory or PyTorch .pth')
+  flags.DEFINE_string('workdir', None, 'training workdir (latest checkpoint, its config.json)')
+  flags.DEFINE_enum(
+    'which',
+    'auto',
+    ['auto', 'best', 'latest'],
+    'with --workdir: the best-evaluated checkpoint (workdir/best), '
+    'the latest, or auto (best when there is one)',
+  )
   flags.DEFINE_string('output', None, 'output directory')
   flags.DEFINE_float('threshold', 0.7, 'score threshold for the pictures')
-  flags.DEFINE_enum('class_names', 'coco', ['coco', 'voc', 'none'],
-                                   'label names for the pictures and json')
+  flags.DEFINE_enum(
+    'class_names', 'coco', ['coco', 'voc', 'none'], 'label names for the pictures and json'
+  )
   flags.DEFINE_integer('scale', 800, 'shorter side after resizing')
   flags.DEFINE_integer('max_size', 1333, 'cap on the longer side')
   flags.mark_flags_as_required(['output'])

@@ -4,6 +4,7 @@
 variables; ``init_from_pretrained`` copies every weight but the task heads into a
 freshly initialised model (UP-DETR pre-training -> DETR fine-tuning, SPEC §4).
 """
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,18 @@ from updetr_jax import checkpoints, files
 from updetr_jax.torch_import import import_torch_checkpoint, load_state_dict
 
 # Fields that must agree between a pre-training checkpoint and the model it initialises.
-ARCHITECTURE_FIELDS = ('backbone', 'dilation', 'position_embedding', 'hidden_dim', 'nheads',
-                       'enc_layers', 'dec_layers', 'dim_feedforward', 'num_queries', 'pre_norm')
+ARCHITECTURE_FIELDS = (
+  'backbone',
+  'dilation',
+  'position_embedding',
+  'hidden_dim',
+  'nheads',
+  'enc_layers',
+  'dec_layers',
+  'dim_feedforward',
+  'num_queries',
+  'pre_norm',
+)
 # Heads that are task specific and never carried from pre-training into fine-tuning.
 PRETRAIN_ONLY_HEADS = ('class_embed', 'patch2query', 'feature_align')
 
@@ -37,16 +48,21 @@ def load_pretrained(path: str, model_config):
   if path.endswith('.pth'):
     sd = load_state_dict(path)
     if 'class_embed.weight' not in sd:
-      raise ValueError(f'{path} has no class_embed.weight: not a DETR / UP-DETR model '
-                       '(a backbone-only file goes to init.backbone_checkpoint)')
+      raise ValueError(
+        f'{path} has no class_embed.weight: not a DETR / UP-DETR model '
+        '(a backbone-only file goes to init.backbone_checkpoint)'
+      )
     config = dict(model_config)
-    config.update(num_classes=int(sd['class_embed.weight'].shape[0]) - 1,
-                  num_patches=1 if 'patch2query.weight' in sd else 0,
-                  feature_recon=any(k.startswith('feature_align.') for k in sd))
+    config.update(
+      num_classes=int(sd['class_embed.weight'].shape[0]) - 1,
+      num_patches=1 if 'patch2query.weight' in sd else 0,
+      feature_recon=any(k.startswith('feature_align.') for k in sd),
+    )
     return import_torch_checkpoint(sd, config), None
   if not files.isdir(path):
     raise FileNotFoundError(
-        f'init.pretrained={path!r}: no such workdir, .pth file or Orbax checkpoint')
+      f'init.pretrained={path!r}: no such workdir, .pth file or Orbax checkpoint'
+    )
   return checkpoints.load_variables(path), None
 
 
@@ -63,9 +79,11 @@ def init_from_pretrained(variables, model_config, pretrained, pretrained_model_c
   Raises: ValueError naming the architecture fields that differ or the weights
     that are missing / misshapen.
   """
-  diff = [f'{f}: pre-trained {pretrained_model_config.get(f)!r} vs model {model_config[f]!r}'
-          for f in ARCHITECTURE_FIELDS if pretrained_model_config is not None
-          and pretrained_model_config.get(f) != model_config[f]]
+  diff = [
+    f'{f}: pre-trained {pretrained_model_config.get(f)!r} vs model {model_config[f]!r}'
+    for f in ARCHITECTURE_FIELDS
+    if pretrained_model_config is not None and pretrained_model_config.get(f) != model_config[f]
+  ]
   if diff:
     raise ValueError('pre-trained checkpoint has another architecture:\n  ' + '\n  '.join(diff))
   src = traverse_util.flatten_dict(dict(pretrained))
@@ -77,8 +95,9 @@ def init_from_pretrained(variables, model_config, pretrained, pretrained_model_c
     if path not in src:
       problems.append(f'missing {"/".join(path)}')
     elif np.shape(src[path]) != np.shape(leaf):
-      problems.append(f'{"/".join(path)}: pre-trained {np.shape(src[path])} vs model '
-                      f'{np.shape(leaf)}')
+      problems.append(
+        f'{"/".join(path)}: pre-trained {np.shape(src[path])} vs model {np.shape(leaf)}'
+      )
     else:
       out[path] = jax.numpy.asarray(src[path], leaf.dtype)
   if problems:

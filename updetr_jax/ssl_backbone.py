@@ -45,6 +45,7 @@ CLI:
 One file: SimCLR's augmentation, projection head, loss, loop and the export to the
 torchvision layout are used only together, by stage 0.
 """
+
 from __future__ import annotations
 
 import functools
@@ -69,8 +70,16 @@ from updetr_jax.torch_import import export_state_dict
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)  # as updetr_jax/data/augment.py
 STD = np.array([0.229, 0.224, 0.225], np.float32)
 
-DEFAULTS = dict(backbone='resnet_small', steps=500, batch_size=64, image_size=64,
-                seed=0, lr=2e-3, temperature=0.2, weight_decay=1e-4)
+DEFAULTS = dict(
+  backbone='resnet_small',
+  steps=500,
+  batch_size=64,
+  image_size=64,
+  seed=0,
+  lr=2e-3,
+  temperature=0.2,
+  weight_decay=1e-4,
+)
 EVAL_IMAGES = 256  # images (2 views each) of the retrieval sanity number
 CROP_SCALE = (0.2, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -87,12 +96,12 @@ CURVE_NAME = 'loss_curve.png'
 
 
 def _bn(train: bool, name: str) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=1e-5,
-                      name=name)
+  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=1e-5, name=name)
 
 
 class TrainBottleneck(nn.Module):
   """``models.resnet.Bottleneck`` with training-mode BatchNorm (same module names)."""
+
   planes: int
   stride: int = 1
   dilation: int = 1
@@ -105,8 +114,7 @@ class TrainBottleneck(nn.Module):
     out = nn.relu(_bn(train, 'bn2')(out))
     out = _bn(train, 'bn3')(_conv(self.planes * 4, 1, name='conv3')(out))
     if self.downsample:
-      x = _bn(train, 'downsample_1')(
-          _conv(self.planes * 4, 1, self.stride, name='downsample_0')(x))
+      x = _bn(train, 'downsample_1')(_conv(self.planes * 4, 1, self.stride, name='downsample_0')(x))
     return nn.relu(out + x)
 
 
@@ -118,6 +126,7 @@ class TrainResNet(nn.Module):
     updates, with ``mutable=['batch_stats']``) if True, running averages if False.
   Returns: C5 [B, ceil(H/32), ceil(W/32), 32 * width] (stride 16 with ``dilation``).
   """
+
   blocks: Sequence[int]
   width: int = 64
   dilation: bool = False
@@ -128,8 +137,15 @@ class TrainResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = nn.Conv(self.width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False,
-                kernel_init=_conv_init(), name='conv1')(x.astype(jnp.float32))
+    x = nn.Conv(
+      self.width,
+      (7, 7),
+      strides=(2, 2),
+      padding=((3, 3), (3, 3)),
+      use_bias=False,
+      kernel_init=_conv_init(),
+      name='conv1',
+    )(x.astype(jnp.float32))
     x = nn.relu(_bn(train, 'bn1')(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for name, kw in block_layout(self.blocks, self.width, self.dilation):
@@ -149,6 +165,7 @@ class SimCLRNet(nn.Module):
   Args (call): x [B, H, W, 3] normalised; train as TrainResNet.
   Returns: (pooled C5 features [B, C], projections [B, PROJECTION_DIM]), float32.
   """
+
   backbone_name: str = 'resnet_small'
   projection_dim: int = PROJECTION_DIM
 
@@ -197,9 +214,11 @@ def contrastive_stats(z, temperature: float):
   loss = jnp.mean(jax.nn.logsumexp(logits, axis=1) - pos_logit)
   pos_cos = jnp.take_along_axis(cos, pos_idx[:, None], axis=1)[:, 0]
   neg = ~eye & (jnp.arange(n)[None, :] != pos_idx[:, None])
-  stats = {'top1': jnp.mean(jnp.argmax(logits, axis=1) == pos_idx),
-           'pos_cos': jnp.mean(pos_cos),
-           'neg_cos': jnp.sum(jnp.where(neg, cos, 0.0)) / jnp.sum(neg)}
+  stats = {
+    'top1': jnp.mean(jnp.argmax(logits, axis=1) == pos_idx),
+    'pos_cos': jnp.mean(pos_cos),
+    'neg_cos': jnp.sum(jnp.where(neg, cos, 0.0)) / jnp.sum(neg),
+  }
   return loss, stats
 
 
@@ -249,8 +268,9 @@ def _crop_box(rng: np.random.Generator, h: int, w: int) -> tuple[float, float, f
 
 
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
-_RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],
-                     [0.211, -0.523, 0.312]], np.float32)
+_RGB2YIQ = np.array(
+  [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32
+)
 _YIQ2RGB = np.linalg.inv(_RGB2YIQ).astype(np.float32)
 
 
@@ -279,8 +299,9 @@ def _color_jitter(rng: np.random.Generator, x: np.ndarray) -> np.ndarray:
   return np.clip(x, 0, 1)
 
 
-def augment_views(rng: np.random.Generator, images: Sequence[Image.Image], indices,
-                  image_size: int) -> np.ndarray:
+def augment_views(
+  rng: np.random.Generator, images: Sequence[Image.Image], indices, image_size: int
+) -> np.ndarray:
   """Two SimCLR views of each RGB ``images[i]``, i in ``indices`` (B of them).
 
   Returns float32 [2B, S, S, 3], ImageNet-normalised; rows k and k + B are the views
@@ -323,14 +344,20 @@ def eval_batch(images, image_size: int, seed: int, max_images: int = 256) -> np.
 
 def _params_for_summary(image_folder, output_path, paths, **kw) -> dict:
   digest = hashlib.sha1('\n'.join(os.path.relpath(p, image_folder) for p in paths).encode())
-  return dict(image_folder=files.abspath(image_folder), num_images=len(paths),
-              images_sha1=digest.hexdigest(), output=os.path.basename(output_path), **kw)
+  return dict(
+    image_folder=files.abspath(image_folder),
+    num_images=len(paths),
+    images_sha1=digest.hexdigest(),
+    output=os.path.basename(output_path),
+    **kw,
+  )
 
 
 def _make_optimizer(lr: float, steps: int, weight_decay: float):
   warmup = max(1, steps // 20)
-  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1),
-                                                end_value=lr * 0.01)
+  schedule = optax.warmup_cosine_decay_schedule(
+    0.0, lr, warmup, max(steps, warmup + 1), end_value=lr * 0.01
+  )
   decay_mask = lambda p: jax.tree_util.tree_map(lambda x: x.ndim > 1, p)  # kernels only
   return optax.adamw(schedule, weight_decay=weight_decay, mask=decay_mask), schedule
 
@@ -339,14 +366,21 @@ def _fmt_eta(seconds: float) -> str:
   return time.strftime('%H:%M:%S', time.gmtime(max(0.0, seconds)))
 
 
-def train_ssl_backbone(image_folder: str, output_path: str, *,
-                       backbone: str = DEFAULTS['backbone'], steps: int = DEFAULTS['steps'],
-                       batch_size: int = DEFAULTS['batch_size'],
-                       image_size: int = DEFAULTS['image_size'], seed: int = DEFAULTS['seed'],
-                       lr: float = DEFAULTS['lr'],
-                       temperature: float = DEFAULTS['temperature'],
-                       weight_decay: float = DEFAULTS['weight_decay'],
-                       log_every: int = 0, overwrite: bool = False) -> dict:
+def train_ssl_backbone(
+  image_folder: str,
+  output_path: str,
+  *,
+  backbone: str = DEFAULTS['backbone'],
+  steps: int = DEFAULTS['steps'],
+  batch_size: int = DEFAULTS['batch_size'],
+  image_size: int = DEFAULTS['image_size'],
+  seed: int = DEFAULTS['seed'],
+  lr: float = DEFAULTS['lr'],
+  temperature: float = DEFAULTS['temperature'],
+  weight_decay: float = DEFAULTS['weight_decay'],
+  log_every: int = 0,
+  overwrite: bool = False,
+) -> dict:
   """SimCLR pre-training of ``backbone`` on the images of ``image_folder``.
 
   Writes ``output_path`` (.npz, atomically: a torchvision-layout state dict for
@@ -369,20 +403,32 @@ def train_ssl_backbone(image_folder: str, output_path: str, *,
     doc), params (what a rerun must match to be skipped); 'skipped': True if skipped.
   """
   from updetr_jax.data import list_image_files  # noqa: PLC0415 (imports TensorFlow)
+
   resnet_spec(backbone)  # validates the name
   if not str(output_path).endswith('.npz'):
     raise ValueError(f'output_path must end with .npz, got {output_path!r}')
   if steps < 1 or batch_size < 2 or image_size < 8:
-    raise ValueError(f'need steps >= 1, batch_size >= 2, image_size >= 8; got {steps}, '
-                     f'{batch_size}, {image_size}')
+    raise ValueError(
+      f'need steps >= 1, batch_size >= 2, image_size >= 8; got {steps}, {batch_size}, {image_size}'
+    )
   t_start = time.time()
   out_dir = os.path.dirname(files.abspath(output_path))
   summary_path = files.join(out_dir, SUMMARY_NAME)
   all_paths = list_image_files(image_folder)
   params_desc = _params_for_summary(
-      image_folder, output_path, all_paths, backbone=backbone, steps=steps,
-      batch_size=batch_size, image_size=image_size, seed=seed, lr=lr,
-      temperature=temperature, weight_decay=weight_decay, method='simclr')
+    image_folder,
+    output_path,
+    all_paths,
+    backbone=backbone,
+    steps=steps,
+    batch_size=batch_size,
+    image_size=image_size,
+    seed=seed,
+    lr=lr,
+    temperature=temperature,
+    weight_decay=weight_decay,
+    method='simclr',
+  )
   if not overwrite and files.exists(output_path) and files.exists(summary_path):
     old = files.read_json(summary_path)
     if old.get('params') == params_desc:
@@ -393,35 +439,52 @@ def train_ssl_backbone(image_folder: str, output_path: str, *,
   if len(images) < 2:
     raise ValueError(f'{image_folder}: need at least 2 readable images, found {len(images)}')
   if batch_size > len(images):
-    logging.warning('ssl: batch_size %d > %d images: using %d', batch_size, len(images),
-                    len(images))
+    logging.warning(
+      'ssl: batch_size %d > %d images: using %d', batch_size, len(images), len(images)
+    )
     batch_size = len(images)
-  logging.info('ssl: %d images from %s (%.1fs); SimCLR %s, %d steps x %d images '
-               '(%d views of %dpx)', len(images), image_folder, time.time() - t_load,
-               backbone, steps, batch_size, 2 * batch_size, image_size)
+  logging.info(
+    'ssl: %d images from %s (%.1fs); SimCLR %s, %d steps x %d images (%d views of %dpx)',
+    len(images),
+    image_folder,
+    time.time() - t_load,
+    backbone,
+    steps,
+    batch_size,
+    2 * batch_size,
+    image_size,
+  )
 
   model = SimCLRNet(backbone_name=backbone)
   x0 = make_batch(images, batch_size, image_size, seed, 0)
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      jax.random.PRNGKey(seed), x0[:2])
+  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(seed), x0[:2])
   variables = jax.tree_util.tree_map(jnp.asarray, dict(variables))
   tx, schedule = _make_optimizer(lr, steps, weight_decay)
-  state = {'params': variables['params'], 'batch_stats': variables['batch_stats'],
-           'opt_state': tx.init(variables['params'])}
+  state = {
+    'params': variables['params'],
+    'batch_stats': variables['batch_stats'],
+    'opt_state': tx.init(variables['params']),
+  }
 
   @functools.partial(jax.jit, donate_argnums=0)
   def train_step(state, views):
     def loss_fn(params):
-      (_, z), new = model.apply({'params': params, 'batch_stats': state['batch_stats']},
-                                views, train=True, mutable=['batch_stats'])
+      (_, z), new = model.apply(
+        {'params': params, 'batch_stats': state['batch_stats']},
+        views,
+        train=True,
+        mutable=['batch_stats'],
+      )
       loss, stats = contrastive_stats(z, temperature)
       return loss, (new['batch_stats'], stats)
-    (loss, (batch_stats, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state['params'])
+
+    (loss, (batch_stats, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    return ({'params': params, 'batch_stats': batch_stats, 'opt_state': opt_state},
-            dict(stats, loss=loss))
+    return (
+      {'params': params, 'batch_stats': batch_stats, 'opt_state': opt_state},
+      dict(stats, loss=loss),
+    )
 
   @jax.jit
   def eval_stats(params, batch_stats, views):
@@ -454,9 +517,16 @@ def train_ssl_backbone(image_folder: str, output_path: str, *,
       now = time.time()
       rate = (step + 1 - s_mark) / max(now - t_mark, 1e-9) if step + 1 > s_mark else 0.0
       m = history[-1]
-      logging.info('ssl step %d/%d  loss %.4f  top1 %.2f  lr %.2e  %.2f steps/s  ETA %s',
-                   step + 1, steps, m['loss'], m['top1'], float(schedule(step)), rate,
-                   _fmt_eta((steps - step - 1) / rate) if rate else '?')
+      logging.info(
+        'ssl step %d/%d  loss %.4f  top1 %.2f  lr %.2e  %.2f steps/s  ETA %s',
+        step + 1,
+        steps,
+        m['loss'],
+        m['top1'],
+        float(schedule(step)),
+        rate,
+        _fmt_eta((steps - step - 1) / rate) if rate else '?',
+      )
       t_mark, s_mark = now, step + 1
   t_end = time.time()  # the last progress line fetched the last step's metrics
   seconds = t_end - t0
@@ -469,39 +539,62 @@ def train_ssl_backbone(image_folder: str, output_path: str, *,
   curve_path = files.join(out_dir, CURVE_NAME)
   try:
     from updetr_jax import visualize  # noqa: PLC0415 (matplotlib)
-    visualize.plot_curves(curve_path, {'NT-Xent loss': (list(range(1, steps + 1)), losses)},
-                          title=f'SimCLR {backbone}, {len(images)} images')
+
+    visualize.plot_curves(
+      curve_path,
+      {'NT-Xent loss': (list(range(1, steps + 1)), losses)},
+      title=f'SimCLR {backbone}, {len(images)} images',
+    )
   except Exception as e:  # noqa: BLE001 (a plot is never worth failing the run)
     logging.warning('ssl: no loss curve: %s', e)
   n_eval = held_out.shape[0]
   timed = steps - 1
   summary = dict(
-      params=params_desc, method='simclr', output=files.abspath(output_path),
-      loss_curve=curve_path, num_images=len(images), batch_size=batch_size, steps=steps,
-      seconds=round(seconds, 2), total_seconds=round(time.time() - t_start, 2),
-      compile_seconds=round(t_first - t0, 2) if t_first else None,
-      steps_per_second=round(timed / max(t_end - t_first, 1e-9), 3) if timed > 0 else None,
-      first_loss=losses[0] if losses else None,
-      final_loss=float(np.mean(losses[-min(10, len(losses)):])) if losses else None,
-      last_loss=losses[-1] if losses else None,
-      retrieval_top1_before=float(before['top1']), retrieval_top1_after=float(after['top1']),
-      retrieval_chance=1.0 / (n_eval - 1),
-      pos_cos_before=float(before['pos_cos']), pos_cos_after=float(after['pos_cos']),
-      neg_cos_before=float(before['neg_cos']), neg_cos_after=float(after['neg_cos']),
-      loss_history=losses)
+    params=params_desc,
+    method='simclr',
+    output=files.abspath(output_path),
+    loss_curve=curve_path,
+    num_images=len(images),
+    batch_size=batch_size,
+    steps=steps,
+    seconds=round(seconds, 2),
+    total_seconds=round(time.time() - t_start, 2),
+    compile_seconds=round(t_first - t0, 2) if t_first else None,
+    steps_per_second=round(timed / max(t_end - t_first, 1e-9), 3) if timed > 0 else None,
+    first_loss=losses[0] if losses else None,
+    final_loss=float(np.mean(losses[-min(10, len(losses)) :])) if losses else None,
+    last_loss=losses[-1] if losses else None,
+    retrieval_top1_before=float(before['top1']),
+    retrieval_top1_after=float(after['top1']),
+    retrieval_chance=1.0 / (n_eval - 1),
+    pos_cos_before=float(before['pos_cos']),
+    pos_cos_after=float(after['pos_cos']),
+    neg_cos_before=float(before['neg_cos']),
+    neg_cos_after=float(after['neg_cos']),
+    loss_history=losses,
+  )
   files.write_json(summary_path, summary)
-  logging.info('ssl: wrote %s in %.0fs: loss %.3f -> %.3f; held-out retrieval top-1 '
-               '%.3f -> %.3f (chance %.3f)', output_path, seconds, summary['first_loss'],
-               summary['final_loss'], summary['retrieval_top1_before'],
-               summary['retrieval_top1_after'], summary['retrieval_chance'])
+  logging.info(
+    'ssl: wrote %s in %.0fs: loss %.3f -> %.3f; held-out retrieval top-1 '
+    '%.3f -> %.3f (chance %.3f)',
+    output_path,
+    seconds,
+    summary['first_loss'],
+    summary['final_loss'],
+    summary['retrieval_top1_before'],
+    summary['retrieval_top1_after'],
+    summary['retrieval_chance'],
+  )
   return summary
 
 
 def main(argv):
   del argv
   from updetr_jax import cli  # noqa: PLC0415
+
   cli.setup_logging()
   from absl import flags  # noqa: PLC0415
+
   f = flags.FLAGS
   kw = {k: getattr(f, k) for k in DEFAULTS}
   summary = train_ssl_backbone(f.images, f.output, overwrite=f.overwrite, **kw)
@@ -510,6 +603,7 @@ def main(argv):
 
 def _define_flags():
   from absl import flags  # noqa: PLC0415
+
   flags.DEFINE_string('images', None, 'folder of unlabeled images (searched recursively)')
   flags.DEFINE_string('output', None, '.npz to write (torchvision-layout state dict)')
   flags.DEFINE_string('backbone', DEFAULTS['backbone'], 'a RESNET_VARIANTS name')
@@ -527,6 +621,7 @@ def _define_flags():
 def cli_main():
   """Console script ``updetr-ssl-backbone``."""
   from updetr_jax import cli  # noqa: PLC0415
+
   cli.run(main, _define_flags)
 
 

@@ -15,6 +15,7 @@ CLI (writes an Orbax checkpoint of the variables):
   python -m updetr_jax.torch_import --checkpoint=detr-r50.pth \
       --config=configs/finetune_coco.py --output=/tmp/detr_r50
 """
+
 from __future__ import annotations
 
 from absl import logging
@@ -71,7 +72,7 @@ def load_state_dict(path_or_state_dict) -> dict[str, np.ndarray]:
   out = {}
   for key, value in sd.items():
     if key.startswith('module.'):
-      key = key[len('module.'):]
+      key = key[len('module.') :]
     if hasattr(value, 'detach'):  # torch.Tensor
       value = value.detach().cpu().float().numpy()
     out[key] = np.asarray(value, dtype=np.float32)
@@ -135,8 +136,11 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], shapes, backbone_only: bool
     key, sl = _torch_name(collection, path, backbone_only)
     is_kernel = path[-1] == 'kernel'
     shape = tuple(leaf.shape)
-    tshape = (shape[::-1] if len(shape) == 2 else (shape[3], shape[2], shape[0], shape[1])) \
-        if is_kernel and len(shape) in (2, 4) else shape
+    tshape = (
+      (shape[::-1] if len(shape) == 2 else (shape[3], shape[2], shape[0], shape[1]))
+      if is_kernel and len(shape) in (2, 4)
+      else shape
+    )
     if sl is not None:
       tshape = (3 * tshape[0],) + tshape[1:]
     expected[key] = tshape
@@ -145,26 +149,33 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], shapes, backbone_only: bool
   ignored = []
   given = dict(sd)
   for k in list(given):
-    if k.endswith('num_batches_tracked') or (
-        backbone_only and k.startswith(BACKBONE_ONLY_IGNORED)):
+    if k.endswith('num_batches_tracked') or (backbone_only and k.startswith(BACKBONE_ONLY_IGNORED)):
       ignored.append(k)
       given.pop(k)
   missing = sorted(set(expected) - set(given))
   unexpected = sorted(set(given) - set(expected))
-  mismatched = sorted(f'{k}: checkpoint {tuple(given[k].shape)} vs model {expected[k]}'
-                      for k in set(expected) & set(given)
-                      if tuple(given[k].shape) != expected[k])
+  mismatched = sorted(
+    f'{k}: checkpoint {tuple(given[k].shape)} vs model {expected[k]}'
+    for k in set(expected) & set(given)
+    if tuple(given[k].shape) != expected[k]
+  )
   if missing or unexpected or mismatched:
     lines = ['checkpoint does not match the model config:']
-    for title, items in (('missing keys', missing), ('unexpected keys', unexpected),
-                         ('shape mismatches', mismatched)):
+    for title, items in (
+      ('missing keys', missing),
+      ('unexpected keys', unexpected),
+      ('shape mismatches', mismatched),
+    ):
       if items:
         lines.append(f'  {title} ({len(items)}):')
         lines += [f'    {x}' for x in items]
     raise CheckpointMismatchError('\n'.join(lines))
   if ignored:
-    logging.info('torch import: dropped %d keys not used by DETR: %s', len(ignored),
-                 sorted({k.split('.')[0] for k in ignored}))
+    logging.info(
+      'torch import: dropped %d keys not used by DETR: %s',
+      len(ignored),
+      sorted({k.split('.')[0] for k in ignored}),
+    )
 
   out = {}
   for fpath, key, sl, is_kernel, ndim in plan:
@@ -175,8 +186,14 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], shapes, backbone_only: bool
   return traverse_util.unflatten_dict(out)
 
 
-_TORCH_LEAF_NAMES = {'kernel': 'weight', 'scale': 'weight', 'embedding': 'weight',
-                     'bias': 'bias', 'mean': 'running_mean', 'var': 'running_var'}
+_TORCH_LEAF_NAMES = {
+  'kernel': 'weight',
+  'scale': 'weight',
+  'embedding': 'weight',
+  'bias': 'bias',
+  'mean': 'running_mean',
+  'var': 'running_var',
+}
 
 
 def export_state_dict(variables) -> dict[str, np.ndarray]:
@@ -246,6 +263,7 @@ def main(argv):
   del argv
   from absl import flags
   from updetr_jax import checkpoints, cli
+
   cli.setup_logging()
   FLAGS = flags.FLAGS  # noqa: N806
   cfg = FLAGS.config
@@ -258,6 +276,7 @@ def main(argv):
 def _define_flags():
   from absl import flags
   from ml_collections import config_flags
+
   config_flags.DEFINE_config_file('config', None, 'config file (uses its .model)')
   flags.DEFINE_string('checkpoint', None, 'PyTorch .pth file')
   flags.DEFINE_string('output', None, 'directory for the Orbax checkpoint')
@@ -267,6 +286,7 @@ def _define_flags():
 def cli_main():
   """Console script ``updetr-import``."""
   from updetr_jax import cli
+
   cli.run(main, _define_flags)
 
 

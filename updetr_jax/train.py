@@ -8,6 +8,7 @@ Data parallel: ``jax.jit`` over a ``('data',)`` mesh with ``NamedSharding`` (bat
 split, state replicated); works unchanged on one CPU, 8 fake devices, a GPU box or a
 multi-host TPU slice.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,9 +25,18 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from updetr_jax import checkpoints, files, optim, visualize
 from updetr_jax.models import build_model
-from updetr_jax.train_step import (check_backbone_init, check_finite, full_variables,
-                                   init_train_state, make_mesh, make_train_step, model_inputs,
-                                   step_cost, to_global, total_steps)
+from updetr_jax.train_step import (
+  check_backbone_init,
+  check_finite,
+  full_variables,
+  init_train_state,
+  make_mesh,
+  make_train_step,
+  model_inputs,
+  step_cost,
+  to_global,
+  total_steps,
+)
 from updetr_jax.tasks import get_task
 
 
@@ -60,14 +70,24 @@ class Progress:
         self.history[k][0].append(step)
         self.history[k][1].append(scalars[k])
     if jax.process_index() == 0:
-      terms = ' '.join(f'{k[5:]} {scalars[k]:.3f}' for k in
-                       ('loss_ce', 'loss_bbox', 'loss_giou', 'loss_feature') if k in scalars)
+      terms = ' '.join(
+        f'{k[5:]} {scalars[k]:.3f}'
+        for k in ('loss_ce', 'loss_bbox', 'loss_giou', 'loss_feature')
+        if k in scalars
+      )
       util = f'  MFU {scalars["mfu"]:.1%}' if 'mfu' in scalars else ''
-      logging.info('step %d/%d  loss %.4f (%s)  lr %.2e  %.2f steps/s%s  ETA %s', step,
-                   self.total, scalars['loss'], terms, scalars.get('lr', 0), rate, util,
-                   time.strftime('%H:%M:%S', time.gmtime(eta)))
+      logging.info(
+        'step %d/%d  loss %.4f (%s)  lr %.2e  %.2f steps/s%s  ETA %s',
+        step,
+        self.total,
+        scalars['loss'],
+        terms,
+        scalars.get('lr', 0),
+        rate,
+        util,
+        time.strftime('%H:%M:%S', time.gmtime(eta)),
+      )
     self.t0, self.s0 = now, step
-
 
 
 class PreemptionWatch:
@@ -94,6 +114,7 @@ class PreemptionWatch:
   def reached(self, step: int) -> bool:
     if self.multi:
       from jax.experimental import multihost_utils
+
       return bool(multihost_utils.reached_preemption_sync_point(step))
     return self.signalled
 
@@ -110,7 +131,8 @@ class BestCheckpoint:
   def __init__(self, workdir: str, metric: str, config):
     self.metric = metric
     self.manager = checkpoints.TrainCheckpoints(
-        os.path.join(workdir, checkpoints.BEST_DIR), save_every_steps=1, keep=1, config=config)
+      os.path.join(workdir, checkpoints.BEST_DIR), save_every_steps=1, keep=1, config=config
+    )
     self.json = os.path.join(workdir, checkpoints.BEST_DIR, 'best.json')
     self.record = None
     if files.exists(self.json):
@@ -120,8 +142,10 @@ class BestCheckpoint:
 
   def update(self, step: int, metrics: dict, ckpt) -> bool:
     if self.metric not in metrics:
-      raise ValueError(f'config.eval.best_metric={self.metric!r} is not among the evaluation '
-                       f'metrics {sorted(metrics)}')
+      raise ValueError(
+        f'config.eval.best_metric={self.metric!r} is not among the evaluation '
+        f'metrics {sorted(metrics)}'
+      )
     value = metrics[self.metric]
     if self.record is not None and not value > self.record['value']:
       return False
@@ -129,8 +153,9 @@ class BestCheckpoint:
     self.record = {'step': step, 'metric': self.metric, 'value': value, 'metrics': metrics}
     if jax.process_index() == 0:
       files.write_json(self.json, self.record)
-    logging.info('step %d: new best %s %.4f -> %s', step, self.metric, value,
-                 self.manager.directory)
+    logging.info(
+      'step %d: new best %s %.4f -> %s', step, self.metric, value, self.manager.directory
+    )
     return True
 
 
@@ -143,21 +168,26 @@ def run(config, workdir: str) -> dict:
   # ---------------------------------------------------------------- Set up mesh
   files.makedirs(workdir)
   if config.get('compilation_cache_dir'):  # compiled steps persist across runs
-    jax.config.update('jax_compilation_cache_dir',
-                      os.path.abspath(os.path.expanduser(config.compilation_cache_dir)))
+    jax.config.update(
+      'jax_compilation_cache_dir', os.path.abspath(os.path.expanduser(config.compilation_cache_dir))
+    )
   mesh = make_mesh()
   repl = NamedSharding(mesh, P())
   data_sharding = NamedSharding(mesh, P('data'))
   if config.batch_size % jax.device_count():
-    raise ValueError(f'config.batch_size={config.batch_size} must be divisible by the '
-                     f'{jax.device_count()} devices')
+    raise ValueError(
+      f'config.batch_size={config.batch_size} must be divisible by the {jax.device_count()} devices'
+    )
   if config.batch_size % config.loss_replicas:
-    raise ValueError(f'config.batch_size={config.batch_size} must be divisible by '
-                     f'config.loss_replicas={config.loss_replicas}')
+    raise ValueError(
+      f'config.batch_size={config.batch_size} must be divisible by '
+      f'config.loss_replicas={config.loss_replicas}'
+    )
   task_name = config.get('task', 'pretrain')
   task_class = get_task(task_name)
-  check_backbone_init(config, resuming=checkpoints.has_steps(
-      os.path.join(workdir, checkpoints.LAST_DIR)))
+  check_backbone_init(
+    config, resuming=checkpoints.has_steps(os.path.join(workdir, checkpoints.LAST_DIR))
+  )
   task = task_class(config, data_sharding)  # may resolve config fields
   config.examples_per_epoch = task.examples_per_epoch()
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -168,20 +198,31 @@ def run(config, workdir: str) -> dict:
 
   # ------------------------------------------------------ Checkpoints
   manager = checkpoints.TrainCheckpoints(
-      os.path.join(workdir, checkpoints.LAST_DIR), save_every_steps=config.checkpoint_every_steps,
-      keep=config.keep_checkpoints, config=config)
-  best = (BestCheckpoint(workdir, config.eval.best_metric, config)
-          if evaluating and config.eval.get('best_metric') else None)
+    os.path.join(workdir, checkpoints.LAST_DIR),
+    save_every_steps=config.checkpoint_every_steps,
+    keep=config.keep_checkpoints,
+    config=config,
+  )
+  best = (
+    BestCheckpoint(workdir, config.eval.best_metric, config)
+    if evaluating and config.eval.get('best_metric')
+    else None
+  )
 
   # ------------------------------------------------------ Model & optimizer
   model = build_model(config.model)
   init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   resuming = manager.latest_step() is not None
   variables, state, constants, tx, schedules = init_train_state(
-      config, model, init_rng, steps_per_epoch, load_init=not resuming)
-  logging.info('model: %s params trainable, %s frozen; %d steps (%d per epoch)',
-               f'{optim.count_params(state["params"]):,}',
-               f'{optim.count_params(constants["frozen"]):,}', num_steps, steps_per_epoch)
+    config, model, init_rng, steps_per_epoch, load_init=not resuming
+  )
+  logging.info(
+    'model: %s params trainable, %s frozen; %d steps (%d per epoch)',
+    f'{optim.count_params(state["params"]):,}',
+    f'{optim.count_params(constants["frozen"]):,}',
+    num_steps,
+    steps_per_epoch,
+  )
   state, constants = jax.device_put((state, constants), repl)
   restored, start = manager.restore_latest({'state': state, 'constants': constants})
   if restored is not None:
@@ -196,22 +237,26 @@ def run(config, workdir: str) -> dict:
   del variables  # its buffers may be donated to the train step
 
   # ------------------------------------------------------ Update step
-  train_step = jax.jit(make_train_step(model, tx, task.criterion()), donate_argnums=(0,),
-                       out_shardings=(repl, repl))
+  train_step = jax.jit(
+    make_train_step(model, tx, task.criterion()), donate_argnums=(0,), out_shardings=(repl, repl)
+  )
 
   def run_eval(step):
     metrics = task.evaluate(model, full_variables(state, constants), step, workdir)
     writer.write_scalars(step, {f'eval/{k}': v for k, v in metrics.items()})
     if jax.process_index() == 0:  # every evaluation, for curves (updetr_jax.compare)
-      files.append_line(os.path.join(workdir, 'eval.jsonl'),
-                        json.dumps({'step': step, **{k: float(v) for k, v in metrics.items()}}))
+      files.append_line(
+        os.path.join(workdir, 'eval.jsonl'),
+        json.dumps({'step': step, **{k: float(v) for k, v in metrics.items()}}),
+      )
     if best is not None:
       best.update(step, metrics, {'state': state, 'constants': constants})
     return metrics
 
   # ------------------------------------------------------ Train loop
-  progress = Progress(writer, num_steps, start, config.log_every_steps,
-                      os.path.join(workdir, 'metrics.jsonl'))
+  progress = Progress(
+    writer, num_steps, start, config.log_every_steps, os.path.join(workdir, 'metrics.jsonl')
+  )
   pending = None  # metrics of the previous step, checked one step late (keeps async dispatch)
   t_start = time.time()
   preemption = PreemptionWatch()
@@ -219,15 +264,20 @@ def run(config, workdir: str) -> dict:
   for step in range(start + 1, num_steps + 1):
     batch = to_global(model_inputs(next(train_iter)), data_sharding)
     if step == start + 1 and config.get('report_flops', True):
-      progress.cost = step_cost(train_step, (state, constants, batch, step_rng),
-                                config.model.get('dtype', 'float32'))
+      progress.cost = step_cost(
+        train_step, (state, constants, batch, step_rng), config.model.get('dtype', 'float32')
+      )
     state, step_metrics = train_step(state, constants, batch, step_rng)
     if pending is not None:
       check_finite(jax.device_get(pending[1]), pending[0])
     pending = (step, step_metrics)
     eval_now = evaluating and config.eval.every_steps > 0 and step % config.eval.every_steps == 0
-    if (manager.should_save(step) or step == num_steps or eval_now
-        or step % config.log_every_steps == 0):
+    if (
+      manager.should_save(step)
+      or step == num_steps
+      or eval_now
+      or step % config.log_every_steps == 0
+    ):
       host = jax.device_get(step_metrics)
       check_finite(host, step)
       pending = None
@@ -242,8 +292,11 @@ def run(config, workdir: str) -> dict:
       check_finite(jax.device_get(step_metrics), step)
       if not manager.should_save(step):
         manager.save(step, {'state': state, 'constants': constants}, force=True)
-      logging.warning('preemption notice (SIGTERM): saved step %d to %s; rerun the same '
-                      'command to resume', step, manager.directory)
+      logging.warning(
+        'preemption notice (SIGTERM): saved step %d to %s; rerun the same command to resume',
+        step,
+        manager.directory,
+      )
       preempted_at = step
       break
   manager.wait_until_finished()
@@ -258,8 +311,12 @@ def run(config, workdir: str) -> dict:
     logging.warning('input pipeline: %s', data_stats.report())
 
   # ------------------------------------------------------ Evaluation
-  summary = {'task': task_name, 'steps': num_steps, 'train_seconds': round(train_time, 1),
-             'data_stats': stats}
+  summary = {
+    'task': task_name,
+    'steps': num_steps,
+    'train_seconds': round(train_time, 1),
+    'data_stats': stats,
+  }
   if 'loss' in progress.history:  # mean of the last (up to) 5 logged losses
     summary['final_train_loss'] = round(float(np.mean(progress.history['loss'][1][-5:])), 4)
   if config.init.get('pretrained'):
@@ -274,8 +331,9 @@ def run(config, workdir: str) -> dict:
       best.manager.wait_until_finished()
       summary['best'] = {k: best.record[k] for k in ('step', 'metric', 'value')}
   if jax.process_index() == 0 and progress.history:
-    visualize.plot_curves(os.path.join(workdir, 'loss_curves.png'), progress.history,
-                          'training losses')
+    visualize.plot_curves(
+      os.path.join(workdir, 'loss_curves.png'), progress.history, 'training losses'
+    )
   writer.flush()
   if jax.process_index() == 0:
     files.write_json(os.path.join(workdir, 'summary.json'), summary)

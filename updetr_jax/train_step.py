@@ -12,6 +12,7 @@ installed):
     batch, rng) -> (state, metrics); check_finite stops a run at a non-finite loss
   step_cost: FLOPs (XLA cost analysis) and the devices' peak, for MFU
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,14 +30,14 @@ from updetr_jax.torch_import import import_torch_checkpoint
 
 def make_mesh() -> jax.sharding.Mesh:
   """1-D data-parallel mesh over every device of every process."""
-  return jax.make_mesh((jax.device_count(),), ('data',),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def to_global(batch, sharding):
   """Host-local numpy batch -> global jax.Arrays split over the data axis."""
   return jax.tree_util.tree_map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
+  )
 
 
 def total_steps(config) -> tuple[int, int]:
@@ -50,12 +51,17 @@ def total_steps(config) -> tuple[int, int]:
 def criterion(config):
   """The DETR / UP-DETR loss as configured: (outputs, targets) -> (loss, terms)."""
   return functools.partial(
-      losses.set_criterion, num_classes=config.model.num_classes,
-      eos_coef=config.loss.eos_coef, weight_ce=config.loss.weight_ce,
-      weight_bbox=config.loss.weight_bbox, weight_giou=config.loss.weight_giou,
-      weight_feature=config.loss.get('weight_feature', 0.0),
-      feature_recon=bool(config.model.get('feature_recon', False)),
-      solver=config.matcher.solver, num_replicas=config.loss_replicas)
+    losses.set_criterion,
+    num_classes=config.model.num_classes,
+    eos_coef=config.loss.eos_coef,
+    weight_ce=config.loss.weight_ce,
+    weight_bbox=config.loss.weight_bbox,
+    weight_giou=config.loss.weight_giou,
+    weight_feature=config.loss.get('weight_feature', 0.0),
+    feature_recon=bool(config.model.get('feature_recon', False)),
+    solver=config.matcher.solver,
+    num_replicas=config.loss_replicas,
+  )
 
 
 # Real-size CNNs, which the releases always start from pre-trained weights.
@@ -72,17 +78,21 @@ def check_backbone_init(config, resuming: bool) -> None:
   demo CNNs, or on purpose with ``init.random_backbone=True``.
   """
   init = config.get('init', {})
-  if (config.model.backbone not in PRETRAINED_CNNS or resuming
-      or init.get('random_backbone', False)
-      or any(init.get(k) for k in ('backbone_checkpoint', 'pretrained', 'checkpoint'))):
+  if (
+    config.model.backbone not in PRETRAINED_CNNS
+    or resuming
+    or init.get('random_backbone', False)
+    or any(init.get(k) for k in ('backbone_checkpoint', 'pretrained', 'checkpoint'))
+  ):
     return
   raise ValueError(
-      f'config.model.backbone={config.model.backbone!r} would start from random weights: '
-      'set config.init.backbone_checkpoint to a torchvision-layout ResNet .pth (the '
-      'UP-DETR release uses SwAV 800 epochs, swav_800ep_pretrain.pth.tar from '
-      'https://github.com/facebookresearch/swav; DETR uses torchvision\'s ImageNet '
-      'ResNet), or config.init.pretrained / config.init.checkpoint; to train from a '
-      'random CNN on purpose, pass --config.init.random_backbone=True')
+    f'config.model.backbone={config.model.backbone!r} would start from random weights: '
+    'set config.init.backbone_checkpoint to a torchvision-layout ResNet .pth (the '
+    'UP-DETR release uses SwAV 800 epochs, swav_800ep_pretrain.pth.tar from '
+    "https://github.com/facebookresearch/swav; DETR uses torchvision's ImageNet "
+    'ResNet), or config.init.pretrained / config.init.checkpoint; to train from a '
+    'random CNN on purpose, pass --config.init.random_backbone=True'
+  )
 
 
 def init_train_state(config, model, rng, steps_per_epoch: int, load_init: bool = True):
@@ -99,20 +109,22 @@ def init_train_state(config, model, rng, steps_per_epoch: int, load_init: bool =
   variables = init_variables(model, rng)
   init = config.init if load_init else {}
   if init.get('backbone_checkpoint'):
-    variables = import_torch_checkpoint(init.backbone_checkpoint, config.model,
-                                        variables=variables)
+    variables = import_torch_checkpoint(init.backbone_checkpoint, config.model, variables=variables)
   if init.get('pretrained'):
     source, source_config = pretrained.load_pretrained(init.pretrained, config.model)
-    variables = pretrained.init_from_pretrained(variables, dict(config.model), source,
-                                                source_config)
-    logging.info('initialised from %s (all weights but %s)', init.pretrained,
-                 ', '.join(pretrained.PRETRAIN_ONLY_HEADS))
+    variables = pretrained.init_from_pretrained(
+      variables, dict(config.model), source, source_config
+    )
+    logging.info(
+      'initialised from %s (all weights but %s)',
+      init.pretrained,
+      ', '.join(pretrained.PRETRAIN_ONLY_HEADS),
+    )
   if init.get('checkpoint'):
     variables = checkpoints.load_variables(init.checkpoint, variables)
   trainable, frozen = optim.partition_params(variables['params'], config.optim.frozen)
   tx, schedules = optim.make_optimizer(config.optim, trainable, steps_per_epoch)
-  state = {'step': jnp.zeros((), jnp.int32), 'params': trainable,
-           'opt_state': tx.init(trainable)}
+  state = {'step': jnp.zeros((), jnp.int32), 'params': trainable, 'opt_state': tx.init(trainable)}
   constants = {'frozen': frozen, 'batch_stats': variables['batch_stats']}
   return variables, state, constants, tx, schedules
 
@@ -131,19 +143,28 @@ def make_train_step(model, tx, loss_fn):
     rng = jax.random.fold_in(rng, state['step'])
 
     def loss_of(params):
-      out = model.apply(full_variables(dict(state, params=params), constants),
-                        batch['images'], batch['padding_mask'], batch.get('patches'),
-                        train=True, rngs={'dropout': rng})
+      out = model.apply(
+        full_variables(dict(state, params=params), constants),
+        batch['images'],
+        batch['padding_mask'],
+        batch.get('patches'),
+        train=True,
+        rngs={'dropout': rng},
+      )
       return loss_fn(out, batch['targets'])
 
     (loss, terms), grads = jax.value_and_grad(loss_of, has_aux=True)(state['params'])
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    new = {'step': state['step'] + 1, 'params': optax.apply_updates(state['params'], updates),
-           'opt_state': opt_state}
+    new = {
+      'step': state['step'] + 1,
+      'params': optax.apply_updates(state['params'], updates),
+      'opt_state': opt_state,
+    }
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new,
-                                 dict(state, step=state['step'] + 1))
+    new = jax.tree_util.tree_map(
+      lambda a, b: jnp.where(finite, a, b), new, dict(state, step=state['step'] + 1)
+    )
     metrics = dict(terms, loss=loss, grad_norm=grad_norm, finite=finite)
     return new, metrics
 
@@ -152,17 +173,20 @@ def make_train_step(model, tx, loss_fn):
 
 def full_variables(state, constants):
   """Train state + constants -> variables for ``model.apply``."""
-  return {'params': optim.merge_params(state['params'], constants['frozen']),
-          'batch_stats': constants['batch_stats']}
+  return {
+    'params': optim.merge_params(state['params'], constants['frozen']),
+    'batch_stats': constants['batch_stats'],
+  }
 
 
 def check_finite(metrics, step: int) -> None:
   if not bool(metrics['finite']):
     bad = sorted(k for k, v in metrics.items() if k != 'finite' and not np.isfinite(v))
     raise FloatingPointError(
-        f'non-finite training loss at step {step} (terms: {bad or "gradient"}); the step '
-        'was not applied and no checkpoint was written after it. Lower the learning rate '
-        'or check the input data.')
+      f'non-finite training loss at step {step} (terms: {bad or "gradient"}); the step '
+      'was not applied and no checkpoint was written after it. Lower the learning rate '
+      'or check the input data.'
+    )
 
 
 def step_cost(train_step, args, dtype: str) -> dict:
@@ -175,10 +199,13 @@ def step_cost(train_step, args, dtype: str) -> dict:
   peak_dtype = mfu.peak_dtype(dtype, device)
   peak = mfu.device_peak_flops(kind, peak_dtype)
   total_peak = peak * jax.device_count() if peak else None
-  logging.info('train step: %s GFLOP (XLA cost analysis, first batch shape); %d x %s, '
-               'peak %s', f'{flops / 1e9:,.1f}' if flops else '?', jax.device_count(),
-               kind, f'{total_peak / 1e12:,.0f} TFLOP/s ({peak_dtype})' if total_peak
-               else 'unknown (no MFU)')
+  logging.info(
+    'train step: %s GFLOP (XLA cost analysis, first batch shape); %d x %s, peak %s',
+    f'{flops / 1e9:,.1f}' if flops else '?',
+    jax.device_count(),
+    kind,
+    f'{total_peak / 1e12:,.0f} TFLOP/s ({peak_dtype})' if total_peak else 'unknown (no MFU)',
+  )
   return {'flops_per_step': flops, 'peak_flops': total_peak}
 
 
@@ -195,4 +222,5 @@ def process_gather(x: np.ndarray) -> np.ndarray:
   if jax.process_count() == 1:
     return np.asarray(x)
   from jax.experimental import multihost_utils
+
   return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))

@@ -1,4 +1,5 @@
 """Pictures a person would rather see than read: patches and boxes, loss curves."""
+
 from __future__ import annotations
 
 import matplotlib
@@ -23,8 +24,9 @@ def _xyxy_pixels(box_cxcywh, h, w):
   return (cx - bw / 2) * w, (cy - bh / 2) * h, bw * w, bh * h
 
 
-def plot_patch_detection(path: str, image, padding_mask, patches, true_boxes, pred_boxes,
-                         ious=None, title: str = '') -> None:
+def plot_patch_detection(
+  path: str, image, padding_mask, patches, true_boxes, pred_boxes, ious=None, title: str = ''
+) -> None:
   """One image with its query patches: true boxes solid, predictions dashed.
 
   Args: image [H, W, 3] normalised, padding_mask [H, W], patches [M, P, P, 3]
@@ -42,15 +44,15 @@ def plot_patch_detection(path: str, image, padding_mask, patches, true_boxes, pr
   for j in range(m):
     for box, style in ((true_boxes[j], '-'), (pred_boxes[j], '--')):
       x, y, bw, bh = _xyxy_pixels(box, h, w)
-      ax.add_patch(plt.Rectangle((x, y), bw, bh, fill=False, lw=2, ls=style,
-                                 edgecolor=colors[j]))
+      ax.add_patch(plt.Rectangle((x, y), bw, bh, fill=False, lw=2, ls=style, edgecolor=colors[j]))
   ax.set_title(title or 'query patches: true box (solid) vs prediction (dashed)')
   ax.axis('off')
   for j in range(m):
     pa = fig.add_subplot(grid[1, j])
     pa.imshow(denormalize(patches[j]))
-    pa.set_title(f'#{j}' + (f' IoU {ious[j]:.2f}' if ious is not None else ''), fontsize=8,
-                 color=colors[j])
+    pa.set_title(
+      f'#{j}' + (f' IoU {ious[j]:.2f}' if ious is not None else ''), fontsize=8, color=colors[j]
+    )
     pa.axis('off')
   fig.tight_layout()
   files.save_figure(fig, path, dpi=100)
@@ -72,8 +74,7 @@ def plot_curves(path: str, curves: dict[str, tuple[list, list]], title: str = ''
   plt.close(fig)
 
 
-def plot_detections(path: str, image_rgb, boxes_xyxy, labels, scores,
-                    class_names=None) -> None:
+def plot_detections(path: str, image_rgb, boxes_xyxy, labels, scores, class_names=None) -> None:
   """One image with labelled boxes (draws every box given; threshold beforehand).
 
   Args: image_rgb [H, W, 3] uint8 or float in [0, 1]; boxes_xyxy [K, 4] in pixels;
@@ -85,8 +86,9 @@ def plot_detections(path: str, image_rgb, boxes_xyxy, labels, scores,
   fig = plt.figure(figsize=(8, 8 * h / max(w, 1)))
   ax = fig.add_axes([0, 0, 1, 1])
   ax.imshow(image)
-  for (x0, y0, x1, y1), label, score in zip(np.asarray(boxes_xyxy, np.float64),
-                                            np.asarray(labels), np.asarray(scores)):
+  for (x0, y0, x1, y1), label, score in zip(
+    np.asarray(boxes_xyxy, np.float64), np.asarray(labels), np.asarray(scores)
+  ):
     label = int(label)
     name = str(label)
     if class_names is not None:
@@ -95,10 +97,15 @@ def plot_detections(path: str, image_rgb, boxes_xyxy, labels, scores,
       except (KeyError, IndexError):
         pass
     color = plt.cm.tab20(label % 20)
-    ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=2,
-                               edgecolor=color))
-    ax.text(x0, y0, f'{name} {float(score):.2f}', fontsize=9, va='bottom',
-            bbox=dict(facecolor=color, alpha=0.6, pad=1, lw=0))
+    ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=2, edgecolor=color))
+    ax.text(
+      x0,
+      y0,
+      f'{name} {float(score):.2f}',
+      fontsize=9,
+      va='bottom',
+      bbox=dict(facecolor=color, alpha=0.6, pad=1, lw=0),
+    )
   ax.set_xlim(0, w)
   ax.set_ylim(h, 0)
   ax.axis('off')
@@ -106,8 +113,9 @@ def plot_detections(path: str, image_rgb, boxes_xyxy, labels, scores,
   plt.close(fig)
 
 
-def plot_bands(path: str, panels: dict[str, dict[str, tuple]], ylabel: str,
-               title: str = '') -> None:
+def plot_bands(
+  path: str, panels: dict[str, dict[str, tuple]], ylabel: str, title: str = ''
+) -> None:
   """Mean curves with +- std bands, one panel per key of ``panels``.
 
   panels: panel title -> {line name: (steps [T], mean [T], std [T])}.

@@ -1,10 +1,12 @@
 """Pieces shared by the config files."""
+
 import ml_collections
 
 
 def detr_model(**overrides) -> ml_collections.ConfigDict:
   """DETR R50 as released (field names = the release's arguments), with overrides."""
-  m = ml_collections.ConfigDict(dict(
+  m = ml_collections.ConfigDict(
+    dict(
       backbone='resnet50',
       dilation=False,
       position_embedding='sine',
@@ -20,14 +22,20 @@ def detr_model(**overrides) -> ml_collections.ConfigDict:
       aux_loss=True,
       dtype='float32',  # 'bfloat16': bf16 activations/matmuls, float32 params and losses
       remat='',  # '' | 'transformer' | 'backbone' | 'all': recompute in the backward pass
-  ))
+      # 'einsum' (the release's attention, with dropout on the probabilities) |
+      # 'dot_product' (jax.nn.dot_product_attention, XLA) | 'cudnn' (its fused kernel);
+      # the last two skip attention-probability dropout (models/transformer.py)
+      attention='einsum',
+    )
+  )
   m.update(overrides)
   return m
 
 
 def matcher() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(solver='exact', cost_class=1.0, cost_bbox=5.0,
-                                        cost_giou=2.0))
+  return ml_collections.ConfigDict(
+    dict(solver='exact', cost_class=1.0, cost_bbox=5.0, cost_giou=2.0)
+  )
 
 
 # The small model of the CPU demos (minutes): the pre-training demo and the
@@ -35,6 +43,15 @@ def matcher() -> ml_collections.ConfigDict:
 # mismatch would refuse a pre-trained init. DC5 (stride 16) gives 128-px images an
 # 8x10 map. The pre-training demo's CNN is random and frozen (no download);
 # configs/compare.py trains it self-supervised first (stage 0).
-DEMO_ARCHITECTURE = dict(backbone='resnet_small', dilation=True, hidden_dim=64, nheads=4,
-                         enc_layers=2, dec_layers=2, dim_feedforward=128, dropout=0.0,
-                         num_queries=20, pre_norm=True)
+DEMO_ARCHITECTURE = dict(
+  backbone='resnet_small',
+  dilation=True,
+  hidden_dim=64,
+  nheads=4,
+  enc_layers=2,
+  dec_layers=2,
+  dim_feedforward=128,
+  dropout=0.0,
+  num_queries=20,
+  pre_norm=True,
+)

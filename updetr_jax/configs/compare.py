@@ -23,6 +23,7 @@ and a CNN (``--config.backbone_checkpoint=swav.pth``, or stage 0 on your pool wi
 ``--config.stage0.images=/unlabeled``). The model of both stages is
 ``config.pretrain.model`` / ``config.finetune.model`` (they must match).
 """
+
 import ml_collections
 
 from updetr_jax.configs import common, finetune_coco, pretrain
@@ -30,20 +31,32 @@ from updetr_jax.configs import common, finetune_coco, pretrain
 VARIANTS = ('mini', 'demo')
 
 # Image geometry of the miniature (128-px scenes): both stages.
-_PRETRAIN_DATA = dict(scales=(96, 112, 128), max_size=160, eval_scale=128,
-                      buckets=((128, 160),), patch_size=32, cache_decoded=True,
-                      index_cache_dir=None)
-_FINETUNE_DATA = dict(scales=(96, 112, 128), max_size=160, eval_scale=128,
-                      crop_resize_scales=(112, 128, 144), crop_size=(80, 128),
-                      buckets=((128, 160),), cache_decoded=True, index_cache_dir=None,
-                      max_targets=16)
+_PRETRAIN_DATA = dict(
+  scales=(96, 112, 128),
+  max_size=160,
+  eval_scale=128,
+  buckets=((128, 160),),
+  patch_size=32,
+  cache_decoded=True,
+  index_cache_dir=None,
+)
+_FINETUNE_DATA = dict(
+  scales=(96, 112, 128),
+  max_size=160,
+  eval_scale=128,
+  crop_resize_scales=(112, 128, 144),
+  crop_size=(80, 128),
+  buckets=((128, 160),),
+  cache_decoded=True,
+  index_cache_dir=None,
+  max_targets=16,
+)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or 'mini'
   if variant not in VARIANTS:
-    raise ValueError(f'configs/compare.py: unknown variant {variant!r} (choose one of '
-                     f'{VARIANTS})')
+    raise ValueError(f'configs/compare.py: unknown variant {variant!r} (choose one of {VARIANTS})')
   from updetr_jax.data import detection_data_config  # noqa: PLC0415
 
   config = ml_collections.ConfigDict()
@@ -53,18 +66,32 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.compilation_cache_dir = ''  # e.g. WORKDIR/.xla_cache: runs share compiled steps
   # The CNN of every run: a torchvision-layout .pth / .npz, or '' for stage 0's.
   config.backbone_checkpoint = ''
-  config.miniature = ml_collections.ConfigDict(dict(
-      enabled=True, directory='',  # '' = WORKDIR/data
-      seed=0, num_pool=2000, num_train=600, num_eval=450))
+  config.miniature = ml_collections.ConfigDict(
+    dict(
+      enabled=True,
+      directory='',  # '' = WORKDIR/data
+      seed=0,
+      num_pool=2000,
+      num_train=600,
+      num_eval=450,
+    )
+  )
   # Stage 0: SimCLR on the unlabeled pool (updetr_jax.ssl_backbone).
-  config.stage0 = ml_collections.ConfigDict(dict(
-      enabled=True, images='',  # '' = the miniature's pool
-      steps=600, batch_size=64, image_size=64, seed=0, lr=2e-3))
+  config.stage0 = ml_collections.ConfigDict(
+    dict(
+      enabled=True,
+      images='',  # '' = the miniature's pool
+      steps=600,
+      batch_size=64,
+      image_size=64,
+      seed=0,
+      lr=2e-3,
+    )
+  )
 
   # Stage 2: UP-DETR pre-training (the demo model of configs/pretrain.py).
   p = pretrain.get_config('demo')
-  p.data.update(source='folder', folder='', eval_folder='', demo_repeats=1,
-                **_PRETRAIN_DATA)
+  p.data.update(source='folder', folder='', eval_folder='', demo_repeats=1, **_PRETRAIN_DATA)
   p.examples_per_epoch = 2000
   p.batch_size = 16
   p.num_train_steps = 2000
@@ -75,9 +102,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.pretrain = p
 
   # Stage 3: DETR fine-tuning, the same architecture (no patches).
-  f = finetune_coco.finetune_config('150ep', name='compare', num_classes=-1,
-                                    examples_per_epoch=-1,
-                                    data=detection_data_config(**_FINETUNE_DATA))
+  f = finetune_coco.finetune_config(
+    '150ep',
+    name='compare',
+    num_classes=-1,
+    examples_per_epoch=-1,
+    data=detection_data_config(**_FINETUNE_DATA),
+  )
   f.model.update(**common.DEMO_ARCHITECTURE)
   f.batch_size = 8
   f.loss_replicas = 1

@@ -13,6 +13,7 @@ Data: any COCO-format json + image folder (``data.source='coco_json'``, the defa
 with the release's ``--coco_path`` layout), or TFDS ``coco/2017`` with
 ``--config.data.source=tfds_coco`` (see ``updetr_jax/data/detection.py``).
 """
+
 import ml_collections
 
 from updetr_jax.configs import common
@@ -23,9 +24,16 @@ FROZEN_STEM_AND_STAGE1 = (r'^body/(conv1|bn1|layer1_\d+)/',)
 
 def finetune_optim(lr_drop_epochs) -> ml_collections.ConfigDict:
   """AdamW as in the releases: lr 1e-4, backbone 5e-5 (SPEC §4), wd 1e-4, clip 0.1."""
-  return ml_collections.ConfigDict(dict(
-      lr=1e-4, lr_backbone=5e-5, weight_decay=1e-4, clip_max_norm=0.1,
-      lr_drop_epochs=tuple(lr_drop_epochs), frozen=FROZEN_STEM_AND_STAGE1))
+  return ml_collections.ConfigDict(
+    dict(
+      lr=1e-4,
+      lr_backbone=5e-5,
+      weight_decay=1e-4,
+      clip_max_norm=0.1,
+      lr_drop_epochs=tuple(lr_drop_epochs),
+      frozen=FROZEN_STEM_AND_STAGE1,
+    )
+  )
 
 
 SCHEDULES = {'300ep': (300, 200), '150ep': (150, 100)}  # epochs, lr drop epoch
@@ -35,8 +43,14 @@ SCHEDULES = {'300ep': (300, 200), '150ep': (150, 100)}  # epochs, lr drop epoch
 COCO_TRAIN2017_IMAGES = 118287
 
 
-def finetune_config(variant: str, *, name: str, num_classes: int, examples_per_epoch: int,
-                    data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def finetune_config(
+  variant: str,
+  *,
+  name: str,
+  num_classes: int,
+  examples_per_epoch: int,
+  data: ml_collections.ConfigDict,
+) -> ml_collections.ConfigDict:
   """DETR fine-tuning with the release hyper-parameters; ``variant`` picks the schedule.
 
   The transformer is pre-norm, as UP-DETR pre-trains it (the architecture must match
@@ -44,8 +58,9 @@ def finetune_config(variant: str, *, name: str, num_classes: int, examples_per_e
   original DETR trained from scratch.
   """
   if variant not in SCHEDULES:
-    raise ValueError(f'configs/{name}.py: unknown variant {variant!r} '
-                     f'(choose one of {sorted(SCHEDULES)})')
+    raise ValueError(
+      f'configs/{name}.py: unknown variant {variant!r} (choose one of {sorted(SCHEDULES)})'
+    )
   epochs, drop = SCHEDULES[variant]
   config = ml_collections.ConfigDict()
   config.task = 'detection'
@@ -53,8 +68,9 @@ def finetune_config(variant: str, *, name: str, num_classes: int, examples_per_e
   # num_classes = -1 takes the label count of the data (custom json).
   config.model = common.detr_model(num_classes=num_classes, pre_norm=True)
   config.matcher = common.matcher()
-  config.loss = ml_collections.ConfigDict(dict(
-      eos_coef=0.1, weight_ce=1.0, weight_bbox=5.0, weight_giou=2.0))
+  config.loss = ml_collections.ConfigDict(
+    dict(eos_coef=0.1, weight_ce=1.0, weight_bbox=5.0, weight_giou=2.0)
+  )
   config.data = data
   config.batch_size = 16  # 2 per GPU x 8
   # The release normalises the loss per GPU (8 GPUs x 2 images): keeping that count
@@ -64,7 +80,8 @@ def finetune_config(variant: str, *, name: str, num_classes: int, examples_per_e
   config.num_train_steps = -1  # > 0 overrides num_epochs
   config.examples_per_epoch = examples_per_epoch  # -1: the training set's size
   config.optim = finetune_optim((drop,))
-  config.init = ml_collections.ConfigDict(dict(
+  config.init = ml_collections.ConfigDict(
+    dict(
       # An UP-DETR pre-training workdir, a release .pth (UP-DETR or DETR) or Orbax
       # variables: every weight but class_embed / patch2query / feature_align.
       pretrained='',
@@ -74,15 +91,24 @@ def finetune_config(variant: str, *, name: str, num_classes: int, examples_per_e
       checkpoint='',  # Orbax variables of this very model (e.g. to evaluate one)
       # A resnet50/101 run without any of the above is refused unless this is True.
       random_backbone=False,
-  ))
+    )
+  )
   steps_per_epoch = max(examples_per_epoch // config.batch_size, 1)
   # Periodic evaluation (pycocotools on the evaluation split; VOC07 AP50 with voc07);
   # the checkpoint with the best best_metric is kept in workdir/best. Each image is
   # evaluated in a canvas that depends on its own size only: AP does not depend on
   # batch_size.
-  config.eval = ml_collections.ConfigDict(dict(
-      enabled=True, batch_size=8, every_steps=5 * steps_per_epoch, best_metric='AP',
-      voc07=False, num_pictures=4, picture_threshold=0.5))
+  config.eval = ml_collections.ConfigDict(
+    dict(
+      enabled=True,
+      batch_size=8,
+      every_steps=5 * steps_per_epoch,
+      best_metric='AP',
+      voc07=False,
+      num_pictures=4,
+      picture_threshold=0.5,
+    )
+  )
   config.checkpoint_every_steps = 2000
   config.keep_checkpoints = 3
   config.log_every_steps = 100
@@ -92,7 +118,12 @@ def finetune_config(variant: str, *, name: str, num_classes: int, examples_per_e
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   from updetr_jax.data import detection_data_config
+
   # 91 classes (COCO category ids up to 90); every train2017 image.
-  return finetune_config(arg or '300ep', name='finetune_coco', num_classes=91,
-                         examples_per_epoch=COCO_TRAIN2017_IMAGES,
-                         data=detection_data_config())
+  return finetune_config(
+    arg or '300ep',
+    name='finetune_coco',
+    num_classes=91,
+    examples_per_epoch=COCO_TRAIN2017_IMAGES,
+    data=detection_data_config(),
+  )

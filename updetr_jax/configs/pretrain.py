@@ -8,6 +8,7 @@ Variants (``:name``): default ``imagenet`` = the release's ImageNet run (ResNet-
 frozen, pre-norm, N=100 queries, M=10 patches, batch 256, 60 epochs, lr drop at 40);
 ``single_query`` = M=1; ``demo`` = a small model on scikit-image's photos (CPU, minutes).
 """
+
 import ml_collections
 
 from updetr_jax.configs import common
@@ -15,20 +16,27 @@ from updetr_jax.configs import common
 
 def model_config(**overrides) -> ml_collections.ConfigDict:
   """The release's UP-DETR pre-training model: DETR R50 with pre-norm and patches."""
-  return common.detr_model(**{**dict(
-      pre_norm=True,
-      num_classes=2,  # label 1 = "is the patch"; 3 logits with "no object"
-      num_patches=10,
-      feature_recon=True,
-      patch_query_drop=0.1,
-  ), **overrides})
+  return common.detr_model(
+    **{
+      **dict(
+        pre_norm=True,
+        num_classes=2,  # label 1 = "is the patch"; 3 logits with "no object"
+        num_patches=10,
+        feature_recon=True,
+        patch_query_drop=0.1,
+      ),
+      **overrides,
+    }
+  )
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or 'imagenet'
   if variant not in ('imagenet', 'single_query', 'demo'):
-    raise ValueError(f'configs/pretrain.py: unknown variant {variant!r} '
-                     "(choose 'imagenet', 'single_query' or 'demo')")
+    raise ValueError(
+      f'configs/pretrain.py: unknown variant {variant!r} '
+      "(choose 'imagenet', 'single_query' or 'demo')"
+    )
   from updetr_jax.data import default_data_config, demo_data_config
 
   config = ml_collections.ConfigDict()
@@ -36,8 +44,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seed = 0
   config.model = model_config()
   config.matcher = common.matcher()
-  config.loss = ml_collections.ConfigDict(dict(
-      eos_coef=0.1, weight_ce=1.0, weight_bbox=5.0, weight_giou=2.0, weight_feature=1.0))
+  config.loss = ml_collections.ConfigDict(
+    dict(eos_coef=0.1, weight_ce=1.0, weight_bbox=5.0, weight_giou=2.0, weight_feature=1.0)
+  )
   # The release normalises the loss per GPU (8 GPUs x 32 images): keeping that count
   # fixed makes the loss identical whatever mesh the run uses.
   config.loss_replicas = 8
@@ -46,21 +55,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.examples_per_epoch = 1281167  # ImageNet train
   config.num_epochs = 60
   config.num_train_steps = -1  # > 0 overrides num_epochs
-  config.optim = ml_collections.ConfigDict(dict(
-      lr=1e-4, lr_backbone=0.0, weight_decay=1e-4, clip_max_norm=0.1,
+  config.optim = ml_collections.ConfigDict(
+    dict(
+      lr=1e-4,
+      lr_backbone=0.0,
+      weight_decay=1e-4,
+      clip_max_norm=0.1,
       lr_drop_epochs=(40,),
       # The whole backbone is frozen in pre-training: the CNN and, as in the release
       # (lr_backbone 0), a learned position embedding.
       frozen=(r'^(body|position)/',),
-  ))
-  config.init = ml_collections.ConfigDict(dict(
+    )
+  )
+  config.init = ml_collections.ConfigDict(
+    dict(
       # torchvision-layout ResNet .pth (the release: SwAV 800 epochs, 'module.' prefix).
       backbone_checkpoint='',
       checkpoint='',  # an Orbax variables checkpoint (python -m updetr_jax.torch_import)
       pretrained='',  # fine-tuning only (configs/finetune_coco.py)
       # A resnet50/101 run without any of the above is refused unless this is True.
       random_backbone=False,
-  ))
+    )
+  )
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
   config.log_every_steps = 50

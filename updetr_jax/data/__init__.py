@@ -55,6 +55,7 @@ Data config fields (ConfigDict or dict; missing fields take the release value):
                   process-wide, about halves the pipeline's CPU cost on Linux
                   (batching.tune_malloc).
 """
+
 import tensorflow as _tf
 
 try:  # the input pipeline runs on the host CPU only
@@ -65,15 +66,35 @@ except RuntimeError:  # already initialised by the caller
 from updetr_jax.data.augment import resize_rule  # noqa: E402
 from updetr_jax.data.batching import make_pretrain_dataset  # noqa: E402
 from updetr_jax.data.config import (  # noqa: E402
-    default_data_config, demo_data_config, eval_data_config, resolve_config)
+  default_data_config,
+  demo_data_config,
+  eval_data_config,
+  resolve_config,
+)
 from updetr_jax.data.planning import DataStats, bucket_shapes  # noqa: E402
 from updetr_jax.data.detection import (  # noqa: E402
-    DatasetInfo, detection_bucket_shapes, detection_data_config, make_detection_dataset,
-    voc_data_config)
+  DatasetInfo,
+  detection_bucket_shapes,
+  detection_data_config,
+  make_detection_dataset,
+  voc_data_config,
+)
 from updetr_jax.data.sources import list_image_files, probe_image  # noqa: E402
 
-__all__ = ['make_pretrain_dataset', 'bucket_shapes', 'default_data_config',
-           'demo_data_config', 'eval_data_config', 'resolve_config', 'DataStats',
-           'resize_rule', 'list_image_files', 'probe_image', 'make_detection_dataset',
-           'DatasetInfo', 'detection_data_config', 'voc_data_config',
-           'detection_bucket_shapes']
+__all__ = [
+  'make_pretrain_dataset',
+  'bucket_shapes',
+  'default_data_config',
+  'demo_data_config',
+  'eval_data_config',
+  'resolve_config',
+  'DataStats',
+  'resize_rule',
+  'list_image_files',
+  'probe_image',
+  'make_detection_dataset',
+  'DatasetInfo',
+  'detection_data_config',
+  'voc_data_config',
+  'detection_bucket_shapes',
+]

@@ -21,6 +21,7 @@ Query-patch augmentation (training), in this order, each patch independently:
   4. ImageNet normalisation (done by the caller).
 No flip. Evaluation: resize + normalise only.
 """
+
 from __future__ import annotations
 
 import functools
@@ -74,12 +75,12 @@ def resize_image(image, size):
   """
   size = tf.convert_to_tensor(size, tf.int32)
   src = tf.shape(image)[-3:-1]
-  shrinks = tf.reduce_any(
-      tf.cast(size, tf.float32) < ANTIALIAS_BELOW * tf.cast(src, tf.float32))
+  shrinks = tf.reduce_any(tf.cast(size, tf.float32) < ANTIALIAS_BELOW * tf.cast(src, tf.float32))
   return tf.cond(
-      shrinks,
-      lambda: tf.image.resize(image, size, 'bilinear', antialias=True),
-      lambda: tf.image.resize(image, size, 'bilinear'))
+    shrinks,
+    lambda: tf.image.resize(image, size, 'bilinear', antialias=True),
+    lambda: tf.image.resize(image, size, 'bilinear'),
+  )
 
 
 def grayscale(x):
@@ -142,7 +143,7 @@ def gaussian_blur(x, sigma, size: int):
   gaussian_blur semantics: kernel of ``size`` taps, reflect padding).
   """
   p, c = x.shape[1], x.shape[3]
-  b = blur_matrices(sigma, size, p)                              # [k, P, P]
+  b = blur_matrices(sigma, size, p)  # [k, P, P]
   y = tf.reshape(b @ tf.reshape(x, [-1, p, p * c]), [-1, p, p, c])  # along rows
   y = tf.transpose(y, [0, 2, 1, 3])
   y = tf.reshape(b @ tf.reshape(y, [-1, p, p * c]), [-1, p, p, c])  # along columns
@@ -159,9 +160,18 @@ def blur_kernel_size(patch_size: int, configured: int = 0) -> int:
   return max(3, k if k % 2 else k + 1)
 
 
-def augment_patches(x, seed, *, jitter=(0.4, 0.4, 0.4, 0.1), jitter_prob=0.8,
-                    grayscale_prob=0.2, blur_prob=0.5, blur_sigma=(0.1, 2.0),
-                    kernel_size=13, random_order=False):
+def augment_patches(
+  x,
+  seed,
+  *,
+  jitter=(0.4, 0.4, 0.4, 0.1),
+  jitter_prob=0.8,
+  grayscale_prob=0.2,
+  blur_prob=0.5,
+  blur_sigma=(0.1, 2.0),
+  kernel_size=13,
+  random_order=False,
+):
   """Query-patch augmentation (see module docstring).
 
   x: float32 [M, P, P, 3] in [0, 1] (static shape); seed: stateless seed [2].
@@ -175,23 +185,28 @@ def augment_patches(x, seed, *, jitter=(0.4, 0.4, 0.4, 0.1), jitter_prob=0.8,
   def factor(v, amount):
     return 1.0 - amount + 2.0 * amount * v
 
-  ops = [lambda y: adjust_brightness(y, factor(u[0], bri)),
-         lambda y: adjust_contrast(y, factor(u[1], con)),
-         lambda y: adjust_saturation(y, factor(u[2], sat)),
-         lambda y: adjust_hue(y, hue * (2.0 * u[3] - 1.0))]
+  ops = [
+    lambda y: adjust_brightness(y, factor(u[0], bri)),
+    lambda y: adjust_contrast(y, factor(u[1], con)),
+    lambda y: adjust_saturation(y, factor(u[2], sat)),
+    lambda y: adjust_hue(y, hue * (2.0 * u[3] - 1.0)),
+  ]
   y = x
   if random_order:  # one permutation per image (costs ~1 ms per switch on CPU)
     order = tf.argsort(tf.random.stateless_uniform([4], seed=keys[1]))
     for i in range(4):
       y = tf.ensure_shape(
-          tf.switch_case(order[i], [functools.partial(op, y) for op in ops]), x.shape)
+        tf.switch_case(order[i], [functools.partial(op, y) for op in ops]), x.shape
+      )
   else:
     for op in ops:
       y = op(y)
-  x = tf.gather(tf.concat([x, y], 0),  # per patch: jittered or not
-                tf.range(m) + m * tf.cast(u[4] < jitter_prob, tf.int32))
+  x = tf.gather(
+    tf.concat([x, y], 0),  # per patch: jittered or not
+    tf.range(m) + m * tf.cast(u[4] < jitter_prob, tf.int32),
+  )
   # Grayscale and blur are computed only for the selected patches.
-  sel = tf.where(u[5] < grayscale_prob)                           # [k, 1]
+  sel = tf.where(u[5] < grayscale_prob)  # [k, 1]
   gray = grayscale(tf.gather_nd(x, sel))
   x = tf.tensor_scatter_nd_update(x, sel, tf.concat([gray, gray, gray], -1))
   lo, hi = blur_sigma

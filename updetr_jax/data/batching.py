@@ -13,6 +13,7 @@ is found when TF raises, marked bad, and the pipeline is rebuilt at the same ste
 with that row replaced by a gray image whose ``valid`` and ``targets.mask`` are
 False; it is counted as ``decode_failed`` once per batch it appears in.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -46,35 +47,53 @@ def tune_malloc() -> bool:
   except (OSError, AttributeError):
     return False
   m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-  _MALLOC_TUNED = bool(mallopt(m_mmap_threshold, 32 << 20)
-                       and mallopt(m_trim_threshold, 1 << 30)
-                       and mallopt(m_top_pad, 512 << 20))
+  _MALLOC_TUNED = bool(
+    mallopt(m_mmap_threshold, 32 << 20)
+    and mallopt(m_trim_threshold, 1 << 30)
+    and mallopt(m_top_pad, 512 << 20)
+  )
   return _MALLOC_TUNED
 
 
 # --- the tf.data pipeline --------------------------------------------------------------
 
+
 def _row_signature(b):
   i64, i32 = tf.int64, tf.int32
   spec = lambda dt: tf.TensorSpec([b], dt)  # noqa: E731
-  return dict(example=spec(i64), image=spec(i64), key0=spec(i64), height=spec(i32),
-              width=spec(i32), rh=spec(i32), rw=spec(i32), bh=spec(i32), bw=spec(i32),
-              decoder=spec(i32), valid=spec(tf.bool), fallback=spec(tf.bool),
-              path=spec(tf.string))
+  return dict(
+    example=spec(i64),
+    image=spec(i64),
+    key0=spec(i64),
+    height=spec(i32),
+    width=spec(i32),
+    rh=spec(i32),
+    rw=spec(i32),
+    bh=spec(i32),
+    bw=spec(i32),
+    decoder=spec(i32),
+    valid=spec(tf.bool),
+    fallback=spec(tf.bool),
+    path=spec(tf.string),
+  )
 
 
 def augment_kwargs(cfg) -> dict:
   """Keyword arguments of ``augment.augment_patches`` from a resolved config."""
-  return dict(jitter=tuple(cfg['color_jitter']), jitter_prob=cfg['color_jitter_prob'],
-              grayscale_prob=cfg['grayscale_prob'], blur_prob=cfg['blur_prob'],
-              blur_sigma=tuple(cfg['blur_sigma']),
-              kernel_size=augment.blur_kernel_size(cfg['patch_size'],
-                                                   cfg['blur_kernel_size']),
-              random_order=bool(cfg['color_jitter_random_order']))
+  return dict(
+    jitter=tuple(cfg['color_jitter']),
+    jitter_prob=cfg['color_jitter_prob'],
+    grayscale_prob=cfg['grayscale_prob'],
+    blur_prob=cfg['blur_prob'],
+    blur_sigma=tuple(cfg['blur_sigma']),
+    kernel_size=augment.blur_kernel_size(cfg['patch_size'], cfg['blur_kernel_size']),
+    random_order=bool(cfg['color_jitter_random_order']),
+  )
 
 
 def load_row_image(source: sources.Source, r):
   """The row's image, uint8 [h, w, 3]: decoded, or gray if the row is a fallback."""
+
   def load():
     return source.tf_load(r['image'], r['path'], r['decoder'])
 
@@ -90,8 +109,7 @@ def resize_and_pad(image, r):
   det = augment.resize_image(image, tf.stack([r['rh'], r['rw']]))
   det = augment.normalize(det, 255.0)
   det = tf.pad(det, [[0, r['bh'] - r['rh']], [0, r['bw'] - r['rw']], [0, 0]])
-  inside = ((tf.range(r['bh'])[:, None] < r['rh'])
-            & (tf.range(r['bw'])[None, :] < r['rw']))
+  inside = (tf.range(r['bh'])[:, None] < r['rh']) & (tf.range(r['bw'])[None, :] < r['rw'])
   return det, ~inside
 
 
@@ -104,14 +122,23 @@ def make_row_fn(source: sources.Source, cfg: dict, *, num_patches: int, train: b
   def row_fn(r):
     image = load_row_image(source, r)  # uint8 [h, w, 3]
     seed = tf.stack([r['key0'], r['example']])
-    q, boxes, _ = patches.query_patches(image, seed, num_patches=num_patches,
-                                        patch_size=p, augment_cfg=aug)
+    q, boxes, _ = patches.query_patches(
+      image, seed, num_patches=num_patches, patch_size=p, augment_cfg=aug
+    )
     det, padding_mask = resize_and_pad(image, r)
     valid = r['valid'] & ~r['fallback']
-    return dict(images=det, padding_mask=padding_mask, patches=q, boxes=boxes,
-                labels=tf.ones([num_patches], tf.int32),
-                mask=tf.fill([num_patches], valid), valid=valid,
-                index=tf.cast(r['example'], tf.int32), decode_failed=r['fallback'])
+    return dict(
+      images=det,
+      padding_mask=padding_mask,
+      patches=q,
+      boxes=boxes,
+      labels=tf.ones([num_patches], tf.int32),
+      mask=tf.fill([num_patches], valid),
+      valid=valid,
+      index=tf.cast(r['example'], tf.int32),
+      decode_failed=r['fallback'],
+    )
+
   return row_fn
 
 
@@ -135,8 +162,20 @@ class BatchIterator:
   counting start_step), stats.
   """
 
-  def __init__(self, source, cfg, *, global_batch_size, train, seed, start_step,
-               process_index, process_count, stats, shapes):
+  def __init__(
+    self,
+    source,
+    cfg,
+    *,
+    global_batch_size,
+    train,
+    seed,
+    start_step,
+    process_index,
+    process_count,
+    stats,
+    shapes,
+  ):
     self.source, self.cfg = source, cfg
     self.global_batch = global_batch_size
     self.local_batch = global_batch_size // process_count
@@ -158,9 +197,15 @@ class BatchIterator:
 
   def make_plan(self, epoch: int) -> planning.EpochPlan:
     """Plan one epoch (uncached)."""
-    return planning.plan_epoch(self.source.index, self.cfg, seed=self.seed, epoch=epoch,
-                      train=self.train, global_batch=self.global_batch,
-                      repeats=self.repeats)
+    return planning.plan_epoch(
+      self.source.index,
+      self.cfg,
+      seed=self.seed,
+      epoch=epoch,
+      train=self.train,
+      global_batch=self.global_batch,
+      repeats=self.repeats,
+    )
 
   def row_signature(self):
     """tf.TensorSpec dict of the row records of ``host_rows``."""
@@ -206,10 +251,11 @@ class BatchIterator:
       plan = self.make_plan(epoch)
       if self.train and len(plan) == 0:
         raise ValueError(
-            f'data: epoch {epoch} of {self.source.name} gives no full global batch of '
-            f'{self.global_batch} ({int(self.source.index.usable.sum())} usable images x '
-            f'{self.repeats} repeats over {len(self._shapes)} buckets); lower the batch '
-            'size, use fewer data.buckets or raise data.demo_repeats')
+          f'data: epoch {epoch} of {self.source.name} gives no full global batch of '
+          f'{self.global_batch} ({int(self.source.index.usable.sum())} usable images x '
+          f'{self.repeats} repeats over {len(self._shapes)} buckets); lower the batch '
+          'size, use fewer data.buckets or raise data.demo_repeats'
+        )
       self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
       self._plans[epoch] = plan
       self._epoch_batches[epoch] = len(plan)
@@ -241,14 +287,20 @@ class BatchIterator:
     b = self.local_batch
     paths = self.source.paths
     return dict(
-        example=ex, image=img,
-        key0=np.full(b, planning.example_key(self.seed, epoch), np.int64),
-        height=idx.height[img], width=idx.width[img],
-        rh=plan.rh[ex], rw=plan.rw[ex],
-        bh=np.full(b, bh, np.int32), bw=np.full(b, bw, np.int32),
-        decoder=idx.decoder[img].astype(np.int32), valid=plan.valid[j, sl],
-        fallback=np.array([int(i) in self.bad_images for i in img], bool),
-        path=np.array([paths[i] for i in img] if paths else [''] * b, dtype=object))
+      example=ex,
+      image=img,
+      key0=np.full(b, planning.example_key(self.seed, epoch), np.int64),
+      height=idx.height[img],
+      width=idx.width[img],
+      rh=plan.rh[ex],
+      rw=plan.rw[ex],
+      bh=np.full(b, bh, np.int32),
+      bw=np.full(b, bw, np.int32),
+      decoder=idx.decoder[img].astype(np.int32),
+      valid=plan.valid[j, sl],
+      fallback=np.array([int(i) in self.bad_images for i in img], bool),
+      path=np.array([paths[i] for i in img] if paths else [''] * b, dtype=object),
+    )
 
   def _row_batches(self, start_step: int):
     loc = self.locate(start_step)
@@ -275,12 +327,13 @@ class BatchIterator:
     """The tf.data pipeline of this host from ``start_step`` on."""
     cfg = self.cfg
     ds = tf.data.Dataset.from_generator(
-        lambda: self._row_batches(start_step),
-        output_signature=self.row_signature())
+      lambda: self._row_batches(start_step), output_signature=self.row_signature()
+    )
     ds = ds.unbatch()
     par = cfg['num_parallel_calls']
-    ds = ds.map(self._row_fn, num_parallel_calls=tf.data.AUTOTUNE if par < 0 else par,
-                deterministic=True)
+    ds = ds.map(
+      self._row_fn, num_parallel_calls=tf.data.AUTOTUNE if par < 0 else par, deterministic=True
+    )
     ds = ds.batch(self.local_batch, drop_remainder=True)
     if cfg['prefetch']:
       ds = ds.prefetch(cfg['prefetch'])
@@ -329,8 +382,7 @@ class BatchIterator:
       raise RuntimeError('data: could not recover from load errors')
     self.step += 1
     failed = b.pop('decode_failed')
-    self.stats._add(batches=1, examples=int(b['valid'].sum()),
-                    decode_failed=int(failed.sum()))
+    self.stats._add(batches=1, examples=int(b['valid'].sum()), decode_failed=int(failed.sum()))
     return self.format(b)
 
 
@@ -343,9 +395,14 @@ class PretrainIterator(BatchIterator):
     self._row_fn = make_row_fn(source, cfg, num_patches=num_patches, train=self.train)
 
   def format(self, b):
-    return dict(images=b['images'], padding_mask=b['padding_mask'], patches=b['patches'],
-                targets=dict(boxes=b['boxes'], labels=b['labels'], mask=b['mask']),
-                valid=b['valid'], index=b['index'])
+    return dict(
+      images=b['images'],
+      padding_mask=b['padding_mask'],
+      patches=b['patches'],
+      targets=dict(boxes=b['boxes'], labels=b['labels'], mask=b['mask']),
+      valid=b['valid'],
+      index=b['index'],
+    )
 
 
 def check_batch_args(global_batch_size, start_step, process_index, process_count):
@@ -353,17 +410,26 @@ def check_batch_args(global_batch_size, start_step, process_index, process_count
   if global_batch_size <= 0 or process_count <= 0:
     raise ValueError('global_batch_size and process_count must be positive')
   if global_batch_size % process_count:
-    raise ValueError(f'global_batch_size={global_batch_size} is not divisible by '
-                     f'process_count={process_count}')
+    raise ValueError(
+      f'global_batch_size={global_batch_size} is not divisible by process_count={process_count}'
+    )
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} not in [0, {process_count})')
   if start_step < 0:
     raise ValueError(f'start_step={start_step} must be >= 0')
 
 
-def make_pretrain_dataset(data_config, *, global_batch_size: int, num_patches: int,
-                          train: bool = True, seed: int = 0, start_step: int = 0,
-                          process_index: int = 0, process_count: int = 1):
+def make_pretrain_dataset(
+  data_config,
+  *,
+  global_batch_size: int,
+  num_patches: int,
+  train: bool = True,
+  seed: int = 0,
+  start_step: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+):
   """Host-local batches for UP-DETR pre-training -> (iterator, planning.DataStats).
 
   Each batch (b = global_batch_size // process_count, M = num_patches,
@@ -386,9 +452,17 @@ def make_pretrain_dataset(data_config, *, global_batch_size: int, num_patches: i
     tune_malloc()
   source = sources.make_source(cfg)
   stats = planning.DataStats(source.name)
-  it = PretrainIterator(source, cfg, global_batch_size=global_batch_size,
-                        num_patches=num_patches, train=train, seed=seed,
-                        start_step=start_step, process_index=process_index,
-                        process_count=process_count, stats=stats)
+  it = PretrainIterator(
+    source,
+    cfg,
+    global_batch_size=global_batch_size,
+    num_patches=num_patches,
+    train=train,
+    seed=seed,
+    start_step=start_step,
+    process_index=process_index,
+    process_count=process_count,
+    stats=stats,
+  )
   it.locate(start_step)  # plans the first epoch now: configuration errors surface here
   return it, stats

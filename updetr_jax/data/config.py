@@ -1,4 +1,5 @@
 """Pre-training data configs: release (ImageNet via TFDS), demo, evaluation split."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -7,63 +8,64 @@ from updetr_jax.data import sources
 
 # Execution fields shared by the pre-training and detection pipelines.
 PIPELINE_DEFAULTS: dict[str, Any] = dict(
-    shuffle=True,
-    cache_decoded=False,
-    num_parallel_calls=-1,
-    prefetch=2,
-    threads=0,
-    index_cache_dir='~/.cache/updetr_jax',
-    index_threads=0,
-    tune_malloc=True,
+  shuffle=True,
+  cache_decoded=False,
+  num_parallel_calls=-1,
+  prefetch=2,
+  threads=0,
+  index_cache_dir='~/.cache/updetr_jax',
+  index_threads=0,
+  tune_malloc=True,
 )
 
 DEFAULTS: dict[str, Any] = dict(
-    source='tfds',
-    tfds_name='imagenet2012',
-    tfds_split='train',
-    tfds_data_dir=None,
-    tfds_image_key='image',
-    folder='',
-    demo_images=sources.DEMO_IMAGES,
-    demo_repeats=1,
-    # Pre-training evaluation images, never trained on (see eval_data_config):
-    eval_tfds_split='validation',  # tfds: ImageNet's validation split
-    eval_folder='',  # folder: a second folder ('' = new patches of the training images)
-    eval_demo_images=(),  # demo: photos kept out of demo_images
-    scales=(320, 336, 352, 368, 400, 416, 432, 448, 464, 480),
-    max_size=600,
-    eval_scale=480,
-    buckets=((384, 512), (448, 576), (480, 608)),
-    patch_size=128,
-    augment_patches=True,
-    color_jitter=(0.4, 0.4, 0.4, 0.1),
-    color_jitter_prob=0.8,
-    color_jitter_random_order=False,
-    grayscale_prob=0.2,
-    blur_prob=0.5,
-    blur_sigma=(0.1, 2.0),
-    blur_kernel_size=0,
-    **PIPELINE_DEFAULTS,
+  source='tfds',
+  tfds_name='imagenet2012',
+  tfds_split='train',
+  tfds_data_dir=None,
+  tfds_image_key='image',
+  folder='',
+  demo_images=sources.DEMO_IMAGES,
+  demo_repeats=1,
+  # Pre-training evaluation images, never trained on (see eval_data_config):
+  eval_tfds_split='validation',  # tfds: ImageNet's validation split
+  eval_folder='',  # folder: a second folder ('' = new patches of the training images)
+  eval_demo_images=(),  # demo: photos kept out of demo_images
+  scales=(320, 336, 352, 368, 400, 416, 432, 448, 464, 480),
+  max_size=600,
+  eval_scale=480,
+  buckets=((384, 512), (448, 576), (480, 608)),
+  patch_size=128,
+  augment_patches=True,
+  color_jitter=(0.4, 0.4, 0.4, 0.1),
+  color_jitter_prob=0.8,
+  color_jitter_random_order=False,
+  grayscale_prob=0.2,
+  blur_prob=0.5,
+  blur_sigma=(0.1, 2.0),
+  blur_kernel_size=0,
+  **PIPELINE_DEFAULTS,
 )
 
 DEMO_OVERRIDES: dict[str, Any] = dict(
-    source='demo',
-    demo_images=sources.DEMO_TRAIN_IMAGES,
-    eval_demo_images=sources.DEMO_EVAL_IMAGES,
-    demo_repeats=16,
-    scales=(96, 112, 128),
-    max_size=160,
-    eval_scale=128,
-    buckets=((128, 160),),
-    patch_size=32,
-    cache_decoded=True,
-    index_cache_dir=None,
+  source='demo',
+  demo_images=sources.DEMO_TRAIN_IMAGES,
+  eval_demo_images=sources.DEMO_EVAL_IMAGES,
+  demo_repeats=16,
+  scales=(96, 112, 128),
+  max_size=160,
+  eval_scale=128,
+  buckets=((128, 160),),
+  patch_size=32,
+  cache_decoded=True,
+  index_cache_dir=None,
 )
 
 
 def as_config(d):
   try:
     import ml_collections  # noqa: PLC0415
+
     return ml_collections.ConfigDict(d)
   except ImportError:  # pragma: no cover
     return dict(d)

@@ -62,6 +62,7 @@ Batch (b = global_batch_size // process_count, (H, W) one of ``DatasetInfo.shape
   image_id      int64 [b];  orig_size int32 [b, 2] (h, w of the decoded original)
   valid         bool [b]    False on evaluation padding rows and replaced rows
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -80,29 +81,29 @@ from updetr_jax import files
 from updetr_jax.data import augment, batching, config, planning, sources
 
 DETECTION_DEFAULTS: dict[str, Any] = dict(
-    source='coco_json',
-    ann_file='coco/annotations/instances_train2017.json',  # DETR's --coco_path layout
-    image_dir='coco/train2017',
-    eval_ann_file='coco/annotations/instances_val2017.json',
-    eval_image_dir='coco/val2017',
-    label_mapping='auto',
-    tfds_coco_train=('coco/2017:train',),
-    tfds_coco_eval=('coco/2017:validation',),
-    tfds_voc_train=('voc/2007:train+validation', 'voc/2012:train+validation'),
-    tfds_voc_eval=('voc/2007:test',),
-    tfds_data_dir=None,
-    voc_keep_difficult=False,
-    scales=tuple(range(480, 801, 32)),
-    max_size=1333,
-    eval_scale=800,
-    hflip_prob=0.5,
-    crop_prob=0.5,
-    crop_resize_scales=(400, 500, 600),
-    crop_size=(384, 600),
-    max_targets=100,
-    buckets=((608, 832), (800, 1088), (800, 1344)),
-    repeats=1,
-    **config.PIPELINE_DEFAULTS,
+  source='coco_json',
+  ann_file='coco/annotations/instances_train2017.json',  # DETR's --coco_path layout
+  image_dir='coco/train2017',
+  eval_ann_file='coco/annotations/instances_val2017.json',
+  eval_image_dir='coco/val2017',
+  label_mapping='auto',
+  tfds_coco_train=('coco/2017:train',),
+  tfds_coco_eval=('coco/2017:validation',),
+  tfds_voc_train=('voc/2007:train+validation', 'voc/2012:train+validation'),
+  tfds_voc_eval=('voc/2007:test',),
+  tfds_data_dir=None,
+  voc_keep_difficult=False,
+  scales=tuple(range(480, 801, 32)),
+  max_size=1333,
+  eval_scale=800,
+  hflip_prob=0.5,
+  crop_prob=0.5,
+  crop_resize_scales=(400, 500, 600),
+  crop_size=(384, 600),
+  max_targets=100,
+  buckets=((608, 832), (800, 1088), (800, 1344)),
+  repeats=1,
+  **config.PIPELINE_DEFAULTS,
 )
 
 # Philox stream tags of the per-example training geometry (1, 2: see batching).
@@ -136,7 +137,7 @@ def resolve_detection_config(data_config) -> dict:
 
 def detection_bucket_shapes(data_config) -> list[tuple[int, int]]:
   """The fixed (H, W) batch shapes of a detection config."""
-  return planning.shapes_of_caps(planning.caps(resolve_detection_config(data_config)))
+  return planning.shapes_of_caps(planning.bucket_caps(resolve_detection_config(data_config)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +149,7 @@ class DatasetInfo:
   num_examples: examples per epoch (usable images x repeats; evaluation: usable
   images); shapes: batch shapes [(H, W)]; skipped_image_ids: images never yielded.
   """
+
   num_classes: int
   class_names: dict
   label_to_category_id: dict
@@ -159,21 +161,27 @@ class DatasetInfo:
 
 class DetectionStats(planning.DataStats):
   """DataStats plus dropped boxes (once per dataset) and truncated target rows."""
+
   EXTRA = ('crowd_boxes', 'empty_boxes', 'difficult_boxes', 'targets_truncated')
 
   def report(self) -> str:
     d = self.as_dict()
-    return (super().report() + '; boxes dropped: ' +
-            ', '.join(f'{k[:-6]} {d[k]}' for k in self.EXTRA[:3]) +
-            f'; targets_truncated {d["targets_truncated"]}')
+    return (
+      super().report()
+      + '; boxes dropped: '
+      + ', '.join(f'{k[:-6]} {d[k]}' for k in self.EXTRA[:3])
+      + f'; targets_truncated {d["targets_truncated"]}'
+    )
 
 
 # --- annotations -----------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class Annotations:
   """Boxes of every image: xyxy float32 [m, 4] (original pixels, clipped, non-empty),
   labels int32 [m]; image i owns rows offsets[i]:offsets[i + 1]; image_ids int64 [n]."""
+
   boxes: np.ndarray
   labels: np.ndarray
   offsets: np.ndarray
@@ -208,10 +216,12 @@ def build_annotations(per_image, height, width) -> Annotations:
     labels.append(np.asarray(lab, np.int32).reshape(-1)[keep][ok])
     counts.append(int(ok.sum()))
   return Annotations(
-      boxes=np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32),
-      labels=np.concatenate(labels) if labels else np.zeros(0, np.int32),
-      offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-      image_ids=np.asarray([p[0] for p in per_image], np.int64), dropped=dropped)
+    boxes=np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32),
+    labels=np.concatenate(labels) if labels else np.zeros(0, np.int32),
+    offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+    image_ids=np.asarray([p[0] for p in per_image], np.int64),
+    dropped=dropped,
+  )
 
 
 def label_map(category_ids, mode: str = 'auto') -> dict[int, int]:
@@ -238,16 +248,20 @@ def load_coco_json(ann_file: str, image_dir: str, mode: str = 'auto'):
   for a in coco.get('annotations', []):
     c = int(a['category_id'])
     if c not in cat_to_label:
-      raise ValueError(f'{ann_file}: annotation {a.get("id")} has category {c} not in '
-                       'categories')
+      raise ValueError(f'{ann_file}: annotation {a.get("id")} has category {c} not in categories')
     by_image.setdefault(int(a['image_id']), []).append(a)
   per_image = []
   for im in images:
     anns = by_image[int(im['id'])]
-    per_image.append((
-        int(im['id']), np.asarray([a['bbox'] for a in anns], np.float64).reshape(-1, 4),
+    per_image.append(
+      (
+        int(im['id']),
+        np.asarray([a['bbox'] for a in anns], np.float64).reshape(-1, 4),
         np.asarray([cat_to_label[int(a['category_id'])] for a in anns], np.int32),
-        np.asarray([bool(a.get('iscrowd', 0)) for a in anns], bool), None))
+        np.asarray([bool(a.get('iscrowd', 0)) for a in anns], bool),
+        None,
+      )
+    )
   paths = [os.path.join(image_dir, im['file_name']) for im in images]
   names = {cat_to_label[c]: n for c, n in cats.items()}
   to_cat = {l: c for c, l in cat_to_label.items()}
@@ -266,16 +280,32 @@ def tfds_per_image(example: dict, kind: str, height: int, width: int):
   """One TFDS coco / voc example (numpy features) -> a per_image entry in pixels."""
   objs = example['objects']
   yxyx = np.asarray(objs['bbox'], np.float64).reshape(-1, 4)
-  xywh = np.stack([yxyx[:, 1] * width, yxyx[:, 0] * height,
-                   (yxyx[:, 3] - yxyx[:, 1]) * width,
-                   (yxyx[:, 2] - yxyx[:, 0]) * height], 1)
+  xywh = np.stack(
+    [
+      yxyx[:, 1] * width,
+      yxyx[:, 0] * height,
+      (yxyx[:, 3] - yxyx[:, 1]) * width,
+      (yxyx[:, 2] - yxyx[:, 0]) * height,
+    ],
+    1,
+  )
   label = np.asarray(objs['label'], np.int64).reshape(-1)
   if kind == 'coco':
     ids = np.array(sorted(COCO_CATEGORIES), np.int32)
-    return (int(example['image/id']), xywh, ids[label],
-            np.asarray(objs['is_crowd'], bool).reshape(-1), None)
-  return (voc_image_id(example['image/filename']), xywh, label.astype(np.int32),
-          np.zeros(len(label), bool), np.asarray(objs['is_difficult'], bool).reshape(-1))
+    return (
+      int(example['image/id']),
+      xywh,
+      ids[label],
+      np.asarray(objs['is_crowd'], bool).reshape(-1),
+      None,
+    )
+  return (
+    voc_image_id(example['image/filename']),
+    xywh,
+    label.astype(np.int32),
+    np.zeros(len(label), bool),
+    np.asarray(objs['is_difficult'], bool).reshape(-1),
+  )
 
 
 def _cached_npz(cache_dir, key: str, build):
@@ -283,8 +313,7 @@ def _cached_npz(cache_dir, key: str, build):
   if not cache_dir:
     return build()
   cache_dir = os.path.expanduser(cache_dir)
-  path = os.path.join(cache_dir, 'ann-' + hashlib.sha1(key.encode()).hexdigest()[:20]
-                      + '.npz')
+  path = os.path.join(cache_dir, 'ann-' + hashlib.sha1(key.encode()).hexdigest()[:20] + '.npz')
   if files.exists(path):
     return files.read_npz(path)
   out = build()
@@ -307,24 +336,51 @@ def _tfds_part_annotations(part, kind: str, cfg) -> list:
       return e[0], e[1], e[2], e[3], diff
 
     with concurrent.futures.ThreadPoolExecutor(
-        max(1, cfg['index_threads'] or os.cpu_count() or 1)) as pool:
+      max(1, cfg['index_threads'] or os.cpu_count() or 1)
+    ) as pool:
       rows = list(pool.map(one, range(part.num_images)))
     counts = np.array([len(r[2]) for r in rows], np.int64)
-    cat = lambda j, d: (np.concatenate([r[j] for r in rows]).astype(d)  # noqa: E731
-                        if rows else np.zeros(0, d))
-    return dict(ids=np.array([r[0] for r in rows], np.int64), counts=counts,
-                xywh=cat(1, np.float64).reshape(-1, 4), labels=cat(2, np.int32),
-                crowd=cat(3, bool), difficult=cat(4, bool))
+    cat = lambda j, d: (
+      np.concatenate([r[j] for r in rows]).astype(d)  # noqa: E731
+      if rows
+      else np.zeros(0, d)
+    )
+    return dict(
+      ids=np.array([r[0] for r in rows], np.int64),
+      counts=counts,
+      xywh=cat(1, np.float64).reshape(-1, 4),
+      labels=cat(2, np.int32),
+      crowd=cat(3, bool),
+      difficult=cat(4, bool),
+    )
 
-  key = '\n'.join(map(str, ('tfds-annotations', part.name, part.builder.data_dir,
-                             part.builder.info.version, part.num_images, kind)))
+  key = '\n'.join(
+    map(
+      str,
+      (
+        'tfds-annotations',
+        part.name,
+        part.builder.data_dir,
+        part.builder.info.version,
+        part.num_images,
+        kind,
+      ),
+    )
+  )
   z = _cached_npz(cfg['index_cache_dir'], key, build)
   ends = np.cumsum(z['counts'])
   starts = ends - z['counts']
   keep_diff = kind == 'voc' and not cfg['voc_keep_difficult']
-  return [(int(z['ids'][i]), z['xywh'][s:e], z['labels'][s:e], z['crowd'][s:e],
-           z['difficult'][s:e] if keep_diff else None)
-          for i, (s, e) in enumerate(zip(starts, ends))]
+  return [
+    (
+      int(z['ids'][i]),
+      z['xywh'][s:e],
+      z['labels'][s:e],
+      z['crowd'][s:e],
+      z['difficult'][s:e] if keep_diff else None,
+    )
+    for i, (s, e) in enumerate(zip(starts, ends))
+  ]
 
 
 def _tfds_source(specs, cfg):
@@ -334,9 +390,15 @@ def _tfds_source(specs, cfg):
     if not sep:
       name, splits = spec, 'train'
     for split in splits.split('+'):
-      parts.append(sources.TFDSSource(name, split, data_dir=cfg['tfds_data_dir'],
-                                      index_cache_dir=cfg['index_cache_dir'],
-                                      index_threads=cfg['index_threads']))
+      parts.append(
+        sources.TFDSSource(
+          name,
+          split,
+          data_dir=cfg['tfds_data_dir'],
+          index_cache_dir=cfg['index_cache_dir'],
+          index_threads=cfg['index_threads'],
+        )
+      )
   return parts
 
 
@@ -350,12 +412,17 @@ def make_detection_source(cfg: dict, train: bool):
     if not ann_file or not tf.io.gfile.exists(ann_file):
       raise FileNotFoundError(f'data.ann_file={ann_file!r} not found')
     paths, per_image, names, to_cat, num_classes = load_coco_json(
-        ann_file, image_dir, cfg['label_mapping'])
+      ann_file, image_dir, cfg['label_mapping']
+    )
     if not paths:
       raise ValueError(f'{ann_file} lists no images')
     source = sources.FileListSource(
-        paths, f'coco_json:{ann_file}', index_cache_dir=cfg['index_cache_dir'],
-        index_threads=cfg['index_threads'], cache_key='coco_json')
+      paths,
+      f'coco_json:{ann_file}',
+      index_cache_dir=cfg['index_cache_dir'],
+      index_threads=cfg['index_threads'],
+      cache_key='coco_json',
+    )
   elif kind in ('tfds_coco', 'tfds_voc'):
     short = kind[5:]
     specs = cfg[f'tfds_{short}_{"train" if train else "eval"}']
@@ -369,8 +436,7 @@ def make_detection_source(cfg: dict, train: bool):
       names = dict(enumerate(VOC_CLASSES))
       to_cat, num_classes = {i: i + 1 for i in range(20)}, 20
   else:
-    raise ValueError(f"data.source={kind!r}: choose 'coco_json', 'tfds_coco' or "
-                     "'tfds_voc'")
+    raise ValueError(f"data.source={kind!r}: choose 'coco_json', 'tfds_coco' or 'tfds_voc'")
   if cfg['cache_decoded']:
     source = sources.cache_decoded(source, cfg['index_threads'])
   ann = build_annotations(per_image, source.index.height, source.index.width)
@@ -378,6 +444,7 @@ def make_detection_source(cfg: dict, train: bool):
 
 
 # --- geometry and targets --------------------------------------------------------------
+
 
 def _randint(u, lo, hi):
   """Inclusive U{lo..hi} per entry from u in [0, 1) (int64 arrays)."""
@@ -435,11 +502,12 @@ def transform_boxes(xyxy, h, w, g) -> tuple[np.ndarray, np.ndarray]:
 
 # --- the iterator ----------------------------------------------------------------------
 
+
 class DetectionIterator(batching.BatchIterator):
   """Iterator of host-local detection batches (see ``make_detection_dataset``)."""
 
   def __init__(self, source, cfg, ann: Annotations, **kw):
-    super().__init__(source, cfg, shapes=planning.shapes_of_caps(planning.caps(cfg)), **kw)
+    super().__init__(source, cfg, shapes=planning.shapes_of_caps(planning.bucket_caps(cfg)), **kw)
     self.ann = ann
     self.repeats = int(cfg['repeats']) if self.train else 1
     self.max_targets = int(cfg['max_targets'])
@@ -449,16 +517,19 @@ class DetectionIterator(batching.BatchIterator):
     index, cfg = self.source.index, self.cfg
     n = len(index) * self.repeats
     image = np.arange(n, dtype=np.int64) % len(index)
-    order = planning.epoch_order(index.usable[image], seed=self.seed, epoch=epoch,
-                                 shuffle=self.train and cfg['shuffle'])
-    g = plan_geometry(index.height[image], index.width[image], cfg, seed=self.seed,
-                      epoch=epoch, train=self.train)
-    bucket, rh, rw = planning.assign_to_caps(g.pop('rh'), g.pop('rw'),
-                                             planning.caps(cfg))
-    examples, valid, bucket_of = planning.group_batches(order, bucket, self.global_batch,
-                                                        self.train)
-    return planning.EpochPlan(examples, valid, bucket_of, image, rh.astype(np.int32),
-                              rw.astype(np.int32), extra=g)
+    order = planning.epoch_order(
+      index.usable[image], seed=self.seed, epoch=epoch, shuffle=self.train and cfg['shuffle']
+    )
+    g = plan_geometry(
+      index.height[image], index.width[image], cfg, seed=self.seed, epoch=epoch, train=self.train
+    )
+    bucket, rh, rw = planning.assign_to_caps(g.pop('rh'), g.pop('rw'), planning.bucket_caps(cfg))
+    examples, valid, bucket_of = planning.group_batches(
+      order, bucket, self.global_batch, self.train
+    )
+    return planning.EpochPlan(
+      examples, valid, bucket_of, image, rh.astype(np.int32), rw.astype(np.int32), extra=g
+    )
 
   def row_signature(self):
     b, t = self.local_batch, self.max_targets
@@ -467,11 +538,13 @@ class DetectionIterator(batching.BatchIterator):
       sig[k] = tf.TensorSpec([b], tf.bool)
     for k in ('h1', 'w1', 'y0', 'x0', 'ch', 'cw'):
       sig[k] = tf.TensorSpec([b], tf.int32)
-    sig.update(labels=tf.TensorSpec([b, t], tf.int32),
-               boxes=tf.TensorSpec([b, t, 4], tf.float32),
-               tmask=tf.TensorSpec([b, t], tf.bool),
-               image_id=tf.TensorSpec([b], tf.int64),
-               truncated=tf.TensorSpec([b], tf.bool))
+    sig.update(
+      labels=tf.TensorSpec([b, t], tf.int32),
+      boxes=tf.TensorSpec([b, t, 4], tf.float32),
+      tmask=tf.TensorSpec([b, t], tf.bool),
+      image_id=tf.TensorSpec([b], tf.int64),
+      truncated=tf.TensorSpec([b], tf.bool),
+    )
     return sig
 
   def host_rows(self, epoch, j):
@@ -488,24 +561,32 @@ class DetectionIterator(batching.BatchIterator):
       img = int(rows['image'][r])
       xyxy, lab = self.ann.of(img)
       gr = {k: int(v[r]) for k, v in g.items()}
-      cxcywh, keep = transform_boxes(xyxy, int(rows['height'][r]), int(rows['width'][r]),
-                                     gr)
+      cxcywh, keep = transform_boxes(xyxy, int(rows['height'][r]), int(rows['width'][r]), gr)
       lab = lab[keep]
       if len(keep) > t:
         truncated[r] = True
         if self.train:
-          rng = np.random.Generator(np.random.Philox(np.random.SeedSequence(
-              [int(self.seed) & 0xFFFFFFFF, epoch, _T_KEEP, int(ex[r])])))
+          rng = np.random.Generator(
+            np.random.Philox(
+              np.random.SeedSequence([int(self.seed) & 0xFFFFFFFF, epoch, _T_KEEP, int(ex[r])])
+            )
+          )
           sel = np.sort(rng.permutation(len(keep))[:t])
         else:
           sel = np.arange(t)
         cxcywh, lab = cxcywh[sel], lab[sel]
       k = len(lab)
       labels[r, :k], boxes[r, :k], tmask[r, :k] = lab, cxcywh, True
-    rows.update(flip=g['flip'].astype(bool), crop=g['crop'].astype(bool),
-                **{k: g[k] for k in ('h1', 'w1', 'y0', 'x0', 'ch', 'cw')},
-                labels=labels, boxes=boxes, tmask=tmask, truncated=truncated,
-                image_id=self.ann.image_ids[rows['image']])
+    rows.update(
+      flip=g['flip'].astype(bool),
+      crop=g['crop'].astype(bool),
+      **{k: g[k] for k in ('h1', 'w1', 'y0', 'x0', 'ch', 'cw')},
+      labels=labels,
+      boxes=boxes,
+      tmask=tmask,
+      truncated=truncated,
+      image_id=self.ann.image_ids[rows['image']],
+    )
     return rows
 
   def _make_row_fn(self):
@@ -518,30 +599,49 @@ class DetectionIterator(batching.BatchIterator):
 
       def cropped():
         x = augment.resize_image(image, tf.stack([r['h1'], r['w1']]))
-        return x[r['y0']:r['y0'] + r['ch'], r['x0']:r['x0'] + r['cw']]
+        return x[r['y0'] : r['y0'] + r['ch'], r['x0'] : r['x0'] + r['cw']]
 
       x = tf.cond(r['crop'], cropped, lambda: tf.cast(image, tf.float32))
       det, padding_mask = batching.resize_and_pad(tf.ensure_shape(x, [None, None, 3]), r)
       valid = r['valid'] & ~r['fallback']
       mask = r['tmask'] & valid  # no targets on padding / replaced rows
-      return dict(images=det, padding_mask=padding_mask,
-                  labels=tf.where(mask, r['labels'], 0),
-                  boxes=tf.where(mask[:, None], r['boxes'], 0.0), mask=mask, valid=valid,
-                  image_id=r['image_id'],
-                  orig_size=tf.stack([r['height'], r['width']]),
-                  truncated=r['truncated'] & valid, decode_failed=r['fallback'])
+      return dict(
+        images=det,
+        padding_mask=padding_mask,
+        labels=tf.where(mask, r['labels'], 0),
+        boxes=tf.where(mask[:, None], r['boxes'], 0.0),
+        mask=mask,
+        valid=valid,
+        image_id=r['image_id'],
+        orig_size=tf.stack([r['height'], r['width']]),
+        truncated=r['truncated'] & valid,
+        decode_failed=r['fallback'],
+      )
+
     return row_fn
 
   def format(self, b):
     self.stats._add(targets_truncated=int(b.pop('truncated').sum()))
-    return dict(images=b['images'], padding_mask=b['padding_mask'],
-                targets=dict(labels=b['labels'], boxes=b['boxes'], mask=b['mask']),
-                image_id=b['image_id'], orig_size=b['orig_size'], valid=b['valid'])
+    return dict(
+      images=b['images'],
+      padding_mask=b['padding_mask'],
+      targets=dict(labels=b['labels'], boxes=b['boxes'], mask=b['mask']),
+      image_id=b['image_id'],
+      orig_size=b['orig_size'],
+      valid=b['valid'],
+    )
 
 
-def make_detection_dataset(data_config, *, global_batch_size: int, train: bool = True,
-                           seed: int = 0, start_step: int = 0, process_index: int = 0,
-                           process_count: int = 1):
+def make_detection_dataset(
+  data_config,
+  *,
+  global_batch_size: int,
+  train: bool = True,
+  seed: int = 0,
+  start_step: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+):
   """Host-local detection batches -> (iterator, DataStats, DatasetInfo).
 
   Batch layout, augmentation and label mapping: see the module docstring. Training
@@ -555,16 +655,27 @@ def make_detection_dataset(data_config, *, global_batch_size: int, train: bool =
   source, ann, names, to_cat, num_classes = make_detection_source(cfg, train)
   stats = DetectionStats(source.name)
   stats._add(**ann.dropped)
-  it = DetectionIterator(source, cfg, ann, global_batch_size=global_batch_size,
-                         train=train, seed=seed, start_step=start_step,
-                         process_index=process_index, process_count=process_count,
-                         stats=stats)
+  it = DetectionIterator(
+    source,
+    cfg,
+    ann,
+    global_batch_size=global_batch_size,
+    train=train,
+    seed=seed,
+    start_step=start_step,
+    process_index=process_index,
+    process_count=process_count,
+    stats=stats,
+  )
   usable = source.index.usable
   info = DatasetInfo(
-      num_classes=num_classes, class_names=names, label_to_category_id=to_cat,
-      num_examples=int(usable.sum()) * it.repeats,
-      shapes=tuple(tuple(int(v) for v in s) for s in it._shapes),
-      skipped_image_ids=tuple(int(i) for i in ann.image_ids[~usable]),
-      source=source.name)
+    num_classes=num_classes,
+    class_names=names,
+    label_to_category_id=to_cat,
+    num_examples=int(usable.sum()) * it.repeats,
+    shapes=tuple(tuple(int(v) for v in s) for s in it._shapes),
+    skipped_image_ids=tuple(int(i) for i in ann.image_ids[~usable]),
+    source=source.name,
+  )
   it.locate(start_step)  # plans the first epoch now: configuration errors surface here
   return it, stats, info

@@ -53,6 +53,7 @@ image occurs in the pool or the training set.
 Determinism: same arguments and library versions -> byte-identical files; another
 ``seed`` gives other scenes (same instance split).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,8 +75,7 @@ from PIL import Image
 
 GENERATOR_VERSION = 2
 SPLITS = ('pool', 'train', 'eval')
-CATEGORIES = ((1, 'face'), (2, 'coin'), (3, 'zero'), (4, 'one'), (5, 'four'),
-              (6, 'seven'))
+CATEGORIES = ((1, 'face'), (2, 'coin'), (3, 'zero'), (4, 'one'), (5, 'four'), (6, 'seven'))
 DIGIT_CATEGORIES = {3: 0, 4: 1, 5: 4, 6: 7}  # category id -> digit
 DEFAULT_IMAGE_SIZE = (128, 128)
 DEFAULT_COUNTS = dict(num_pool=2000, num_train=600, num_eval=450)
@@ -93,16 +93,25 @@ SPLIT_FRACTIONS = (0.4, 0.3, 0.3)
 _SPLIT_CODE = {'pool': 1, 'train': 2, 'eval': 3}
 # (name, loader in skimage.data); gray textures are tinted. No source with faces,
 # coins or digits (the classes) is used as a background.
-BACKGROUNDS = ('brick', 'grass', 'gravel', 'moon', 'immunohistochemistry',
-               'hubble_deep_field', 'coffee', 'chelsea', 'rocket')
-_METALS = np.array([[0.92, 0.94, 1.0], [1.0, 0.84, 0.45], [0.95, 0.62, 0.42]],
-                   np.float32)
+BACKGROUNDS = (
+  'brick',
+  'grass',
+  'gravel',
+  'moon',
+  'immunohistochemistry',
+  'hubble_deep_field',
+  'coffee',
+  'chelsea',
+  'rocket',
+)
+_METALS = np.array([[0.92, 0.94, 1.0], [1.0, 0.84, 0.45], [0.95, 0.62, 0.42]], np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
 class Instance:
   """One object instance of a source: gray float32 [h, w] in [0, 1], mask float32
   [h, w] in [0, 1] or None (pasted as a rectangle); key 'source:index'."""
+
   key: str
   gray: np.ndarray
   mask: np.ndarray | None
@@ -112,19 +121,22 @@ class Instance:
 class SplitAssets:
   """What one split draws from: backgrounds [(name, uint8 [h, w] or [h, w, 3])],
   instances {category id: [Instance]}."""
+
   backgrounds: tuple
   instances: dict
 
 
 # --- sources ---------------------------------------------------------------------------
 
+
 def _digits() -> tuple[np.ndarray, np.ndarray]:
   """scikit-learn's digits -> (images float32 [1797, 8, 8] in [0, 1], labels [1797])."""
   spec = importlib.util.find_spec('sklearn')
   path = None
   if spec is not None and spec.submodule_search_locations:
-    path = os.path.join(list(spec.submodule_search_locations)[0], 'datasets', 'data',
-                        'digits.csv.gz')
+    path = os.path.join(
+      list(spec.submodule_search_locations)[0], 'datasets', 'data', 'digits.csv.gz'
+    )
   if path and os.path.exists(path):  # the bundled file, without importing sklearn
     with gzip.open(path) as f:
       a = np.loadtxt(f, delimiter=',')
@@ -133,12 +145,13 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     try:
       from sklearn.datasets import load_digits  # noqa: PLC0415
     except ImportError as e:
-      raise ImportError('updetr_jax.data.miniature needs scikit-learn (its bundled '
-                        'digits): pip install scikit-learn') from e
+      raise ImportError(
+        'updetr_jax.data.miniature needs scikit-learn (its bundled '
+        'digits): pip install scikit-learn'
+      ) from e
     d = load_digits()
     images, labels = d.data, d.target
-  return (np.asarray(images, np.float32).reshape(-1, 8, 8) / 16.0,
-          np.asarray(labels, np.int64))
+  return (np.asarray(images, np.float32).reshape(-1, 8, 8) / 16.0, np.asarray(labels, np.int64))
 
 
 def _coins() -> list[tuple[np.ndarray, np.ndarray]]:
@@ -148,6 +161,7 @@ def _coins() -> list[tuple[np.ndarray, np.ndarray]]:
   import skimage.data  # noqa: PLC0415
   import skimage.filters  # noqa: PLC0415
   import skimage.segmentation  # noqa: PLC0415
+
   image = skimage.data.coins()
   markers = np.zeros(image.shape, np.int32)
   markers[image < 30], markers[image > 150] = 1, 2
@@ -163,6 +177,7 @@ def _coins() -> list[tuple[np.ndarray, np.ndarray]]:
 
 def _background_arrays() -> list[tuple[str, np.ndarray]]:
   import skimage.data  # noqa: PLC0415
+
   out = []
   for name in BACKGROUNDS:
     a = getattr(skimage.data, name)()
@@ -192,6 +207,7 @@ def _band(a: np.ndarray, split: str) -> tuple[np.ndarray, tuple[int, int, int, i
 @functools.lru_cache(maxsize=None)
 def _all_sources():
   import skimage.data  # noqa: PLC0415
+
   faces = np.asarray(skimage.data.lfw_subset()[:100], np.float32)  # 100 faces first
   return faces, _coins(), _digits(), _background_arrays()
 
@@ -203,30 +219,33 @@ def split_assets(split: str) -> SplitAssets:
     raise ValueError(f'split={split!r}: choose one of {SPLITS}')
   faces, coins, (digits, digit_labels), backgrounds = _all_sources()
   instances = {
-      1: [Instance(f'lfw:{i}', faces[i], None)
-          for i in _split_indices(len(faces), 1)[split]],
-      2: [Instance(f'coins:{i}', *coins[i])
-          for i in _split_indices(len(coins), 2)[split]],
+    1: [Instance(f'lfw:{i}', faces[i], None) for i in _split_indices(len(faces), 1)[split]],
+    2: [Instance(f'coins:{i}', *coins[i]) for i in _split_indices(len(coins), 2)[split]],
   }
   for cat, digit in DIGIT_CATEGORIES.items():
     ids = np.flatnonzero(digit_labels == digit)
-    instances[cat] = [Instance(f'digits:{ids[i]}', digits[ids[i]], None)
-                      for i in _split_indices(len(ids), 10 + digit)[split]]
-  bands = tuple((f'{name}[{":".join(map(str, _band(a, split)[1]))}]', _band(a, split)[0])
-                for name, a in backgrounds)
+    instances[cat] = [
+      Instance(f'digits:{ids[i]}', digits[ids[i]], None)
+      for i in _split_indices(len(ids), 10 + digit)[split]
+    ]
+  bands = tuple(
+    (f'{name}[{":".join(map(str, _band(a, split)[1]))}]', _band(a, split)[0])
+    for name, a in backgrounds
+  )
   return SplitAssets(backgrounds=bands, instances=instances)
 
 
 # --- rendering -------------------------------------------------------------------------
 
+
 def _resize(a: np.ndarray, h: int, w: int, resample=Image.BICUBIC) -> np.ndarray:
   """float32 [h0, w0] -> float32 [h, w] (PIL 'F' mode)."""
-  return np.asarray(Image.fromarray(np.asarray(a, np.float32), 'F').resize(
-      (int(w), int(h)), resample), np.float32)
+  return np.asarray(
+    Image.fromarray(np.asarray(a, np.float32), 'F').resize((int(w), int(h)), resample), np.float32
+  )
 
 
-def _background(rng: np.random.Generator, assets: SplitAssets, h: int,
-                w: int) -> np.ndarray:
+def _background(rng: np.random.Generator, assets: SplitAssets, h: int, w: int) -> np.ndarray:
   """A tinted, jittered window of one of the split's backgrounds: float32 [h, w, 3]."""
   _, band = assets.backgrounds[rng.integers(len(assets.backgrounds))]
   bh, bw = band.shape[:2]
@@ -235,8 +254,7 @@ def _background(rng: np.random.Generator, assets: SplitAssets, h: int,
   wh = rng.uniform(lo, hi)
   ww = wh * w / h
   y0, x0 = rng.uniform(0, bh - wh), rng.uniform(0, bw - ww)
-  img = Image.fromarray(band).resize((w, h), Image.BILINEAR,
-                                     box=(x0, y0, x0 + ww, y0 + wh))
+  img = Image.fromarray(band).resize((w, h), Image.BILINEAR, box=(x0, y0, x0 + ww, y0 + wh))
   a = np.asarray(img, np.float32) / 255.0
   if a.ndim == 2:
     tint = 0.55 + 0.45 * rng.random(3, dtype=np.float32)
@@ -270,12 +288,13 @@ def _object_shape(inst: Instance, cat: int, side: float, aspect: float):
   rows, cols = np.flatnonzero(alpha.any(1)), np.flatnonzero(alpha.any(0))
   if not len(rows):
     return None
-  sl = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+  sl = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
   return gray[sl], alpha[sl]
 
 
-def _colorise(rng: np.random.Generator, cat: int, gray: np.ndarray,
-              local_mean: float) -> np.ndarray:
+def _colorise(
+  rng: np.random.Generator, cat: int, gray: np.ndarray, local_mean: float
+) -> np.ndarray:
   """Gray [ph, pw] -> RGB float32 [ph, pw, 3] by class (see module docstring)."""
   if cat == 1:  # face: warm tint
     u = rng.random(2, dtype=np.float32)
@@ -304,8 +323,11 @@ def _fits(box, boxes: list) -> bool:
   a_old = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
   a_new = (box[2] - box[0]) * (box[3] - box[1])
   iou = inter / (a_old + a_new - inter)
-  return bool((iou <= MAX_IOU).all() and (inter <= MAX_COVER * a_old).all()
-              and (inter <= MAX_COVER * a_new).all())
+  return bool(
+    (iou <= MAX_IOU).all()
+    and (inter <= MAX_COVER * a_old).all()
+    and (inter <= MAX_COVER * a_new).all()
+  )
 
 
 def render_scene(rng: np.random.Generator, assets: SplitAssets, image_size=(128, 128)):
@@ -337,15 +359,15 @@ def render_scene(rng: np.random.Generator, assets: SplitAssets, image_size=(128,
       continue
     (gray, alpha), x, y = placed
     ph, pw = gray.shape
-    region = img[y:y + ph, x:x + pw]
+    region = img[y : y + ph, x : x + pw]
     rgb = _colorise(rng, cat, gray, float(region.mean()))
     a = alpha[..., None]
-    img[y:y + ph, x:x + pw] = region * (1.0 - a) + np.clip(rgb, 0.0, 1.0) * a
+    img[y : y + ph, x : x + pw] = region * (1.0 - a) + np.clip(rgb, 0.0, 1.0) * a
     boxes.append((x, y, x + pw, y + ph))
     anns.append(dict(category_id=cat, bbox=(x, y, pw, ph), instance=inst.key))
   gamma = rng.uniform(0.85, 1.15)
   noise = rng.standard_normal(img.shape, dtype=np.float32) * rng.uniform(0.0, NOISE)
-  out = np.clip(img ** gamma + noise, 0.0, 1.0)
+  out = np.clip(img**gamma + noise, 0.0, 1.0)
   return (out * 255.0 + 0.5).astype(np.uint8), anns
 
 
@@ -358,8 +380,9 @@ def _image_size(image_size) -> tuple[int, int]:
   return h, w
 
 
-def render_split(split: str, num_images: int, *, seed: int = 0,
-                 image_size=DEFAULT_IMAGE_SIZE) -> Iterator[tuple[np.ndarray, list]]:
+def render_split(
+  split: str, num_images: int, *, seed: int = 0, image_size=DEFAULT_IMAGE_SIZE
+) -> Iterator[tuple[np.ndarray, list]]:
   """Scenes 0..num_images-1 of ``split`` (see ``render_scene``); scene i uses the
   generator keyed by (seed, split, i), so any prefix is the same."""
   if seed < 0:
@@ -373,14 +396,21 @@ def render_split(split: str, num_images: int, *, seed: int = 0,
 
 # --- files -----------------------------------------------------------------------------
 
+
 def miniature_paths(directory: str) -> dict:
   """Paths of the benchmark in ``directory`` (nothing written) and the counts of its
   manifest ({} when there is no readable manifest)."""
   directory = os.path.abspath(os.path.expanduser(str(directory)))
   j = lambda *p: os.path.join(directory, *p)  # noqa: E731
-  out = dict(pool_dir=j('pool'), train_dir=j('train'), train_ann=j('train.json'),
-             eval_dir=j('eval'), eval_ann=j('eval.json'), manifest=j('manifest.json'),
-             counts={})
+  out = dict(
+    pool_dir=j('pool'),
+    train_dir=j('train'),
+    train_ann=j('train.json'),
+    eval_dir=j('eval'),
+    eval_ann=j('eval.json'),
+    manifest=j('manifest.json'),
+    counts={},
+  )
   manifest = _read_manifest(out['manifest'])
   if manifest:
     out['counts'] = manifest.get('counts', {})
@@ -396,20 +426,23 @@ def _read_manifest(path: str) -> dict | None:
 
 
 def _params(seed, num_pool, num_train, num_eval, image_size) -> dict:
-  for name, n in (('num_pool', num_pool), ('num_train', num_train),
-                  ('num_eval', num_eval)):
+  for name, n in (('num_pool', num_pool), ('num_train', num_train), ('num_eval', num_eval)):
     if int(n) < 0:
       raise ValueError(f'{name}={n} must be >= 0')
   if seed < 0:
     raise ValueError(f'seed={seed} must be >= 0')
-  return dict(seed=int(seed), num_pool=int(num_pool), num_train=int(num_train),
-              num_eval=int(num_eval), image_size=list(_image_size(image_size)))
+  return dict(
+    seed=int(seed),
+    num_pool=int(num_pool),
+    num_train=int(num_train),
+    num_eval=int(num_eval),
+    image_size=list(_image_size(image_size)),
+  )
 
 
 def _is_complete(paths: dict, params: dict, verify: bool) -> bool:
   m = _read_manifest(paths['manifest'])
-  if not m or m.get('generator_version') != GENERATOR_VERSION or m.get(
-      'params') != params:
+  if not m or m.get('generator_version') != GENERATOR_VERSION or m.get('params') != params:
     return False
   root = os.path.dirname(paths['manifest'])
   for rel, (size, digest) in m.get('files', {}).items():
@@ -436,18 +469,27 @@ def _encode_jpeg(image: np.ndarray) -> bytes:
 
 
 def _coco(split: str) -> dict:
-  return dict(info=dict(description=f'updetr_jax miniature benchmark, {split} split',
-                        version=str(GENERATOR_VERSION)),
-              licenses=[], images=[], annotations=[],
-              categories=[dict(id=c, name=n, supercategory='miniature')
-                          for c, n in CATEGORIES])
+  return dict(
+    info=dict(
+      description=f'updetr_jax miniature benchmark, {split} split', version=str(GENERATOR_VERSION)
+    ),
+    licenses=[],
+    images=[],
+    annotations=[],
+    categories=[dict(id=c, name=n, supercategory='miniature') for c, n in CATEGORIES],
+  )
 
 
-def write_miniature(directory: str, *, seed: int = 0,
-                    num_pool: int = DEFAULT_COUNTS['num_pool'],
-                    num_train: int = DEFAULT_COUNTS['num_train'],
-                    num_eval: int = DEFAULT_COUNTS['num_eval'],
-                    image_size=DEFAULT_IMAGE_SIZE, verify: bool = False) -> dict:
+def write_miniature(
+  directory: str,
+  *,
+  seed: int = 0,
+  num_pool: int = DEFAULT_COUNTS['num_pool'],
+  num_train: int = DEFAULT_COUNTS['num_train'],
+  num_eval: int = DEFAULT_COUNTS['num_eval'],
+  image_size=DEFAULT_IMAGE_SIZE,
+  verify: bool = False,
+) -> dict:
   """Write the benchmark under ``directory`` unless it is already complete.
 
   Complete: manifest.json exists with this generator version and these parameters,
@@ -483,8 +525,9 @@ def write_miniature(directory: str, *, seed: int = 0,
     coco = _coco(split)
     keys = set()
     per_class = {name: 0 for _, name in CATEGORIES}
-    for i, (image, anns) in enumerate(render_split(split, n, seed=params['seed'],
-                                                   image_size=(h, w))):
+    for i, (image, anns) in enumerate(
+      render_split(split, n, seed=params['seed'], image_size=(h, w))
+    ):
       name = f'{i:06d}_{h}x{w}.jpg'
       data = _encode_jpeg(image)
       with open(os.path.join(paths[f'{split}_dir'], name), 'wb') as f:
@@ -494,13 +537,19 @@ def write_miniature(directory: str, *, seed: int = 0,
       coco['images'].append(dict(id=i + 1, file_name=name, height=h, width=w))
       for a in anns:
         x, y, bw, bh = a['bbox']
-        coco['annotations'].append(dict(
-            id=len(coco['annotations']) + 1, image_id=i + 1,
-            category_id=a['category_id'], bbox=[x, y, bw, bh], area=bw * bh,
-            iscrowd=0, instance=a['instance']))
+        coco['annotations'].append(
+          dict(
+            id=len(coco['annotations']) + 1,
+            image_id=i + 1,
+            category_id=a['category_id'],
+            bbox=[x, y, bw, bh],
+            area=bw * bh,
+            iscrowd=0,
+            instance=a['instance'],
+          )
+        )
         per_class[names[a['category_id']]] += 1
-    counts[split] = dict(images=n, boxes=len(coco['annotations']),
-                         boxes_per_class=per_class)
+    counts[split] = dict(images=n, boxes=len(coco['annotations']), boxes_per_class=per_class)
     used[split] = sorted(keys, key=lambda k: (k.split(':')[0], int(k.split(':')[1])))
     if split != 'pool':
       data = json.dumps(coco).encode()
@@ -508,20 +557,24 @@ def write_miniature(directory: str, *, seed: int = 0,
         f.write(data)
       files[f'{split}.json'] = [len(data), hashlib.sha256(data).hexdigest()]
   ev = counts['eval']
-  default_sizes = params == _params(params['seed'], **DEFAULT_COUNTS,
-                                    image_size=DEFAULT_IMAGE_SIZE)
+  default_sizes = params == _params(params['seed'], **DEFAULT_COUNTS, image_size=DEFAULT_IMAGE_SIZE)
   if default_sizes and (ev['images'] < MIN_EVAL_IMAGES or ev['boxes'] < MIN_EVAL_BOXES):
     raise AssertionError(f'miniature eval split too small: {ev}')
   manifest = dict(
-      generator_version=GENERATOR_VERSION, params=params,
-      classes=[dict(id=c, name=n) for c, n in CATEGORIES],
-      counts=counts,
-      minimum=dict(eval_images=MIN_EVAL_IMAGES, eval_boxes=MIN_EVAL_BOXES,
-                   met=ev['images'] >= MIN_EVAL_IMAGES and ev['boxes'] >= MIN_EVAL_BOXES),
-      split_seed=SPLIT_SEED,
-      instances_used=used,
-      backgrounds={s: [b for b, _ in split_assets(s).backgrounds] for s in SPLITS},
-      files=files)
+    generator_version=GENERATOR_VERSION,
+    params=params,
+    classes=[dict(id=c, name=n) for c, n in CATEGORIES],
+    counts=counts,
+    minimum=dict(
+      eval_images=MIN_EVAL_IMAGES,
+      eval_boxes=MIN_EVAL_BOXES,
+      met=ev['images'] >= MIN_EVAL_IMAGES and ev['boxes'] >= MIN_EVAL_BOXES,
+    ),
+    split_seed=SPLIT_SEED,
+    instances_used=used,
+    backgrounds={s: [b for b, _ in split_assets(s).backgrounds] for s in SPLITS},
+    files=files,
+  )
   tmp = paths['manifest'] + '.tmp'
   with open(tmp, 'w') as f:
     json.dump(manifest, f, indent=1)
@@ -531,16 +584,29 @@ def write_miniature(directory: str, *, seed: int = 0,
   return out
 
 
-def contact_sheet(paths: dict, out_png: str, split: str = 'eval', num_images: int = 12,
-                  scale: int = 2, columns: int = 4) -> str:
+def contact_sheet(
+  paths: dict,
+  out_png: str,
+  split: str = 'eval',
+  num_images: int = 12,
+  scale: int = 2,
+  columns: int = 4,
+) -> str:
   """PNG grid of the first ``num_images`` images of a labelled split with their boxes
   and class names (upscaled ``scale`` times, nearest); returns ``out_png``."""
   from PIL import ImageDraw  # noqa: PLC0415
+
   with open(paths[f'{split}_ann']) as f:
     coco = json.load(f)
   names = {c['id']: c['name'] for c in coco['categories']}
-  colors = [(255, 60, 60), (60, 220, 60), (70, 140, 255), (255, 200, 0), (255, 0, 255),
-            (0, 230, 230)]
+  colors = [
+    (255, 60, 60),
+    (60, 220, 60),
+    (70, 140, 255),
+    (255, 200, 0),
+    (255, 0, 255),
+    (0, 230, 230),
+  ]
   images = coco['images'][:num_images]
   tiles = []
   for im in images:
@@ -565,22 +631,30 @@ def contact_sheet(paths: dict, out_png: str, split: str = 'eval', num_images: in
 
 def main(argv=None) -> dict:
   """CLI: write the benchmark to --output and print its counts (see module docstring)."""
-  p = argparse.ArgumentParser(prog='python -m updetr_jax.data.miniature',
-                              description='Write the miniature detection benchmark.')
+  p = argparse.ArgumentParser(
+    prog='python -m updetr_jax.data.miniature',
+    description='Write the miniature detection benchmark.',
+  )
   p.add_argument('--output', required=True, help='directory (created)')
   p.add_argument('--seed', type=int, default=0)
   for k, v in DEFAULT_COUNTS.items():
     p.add_argument(f'--{k}', type=int, default=v)
-  p.add_argument('--image_size', default=','.join(map(str, DEFAULT_IMAGE_SIZE)),
-                 help='H or H,W in pixels')
+  p.add_argument(
+    '--image_size', default=','.join(map(str, DEFAULT_IMAGE_SIZE)), help='H or H,W in pixels'
+  )
   p.add_argument('--verify', action='store_true', help='re-hash existing files')
   p.add_argument('--preview', default='', help='also save a PNG contact sheet of eval')
   args = p.parse_args(argv)
   size = tuple(int(v) for v in args.image_size.split(','))
-  out = write_miniature(args.output, seed=args.seed, num_pool=args.num_pool,
-                        num_train=args.num_train, num_eval=args.num_eval,
-                        image_size=size[0] if len(size) == 1 else size,
-                        verify=args.verify)
+  out = write_miniature(
+    args.output,
+    seed=args.seed,
+    num_pool=args.num_pool,
+    num_train=args.num_train,
+    num_eval=args.num_eval,
+    image_size=size[0] if len(size) == 1 else size,
+    verify=args.verify,
+  )
   for split, c in out['counts'].items():
     line = f'{split:5s}: {c["images"]:5d} images'
     if split != 'pool':

@@ -12,6 +12,7 @@ h / H). Resizing the detection image maps boxes proportionally, so this equals t
 rectangle mapped to the resized image and normalised by the UNPADDED resized size.
 Integers are drawn as floor(u * n) from ``tf.random.stateless_uniform`` floats.
 """
+
 from __future__ import annotations
 
 import tensorflow as tf
@@ -49,8 +50,9 @@ def boxes_to_cxcywh(boxes_px, height, width):
   b = tf.cast(boxes_px, tf.float32)
   h = tf.cast(height, tf.float32)
   w = tf.cast(width, tf.float32)
-  return tf.stack([(b[:, 0] + 0.5 * b[:, 2]) / w, (b[:, 1] + 0.5 * b[:, 3]) / h,
-                   b[:, 2] / w, b[:, 3] / h], -1)
+  return tf.stack(
+    [(b[:, 0] + 0.5 * b[:, 2]) / w, (b[:, 1] + 0.5 * b[:, 3]) / h, b[:, 2] / w, b[:, 3] / h], -1
+  )
 
 
 def crop_patch(image, box_px, patch_size: int):
@@ -71,8 +73,7 @@ def crop_patches(image, boxes_px, patch_size: int):
   return tf.stack([crop_patch(image, boxes_px[i], patch_size) for i in range(m)])
 
 
-def query_patches(image, seed, *, num_patches: int, patch_size: int,
-                  augment_cfg: dict | None):
+def query_patches(image, seed, *, num_patches: int, patch_size: int, augment_cfg: dict | None):
   """Sample M query patches from a uint8 image [H, W, 3].
 
   augment_cfg: keyword arguments of ``augment.augment_patches`` (None = no

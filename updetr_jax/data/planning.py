@@ -29,6 +29,7 @@ batches of an uninterrupted run. Host p (of process_count) loads rows
 [p*b, (p+1)*b) of every global batch, b = global_batch_size // process_count, so
 concatenating the hosts' batches gives the process_count=1 batch.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,7 +42,8 @@ from updetr_jax.data import augment, config, sources
 
 # --- shape buckets ---------------------------------------------------------------------
 
-def caps(cfg) -> list[tuple[int, int]]:
+
+def bucket_caps(cfg) -> list[tuple[int, int]]:
   """Bucket caps [(short, long)] of a RESOLVED config (validated)."""
   caps = list(cfg['buckets'])
   if not caps:
@@ -52,27 +54,29 @@ def caps(cfg) -> list[tuple[int, int]]:
       raise ValueError(f'data.buckets: cap {(s, l)} needs 0 < short <= long')
   need_s = max(cfg['scales'] + (cfg['eval_scale'],))
   if max(s for s, _ in caps) < need_s or max(l for _, l in caps) < cfg['max_size']:
-    raise ValueError(f'data.buckets={caps}: some cap must reach short side {need_s} '
-                     f'and some cap long side max_size={cfg["max_size"]}')
+    raise ValueError(
+      f'data.buckets={caps}: some cap must reach short side {need_s} '
+      f'and some cap long side max_size={cfg["max_size"]}'
+    )
   return caps
 
 
 def bucket_shapes(data_config) -> list[tuple[int, int]]:
   """The fixed (H, W) shapes of all batches: landscape caps, then portrait caps."""
-  return shapes_ofcaps(caps(config.resolve_config(data_config)))
+  return shapes_of_caps(bucket_caps(config.resolve_config(data_config)))
 
 
-def shapes_ofcaps(caps) -> list[tuple[int, int]]:
+def shapes_of_caps(caps) -> list[tuple[int, int]]:
   """[(short, long)] caps -> [(H, W)]: landscape caps, then portrait caps."""
   return [(s, l) for s, l in caps] + [(l, s) for s, l in caps]
 
 
 def assign_buckets(rh, rw, data_config):
   """Resized sizes int [n] -> (bucket id [n] into bucket_shapes, clamped rh, rw)."""
-  return assign_tocaps(rh, rw, caps(config.resolve_config(data_config)))
+  return assign_to_caps(rh, rw, bucket_caps(config.resolve_config(data_config)))
 
 
-def assign_tocaps(rh, rw, caps):
+def assign_to_caps(rh, rw, caps):
   """assign_buckets with explicit [(short, long)] caps (see assign_buckets)."""
   rh, rw = np.asarray(rh, np.int64), np.asarray(rw, np.int64)
   k = len(caps)
@@ -94,6 +98,7 @@ def assign_tocaps(rh, rw, caps):
 
 # --- statistics ------------------------------------------------------------------------
 
+
 class DataStats:
   """Counts of skipped / converted images, readable at any time (thread-safe).
 
@@ -102,6 +107,7 @@ class DataStats:
   decode_failed: rows replaced at load time (this host, once per batch).
   Also: epochs planned, batches and valid examples yielded by this host.
   """
+
   SKIPS = ('corrupt', 'truncated', 'too_small')
   CONVERSIONS = ('grayscale', 'cmyk', 'alpha')
 
@@ -121,8 +127,7 @@ class DataStats:
 
   def add_epoch(self, status):
     counts = np.bincount(np.asarray(status, np.int64), minlength=len(sources.STATUS_NAMES))
-    self._add(epochs=1, **{n: counts[i] for i, n in enumerate(sources.STATUS_NAMES)
-                           if n != 'ok'})
+    self._add(epochs=1, **{n: counts[i] for i, n in enumerate(sources.STATUS_NAMES) if n != 'ok'})
 
   def as_dict(self) -> dict[str, int]:
     with self._lock:
@@ -132,15 +137,18 @@ class DataStats:
     d = self.as_dict()
     skip = ', '.join(f'{k} {d[k]}' for k in self.SKIPS)
     conv = ', '.join(f'{k} {d[k]}' for k in self.CONVERSIONS)
-    return (f'data[{self.source}]: {d["batches"]} batches, {d["examples"]} examples, '
-            f'{d["epochs"]} epoch(s) planned; skipped: {skip}; converted: {conv}; '
-            f'decode_failed {d["decode_failed"]}')
+    return (
+      f'data[{self.source}]: {d["batches"]} batches, {d["examples"]} examples, '
+      f'{d["epochs"]} epoch(s) planned; skipped: {skip}; converted: {conv}; '
+      f'decode_failed {d["decode_failed"]}'
+    )
 
   def __repr__(self):
     return self.report()
 
 
 # --- epoch planning --------------------------------------------------------------------
+
 
 def _philox_u64(seed: int, epoch: int, tag: int, n: int) -> np.ndarray:
   """n uint64 from a Philox stream keyed by (seed, epoch, tag) (platform-stable)."""
@@ -194,14 +202,21 @@ def epoch_order(usable, *, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
   return order[np.asarray(usable, bool)[order]]
 
 
-def plan_epoch(index: sources.ImageIndex, cfg: dict, *, seed: int, epoch: int,
-               train: bool, global_batch: int, repeats: int = 1) -> EpochPlan:
+def plan_epoch(
+  index: sources.ImageIndex,
+  cfg: dict,
+  *,
+  seed: int,
+  epoch: int,
+  train: bool,
+  global_batch: int,
+  repeats: int = 1,
+) -> EpochPlan:
   """Plan one epoch (see module docstring). ``cfg``: resolved data config."""
   n_img = len(index)
   n = n_img * repeats
   image = np.arange(n, dtype=np.int64) % n_img
-  order = epoch_order(index.usable[image], seed=seed, epoch=epoch,
-                      shuffle=train and cfg['shuffle'])
+  order = epoch_order(index.usable[image], seed=seed, epoch=epoch, shuffle=train and cfg['shuffle'])
   if train:
     scale = philox_choice(np.asarray(cfg['scales'], np.int64), seed, epoch, 2, n)
   else:
@@ -209,10 +224,9 @@ def plan_epoch(index: sources.ImageIndex, cfg: dict, *, seed: int, epoch: int,
   h = np.maximum(index.height[image], 1)
   w = np.maximum(index.width[image], 1)
   rh, rw = augment.resize_rule(h, w, scale, cfg['max_size'])
-  bucket, rh, rw = assign_tocaps(rh, rw, caps(cfg))
+  bucket, rh, rw = assign_to_caps(rh, rw, bucket_caps(cfg))
   examples, valid, bucket_of = group_batches(order, bucket, global_batch, train)
-  return EpochPlan(examples, valid, bucket_of, image, rh.astype(np.int32),
-                   rw.astype(np.int32))
+  return EpochPlan(examples, valid, bucket_of, image, rh.astype(np.int32), rw.astype(np.int32))
 
 
 def group_batches(order, bucket, global_batch: int, train: bool):
@@ -228,12 +242,12 @@ def group_batches(order, bucket, global_batch: int, train: bool):
     pos = np.flatnonzero(b_ord == k)
     full = len(pos) // global_batch
     for j in range(full):
-      sel = pos[j * global_batch:(j + 1) * global_batch]
+      sel = pos[j * global_batch : (j + 1) * global_batch]
       batches.append((order[sel], k, global_batch))
       done.append(sel[-1])
     rest = len(pos) - full * global_batch
     if rest and not train:
-      sel = pos[full * global_batch:]
+      sel = pos[full * global_batch :]
       members = np.concatenate([order[sel], np.full(global_batch - rest, order[sel[0]])])
       batches.append((members, k, rest))
       done.append(len(order) + k)  # partial batches last, in bucket order

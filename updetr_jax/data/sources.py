@@ -27,7 +27,11 @@ Sources:
     (long side shrunk to at most DEMO_MAX_SIDE=640 once).
   memory: any list of uint8 arrays (``MemorySource``; used by demo and
     ``cache_decoded``).
+
+One file: the three sources share the per-image index, its probing pass and its
+bad-file statuses; each source is a few small classes over them.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -56,14 +60,34 @@ _INDEX_VERSION = 1
 
 # Demo photographs (skimage.data functions that load offline from the wheel; the
 # last four are grayscale and are converted to RGB).
-DEMO_IMAGES = ('astronaut', 'chelsea', 'coffee', 'rocket', 'hubble_deep_field',
-               'immunohistochemistry', 'retina', 'colorwheel', 'camera', 'coins',
-               'clock', 'moon')
+DEMO_IMAGES = (
+  'astronaut',
+  'chelsea',
+  'coffee',
+  'rocket',
+  'hubble_deep_field',
+  'immunohistochemistry',
+  'retina',
+  'colorwheel',
+  'camera',
+  'coins',
+  'clock',
+  'moon',
+)
 # The pre-training demo trains on DEMO_TRAIN_IMAGES and evaluates on photos it never
 # sees (DEMO_EVAL_IMAGES, also offline in the wheel).
-DEMO_TRAIN_IMAGES = ('astronaut', 'chelsea', 'rocket', 'hubble_deep_field',
-                     'immunohistochemistry', 'retina', 'colorwheel', 'coins', 'clock',
-                     'moon')
+DEMO_TRAIN_IMAGES = (
+  'astronaut',
+  'chelsea',
+  'rocket',
+  'hubble_deep_field',
+  'immunohistochemistry',
+  'retina',
+  'colorwheel',
+  'coins',
+  'clock',
+  'moon',
+)
 DEMO_EVAL_IMAGES = ('coffee', 'camera', 'cell', 'gravel')
 
 
@@ -85,8 +109,9 @@ class ImageIndex:
     return ~np.isin(self.status, SKIP_STATUSES)
 
   def save(self, path):
-    files.write_npz(path, dict(height=self.height, width=self.width, status=self.status,
-                               decoder=self.decoder))
+    files.write_npz(
+      path, dict(height=self.height, width=self.width, status=self.status, decoder=self.decoder)
+    )
 
   @classmethod
   def load(cls, path):
@@ -169,10 +194,11 @@ def tf_decode_bytes(data, decoder: int):
 
 def _tf_decode(data, decoder):
   """In-graph decode of encoded bytes -> uint8 [h, w, 3] (TF or PIL by ``decoder``)."""
-  branches = [lambda d=d: tf.ensure_shape(tf_decode_bytes(data, d), [None, None, 3])
-              for d in (DECODER_TF, DECODER_PIL, DECODER_TF_JPEG)]
-  return tf.ensure_shape(tf.switch_case(tf.cast(decoder, tf.int32), branches),
-                         [None, None, 3])
+  branches = [
+    lambda d=d: tf.ensure_shape(tf_decode_bytes(data, d), [None, None, 3])
+    for d in (DECODER_TF, DECODER_PIL, DECODER_TF_JPEG)
+  ]
+  return tf.ensure_shape(tf.switch_case(tf.cast(decoder, tf.int32), branches), [None, None, 3])
 
 
 def _build_index(read_fn, n: int, threads: int, what: str) -> ImageIndex:
@@ -188,8 +214,7 @@ def _build_index(read_fn, n: int, threads: int, what: str) -> ImageIndex:
 
   threads = max(1, threads or (os.cpu_count() or 1))
   if n > 20000:
-    print(f'updetr_jax.data: indexing {n} images of {what} ({threads} threads)...',
-          flush=True)
+    print(f'updetr_jax.data: indexing {n} images of {what} ({threads} threads)...', flush=True)
   with concurrent.futures.ThreadPoolExecutor(threads) as pool:
     for i, r in enumerate(pool.map(probe, range(n), chunksize=64)):
       out[i] = r
@@ -218,6 +243,7 @@ class Source:
   read_bytes(i) -> encoded bytes (None for in-memory sources);
   paths: list[str] per image or None (then rows carry '' as path).
   """
+
   name = 'source'
   paths = None
 
@@ -244,9 +270,12 @@ class MemorySource(Source):
     self.arrays = [a for a, _ in conv]
     status = [s for _, s in conv]
     self.num_images = len(self.arrays)
-    self.index = ImageIndex([a.shape[0] for a in self.arrays],
-                            [a.shape[1] for a in self.arrays], status,
-                            [DECODER_TF] * self.num_images)
+    self.index = ImageIndex(
+      [a.shape[0] for a in self.arrays],
+      [a.shape[1] for a in self.arrays],
+      status,
+      [DECODER_TF] * self.num_images,
+    )
 
   def _get(self, i):
     return self.arrays[int(i)]
@@ -283,16 +312,20 @@ def _read_file(path: str) -> bytes:
 class FileListSource(Source):
   """An explicit list of image files (missing / unreadable files index as corrupt)."""
 
-  def __init__(self, paths, name: str, *, index_cache_dir=None, index_threads=0,
-               cache_key: str = ''):
+  def __init__(
+    self, paths, name: str, *, index_cache_dir=None, index_threads=0, cache_key: str = ''
+  ):
     self.name = name
     self.paths = list(paths)
     self.num_images = len(self.paths)
-    key = cache_key + '\n' + '\n'.join(os.path.abspath(p) if '://' not in p else p
-                                        for p in self.paths)
+    key = (
+      cache_key + '\n' + '\n'.join(os.path.abspath(p) if '://' not in p else p for p in self.paths)
+    )
     self.index = _cached_index(
-        index_cache_dir, key,
-        lambda: _build_index(self.read_bytes, self.num_images, index_threads, self.name))
+      index_cache_dir,
+      key,
+      lambda: _build_index(self.read_bytes, self.num_images, index_threads, self.name),
+    )
 
   def read_bytes(self, i):
     return _read_file(self.paths[int(i)])
@@ -310,9 +343,13 @@ class FolderSource(FileListSource):
     paths = list_image_files(folder)
     if not paths:
       raise ValueError(f'data.folder={folder!r} contains no {IMAGE_EXTENSIONS} files')
-    super().__init__(paths, f'folder:{folder}', index_cache_dir=index_cache_dir,
-                     index_threads=index_threads,
-                     cache_key='folder\n' + os.path.abspath(folder))
+    super().__init__(
+      paths,
+      f'folder:{folder}',
+      index_cache_dir=index_cache_dir,
+      index_threads=index_threads,
+      cache_key='folder\n' + os.path.abspath(folder),
+    )
 
 
 class TFRecordIndex:
@@ -370,9 +407,11 @@ class TFRecordIndex:
 class TFDSSource(Source):
   """A TFDS image dataset (labels ignored); see module docstring."""
 
-  def __init__(self, name, split, *, data_dir=None, image_key='image',
-               index_cache_dir=None, index_threads=0):
+  def __init__(
+    self, name, split, *, data_dir=None, image_key='image', index_cache_dir=None, index_threads=0
+  ):
     import tensorflow_datasets as tfds  # noqa: PLC0415  (heavy, only when used)
+
     self.name = f'tfds:{name}/{split}'
     self.image_key = image_key
     data_dir = data_dir or os.environ.get('TFDS_DATA_DIR')
@@ -381,17 +420,21 @@ class TFDSSource(Source):
     self._source = None
     try:
       self._source = builder.as_data_source(
-          split=split, decoders={image_key: tfds.decode.SkipDecoding()})
+        split=split, decoders={image_key: tfds.decode.SkipDecoding()}
+      )
       self.num_images = len(self._source)
     except (NotImplementedError, ValueError):
       instr = builder.info.splits[split].file_instructions
       self._records = TFRecordIndex([(fi.filename, fi.skip, fi.take) for fi in instr])
       self.num_images = len(self._records)
-    key = '\n'.join(map(str, ('tfds', name, split, builder.data_dir, builder.info.version,
-                               self.num_images)))
+    key = '\n'.join(
+      map(str, ('tfds', name, split, builder.data_dir, builder.info.version, self.num_images))
+    )
     self.index = _cached_index(
-        index_cache_dir, key,
-        lambda: _build_index(self.read_bytes, self.num_images, index_threads, self.name))
+      index_cache_dir,
+      key,
+      lambda: _build_index(self.read_bytes, self.num_images, index_threads, self.name),
+    )
 
   def read_bytes(self, i):
     i = int(i)
@@ -407,8 +450,10 @@ class TFDSSource(Source):
     if self._source is not None:
       return self._source[i]
     import tensorflow_datasets as tfds  # noqa: PLC0415
+
     return self.builder.info.features.deserialize_example_np(
-        self._records.read(i), decoders={self.image_key: tfds.decode.SkipDecoding()})
+      self._records.read(i), decoders={self.image_key: tfds.decode.SkipDecoding()}
+    )
 
   def tf_load(self, image_id, path, decoder):
     data = tf.numpy_function(self.read_bytes, [image_id], tf.string, stateful=False)
@@ -447,6 +492,7 @@ DEMO_MAX_SIDE = 640  # larger demo photos are shrunk once (keeps the demo fast)
 def demo_arrays(names=DEMO_IMAGES) -> list[tuple[str, np.ndarray]]:
   """The demo photographs from scikit-image (offline): list of (name, array)."""
   import skimage.data  # noqa: PLC0415
+
   out = []
   for n in names:
     a = getattr(skimage.data, n)()
@@ -492,13 +538,18 @@ def make_source(cfg) -> Source:
   elif kind == 'folder':
     if not cfg['folder']:
       raise ValueError("data.source='folder' needs data.folder")
-    src = FolderSource(cfg['folder'], index_cache_dir=cfg['index_cache_dir'],
-                       index_threads=cfg['index_threads'])
+    src = FolderSource(
+      cfg['folder'], index_cache_dir=cfg['index_cache_dir'], index_threads=cfg['index_threads']
+    )
   elif kind == 'tfds':
-    src = TFDSSource(cfg['tfds_name'], cfg['tfds_split'], data_dir=cfg['tfds_data_dir'],
-                     image_key=cfg['tfds_image_key'],
-                     index_cache_dir=cfg['index_cache_dir'],
-                     index_threads=cfg['index_threads'])
+    src = TFDSSource(
+      cfg['tfds_name'],
+      cfg['tfds_split'],
+      data_dir=cfg['tfds_data_dir'],
+      image_key=cfg['tfds_image_key'],
+      index_cache_dir=cfg['index_cache_dir'],
+      index_threads=cfg['index_threads'],
+    )
   else:
     raise ValueError(f"data.source={kind!r}: choose 'tfds', 'folder' or 'demo'")
   if cfg['cache_decoded'] and not isinstance(src, MemorySource):

@@ -1,4 +1,5 @@
 """Flax modules: ResNet backbone, position encodings, transformer, DETR, UP-DETR."""
+
 from absl import logging
 import jax
 import jax.numpy as jnp
@@ -7,12 +8,32 @@ from updetr_jax.models.detr import DETR, REMAT_CHOICES
 from updetr_jax.models.transformer import ATTENTION_CHOICES
 from updetr_jax.models.updetr import UPDETR, group_attention_mask
 
-__all__ = ['DETR', 'UPDETR', 'ATTENTION_CHOICES', 'REMAT_CHOICES', 'build_model',
-           'group_attention_mask', 'init_variables', 'variable_shapes']
+__all__ = [
+  'DETR',
+  'UPDETR',
+  'ATTENTION_CHOICES',
+  'REMAT_CHOICES',
+  'build_model',
+  'group_attention_mask',
+  'init_variables',
+  'variable_shapes',
+]
 
-_FIELDS = ('backbone', 'dilation', 'position_embedding', 'hidden_dim', 'nheads', 'enc_layers',
-           'dec_layers', 'dim_feedforward', 'dropout', 'num_queries', 'pre_norm', 'num_classes',
-           'aux_loss')
+_FIELDS = (
+  'backbone',
+  'dilation',
+  'position_embedding',
+  'hidden_dim',
+  'nheads',
+  'enc_layers',
+  'dec_layers',
+  'dim_feedforward',
+  'dropout',
+  'num_queries',
+  'pre_norm',
+  'num_classes',
+  'aux_loss',
+)
 
 
 def build_model(model_config, dtype=None):
@@ -38,21 +59,29 @@ def build_model(model_config, dtype=None):
     raise ValueError(f"model.dtype={dtype!r}: expected 'float32' or 'bfloat16'")
   kwargs['remat'] = cfg.get('remat') or ''
   if kwargs['remat'] not in REMAT_CHOICES:
-    raise ValueError(f"model.remat={kwargs['remat']!r}: expected one of {REMAT_CHOICES}")
+    raise ValueError(f'model.remat={kwargs["remat"]!r}: expected one of {REMAT_CHOICES}')
   kwargs['attention'] = cfg.get('attention') or 'einsum'
   if kwargs['attention'] not in ATTENTION_CHOICES:
-    raise ValueError(f"model.attention={kwargs['attention']!r}: expected one of "
-                     f'{ATTENTION_CHOICES}')
+    raise ValueError(
+      f'model.attention={kwargs["attention"]!r}: expected one of {ATTENTION_CHOICES}'
+    )
   if kwargs['attention'] != 'einsum' and kwargs['dropout'] > 0:
-    logging.warning('model.attention=%r applies no dropout to attention probabilities '
-                    '(the release applies model.dropout=%s there too); residual and FFN '
-                    'dropout are unchanged', kwargs['attention'], kwargs['dropout'])
+    logging.warning(
+      'model.attention=%r applies no dropout to attention probabilities '
+      '(the release applies model.dropout=%s there too); residual and FFN '
+      'dropout are unchanged',
+      kwargs['attention'],
+      kwargs['dropout'],
+    )
   if cfg.get('num_patches'):
     if kwargs['num_queries'] % cfg['num_patches']:
-      raise ValueError(f"model.num_queries={kwargs['num_queries']} must be divisible by "
-                       f"model.num_patches={cfg['num_patches']}")
-    return UPDETR(**kwargs, num_patches=cfg['num_patches'],
-                  patch_query_drop=cfg.get('patch_query_drop', 0.1))
+      raise ValueError(
+        f'model.num_queries={kwargs["num_queries"]} must be divisible by '
+        f'model.num_patches={cfg["num_patches"]}'
+      )
+    return UPDETR(
+      **kwargs, num_patches=cfg['num_patches'], patch_query_drop=cfg.get('patch_query_drop', 0.1)
+    )
   return DETR(**kwargs)
 
 

@@ -1,4 +1,5 @@
 """The DETR detector: backbone -> input_proj -> transformer -> class and box heads."""
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -24,6 +25,7 @@ class DETR(nn.Module):
     the unpadded image), aux_outputs: list of such dicts for the first
     dec_layers - 1 decoder layers (when aux_loss).
   """
+
   backbone: str = 'resnet50'
   dilation: bool = False
   position_embedding: str = 'sine'
@@ -47,21 +49,34 @@ class DETR(nn.Module):
     if self.remat not in REMAT_CHOICES:
       raise ValueError(f'model.remat={self.remat!r}: expected one of {REMAT_CHOICES}')
     if self.attention not in ATTENTION_CHOICES:
-      raise ValueError(f'model.attention={self.attention!r}: expected one of '
-                       f'{ATTENTION_CHOICES}')
-    self.body = build_resnet(self.backbone, self.dilation, self.dtype,
-                             remat=self.remat in ('backbone', 'all'))
+      raise ValueError(f'model.attention={self.attention!r}: expected one of {ATTENTION_CHOICES}')
+    self.body = build_resnet(
+      self.backbone, self.dilation, self.dtype, remat=self.remat in ('backbone', 'all')
+    )
     self.position = build_position_encoding(self.position_embedding, self.hidden_dim)
     c5 = self.body.num_channels
-    self.input_proj = nn.Conv(self.hidden_dim, (1, 1), kernel_init=TORCH_KERNEL_INIT,
-                              bias_init=_uniform_bias(c5), dtype=self.dtype)
-    self.query_embed = nn.Embed(self.num_queries, self.hidden_dim,
-                                embedding_init=nn.initializers.normal(1.0))
+    self.input_proj = nn.Conv(
+      self.hidden_dim,
+      (1, 1),
+      kernel_init=TORCH_KERNEL_INIT,
+      bias_init=_uniform_bias(c5),
+      dtype=self.dtype,
+    )
+    self.query_embed = nn.Embed(
+      self.num_queries, self.hidden_dim, embedding_init=nn.initializers.normal(1.0)
+    )
     self.transformer = Transformer(
-        d_model=self.hidden_dim, nheads=self.nheads, num_encoder_layers=self.enc_layers,
-        num_decoder_layers=self.dec_layers, dim_feedforward=self.dim_feedforward,
-        dropout=self.dropout, pre_norm=self.pre_norm, dtype=self.dtype,
-        remat=self.remat in ('transformer', 'all'), attention=self.attention)
+      d_model=self.hidden_dim,
+      nheads=self.nheads,
+      num_encoder_layers=self.enc_layers,
+      num_decoder_layers=self.dec_layers,
+      dim_feedforward=self.dim_feedforward,
+      dropout=self.dropout,
+      pre_norm=self.pre_norm,
+      dtype=self.dtype,
+      remat=self.remat in ('transformer', 'all'),
+      attention=self.attention,
+    )
     self.class_embed = linear(self.num_classes + 1, self.hidden_dim, name=None)
     self.bbox_embed = MLP(self.hidden_dim, 4, 3)
 
@@ -74,8 +89,9 @@ class DETR(nn.Module):
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f'images must be [B, H, W, 3], got shape {images.shape}')
     if padding_mask.shape != images.shape[:3]:
-      raise ValueError(f'padding_mask must be [B, H, W] = {images.shape[:3]}, '
-                       f'got shape {padding_mask.shape}')
+      raise ValueError(
+        f'padding_mask must be [B, H, W] = {images.shape[:3]}, got shape {padding_mask.shape}'
+      )
     feat = self.body(images)
     b, h, w, _ = feat.shape
     mask = downsample_mask(padding_mask.astype(bool), (h, w))
@@ -87,23 +103,27 @@ class DETR(nn.Module):
   def predict_heads(self, hs):
     """hs [L, B, N, d] -> per-layer head outputs, each [L, B, N, ...] (float32)."""
     hs = hs.astype(jnp.float32)
-    return {'pred_logits': self.class_embed(hs),
-            'pred_boxes': jax.nn.sigmoid(self.bbox_embed(hs))}
+    return {'pred_logits': self.class_embed(hs), 'pred_boxes': jax.nn.sigmoid(self.bbox_embed(hs))}
 
   def format_outputs(self, per_layer: dict) -> dict:
     """{key: [L, ...]} -> final-layer dict with aux_outputs for the other layers."""
     out = {k: v[-1] for k, v in per_layer.items()}
     if self.aux_loss:
-      out['aux_outputs'] = [{k: v[i] for k, v in per_layer.items()}
-                            for i in range(self.dec_layers - 1)]
+      out['aux_outputs'] = [
+        {k: v[i] for k, v in per_layer.items()} for i in range(self.dec_layers - 1)
+      ]
     return out
 
   def __call__(self, images, padding_mask, patches=None, train: bool = False):
     if patches is not None:
-      raise ValueError('DETR takes no query patches; build the model with model.num_patches '
-                       '(UP-DETR) to pass patches')
+      raise ValueError(
+        'DETR takes no query patches; build the model with model.num_patches '
+        '(UP-DETR) to pass patches'
+      )
     src, padding, pos = self.encode_image(images, padding_mask)
-    query_pos = jnp.broadcast_to(self.query_embed.embedding[None].astype(self.dtype),
-                                 (src.shape[0], self.num_queries, self.hidden_dim))
+    query_pos = jnp.broadcast_to(
+      self.query_embed.embedding[None].astype(self.dtype),
+      (src.shape[0], self.num_queries, self.hidden_dim),
+    )
     hs, _ = self.transformer(src, padding, pos, query_pos, None, train)
     return self.format_outputs(self.predict_heads(hs))

@@ -1,4 +1,5 @@
 """Small building blocks shared by the detector heads and the transformer."""
+
 from __future__ import annotations
 
 import functools
@@ -15,6 +16,7 @@ def _uniform_bias(fan_in: int) -> Callable:
 
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
+
   return init
 
 
@@ -22,11 +24,13 @@ def _uniform_bias(fan_in: int) -> Callable:
 TORCH_KERNEL_INIT = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
 
 
-def linear(features: int, in_features: int, name: str, kernel_init=TORCH_KERNEL_INIT,
-           dtype=jnp.float32) -> nn.Dense:
+def linear(
+  features: int, in_features: int, name: str, kernel_init=TORCH_KERNEL_INIT, dtype=jnp.float32
+) -> nn.Dense:
   """A Dense layer initialised like torch.nn.Linear (unless kernel_init is given)."""
-  return nn.Dense(features, kernel_init=kernel_init, bias_init=_uniform_bias(in_features),
-                  name=name, dtype=dtype)
+  return nn.Dense(
+    features, kernel_init=kernel_init, bias_init=_uniform_bias(in_features), name=name, dtype=dtype
+  )
 
 
 class MLP(nn.Module):
@@ -34,6 +38,7 @@ class MLP(nn.Module):
 
   Call: x [..., in_dim]. Returns [..., output_dim].
   """
+
   hidden_dim: int
   output_dim: int
   num_layers: int

@@ -1,4 +1,5 @@
 """2-D position encodings for the C5 feature map (DETR's sine and learned variants)."""
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,9 @@ class PositionEmbeddingSine(nn.Module):
   Call: mask bool [B, h, w] (True on padding). Returns [B, h, w, 2 * num_pos_feats]
   with channels (pos_y, pos_x), each interleaving sin (even) and cos (odd).
   """
+
   num_pos_feats: int = 128
-  temperature: float = 10000.
+  temperature: float = 10000.0
   scale: float = 2 * math.pi
   eps: float = 1e-6
 
@@ -40,6 +42,7 @@ class PositionEmbeddingLearned(nn.Module):
 
   Call: mask bool [B, h, w] (only its shape is used). Returns [B, h, w, 2 * num_pos_feats].
   """
+
   num_pos_feats: int = 128
   max_len: int = 50
 
@@ -47,8 +50,10 @@ class PositionEmbeddingLearned(nn.Module):
   def __call__(self, mask):
     b, h, w = mask.shape
     if h > self.max_len or w > self.max_len:
-      raise ValueError(f'learned position embedding supports feature maps up to '
-                       f'{self.max_len}x{self.max_len}, got {h}x{w}')
+      raise ValueError(
+        f'learned position embedding supports feature maps up to '
+        f'{self.max_len}x{self.max_len}, got {h}x{w}'
+      )
     init = nn.initializers.uniform(1.0)  # torch nn.init.uniform_: U[0, 1)
     row = self.param('row_embed', init, (self.max_len, self.num_pos_feats))
     col = self.param('col_embed', init, (self.max_len, self.num_pos_feats))

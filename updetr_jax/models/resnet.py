@@ -10,6 +10,7 @@ Mixed precision: ``dtype`` is the convolutions' compute dtype (the input is cast
 to it); kernels and the frozen statistics stay float32. ``remat`` recomputes each
 bottleneck block's activations in the backward pass (same parameter names).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -20,30 +21,29 @@ import numpy as np
 
 # name -> (blocks per stage, base width). Out channels of the last stage: 32 * width.
 RESNET_VARIANTS = {
-    'resnet50': ((3, 4, 6, 3), 64),
-    'resnet101': ((3, 4, 23, 3), 64),
-    # Narrow, short variants for tests and the CPU demo (same topology).
-    'resnet_tiny': ((1, 1, 1, 1), 8),
-    'resnet_small': ((1, 1, 1, 1), 16),
-    'resnet26_narrow': ((2, 2, 2, 2), 16),
+  'resnet50': ((3, 4, 6, 3), 64),
+  'resnet101': ((3, 4, 23, 3), 64),
+  # Narrow, short variants for tests and the CPU demo (same topology).
+  'resnet_tiny': ((1, 1, 1, 1), 8),
+  'resnet_small': ((1, 1, 1, 1), 16),
+  'resnet26_narrow': ((2, 2, 2, 2), 16),
 }
 
 
 def resnet_spec(name: str) -> tuple[tuple[int, ...], int]:
   if name not in RESNET_VARIANTS:
-    raise ValueError(
-        f'model.backbone={name!r} is unknown; choose one of {sorted(RESNET_VARIANTS)}')
+    raise ValueError(f'model.backbone={name!r} is unknown; choose one of {sorted(RESNET_VARIANTS)}')
   return RESNET_VARIANTS[name]
 
 
 def _conv_init(fan_out_mode=True):
   # torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu').
-  return nn.initializers.variance_scaling(2.0, 'fan_out' if fan_out_mode else 'fan_in',
-                                          'normal')
+  return nn.initializers.variance_scaling(2.0, 'fan_out' if fan_out_mode else 'fan_in', 'normal')
 
 
 class FrozenBatchNorm(nn.Module):
   """BatchNorm with fixed statistics: y = x * scale' + shift' (eps 1e-5)."""
+
   eps: float = 1e-5
 
   @nn.compact
@@ -60,13 +60,22 @@ class FrozenBatchNorm(nn.Module):
 
 def _conv(features, kernel, stride=1, dilation=1, name=None, dtype=jnp.float32):
   pad = dilation * (kernel - 1) // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 kernel_dilation=(dilation, dilation), padding=((pad, pad), (pad, pad)),
-                 use_bias=False, kernel_init=_conv_init(), name=name, dtype=dtype)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    kernel_dilation=(dilation, dilation),
+    padding=((pad, pad), (pad, pad)),
+    use_bias=False,
+    kernel_init=_conv_init(),
+    name=name,
+    dtype=dtype,
+  )
 
 
 class Bottleneck(nn.Module):
   """1x1 -> 3x3 (stride, dilation) -> 1x1 (x4), residual, ReLU."""
+
   planes: int
   stride: int = 1
   dilation: int = 1
@@ -75,13 +84,16 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    out = nn.relu(FrozenBatchNorm(name='bn1')(_conv(self.planes, 1, name='conv1', dtype=self.dtype)(x)))
+    out = _conv(self.planes, 1, name='conv1', dtype=self.dtype)(x)
+    out = nn.relu(FrozenBatchNorm(name='bn1')(out))
     out = _conv(self.planes, 3, self.stride, self.dilation, name='conv2', dtype=self.dtype)(out)
     out = nn.relu(FrozenBatchNorm(name='bn2')(out))
-    out = FrozenBatchNorm(name='bn3')(_conv(self.planes * 4, 1, name='conv3', dtype=self.dtype)(out))
+    out = _conv(self.planes * 4, 1, name='conv3', dtype=self.dtype)(out)
+    out = FrozenBatchNorm(name='bn3')(out)
     if self.downsample:
       x = FrozenBatchNorm(name='downsample_1')(
-          _conv(self.planes * 4, 1, self.stride, name='downsample_0', dtype=self.dtype)(x))
+        _conv(self.planes * 4, 1, self.stride, name='downsample_0', dtype=self.dtype)(x)
+      )
     return nn.relu(out + x)
 
 
@@ -92,6 +104,7 @@ class ResNet(nn.Module):
   Returns: [B, ceil(H/32), ceil(W/32), 32 * width] in ``dtype`` (stride 16 with
   ``dilation``).
   """
+
   blocks: Sequence[int]
   width: int = 64
   dilation: bool = False  # DC5: last stage stride 1, dilation 2.
@@ -105,8 +118,16 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = x.astype(self.dtype)
-    x = nn.Conv(self.width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False,
-                kernel_init=_conv_init(), name='conv1', dtype=self.dtype)(x)
+    x = nn.Conv(
+      self.width,
+      (7, 7),
+      strides=(2, 2),
+      padding=((3, 3), (3, 3)),
+      use_bias=False,
+      kernel_init=_conv_init(),
+      name='conv1',
+      dtype=self.dtype,
+    )(x)
     x = nn.relu(FrozenBatchNorm(name='bn1')(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     block_cls = nn.remat(Bottleneck) if self.remat else Bottleneck
@@ -122,24 +143,32 @@ def block_layout(blocks: Sequence[int], width: int, dilation: bool):
   in_ch = width
   cur_dilation = 1
   for stage, n in enumerate(blocks):
-    planes = width * 2 ** stage
+    planes = width * 2**stage
     stride = 1 if stage == 0 else 2
     prev_dilation = cur_dilation
     if stage == 3 and dilation:
       cur_dilation *= stride
       stride = 1
     for i in range(n):
-      layout.append((f'layer{stage + 1}_{i}', dict(
-          planes=planes, stride=stride if i == 0 else 1,
-          # torchvision: the first block keeps the previous dilation.
-          dilation=prev_dilation if i == 0 else cur_dilation,
-          downsample=(i == 0 and (stride != 1 or in_ch != planes * 4)))))
+      layout.append(
+        (
+          f'layer{stage + 1}_{i}',
+          dict(
+            planes=planes,
+            stride=stride if i == 0 else 1,
+            # torchvision: the first block keeps the previous dilation.
+            dilation=prev_dilation if i == 0 else cur_dilation,
+            downsample=(i == 0 and (stride != 1 or in_ch != planes * 4)),
+          ),
+        )
+      )
       in_ch = planes * 4
   return layout
 
 
-def build_resnet(name: str, dilation: bool = False, dtype=jnp.float32,
-                 remat: bool = False) -> ResNet:
+def build_resnet(
+  name: str, dilation: bool = False, dtype=jnp.float32, remat: bool = False
+) -> ResNet:
   blocks, width = resnet_spec(name)
   return ResNet(blocks=blocks, width=width, dilation=dilation, dtype=dtype, remat=remat)
 

@@ -26,6 +26,7 @@ has none): with ``dropout > 0`` in training they differ from the release by that
 one term, while the residual and feed-forward dropouts stay as they are. With
 dropout off they compute the same function as 'einsum' (float32: to ~1e-6).
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -63,8 +64,7 @@ def fused_attention(q, k, v, mask, implementation: str):
     if implementation == 'cudnn':
       # cuDNN takes the mask as a bias whose last two dimensions must be [Lq, Lk].
       mask = jnp.broadcast_to(mask, mask.shape[:2] + (q.shape[1], k.shape[1]))
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0,
-                                      implementation=implementation)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0, implementation=implementation)
 
 
 class MultiHeadAttention(nn.Module):
@@ -75,6 +75,7 @@ class MultiHeadAttention(nn.Module):
   Returns [B, Lq, d]. ``attention``: one of ATTENTION_CHOICES (the fused ones
   skip the dropout on attention probabilities; see the module docstring).
   """
+
   d_model: int
   num_heads: int
   dropout: float = 0.0
@@ -89,11 +90,12 @@ class MultiHeadAttention(nn.Module):
     dh = d // h
 
     def proj(x, name, init):
-      y = nn.Dense(d, kernel_init=init, bias_init=nn.initializers.zeros, name=name,
-                   dtype=self.dtype)(x)
+      y = nn.Dense(
+        d, kernel_init=init, bias_init=nn.initializers.zeros, name=name, dtype=self.dtype
+      )(x)
       return y.reshape(y.shape[:-1] + (h, dh))
 
-    q = proj(query, 'q_proj', _XAVIER_PACKED_QKV) * (dh ** -0.5)
+    q = proj(query, 'q_proj', _XAVIER_PACKED_QKV) * (dh**-0.5)
     k = proj(key, 'k_proj', _XAVIER_PACKED_QKV)
     v = proj(value, 'v_proj', _XAVIER_PACKED_QKV)
     if self.attention == 'einsum':
@@ -105,27 +107,37 @@ class MultiHeadAttention(nn.Module):
       probs = nn.Dropout(self.dropout)(probs, deterministic=not train).astype(v.dtype)
       out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
     elif self.attention in ATTENTION_CHOICES:
-      out = fused_attention(q, k, v, mask,
-                            'cudnn' if self.attention == 'cudnn' else 'xla')
+      out = fused_attention(q, k, v, mask, 'cudnn' if self.attention == 'cudnn' else 'xla')
     else:
-      raise ValueError(f'model.attention={self.attention!r}: expected one of '
-                       f'{ATTENTION_CHOICES}')
+      raise ValueError(f'model.attention={self.attention!r}: expected one of {ATTENTION_CHOICES}')
     out = out.reshape(query.shape[:-1] + (d,))
-    return nn.Dense(d, kernel_init=_XAVIER, bias_init=nn.initializers.zeros,
-                    name='out_proj', dtype=self.dtype)(out)
+    return nn.Dense(
+      d, kernel_init=_XAVIER, bias_init=nn.initializers.zeros, name='out_proj', dtype=self.dtype
+    )(out)
 
 
 def feed_forward(x, d_model: int, dim_feedforward: int, dropout: float, train: bool, dtype):
   """linear2(dropout(relu(linear1(x)))); call inside a compact method (names linear1/2)."""
-  x = nn.Dense(dim_feedforward, kernel_init=_XAVIER, bias_init=_uniform_bias(d_model),
-               name='linear1', dtype=dtype)(x)
+  x = nn.Dense(
+    dim_feedforward,
+    kernel_init=_XAVIER,
+    bias_init=_uniform_bias(d_model),
+    name='linear1',
+    dtype=dtype,
+  )(x)
   x = nn.Dropout(dropout)(nn.relu(x), deterministic=not train)
-  return nn.Dense(d_model, kernel_init=_XAVIER, bias_init=_uniform_bias(dim_feedforward),
-                  name='linear2', dtype=dtype)(x)
+  return nn.Dense(
+    d_model,
+    kernel_init=_XAVIER,
+    bias_init=_uniform_bias(dim_feedforward),
+    name='linear2',
+    dtype=dtype,
+  )(x)
 
 
 class EncoderLayer(nn.Module):
   """Self-attention + FFN. Call: src [B, S, d], pos [B, S, d], mask [B, 1, 1, S]."""
+
   d_model: int
   nheads: int
   dim_feedforward: int
@@ -136,11 +148,13 @@ class EncoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, src, pos, mask, train: bool = False):
-    attn = MultiHeadAttention(self.d_model, self.nheads, self.dropout, self.dtype,
-                              self.attention, name='self_attn')
+    attn = MultiHeadAttention(
+      self.d_model, self.nheads, self.dropout, self.dtype, self.attention, name='self_attn'
+    )
     drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=not train)
-    ffn = lambda x: feed_forward(x, self.d_model, self.dim_feedforward, self.dropout, train,
-                                 self.dtype)
+    ffn = lambda x: feed_forward(
+      x, self.d_model, self.dim_feedforward, self.dropout, train, self.dtype
+    )
     norm1, norm2 = (layer_norm(name=f'norm{i}', dtype=self.dtype) for i in (1, 2))
     if self.pre_norm:
       s = norm1(src)
@@ -156,6 +170,7 @@ class DecoderLayer(nn.Module):
   Call: tgt [B, N, d], memory [B, S, d], pos [B, S, d], query_pos [B, N, d],
   self_mask broadcastable to [B, 1, N, N], memory_mask [B, 1, 1, S].
   """
+
   d_model: int
   nheads: int
   dim_feedforward: int
@@ -166,13 +181,16 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, tgt, memory, pos, query_pos, self_mask, memory_mask, train: bool = False):
-    self_attn = MultiHeadAttention(self.d_model, self.nheads, self.dropout, self.dtype,
-                                   self.attention, name='self_attn')
-    cross_attn = MultiHeadAttention(self.d_model, self.nheads, self.dropout, self.dtype,
-                                    self.attention, name='multihead_attn')
+    self_attn = MultiHeadAttention(
+      self.d_model, self.nheads, self.dropout, self.dtype, self.attention, name='self_attn'
+    )
+    cross_attn = MultiHeadAttention(
+      self.d_model, self.nheads, self.dropout, self.dtype, self.attention, name='multihead_attn'
+    )
     drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=not train)
-    ffn = lambda x: feed_forward(x, self.d_model, self.dim_feedforward, self.dropout, train,
-                                 self.dtype)
+    ffn = lambda x: feed_forward(
+      x, self.d_model, self.dim_feedforward, self.dropout, train, self.dtype
+    )
     norm1, norm2, norm3 = (layer_norm(name=f'norm{i}', dtype=self.dtype) for i in (1, 2, 3))
     key = memory + pos
     if self.pre_norm:
@@ -191,6 +209,7 @@ class Encoder(nn.Module):
 
   Call: src, pos [B, S, d], mask [B, 1, 1, S]. Returns [B, S, d] (layer dtype).
   """
+
   layer_kwargs: dict
   num_layers: int
   remat: bool = False
@@ -211,6 +230,7 @@ class Decoder(nn.Module):
 
   Returns [L, B, N, d] float32 (the norm's output only feeds the float32 heads).
   """
+
   layer_kwargs: dict
   num_layers: int
   remat: bool = False
@@ -223,7 +243,8 @@ class Decoder(nn.Module):
     hs = []
     for i in range(self.num_layers):
       tgt = layer_cls(**self.layer_kwargs, name=f'layers_{i}')(
-          tgt, memory, pos, query_pos, self_mask, memory_mask, train)
+        tgt, memory, pos, query_pos, self_mask, memory_mask, train
+      )
       hs.append(norm(tgt))
     return jnp.stack(hs)
 
@@ -238,6 +259,7 @@ class Transformer(nn.Module):
   ``remat``: rematerialise every encoder and decoder layer in the backward pass.
   ``attention``: one of ATTENTION_CHOICES (module docstring).
   """
+
   d_model: int = 256
   nheads: int = 8
   num_encoder_layers: int = 6
@@ -251,14 +273,22 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, src, padding, pos, query_pos, self_mask=None, train: bool = False):
-    kw = dict(d_model=self.d_model, nheads=self.nheads, dim_feedforward=self.dim_feedforward,
-              dropout=self.dropout, pre_norm=self.pre_norm, dtype=self.dtype,
-              attention=self.attention)
+    kw = dict(
+      d_model=self.d_model,
+      nheads=self.nheads,
+      dim_feedforward=self.dim_feedforward,
+      dropout=self.dropout,
+      pre_norm=self.pre_norm,
+      dtype=self.dtype,
+      attention=self.attention,
+    )
     memory_mask = (~padding)[:, None, None, :]
     memory = Encoder(kw, self.num_encoder_layers, self.remat, name='encoder')(
-        src, pos, memory_mask, train)
+      src, pos, memory_mask, train
+    )
     if self_mask is not None:
       self_mask = self_mask[None, None]
     hs = Decoder(kw, self.num_decoder_layers, self.remat, name='decoder')(
-        jnp.zeros_like(query_pos), memory, pos, query_pos, self_mask, memory_mask, train)
+      jnp.zeros_like(query_pos), memory, pos, query_pos, self_mask, memory_mask, train
+    )
     return hs, memory

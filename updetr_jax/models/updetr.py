@@ -1,4 +1,5 @@
 """UP-DETR pre-training model: random query patch detection (Dai et al. 2021)."""
+
 from __future__ import annotations
 
 import jax
@@ -16,8 +17,9 @@ def group_attention_mask(num_queries: int, num_patches: int) -> np.ndarray | Non
   None for a single group (M = 1). Correct for any M dividing N.
   """
   if num_queries % num_patches:
-    raise ValueError(f'model.num_queries={num_queries} must be divisible by '
-                     f'model.num_patches={num_patches}')
+    raise ValueError(
+      f'model.num_queries={num_queries} must be divisible by model.num_patches={num_patches}'
+    )
   if num_patches == 1:
     return None
   group = np.arange(num_queries) // (num_queries // num_patches)
@@ -36,6 +38,7 @@ class UPDETR(DETR):
   with a trainable CNN the feature-reconstruction loss also trains the CNN through
   it (the paper's ablation "feature reconstruction without frozen CNN").
   """
+
   num_patches: int = 10
   patch_query_drop: float = 0.1  # per-query probability of dropping the patch feature
 
@@ -47,12 +50,16 @@ class UPDETR(DETR):
 
   def __call__(self, images, padding_mask, patches=None, train: bool = False):
     if patches is None or patches.ndim != 5 or patches.shape[-1] != 3:
-      raise ValueError('UP-DETR needs patches of shape [B, K, h, w, 3], got '
-                       f'{None if patches is None else patches.shape}')
+      raise ValueError(
+        'UP-DETR needs patches of shape [B, K, h, w, 3], got '
+        f'{None if patches is None else patches.shape}'
+      )
     b, k = patches.shape[:2]
     if b != images.shape[0] or not 1 <= k <= self.num_patches:
-      raise ValueError(f'patches {patches.shape}: need batch {images.shape[0]} and '
-                       f'1 <= K <= model.num_patches={self.num_patches}')
+      raise ValueError(
+        f'patches {patches.shape}: need batch {images.shape[0]} and '
+        f'1 <= K <= model.num_patches={self.num_patches}'
+      )
     group_size = self.num_queries // self.num_patches
     n = k * group_size
     self_mask = group_attention_mask(n, k)
@@ -62,8 +69,7 @@ class UPDETR(DETR):
     feat = jnp.mean(feat.astype(jnp.float32), axis=(1, 2)).reshape(b, k, -1)
     patch_query = jnp.repeat(self.patch2query(feat), group_size, axis=1)  # [B, N', d]
     if train and self.patch_query_drop > 0:
-      keep = jax.random.bernoulli(self.make_rng('dropout'), 1.0 - self.patch_query_drop,
-                                  (b, n, 1))
+      keep = jax.random.bernoulli(self.make_rng('dropout'), 1.0 - self.patch_query_drop, (b, n, 1))
       patch_query = patch_query * keep
     query_pos = (patch_query + self.query_embed.embedding[None, :n]).astype(self.dtype)
     hs, _ = self.transformer(src, padding, pos, query_pos, self_mask, train)

@@ -26,6 +26,7 @@ The interface (``Task``), called in this order by ``train.run``:
 ``finish(metrics, step, workdir) -> dict``
     Summary entries (and PNGs) after the final evaluation.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -33,8 +34,8 @@ from typing import Protocol
 
 # config.task -> 'module:class' (imported on use: a task's data code loads only when run)
 TASKS = {
-    'pretrain': 'updetr_jax.tasks.pretrain:PatchTask',
-    'detection': 'updetr_jax.tasks.detection:DetectionTask',
+  'pretrain': 'updetr_jax.tasks.pretrain:PatchTask',
+  'detection': 'updetr_jax.tasks.detection:DetectionTask',
 }
 
 

@@ -1,5 +1,6 @@
 """Pre-training task: random query patch detection (SPEC §3), evaluated by the IoU
 of each query patch's prediction on evaluation images (``evaluate.patch_iou``)."""
+
 from __future__ import annotations
 
 import functools
@@ -29,14 +30,21 @@ def make_eval_step(model, num_patches: int, out_shardings=None):
 
   @functools.partial(jax.jit, out_shardings=out_shardings)
   def eval_step(variables, batch):
-    out = model.apply(variables, batch['images'], batch['padding_mask'], batch['patches'],
-                      train=False)
+    out = model.apply(
+      variables, batch['images'], batch['padding_mask'], batch['patches'], train=False
+    )
     ious = evaluate.patch_iou(out, batch['targets'], num_patches)
     # The same images with the next image's patches: does the model use the patches?
-    wrong = model.apply(variables, batch['images'], batch['padding_mask'],
-                        jnp.roll(batch['patches'], 1, axis=0), train=False)
+    wrong = model.apply(
+      variables,
+      batch['images'],
+      batch['padding_mask'],
+      jnp.roll(batch['patches'], 1, axis=0),
+      train=False,
+    )
     ious['group_best_wrong_patches'] = evaluate.group_best_iou(
-        wrong['pred_boxes'], batch['targets'], num_patches)
+      wrong['pred_boxes'], batch['targets'], num_patches
+    )
     return ious, out
 
   return eval_step
@@ -59,8 +67,11 @@ def evaluate_patches(eval_step, variables, batches, sharding):
     if first is None:  # this host's rows of the global outputs
       b = len(batch['targets']['mask'])
       rows = slice(jax.process_index() * b, (jax.process_index() + 1) * b)
-      first = (batch, jax.tree_util.tree_map(lambda x: np.asarray(x)[rows], out),
-               jax.tree_util.tree_map(lambda x: np.asarray(x)[rows], ious))
+      first = (
+        batch,
+        jax.tree_util.tree_map(lambda x: np.asarray(x)[rows], out),
+        jax.tree_util.tree_map(lambda x: np.asarray(x)[rows], ious),
+      )
   return {k: v / max(count, 1) for k, v in totals.items()}, first
 
 
@@ -80,8 +91,10 @@ class PatchTask:
     self.eval_data, self.held_out = eval_data_config(config.data)
     self.eval_images = 'held-out images' if self.held_out else 'training images'
     if not self.held_out and config.eval.get('num_batches', 0) > 0:
-      logging.warning('pre-training evaluation: no held-out images configured '
-                      '(data.eval_folder / eval_tfds_split); new patches of training images')
+      logging.warning(
+        'pre-training evaluation: no held-out images configured '
+        '(data.eval_folder / eval_tfds_split); new patches of training images'
+      )
 
   def examples_per_epoch(self) -> int:
     return self.config.examples_per_epoch
@@ -93,9 +106,15 @@ class PatchTask:
   def train_data(self, start: int):
     c = self.config
     it, stats = make_pretrain_dataset(
-        c.data, global_batch_size=c.batch_size, num_patches=c.model.num_patches, train=True,
-        seed=c.seed, start_step=start, process_index=jax.process_index(),
-        process_count=jax.process_count())
+      c.data,
+      global_batch_size=c.batch_size,
+      num_patches=c.model.num_patches,
+      train=True,
+      seed=c.seed,
+      start_step=start,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
     return it, stats
 
   def _eval_batches(self):
@@ -105,9 +124,14 @@ class PatchTask:
     c = self.config
     if self._eval_it is None:
       self._eval_it, _ = make_pretrain_dataset(
-          self.eval_data, global_batch_size=c.batch_size, num_patches=c.model.num_patches,
-          train=False, seed=c.seed + 1, process_index=jax.process_index(),
-          process_count=jax.process_count())
+        self.eval_data,
+        global_batch_size=c.batch_size,
+        num_patches=c.model.num_patches,
+        train=False,
+        seed=c.seed + 1,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+      )
     else:
       self._eval_it.seek(0)
     return itertools.islice(self._eval_it, c.eval.num_batches)
@@ -115,32 +139,41 @@ class PatchTask:
   def evaluate(self, model, variables, step: int, workdir: str) -> dict:
     """{'patch_iou_matched', 'patch_iou_group_top'} on the evaluation batches."""
     if self.eval_step is None:
-      self.eval_step = make_eval_step(model, self.config.model.num_patches,
-                                      out_shardings=NamedSharding(self.sharding.mesh, P()))
-    iou, self._first = evaluate_patches(self.eval_step, variables, self._eval_batches(),
-                                        self.sharding)
+      self.eval_step = make_eval_step(
+        model, self.config.model.num_patches, out_shardings=NamedSharding(self.sharding.mesh, P())
+      )
+    iou, self._first = evaluate_patches(
+      self.eval_step, variables, self._eval_batches(), self.sharding
+    )
     if self.before is None:
       self.before = iou
-    logging.info('step %d: query patches of %s: mean IoU %s', step, self.eval_images,
-                 _fmt(iou))
+    logging.info('step %d: query patches of %s: mean IoU %s', step, self.eval_images, _fmt(iou))
     return {f'patch_iou_{k}': v for k, v in iou.items()}
 
   def finish(self, metrics: dict, step: int, workdir: str) -> dict:
     """Summary entries (and the patch PNG) after the final evaluation."""
     before = self.before
-    out = {'eval_images': self.eval_images,  # every metric of evaluate.patch_iou
-           'patch_eval_before': {k: round(v, 4) for k, v in before.items()},
-           'patch_eval_after': {k[len('patch_iou_'):]: round(v, 4) for k, v in metrics.items()}}
+    out = {
+      'eval_images': self.eval_images,  # every metric of evaluate.patch_iou
+      'patch_eval_before': {k: round(v, 4) for k, v in before.items()},
+      'patch_eval_after': {k[len('patch_iou_') :]: round(v, 4) for k, v in metrics.items()},
+    }
     if jax.process_index() == 0:
       batch, out_, iou = self._first
       idx = np.asarray(matching.hungarian_match(out_, batch['targets']))
       boxes = np.take_along_axis(out_['pred_boxes'], np.maximum(idx, 0)[..., None], axis=1)
       png = os.path.join(workdir, 'patch_detection.png')
       visualize.plot_patch_detection(
-          png, batch['images'][0], batch['padding_mask'][0], batch['patches'][0],
-          batch['targets']['boxes'][0], boxes[0], iou['matched'][0],
-          title=f'query patches of {self.eval_images} after {step} steps: '
-                'matched predictions\n'
-                f'(mean IoU {before["matched"]:.2f} -> {metrics["patch_iou_matched"]:.2f})')
+        png,
+        batch['images'][0],
+        batch['padding_mask'][0],
+        batch['patches'][0],
+        batch['targets']['boxes'][0],
+        boxes[0],
+        iou['matched'][0],
+        title=f'query patches of {self.eval_images} after {step} steps: '
+        'matched predictions\n'
+        f'(mean IoU {before["matched"]:.2f} -> {metrics["patch_iou_matched"]:.2f})',
+      )
       out['png'] = png
     return out
