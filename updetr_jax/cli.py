@@ -57,6 +57,12 @@ def run(main: Callable, define_flags: Callable | None = None) -> None:
   """A console script / ``python -m`` entry: flags, config paths, ``app.run(main)``."""
   if define_flags is not None:
     define_flags()
+  module = sys.modules[main.__module__]
+  if module.__name__ != '__main__':  # a console script: --help shows the module's own
+    fv = flags.FLAGS  # docstring and flags, as `python -m` does
+    for flag in fv.get_key_flags_for_module(module.__name__):
+      fv.register_key_flag_for_module(sys.argv[0], flag)
+    sys.modules['__main__'].__doc__ = module.__doc__
   app.run(main, argv=resolve_config_args(sys.argv))
 
 
