@@ -19,27 +19,13 @@ from conftest import importorskip  # fails instead of skipping under CI=true
 
 tf = importorskip('tensorflow')
 
+from test_evaluate import TINY  # noqa: E402
 from test_finetune import _make_set, tiny_finetune_config  # noqa: E402
 from updetr_jax import build_model, checkpoints, evaluate, export, predict  # noqa: E402
 from updetr_jax import train  # noqa: E402
 from updetr_jax.data import augment, sources  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(
-  backbone='resnet_tiny',
-  hidden_dim=32,
-  nheads=2,
-  enc_layers=1,
-  dec_layers=1,
-  dim_feedforward=64,
-  num_queries=10,
-  num_classes=5,
-  pre_norm=False,
-  aux_loss=False,
-  position_embedding='sine',
-  dilation=False,
-  dropout=0.0,
-)
 SCALE, MAX_SIZE = 96, 160  # small resized images keep the test fast
 # Scores and boxes (normalised by the image size, i.e. 1e-4 of a side) agree to TOL.
 TOL = 1e-4

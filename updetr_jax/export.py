@@ -52,12 +52,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from updetr_jax import checkpoints, cli, evaluate, files, predict
+from updetr_jax import cli, evaluate, files, predict
 from updetr_jax.class_names import get_class_names
 from updetr_jax.data import augment
-from updetr_jax.models import build_model
 from updetr_jax.models.position import PositionEmbeddingLearned
 
 SAVED_MODEL_DIR = 'saved_model'
@@ -334,28 +332,9 @@ def main(argv):
   cli.setup_logging()
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
-    raise app.UsageError('give exactly one of --workdir and --checkpoint')
-  if FLAGS.workdir:
-    variables, step, model_config = checkpoints.restore_workdir_variables(
-      FLAGS.workdir, FLAGS.which
-    )
-    if model_config.get('num_patches'):
-      raise app.UsageError(
-        f'{FLAGS.workdir} holds an UP-DETR pre-training model '
-        f'(model.num_patches={model_config["num_patches"]}), which needs '
-        'query patches; fine-tune it into DETR first'
-      )
-    source = {'workdir': FLAGS.workdir, 'which': FLAGS.which, 'step': int(step)}
-    logging.info('restored step %d of %s (%s)', step, FLAGS.workdir, FLAGS.which)
-  else:
-    if FLAGS.config is None:
-      raise app.UsageError('--checkpoint needs --config (the model it was trained with)')
-    model_config = FLAGS.config.model.to_dict()
-    source = {'checkpoint': FLAGS.checkpoint}
-  model = build_model(model_config)
-  if FLAGS.checkpoint:
-    variables = predict.load_model_variables(model, model_config, FLAGS.checkpoint)
+  model, variables, model_config, source = predict.load_model_from_flags()
+  if 'step' in source:
+    logging.info('restored step %d of %s (%s)', source['step'], source['workdir'], source['which'])
   platforms = [p.strip() for p in FLAGS.platforms.split(',') if p.strip()]
   export_detector(
     model,
@@ -375,16 +354,7 @@ def main(argv):
 
 
 def _define_flags():
-  config_flags.DEFINE_config_file('config', None, 'config file (uses its .model)')
-  flags.DEFINE_string('checkpoint', None, 'Orbax variables checkpoint directory or PyTorch .pth')
-  flags.DEFINE_string('workdir', None, 'training workdir (its checkpoints and config.json)')
-  flags.DEFINE_enum(
-    'which',
-    'auto',
-    ['auto', 'best', 'latest'],
-    'with --workdir: the best-evaluated checkpoint (workdir/best), the '
-    'latest, or auto (best when there is one)',
-  )
+  predict.define_model_flags()
   flags.DEFINE_string('output', None, 'output directory')
   flags.DEFINE_enum(
     'class_names', 'coco', ['coco', 'voc', 'none'], 'label names recorded in export.json'

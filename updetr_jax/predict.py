@@ -26,8 +26,6 @@ from __future__ import annotations
 import json
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -35,7 +33,7 @@ from PIL import Image
 
 from updetr_jax import checkpoints, cli, evaluate, visualize
 from updetr_jax.class_names import get_class_names
-from updetr_jax.models import build_model
+from updetr_jax.models import build_model, variable_shapes
 
 
 def _looks_like_train_workdir(path: str) -> bool:
@@ -54,12 +52,56 @@ def load_model_variables(model, model_config, checkpoint: str):
     return import_torch_checkpoint(checkpoint, model_config)
   if os.path.isdir(checkpoint) and _looks_like_train_workdir(checkpoint):
     raise ValueError(f'{checkpoint} looks like a training workdir: pass it as --workdir')
-  abstract = jax.eval_shape(
-    lambda: model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool)
-    )
+  return checkpoints.load_variables(checkpoint, variable_shapes(model))
+
+
+def define_model_flags() -> None:
+  """--workdir / --which or --checkpoint / --config: where a DETR comes from (predict,
+  export)."""
+  config_flags.DEFINE_config_file('config', None, 'config file (uses its .model)')
+  flags.DEFINE_string('checkpoint', None, 'Orbax variables checkpoint directory or PyTorch .pth')
+  flags.DEFINE_string('workdir', None, 'training workdir (latest checkpoint, its config.json)')
+  flags.DEFINE_enum(
+    'which',
+    'auto',
+    ['auto', 'best', 'latest'],
+    'with --workdir: the best-evaluated checkpoint (workdir/best), '
+    'the latest, or auto (best when there is one)',
   )
-  return checkpoints.load_variables(checkpoint, abstract)
+
+
+def load_model_from_flags():
+  """The DETR named by ``define_model_flags``' flags.
+
+  Returns (model, variables, model config dict, source {'workdir', 'which', 'step'} or
+  {'checkpoint'}). Raises app.UsageError on a wrong flag combination or an UP-DETR
+  pre-training workdir (its model needs query patches).
+  """
+  FLAGS = flags.FLAGS  # noqa: N806
+  if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
+    raise app.UsageError('give exactly one of --workdir and --checkpoint')
+  if FLAGS.workdir:
+    variables, step, model_config = checkpoints.restore_workdir_variables(
+      FLAGS.workdir, FLAGS.which
+    )
+    if model_config.get('num_patches'):
+      raise app.UsageError(
+        f'{FLAGS.workdir} holds an UP-DETR pre-training model '
+        f'(model.num_patches={model_config["num_patches"]}), which needs '
+        'query patches; fine-tune it into DETR first'
+      )
+    return (
+      build_model(model_config),
+      variables,
+      model_config,
+      {'workdir': FLAGS.workdir, 'which': FLAGS.which, 'step': int(step)},
+    )
+  if FLAGS.config is None:
+    raise app.UsageError('--checkpoint needs --config (the model it was trained with)')
+  model_config = FLAGS.config.model.to_dict()
+  model = build_model(model_config)
+  variables = load_model_variables(model, model_config, FLAGS.checkpoint)
+  return model, variables, model_config, {'checkpoint': FLAGS.checkpoint}
 
 
 def load_image(path: str) -> np.ndarray:
@@ -186,25 +228,9 @@ def main(argv):
   paths = argv[1:]
   if not paths:
     raise app.UsageError('give at least one image file')
-  if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
-    raise app.UsageError('give exactly one of --workdir and --checkpoint')
-  if FLAGS.workdir:
-    variables, step, model_config = checkpoints.restore_workdir_variables(
-      FLAGS.workdir, FLAGS.which
-    )
-    if model_config.get('num_patches'):
-      raise app.UsageError(
-        f'{FLAGS.workdir} holds an UP-DETR pre-training model '
-        f'(model.num_patches={model_config["num_patches"]}), which needs '
-        'query patches; fine-tune it into DETR first'
-      )
-    model = build_model(model_config)
-    print(f'restored step {step} of {FLAGS.workdir} ({FLAGS.which})')
-  else:
-    if FLAGS.config is None:
-      raise app.UsageError('--checkpoint needs --config (the model it was trained with)')
-    model = build_model(FLAGS.config.model)
-    variables = load_model_variables(model, FLAGS.config.model, FLAGS.checkpoint)
+  model, variables, _, source = load_model_from_flags()
+  if 'step' in source:
+    print(f'restored step {source["step"]} of {source["workdir"]} ({source["which"]})')
   records = predict_files(
     model,
     variables,
@@ -223,16 +249,7 @@ def main(argv):
 
 
 def _define_flags():
-  config_flags.DEFINE_config_file('config', None, 'config file (uses its .model)')
-  flags.DEFINE_string('checkpoint', None, 'Orbax variables checkpoint directory or PyTorch .pth')
-  flags.DEFINE_string('workdir', None, 'training workdir (latest checkpoint, its config.json)')
-  flags.DEFINE_enum(
-    'which',
-    'auto',
-    ['auto', 'best', 'latest'],
-    'with --workdir: the best-evaluated checkpoint (workdir/best), '
-    'the latest, or auto (best when there is one)',
-  )
+  define_model_flags()
   flags.DEFINE_string('output', None, 'output directory')
   flags.DEFINE_float('threshold', 0.7, 'score threshold for the pictures')
   flags.DEFINE_enum(
