@@ -69,7 +69,8 @@ def test_finetune_init_copies_all_but_the_task_heads(pretrain_workdir):
   source, _, pre_model = checkpoints.restore_workdir_variables(workdir)
   detr_config = dict(pre_config.model.to_dict(), num_classes=5, num_patches=0)
   fresh = init_variables(build_model(detr_config), jax.random.PRNGKey(3))
-  variables = pretrained.init_from_pretrained(fresh, detr_config, source, pre_model)
+  variables, fresh_heads = pretrained.init_from_pretrained(fresh, detr_config, source, pre_model)
+  assert fresh_heads == ['class_embed']
   got, src, new = _flat(variables), _flat(expected), _flat(fresh)
   assert not any(k[1] in ('patch2query', 'feature_align') for k in got)
   copied = 0

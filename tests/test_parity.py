@@ -237,7 +237,9 @@ def test_finetune_init_from_release_updetr_pth(tmp_path):
   fresh = init_variables(build_model(detr_cfg), jax.random.PRNGKey(1))
   src, src_cfg = pretrained.load_pretrained(str(path), detr_cfg)
   assert src_cfg is None and 'patch2query' in src['params']
-  got = traverse_util.flatten_dict(pretrained.init_from_pretrained(fresh, detr_cfg, src, src_cfg))
+  got = traverse_util.flatten_dict(
+    pretrained.init_from_pretrained(fresh, detr_cfg, src, src_cfg)[0]
+  )
   want = traverse_util.flatten_dict(import_torch_checkpoint(str(path), pre))
   new = traverse_util.flatten_dict(fresh)
   for k, v in got.items():

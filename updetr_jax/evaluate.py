@@ -27,6 +27,8 @@ Detection (fine-tuned DETR, SPEC §2, §4, §7):
   evaluation_ground_truth: the ground truth of a detection data config's eval split
   voc07_ap50: the VOC07 11-point AP at IoU 0.5 ('difficult' boxes ignored);
     voc07_from_coco: the same from a COCO ground truth and COCO-style results
+  oneshot_ap50 / oneshot_ground_truth: one-shot detection's per-class AP50 over
+    (image, class) trials and its seen / unseen means
 
 Padding. DETR is not padding invariant: a zero-padded canvas changes the outputs of
 the valid region, because (1) every CNN layer whose receptive field crosses the
@@ -175,15 +177,16 @@ def pad_to_canvas(images: Sequence[np.ndarray], canvas, rows: int | None = None)
 
 
 def make_detect_fn(model, out_shardings=None):
-  """Jitted (variables, images [B,H,W,3], padding_mask [B,H,W], orig_size [B,2]) ->
-  (scores [B,N], labels [B,N], boxes_xyxy [B,N,4]) in eval mode.
+  """Jitted (variables, images [B,H,W,3], padding_mask [B,H,W], orig_size [B,2],
+  patches=None) -> (scores [B,N], labels [B,N], boxes_xyxy [B,N,4]) in eval mode.
 
+  patches: the one-shot detector's query crops [B, 1, P, P, 3] (None for DETR).
   out_shardings: e.g. a replicated ``NamedSharding`` so that every process of a
   multi-host job can read the whole batch's results."""
 
   @functools.partial(jax.jit, out_shardings=out_shardings)
-  def detect(variables, images, padding_mask, orig_size):
-    out = model.apply(variables, images, padding_mask)
+  def detect(variables, images, padding_mask, orig_size, patches=None):
+    out = model.apply(variables, images, padding_mask, patches)
     return postprocess(out['pred_logits'], out['pred_boxes'], orig_size)
 
   return detect
@@ -515,6 +518,74 @@ def voc07_from_coco(coco_gt, results: Sequence[Mapping], image_ids) -> dict:
   return out
 
 
+def oneshot_ap50(
+  detections: Sequence[Mapping],
+  ground_truth: Sequence[Mapping],
+  seen: Sequence[int],
+  unseen: Sequence[int],
+  iou_threshold: float = 0.5,
+) -> dict:
+  """One-shot detection AP50 (SPEC §7): per class, the VOC07 11-point AP of the
+  detections of that class's trials against its boxes in their images.
+
+  Args: detections: per trial {'label': the trial's class c, 'boxes' [k, 4] xyxy,
+    'scores' [k]}; ground_truth: per trial (same order) {'boxes' [g, 4] xyxy: the
+    boxes of class c in the trial's image, optional 'difficult' [g] bool (ignored,
+    as VOC)}; seen / unseen: the class labels of each mean.
+  Each (image, class) pair must be one trial: a trial is scored as an image of
+  ``voc07_ap50`` whose only class is c.
+  Returns {'per_class': {label: AP (nan: no trial or only difficult boxes)},
+    'seen' / 'unseen': means over those classes with an AP (nan if none),
+    'trials': {label: number of trials}}.
+  """
+  if len(detections) != len(ground_truth):
+    raise ValueError(f'{len(detections)} trials of detections for {len(ground_truth)} of boxes')
+  labels = [int(d['label']) for d in detections]
+  num = max(labels + [int(c) for c in (*seen, *unseen)] + [-1]) + 1
+  dets, gts = [], []
+  for d, g, c in zip(detections, ground_truth, labels):
+    scores = np.asarray(d['scores'], np.float64).reshape(-1)
+    boxes = np.asarray(g['boxes'], np.float64).reshape(-1, 4)
+    dets.append({'boxes': d['boxes'], 'scores': scores, 'labels': np.full(len(scores), c)})
+    gts.append(
+      {
+        'boxes': boxes,
+        'labels': np.full(len(boxes), c),
+        'difficult': np.asarray(g.get('difficult', np.zeros(len(boxes), bool)), bool),
+      }
+    )
+  ap = voc07_ap50(dets, gts, num, iou_threshold)['per_class']
+
+  def mean(classes):
+    v = [ap[c] for c in classes if not np.isnan(ap[c])]
+    return float(np.mean(v)) if v else float('nan')
+
+  return {
+    'per_class': {c: ap[c] for c in sorted({*labels, *seen, *unseen})},
+    'seen': mean(seen),
+    'unseen': mean(unseen),
+    'trials': {c: labels.count(c) for c in sorted(set(labels))},
+  }
+
+
+def oneshot_ground_truth(coco_gt, image_ids, labels, label_to_category_id) -> list[dict]:
+  """Per trial (image_ids[t], labels[t]): {'boxes' xyxy, 'difficult'} of that class's
+  boxes in the image from a pycocotools ground truth (crowd = VOC difficult)."""
+  out = []
+  for iid, c in zip(image_ids, labels):
+    anns = coco_gt.loadAnns(
+      coco_gt.getAnnIds(imgIds=[int(iid)], catIds=[int(label_to_category_id[int(c)])])
+    )
+    b = np.asarray([a['bbox'] for a in anns], np.float64).reshape(-1, 4)
+    out.append(
+      {
+        'boxes': np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], 1),
+        'difficult': np.array([bool(a.get('iscrowd', 0)) for a in anns], bool),
+      }
+    )
+  return out
+
+
 def evaluation_ground_truth(data_config):
   """pycocotools ``COCO`` ground truth of a detection config's evaluation split.
 
@@ -528,7 +599,12 @@ def evaluation_ground_truth(data_config):
 
   from updetr_jax.data import detection
 
-  cfg = detection.resolve_detection_config(data_config)
+  if hasattr(data_config, 'to_dict'):
+    data_config = data_config.to_dict()
+  # The detection fields of any detection-style config (one-shot adds its own).
+  cfg = detection.resolve_detection_config(
+    {k: v for k, v in dict(data_config).items() if k in detection.DETECTION_DEFAULTS}
+  )
   if cfg['source'] == 'coco_json':
     ann_file = cfg['eval_ann_file'] or cfg['ann_file']
     if not tf.io.gfile.exists(ann_file):

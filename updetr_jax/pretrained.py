@@ -2,7 +2,8 @@
 
 ``load_pretrained`` reads a training workdir, a PyTorch release ``.pth`` or Orbax
 variables; ``init_from_pretrained`` copies every weight but the task heads into a
-freshly initialised model (UP-DETR pre-training -> DETR fine-tuning, SPEC §4).
+freshly initialised model (UP-DETR pre-training -> DETR fine-tuning, SPEC §4; ->
+one-shot detection, which keeps ``patch2query`` as its query encoder).
 """
 
 from __future__ import annotations
@@ -29,8 +30,12 @@ ARCHITECTURE_FIELDS = (
   'num_queries',
   'pre_norm',
 )
-# Heads that are task specific and never carried from pre-training into fine-tuning.
-PRETRAIN_ONLY_HEADS = ('class_embed', 'patch2query', 'feature_align')
+# Always fresh in the initialised model: what its classes mean is task specific.
+FRESH_HEADS = ('class_embed',)
+# Query-patch heads: carried when both models have them (one-shot detection keeps the
+# pre-trained patch2query, its query encoder); fresh when only the model has them (a
+# one-shot detector from a DETR checkpoint). DETR has neither, so fine-tuning drops them.
+PATCH_HEADS = ('patch2query', 'feature_align')
 
 
 def load_pretrained(path: str, model_config):
@@ -69,13 +74,16 @@ def load_pretrained(path: str, model_config):
 def init_from_pretrained(variables, model_config, pretrained, pretrained_model_config):
   """Fine-tuning init: every pre-trained weight except the task heads.
 
+  Returns (variables, {'fresh': [top-level modules left at their init]}).
+
   Args:
     variables: freshly initialised variables of the fine-tuning model.
     model_config: its model config; pretrained / pretrained_model_config: the
       pre-training variables and model config (``load_pretrained``; a config of
       None checks the shapes only).
-  Returns: variables with all leaves but ``PRETRAIN_ONLY_HEADS`` copied from
-    ``pretrained``; ``class_embed`` keeps its fresh init.
+  Returns: (variables with every leaf copied from ``pretrained`` but ``FRESH_HEADS``
+    and the ``PATCH_HEADS`` that ``pretrained`` lacks, which keep their fresh init;
+    the sorted names of those fresh modules).
   Raises: ValueError naming the architecture fields that differ or the weights
     that are missing / misshapen.
   """
@@ -89,8 +97,11 @@ def init_from_pretrained(variables, model_config, pretrained, pretrained_model_c
   src = traverse_util.flatten_dict(dict(pretrained))
   out = traverse_util.flatten_dict(dict(variables))
   problems = []
+  has = {p[1] for p in src}
+  fresh = set()
   for path, leaf in out.items():
-    if path[1] in PRETRAIN_ONLY_HEADS:
+    if path[1] in FRESH_HEADS or (path[1] in PATCH_HEADS and path[1] not in has):
+      fresh.add(path[1])
       continue
     if path not in src:
       problems.append(f'missing {"/".join(path)}')
@@ -102,4 +113,4 @@ def init_from_pretrained(variables, model_config, pretrained, pretrained_model_c
       out[path] = jax.numpy.asarray(src[path], leaf.dtype)
   if problems:
     raise ValueError('pre-trained weights do not fit the model:\n  ' + '\n  '.join(problems))
-  return traverse_util.unflatten_dict(out)
+  return traverse_util.unflatten_dict(out), sorted(fresh)

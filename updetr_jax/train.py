@@ -1,7 +1,7 @@
 """The training loop, one linear ``run(config, workdir)`` for every task.
 
 ``config.task`` picks the task (``updetr_jax.tasks``: 'pretrain', UP-DETR's query
-patches; 'detection', DETR fine-tuning). Sections of ``run``: mesh, checkpoints,
+patches; 'detection', DETR fine-tuning; 'oneshot', one-shot detection). Sections of ``run``: mesh, checkpoints,
 model & optimizer (+ restore), input pipeline, update step (``updetr_jax.train_step``),
 train loop (progress, periodic eval, best checkpoint, preemption), final evaluation.
 Data parallel: ``jax.jit`` over a ``('data',)`` mesh with ``NamedSharding`` (batch
@@ -160,7 +160,7 @@ class BestCheckpoint:
 
 
 def run(config, workdir: str) -> dict:
-  """Trains as configured (``config.task``: 'pretrain' or 'detection'); resumes from
+  """Trains as configured (``config.task``: 'pretrain', 'detection' or 'oneshot'); resumes from
   ``workdir/checkpoints`` when present.
 
   Returns a summary dict (also written to ``workdir/summary.json``).

@@ -112,13 +112,13 @@ def init_train_state(config, model, rng, steps_per_epoch: int, load_init: bool =
     variables = import_torch_checkpoint(init.backbone_checkpoint, config.model, variables=variables)
   if init.get('pretrained'):
     source, source_config = pretrained.load_pretrained(init.pretrained, config.model)
-    variables = pretrained.init_from_pretrained(
+    variables, fresh = pretrained.init_from_pretrained(
       variables, dict(config.model), source, source_config
     )
     logging.info(
-      'initialised from %s (all weights but %s)',
+      'initialised from %s: every weight of the model but %s (fresh)',
       init.pretrained,
-      ', '.join(pretrained.PRETRAIN_ONLY_HEADS),
+      ', '.join(fresh),
     )
   if init.get('checkpoint'):
     variables = checkpoints.load_variables(init.checkpoint, variables)

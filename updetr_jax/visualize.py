@@ -113,6 +113,45 @@ def plot_detections(path: str, image_rgb, boxes_xyxy, labels, scores, class_name
   plt.close(fig)
 
 
+def plot_oneshot(
+  path: str, query_rgb, image_rgb, boxes_xyxy, scores, title: str = '', true_boxes=None
+) -> None:
+  """One-shot detection: the query crop beside the image and the instances found.
+
+  Args: query_rgb [P, P, 3] and image_rgb [H, W, 3] (uint8 or float in [0, 1]);
+    boxes_xyxy [K, 4] pixels and scores [K] (threshold beforehand); true_boxes [G, 4]
+    xyxy drawn dashed when given.
+  """
+  image = np.asarray(image_rgb)
+  h, w = image.shape[:2]
+  fig = plt.figure(figsize=(10, 7 * h / max(w, 1) + 0.6))
+  grid = fig.add_gridspec(1, 2, width_ratios=[1, 3])
+  qa = fig.add_subplot(grid[0, 0])
+  qa.imshow(np.asarray(query_rgb))
+  qa.set_title('query')
+  qa.axis('off')
+  ax = fig.add_subplot(grid[0, 1])
+  ax.imshow(image)
+  for x0, y0, x1, y1 in np.asarray(true_boxes if true_boxes is not None else [], np.float64):
+    ax.add_patch(
+      plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.5, ls='--', edgecolor='white')
+    )
+  for (x0, y0, x1, y1), score in zip(np.asarray(boxes_xyxy, np.float64), np.asarray(scores)):
+    ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=2, edgecolor='lime'))
+    ax.text(
+      x0, y0, f'{float(score):.2f}', fontsize=9, va='bottom', bbox=dict(facecolor='lime', alpha=0.6)
+    )
+  ax.set_xlim(0, w)
+  ax.set_ylim(h, 0)
+  ax.axis('off')
+  ax.set_title(
+    title or 'found instances (solid)' + (', true (dashed)' if true_boxes is not None else '')
+  )
+  fig.tight_layout()
+  files.save_figure(fig, path, dpi=100)
+  plt.close(fig)
+
+
 def plot_bands(
   path: str, panels: dict[str, dict[str, tuple]], ylabel: str, title: str = ''
 ) -> None:

@@ -106,6 +106,8 @@ DETECTION_DEFAULTS: dict[str, Any] = dict(
   **config.PIPELINE_DEFAULTS,
 )
 
+# The per-example geometry fields of ``plan_geometry`` (without rh, rw).
+_GEOMETRY = ('flip', 'crop', 'h1', 'w1', 'y0', 'x0', 'ch', 'cw')
 # Philox stream tags of the per-example training geometry (1, 2: see batching).
 _T_FLIP, _T_CROP, _T_S1, _T_CH, _T_CW, _T_Y, _T_X, _T_S2, _T_KEEP = range(10, 19)
 
@@ -514,11 +516,18 @@ class DetectionIterator(batching.BatchIterator):
     self._row_fn = self._make_row_fn()
 
   def make_plan(self, epoch):
-    index, cfg = self.source.index, self.cfg
+    index = self.source.index
     n = len(index) * self.repeats
     image = np.arange(n, dtype=np.int64) % len(index)
+    return self.plan_examples(epoch, image, index.usable[image])
+
+  def plan_examples(self, epoch, image, usable, extra=None) -> planning.EpochPlan:
+    """The epoch's plan of examples showing ``image`` int64 [n] (those with ``usable``
+    [n] True): order, geometry, buckets; ``extra`` {name: [n]} joins the geometry in
+    ``plan.extra``."""
+    index, cfg = self.source.index, self.cfg
     order = planning.epoch_order(
-      index.usable[image], seed=self.seed, epoch=epoch, shuffle=self.train and cfg['shuffle']
+      usable, seed=self.seed, epoch=epoch, shuffle=self.train and cfg['shuffle']
     )
     g = plan_geometry(
       index.height[image], index.width[image], cfg, seed=self.seed, epoch=epoch, train=self.train
@@ -528,8 +537,19 @@ class DetectionIterator(batching.BatchIterator):
       order, bucket, self.global_batch, self.train
     )
     return planning.EpochPlan(
-      examples, valid, bucket_of, image, rh.astype(np.int32), rw.astype(np.int32), extra=g
+      examples,
+      valid,
+      bucket_of,
+      image,
+      rh.astype(np.int32),
+      rw.astype(np.int32),
+      extra={**g, **(extra or {})},
     )
+
+  def example_targets(self, plan, example: int, image: int):
+    """Boxes xyxy [k, 4] (original pixels) and labels [k] of one example."""
+    del plan, example
+    return self.ann.of(image)
 
   def row_signature(self):
     b, t = self.local_batch, self.max_targets
@@ -559,8 +579,8 @@ class DetectionIterator(batching.BatchIterator):
     truncated = np.zeros(b, bool)
     for r in range(b):
       img = int(rows['image'][r])
-      xyxy, lab = self.ann.of(img)
-      gr = {k: int(v[r]) for k, v in g.items()}
+      xyxy, lab = self.example_targets(plan, int(ex[r]), img)
+      gr = {k: int(v[r]) for k, v in g.items() if k in _GEOMETRY}
       cxcywh, keep = transform_boxes(xyxy, int(rows['height'][r]), int(rows['width'][r]), gr)
       lab = lab[keep]
       if len(keep) > t:

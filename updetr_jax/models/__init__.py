@@ -46,7 +46,8 @@ def build_model(model_config, dtype=None):
     ATTENTION_CHOICES, default 'einsum': the release's attention; 'dot_product' /
     'cudnn' use ``jax.nn.dot_product_attention`` and skip the dropout on attention
     probabilities, logged as a warning when ``dropout`` > 0; same parameters),
-    ``num_patches``, ``patch_query_drop``.
+    ``num_patches``, ``patch_query_drop``, ``feature_head`` (UP-DETR's feature_align,
+    default True; False for the one-shot detector).
   """
   cfg = dict(model_config)
   missing = [f for f in _FIELDS if f not in cfg]
@@ -80,7 +81,10 @@ def build_model(model_config, dtype=None):
         f'model.num_patches={cfg["num_patches"]}'
       )
     return UPDETR(
-      **kwargs, num_patches=cfg['num_patches'], patch_query_drop=cfg.get('patch_query_drop', 0.1)
+      **kwargs,
+      num_patches=cfg['num_patches'],
+      patch_query_drop=cfg.get('patch_query_drop', 0.1),
+      feature_head=bool(cfg.get('feature_head', True)),
     )
   return DETR(**kwargs)
 

@@ -32,8 +32,9 @@ class UPDETR(DETR):
   Call: images [B, H, W, 3], padding_mask [B, H, W], patches [B, K, h, w, 3] with
   K <= num_patches (K patches use the first K * N / M queries). Returns DETR's dict
   (with N' = K * N / M queries) plus pred_feature [B, N', C5] (also in each aux
-  dict) and gt_feature [B, K, C5] (global-average-pooled backbone features of the
-  patches). As in the release, gt_feature keeps its gradient: with the CNN frozen
+  dict; not with ``feature_head=False``) and gt_feature [B, K, C5] (global-average-pooled
+  backbone features of the patches). One-shot detection is K = M = 1: the query
+  crop's feature is added to all N queries, no attention mask. As in the release, gt_feature keeps its gradient: with the CNN frozen
   (the default) nothing flows into it, since frozen weights are not differentiated;
   with a trainable CNN the feature-reconstruction loss also trains the CNN through
   it (the paper's ablation "feature reconstruction without frozen CNN").
@@ -41,12 +42,16 @@ class UPDETR(DETR):
 
   num_patches: int = 10
   patch_query_drop: float = 0.1  # per-query probability of dropping the patch feature
+  # feature_align (pred_feature), the pre-training's feature reconstruction head; the
+  # one-shot detector (tasks/oneshot.py) has none.
+  feature_head: bool = True
 
   def setup(self):
     super().setup()
     c5 = self.backbone_channels
     self.patch2query = linear(self.hidden_dim, c5, name=None)
-    self.feature_align = MLP(self.hidden_dim, c5, 2)
+    if self.feature_head:
+      self.feature_align = MLP(self.hidden_dim, c5, 2)
 
   def __call__(self, images, padding_mask, patches=None, train: bool = False):
     if patches is None or patches.ndim != 5 or patches.shape[-1] != 3:
@@ -74,7 +79,8 @@ class UPDETR(DETR):
     query_pos = (patch_query + self.query_embed.embedding[None, :n]).astype(self.dtype)
     hs, _ = self.transformer(src, padding, pos, query_pos, self_mask, train)
     per_layer = self.predict_heads(hs)
-    per_layer['pred_feature'] = self.feature_align(hs.astype(jnp.float32))
+    if self.feature_head:
+      per_layer['pred_feature'] = self.feature_align(hs.astype(jnp.float32))
     out = self.format_outputs(per_layer)
     out['gt_feature'] = feat
     return out

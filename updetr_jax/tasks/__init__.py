@@ -36,6 +36,7 @@ from typing import Protocol
 TASKS = {
   'pretrain': 'updetr_jax.tasks.pretrain:PatchTask',
   'detection': 'updetr_jax.tasks.detection:DetectionTask',
+  'oneshot': 'updetr_jax.tasks.oneshot:OneShotTask',
 }
 
 

@@ -1,0 +1,236 @@
+"""One-shot detection task (SPEC §4, §7): find the instances of a query crop's class.
+
+The model is UP-DETR with one query patch (``model.num_patches=1``): the query crop
+goes through the CNN, global average pooling and ``patch2query`` and is added to all
+N object queries (no attention mask); the class head is binary (``num_classes=1``:
+label 0 = "is the query's class", plus no-object), no ``feature_align``. From an
+UP-DETR pre-training (``init.pretrained``) every weight but the class head is kept,
+``patch2query`` included; from a DETR checkpoint ``patch2query`` starts fresh.
+
+Data and protocol: ``updetr_jax.data.oneshot`` (CoAE: unseen classes removed from
+training, one trial per (test image, class present), deterministic queries per seed).
+Evaluation: for every seed of ``eval.query_seeds`` (five in the literature) one pass
+over the trials; per class the VOC07 11-point AP50 (``evaluate.oneshot_ap50``), its
+means over the seen and the unseen classes per run, and mean +- std over the runs.
+"""
+
+from __future__ import annotations
+
+from absl import logging
+import os
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from updetr_jax import evaluate, files, visualize
+from updetr_jax.data.oneshot import make_oneshot_dataset
+from updetr_jax.train_step import criterion, process_gather, to_global
+
+
+def _name(names: dict, label: int) -> str:
+  return str(names.get(label, label)).replace(' ', '_')
+
+
+def check_model_config(model) -> None:
+  """The one-shot detector's model fields, or ValueError naming the wrong ones."""
+  wrong = []
+  if model.get('num_patches', 0) != 1:
+    wrong.append(f'config.model.num_patches={model.get("num_patches", 0)} (needs 1)')
+  if model.num_classes != 1:
+    wrong.append(f'config.model.num_classes={model.num_classes} (needs 1: binary)')
+  if model.get('feature_head', True):
+    wrong.append('config.model.feature_head=True (needs False: no feature_align)')
+  if model.get('feature_recon', False):
+    wrong.append('config.model.feature_recon=True (needs False)')
+  if wrong:
+    raise ValueError('config.task=oneshot: ' + '; '.join(wrong))
+
+
+class OneShotTask:
+  """One-shot detection fine-tuning, evaluated by seen / unseen AP50 over query runs."""
+
+  evaluate_at_start = False  # nothing to find before fine-tuning
+
+  def __init__(self, config, data_sharding):
+    self.config, self.sharding = config, data_sharding
+    check_model_config(config.model)
+    self._train_it, self._train_stats, self.info = self._dataset(train=True)
+    self._eval_it = None
+    self.detect = None
+    self.gt = None
+    self._shown = []
+    seeds = tuple(config.eval.query_seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+      raise ValueError(f'config.eval.query_seeds={seeds}: give distinct seeds (five, as CoAE)')
+    names = self.info.class_names
+    logging.info(
+      'one-shot: %d training images; seen classes %s; unseen classes %s',
+      self.info.num_trials,
+      [names.get(c, c) for c in self.info.seen],
+      [names.get(c, c) for c in self.info.unseen],
+    )
+
+  def _dataset(self, *, train: bool):
+    c = self.config
+    return make_oneshot_dataset(
+      c.data,
+      global_batch_size=c.batch_size if train else c.eval.batch_size,
+      train=train,
+      seed=c.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      query_seed=c.eval.query_seeds[0],
+    )
+
+  def examples_per_epoch(self) -> int:
+    c = self.config
+    return c.examples_per_epoch if c.examples_per_epoch > 0 else self.info.num_examples
+
+  def criterion(self):
+    """DETR's set loss with one class ("is the query's class")."""
+    return criterion(self.config)
+
+  def train_data(self, start: int):
+    self._train_it.seek(start)
+    return self._train_it, self._train_stats
+
+  def run_trials(self, model, variables, query_seed: int):
+    """One pass over the evaluation trials with ``query_seed``'s queries.
+
+    Returns (image_ids [T], labels [T], scores [T, N], boxes [T, N, 4] xyxy in
+    original pixels) of the valid trials (every process gets all of them).
+    """
+    c = self.config
+    if self.detect is None:
+      self.detect = evaluate.make_detect_fn(
+        model, out_shardings=NamedSharding(self.sharding.mesh, P())
+      )
+    if self._eval_it is None:
+      self._eval_it, _, self._eval_info = self._dataset(train=False)
+    self._eval_it.use_query_seed(query_seed)
+    ids, labels, scores, boxes = [], [], [], []
+    keep_pictures = not self._shown
+    for batch in self._eval_it:
+      keys = ('images', 'padding_mask', 'orig_size', 'patches')
+      g = to_global({k: batch[k] for k in keys}, self.sharding)
+      s, _, b = jax.device_get(
+        self.detect(variables, g['images'], g['padding_mask'], g['orig_size'], g['patches'])
+      )
+      valid = process_gather(batch['valid'])
+      ids.append(process_gather(batch['image_id'])[valid])
+      labels.append(process_gather(batch['label'])[valid])
+      scores.append(np.asarray(s)[valid])
+      boxes.append(np.asarray(b)[valid])
+      if keep_pictures:
+        self._keep_for_pictures(batch, s, b)
+    cat = lambda xs, shape: np.concatenate(xs) if xs else np.zeros(shape)  # noqa: E731
+    n = self.config.model.num_queries
+    return cat(ids, (0,)), cat(labels, (0,)), cat(scores, (0, n)), cat(boxes, (0, n, 4))
+
+  def evaluate(self, model, variables, step: int, workdir: str) -> dict:
+    """AP50_seen / AP50_unseen (mean over the query runs), their std over the runs,
+    each run's, and per class (mean over runs, 'AP50_<class>'); writes
+    ``workdir/eval/oneshot_step<step>.json`` (every run's per-class AP and trials)."""
+    c = self.config
+    if c.eval.batch_size % jax.device_count():
+      raise ValueError(
+        f'config.eval.batch_size={c.eval.batch_size} must be divisible by '
+        f'the {jax.device_count()} devices'
+      )
+    if self.gt is None:
+      self.gt = evaluate.evaluation_ground_truth(c.data)
+    self._shown = []
+    info, names = self.info, self.info.class_names
+    runs = []
+    for seed in c.eval.query_seeds:
+      ids, labels, scores, boxes = self.run_trials(model, variables, seed)
+      gt = evaluate.oneshot_ground_truth(self.gt, ids, labels, info.label_to_category_id)
+      dets = [{'label': int(l), 'scores': s, 'boxes': b} for l, s, b in zip(labels, scores, boxes)]
+      runs.append(dict(evaluate.oneshot_ap50(dets, gt, info.seen, info.unseen), query_seed=seed))
+    metrics = {}
+    for part in ('seen', 'unseen'):
+      v = np.array([r[part] for r in runs], np.float64)
+      metrics[f'AP50_{part}'] = float(v.mean())
+      metrics[f'AP50_{part}_std'] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+      for r in runs:
+        metrics[f'AP50_{part}_run{r["query_seed"]}'] = r[part]
+    for label in runs[0]['per_class']:
+      v = [r['per_class'][label] for r in runs]
+      metrics[f'AP50_{_name(names, label)}'] = float(np.mean(v))
+    if jax.process_index() == 0:
+      files.makedirs(os.path.join(workdir, 'eval'))
+      files.write_json(
+        os.path.join(workdir, 'eval', f'oneshot_step{step}.json'),
+        {
+          'step': step,
+          'seen': [names.get(l, l) for l in info.seen],
+          'unseen': [names.get(l, l) for l in info.unseen],
+          'runs': [
+            {
+              'query_seed': r['query_seed'],
+              'AP50_seen': r['seen'],
+              'AP50_unseen': r['unseen'],
+              'per_class': {names.get(l, str(l)): a for l, a in r['per_class'].items()},
+              'trials': {names.get(l, str(l)): t for l, t in r['trials'].items()},
+            }
+            for r in runs
+          ],
+        },
+      )
+    logging.info(
+      'step %d: one-shot AP50 over %d query runs (%d trials each): seen %.4f +- %.4f, '
+      'unseen %.4f +- %.4f',
+      step,
+      len(runs),
+      sum(runs[0]['trials'].values()),
+      metrics['AP50_seen'],
+      metrics['AP50_seen_std'],
+      metrics['AP50_unseen'],
+      metrics['AP50_unseen_std'],
+    )
+    return metrics
+
+  def _keep_for_pictures(self, batch, scores, boxes):
+    """The first ``eval.num_pictures`` valid trials of process 0 (first query run)."""
+    lo = jax.process_index() * len(batch['valid'])  # host rows in the global batch
+    for r in range(len(batch['valid'])):
+      if len(self._shown) < self.config.eval.get('num_pictures', 4) and batch['valid'][r]:
+        self._shown.append(
+          {
+            k: batch[k][r]
+            for k in ('images', 'padding_mask', 'orig_size', 'image_id', 'label', 'patches')
+          }
+          | {'scores': np.asarray(scores)[lo + r], 'boxes': np.asarray(boxes)[lo + r]}
+        )
+
+  def finish(self, metrics: dict, step: int, workdir: str) -> dict:
+    """Summary entries and PNGs (query beside the instances found) of a few trials."""
+    out = {'eval': dict(metrics)}
+    if jax.process_index() > 0:
+      return out
+    threshold = self.config.eval.get('picture_threshold', 0.5)
+    names = self.info.class_names
+    pngs = []
+    for t in self._shown:
+      pad, orig = t['padding_mask'], t['orig_size']
+      h, w = int((~pad).any(1).sum()), int((~pad).any(0).sum())
+      scale = np.array([w / orig[1], h / orig[0]] * 2, np.float32)
+      keep = t['scores'] >= threshold
+      truth = evaluate.oneshot_ground_truth(
+        self.gt, [t['image_id']], [t['label']], self.info.label_to_category_id
+      )[0]['boxes']
+      name = _name(names, int(t['label']))
+      png = os.path.join(workdir, f'oneshot_{int(t["image_id"])}_{name}.png')
+      visualize.plot_oneshot(
+        png,
+        visualize.denormalize(t['patches'][0]),
+        visualize.denormalize(t['images'][:h, :w]),
+        t['boxes'][keep] * scale,
+        t['scores'][keep],
+        title=f'query: {name} (score >= {threshold}; true boxes dashed)',
+        true_boxes=truth * scale,
+      )
+      pngs.append(png)
+    out['pngs'] = pngs
+    return out
