@@ -32,12 +32,13 @@ class UPDETR(DETR):
   Call: images [B, H, W, 3], padding_mask [B, H, W], patches [B, K, h, w, 3] with
   K <= num_patches (K patches use the first K * N / M queries). Returns DETR's dict
   (with N' = K * N / M queries) plus pred_feature [B, N', C5] (also in each aux
-  dict; not with ``feature_head=False``) and gt_feature [B, K, C5] (global-average-pooled
-  backbone features of the patches). One-shot detection is K = M = 1: the query
-  crop's feature is added to all N queries, no attention mask. As in the release, gt_feature keeps its gradient: with the CNN frozen
-  (the default) nothing flows into it, since frozen weights are not differentiated;
-  with a trainable CNN the feature-reconstruction loss also trains the CNN through
-  it (the paper's ablation "feature reconstruction without frozen CNN").
+  dict; not with ``feature_head=False``) and gt_feature [B, K, C5] (global-average-
+  pooled backbone features of the patches). One-shot detection is K = M = 1: the
+  query crop's feature is added to all N queries, no attention mask.
+  As in the release, gt_feature keeps its gradient: with the CNN frozen (the default)
+  nothing flows into it, since frozen weights are not differentiated; with a trainable
+  CNN the feature-reconstruction loss also trains the CNN through it (the paper's
+  ablation "feature reconstruction without frozen CNN").
   """
 
   num_patches: int = 10

@@ -101,7 +101,6 @@ class OneShotTask:
     Returns (image_ids [T], labels [T], scores [T, N], boxes [T, N, 4] xyxy in
     original pixels) of the valid trials (every process gets all of them).
     """
-    c = self.config
     if self.detect is None:
       self.detect = evaluate.make_detect_fn(
         model, out_shardings=NamedSharding(self.sharding.mesh, P())
