@@ -14,7 +14,8 @@ checkpoints):
      ``init.backbone_checkpoint`` exactly as the release loads SwAV weights. Or the
      user's own CNN: ``--config.backbone_checkpoint=swav.pth`` (stage 0 skipped).
   2. ``pretrain/<arm>/``: one UP-DETR pre-training per pre-trained arm (``ARMS``).
-  3. ``finetune/frac<f>/<arm>/seed<s>/``: DETR fine-tuning for every label fraction
+  3. ``finetune/frac<f>/<arm>/seed<s>/``: fine-tuning (``config.finetune.task``: DETR
+     detection, or one-shot detection for ``configs/compare.py:oneshot``) for every label fraction
      ``f``, arm and seed ``s``, all with the same budget, CNN, lr, augmentation, data
      order and label subset (``seed`` picks both; arms share them), evaluated on the
      held-out set every ``finetune.eval.every_steps``.
@@ -44,7 +45,7 @@ ARMS = {
   'updetr_trainable_cnn': {'optim.frozen': (r'^position/',)},
   'scratch': None,
 }
-METRICS = ('AP', 'AP50')
+METRICS = ('AP', 'AP50')  # detection; config.metrics picks (one-shot: AP50_seen, AP50_unseen)
 
 
 def _finished(workdir: str) -> dict | None:
@@ -60,6 +61,8 @@ def check_config(config) -> None:
     raise ValueError("config.arms must include 'scratch' (the baseline of the paired differences)")
   if not config.seeds:
     raise ValueError('config.seeds is empty')
+  if not config.metrics:
+    raise ValueError('config.metrics is empty (the evaluation metrics to compare)')
   for f in config.label_fractions:
     if not 0 < f <= 1:
       raise ValueError(f'config.label_fractions: {f} is not in (0, 1]')
@@ -252,13 +255,13 @@ def _pm(cell: dict) -> str:
   return f'{100 * cell["mean"]:.2f} +- {100 * cell["std"]:.2f}'
 
 
-def format_table(stats: dict, header: str = '') -> str:
+def format_table(stats: dict, header: str = '', metrics=METRICS) -> str:
   """The printed comparison: per fraction and evaluation step, mean +- std over seeds
   of each arm, and the paired difference (arm - scratch) with its std."""
   lines = [header] if header else []
   for frac, table in stats.items():
     arms = list(table['arms'])
-    for m in METRICS:
+    for m in metrics:
       lines.append(
         f'\nlabel fraction {frac}: {m} (x100), mean +- std over seeds; '
         'paired difference = arm - scratch, per seed'
@@ -274,21 +277,23 @@ def format_table(stats: dict, header: str = '') -> str:
   return '\n'.join(lines)
 
 
-def plot(stats: dict, path: str, metric: str = 'AP') -> None:
+def plot(stats: dict, path: str, metrics=('AP',)) -> None:
+  """Curves of each metric (one panel per metric and label fraction), +- std."""
   panels = {}
   for frac, table in stats.items():
-    panels[f'label fraction {frac}'] = {
-      arm: (
-        table['steps'],
-        [100 * c['mean'] for c in table['arms'][arm][metric]],
-        [100 * c['std'] for c in table['arms'][arm][metric]],
-      )
-      for arm in table['arms']
-    }
+    for metric in metrics:
+      panels[f'{metric}, label fraction {frac}'] = {
+        arm: (
+          table['steps'],
+          [100 * c['mean'] for c in table['arms'][arm][metric]],
+          [100 * c['std'] for c in table['arms'][arm][metric]],
+        )
+        for arm in table['arms']
+      }
   visualize.plot_bands(
     path,
     panels,
-    f'{metric} (x100), mean +- std over seeds',
+    'x100, mean +- std over seeds',
     'UP-DETR pre-training vs scratch (same CNN, budget, data order)',
   )
 
@@ -346,13 +351,14 @@ def run(config, workdir: str) -> dict:
           'final_train_loss': s.get('final_train_loss'),
         }
         seconds[d] = s.get('train_seconds')
-  stats = summarize(curves, list(config.arms), list(config.seeds))
+  metrics = tuple(config.metrics)
+  stats = summarize(curves, list(config.arms), list(config.seeds), metrics)
   header = (
-    f'UP-DETR vs scratch: {len(config.seeds)} seeds {list(config.seeds)}, '
-    f'{config.finetune.num_train_steps} fine-tuning steps (batch '
+    f'UP-DETR vs scratch ({config.finetune.task}): {len(config.seeds)} seeds '
+    f'{list(config.seeds)}, {config.finetune.num_train_steps} fine-tuning steps (batch '
     f'{config.finetune.batch_size}), evaluation set {config.finetune.data.eval_ann_file}'
   )
-  text = format_table(stats, header)
+  text = format_table(stats, header, metrics)
   results = {
     'arms': list(config.arms),
     'seeds': list(config.seeds),
@@ -379,7 +385,7 @@ def run(config, workdir: str) -> dict:
     files.write_json(os.path.join(workdir, 'results.json'), results)
     files.write_file(os.path.join(workdir, 'results.txt'), text + '\n')
     if stats and all(t['steps'] for t in stats.values()):
-      plot(stats, os.path.join(workdir, 'curves.png'))
+      plot(stats, os.path.join(workdir, 'curves.png'), metrics)
     print(text, flush=True)
   return results
 

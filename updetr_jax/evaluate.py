@@ -201,13 +201,15 @@ def detect_images(
   batch_size: int = 1,
   canvases=None,
   multiple: int = 32,
+  query: np.ndarray | None = None,
 ) -> dict:
   """Runs ``detect_fn`` on images grouped by canvas (``canvas_shape``), in batches of
   exactly ``batch_size`` rows (the last of each canvas filled with blank rows).
 
   Every image sees the same canvas whatever the batch size or order, so results do
   not depend on them (up to float rounding).
-  Args: images: [h_i, w_i, 3] resized and normalised; orig_sizes [n, 2] (h, w).
+  Args: images: [h_i, w_i, 3] resized and normalised; orig_sizes [n, 2] (h, w);
+    query: a one-shot detector's query [P, P, 3] (normalised), the same for every image.
   Returns: numpy {'scores' [n, N], 'labels' [n, N], 'boxes' [n, N, 4]} in input order.
   """
   orig_sizes = np.asarray(orig_sizes, np.float32).reshape(-1, 2)
@@ -221,7 +223,10 @@ def detect_images(
       batch, mask = pad_to_canvas([images[i] for i in chunk], canvas, batch_size)
       size = np.ones((batch_size, 2), np.float32)
       size[: len(chunk)] = orig_sizes[chunk]
-      out = jax.device_get(detect_fn(variables, batch, mask, size))
+      patches = None
+      if query is not None:
+        patches = np.broadcast_to(np.asarray(query, np.float32), (batch_size, 1, *query.shape))
+      out = jax.device_get(detect_fn(variables, batch, mask, size, patches))
       for r, i in enumerate(chunk):
         per_image[i] = tuple(o[r] for o in out)
   n = len(images)

@@ -19,6 +19,16 @@ no NMS, as DETR's COCO evaluation), each {file_name, image_id (the
 position on the command line), category_id (= label), category_name (when
 --class_names is not 'none'), bbox [x, y, w, h] in original pixels, score}; and
 OUT/<name>.png with the boxes scoring >= --threshold.
+
+One-shot detection (a ``configs/oneshot_voc.py`` workdir or checkpoint): --query=crop.jpg
+finds the instances of the query's class in every image (no class list):
+
+  python -m updetr_jax.predict --workdir=/tmp/oneshot_voc --query=cow.jpg a.jpg b.jpg
+
+The query is the whole file, or its --query_box=x0,y0,x1,y1 (pixels), resized to
+--query_size (default: the workdir's data.patch_size, else 128) x the same, as the
+one-shot pipeline crops its queries (``preprocess_query``). Records have category_id 0
+and category_name 'query'; OUT/<name>.png shows the query beside the instances found.
 """
 
 from __future__ import annotations
@@ -70,12 +80,19 @@ def define_model_flags() -> None:
   )
 
 
-def load_model_from_flags():
-  """The DETR named by ``define_model_flags``' flags.
+def is_oneshot_model(model_config) -> bool:
+  """A one-shot detector: one query patch, no feature reconstruction head."""
+  return model_config.get('num_patches') == 1 and not model_config.get('feature_head', True)
+
+
+def load_model_from_flags(oneshot: bool = False):
+  """The DETR (or, with ``oneshot``, the one-shot detector) named by
+  ``define_model_flags``' flags.
 
   Returns (model, variables, model config dict, source {'workdir', 'which', 'step'} or
-  {'checkpoint'}). Raises app.UsageError on a wrong flag combination or an UP-DETR
-  pre-training workdir (its model needs query patches).
+  {'checkpoint'}). Raises app.UsageError on a wrong flag combination, an UP-DETR
+  pre-training workdir (its model needs query patches), a one-shot model without
+  ``oneshot`` or a DETR with it.
   """
   FLAGS = flags.FLAGS  # noqa: N806
   if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
@@ -84,21 +101,29 @@ def load_model_from_flags():
     variables, step, model_config = checkpoints.restore_workdir_variables(
       FLAGS.workdir, FLAGS.which
     )
+    where = FLAGS.workdir
+  else:
+    if FLAGS.config is None:
+      raise app.UsageError('--checkpoint needs --config (the model it was trained with)')
+    model_config = FLAGS.config.model.to_dict()
+    where = FLAGS.checkpoint
+  if is_oneshot_model(model_config) != oneshot:
+    if is_oneshot_model(model_config):
+      raise app.UsageError(f'{where} is a one-shot detector: give --query=crop.jpg')
     if model_config.get('num_patches'):
       raise app.UsageError(
-        f'{FLAGS.workdir} holds an UP-DETR pre-training model '
+        f'{where} holds an UP-DETR pre-training model '
         f'(model.num_patches={model_config["num_patches"]}), which needs '
-        'query patches; fine-tune it into DETR first'
+        'query patches; fine-tune it into DETR (or a one-shot detector) first'
       )
+    raise app.UsageError(f'{where} is a DETR, which takes no --query (a one-shot model does)')
+  if FLAGS.workdir:
     return (
       build_model(model_config),
       variables,
       model_config,
       {'workdir': FLAGS.workdir, 'which': FLAGS.which, 'step': int(step)},
     )
-  if FLAGS.config is None:
-    raise app.UsageError('--checkpoint needs --config (the model it was trained with)')
-  model_config = FLAGS.config.model.to_dict()
   model = build_model(model_config)
   variables = load_model_variables(model, model_config, FLAGS.checkpoint)
   return model, variables, model_config, {'checkpoint': FLAGS.checkpoint}
@@ -166,6 +191,26 @@ def preprocess(image_rgb: np.ndarray, scale: int, max_size: int) -> np.ndarray:
   return x[0].numpy()
 
 
+def preprocess_query(image_rgb: np.ndarray, size: int, box=None) -> np.ndarray:
+  """The one-shot query: RGB uint8 [H, W, 3] (or its ``box`` x0, y0, x1, y1 in pixels,
+  rounded outward) -> float32 [size, size, 3], resized as the one-shot pipeline crops
+  its queries (``data.patches.crop_patch``: bilinear, antialiased, aspect not kept) and
+  ImageNet-normalised."""
+  import tensorflow as tf  # noqa: PLC0415
+  from updetr_jax.data import augment, patches  # noqa: PLC0415
+
+  h, w = image_rgb.shape[:2]
+  x0, y0, x1, y1 = (0, 0, w, h) if box is None else box
+  x0, y0 = min(max(int(np.floor(x0)), 0), w - 1), min(max(int(np.floor(y0)), 0), h - 1)
+  x1, y1 = min(max(int(np.ceil(x1)), x0 + 1), w), min(max(int(np.ceil(y1)), y0 + 1), h)
+  crop = patches.crop_patch(
+    tf.convert_to_tensor(np.asarray(image_rgb, np.uint8)),
+    tf.constant([x0, y0, x1 - x0, y1 - y0], tf.int32),
+    int(size),
+  )
+  return augment.normalize(crop, 255.0).numpy()
+
+
 def _png_names(paths):
   """Unique output names: the file stem, suffixed by its position on a clash."""
   stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
@@ -182,14 +227,19 @@ def predict_files(
   class_names=None,
   scale: int = 800,
   max_size: int = 1333,
+  query: np.ndarray | None = None,
 ) -> list[dict]:
   """Detects objects in image files; writes detections.json and one png per image.
 
+  query: the one-shot detector's query, float32 [P, P, 3] (``preprocess_query``); the
+  instances of its class are found (category_id 0, category_name 'query').
   Returns the json's records (see the module docstring).
   """
   os.makedirs(output, exist_ok=True)
   detect = evaluate.make_detect_fn(model)
   evaluator = evaluate.CocoEvaluator()
+  if query is not None:
+    class_names = {0: 'query'}
   for i, (path, name) in enumerate(zip(paths, _png_names(paths))):
     image = load_image(path)
     out = evaluate.detect_images(
@@ -199,18 +249,18 @@ def predict_files(
       [image.shape[:2]],
       batch_size=1,
       multiple=1,
+      query=query,
     )
     scores, labels, boxes = out['scores'][0], out['labels'][0], out['boxes'][0]
     evaluator.update([i], scores[None], labels[None], boxes[None])
     keep = scores >= threshold
-    visualize.plot_detections(
-      os.path.join(output, f'{name}.png'),
-      image,
-      boxes[keep],
-      labels[keep],
-      scores[keep],
-      class_names,
-    )
+    png = os.path.join(output, f'{name}.png')
+    if query is not None:
+      visualize.plot_oneshot(
+        png, visualize.denormalize(query), image, boxes[keep], scores[keep], title=name
+      )
+    else:
+      visualize.plot_detections(png, image, boxes[keep], labels[keep], scores[keep], class_names)
   records = []
   for r in evaluator.results():
     rec = {'file_name': os.path.basename(paths[r['image_id']]), **r}
@@ -228,9 +278,22 @@ def main(argv):
   paths = argv[1:]
   if not paths:
     raise app.UsageError('give at least one image file')
-  model, variables, _, source = load_model_from_flags()
+  model, variables, _, source = load_model_from_flags(oneshot=bool(FLAGS.query))
   if 'step' in source:
     print(f'restored step {source["step"]} of {source["workdir"]} ({source["which"]})')
+  query = None
+  if FLAGS.query:
+    box = None
+    if FLAGS.query_box:
+      box = [float(v) for v in FLAGS.query_box.split(',')]
+      if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]:
+        raise app.UsageError(f'--query_box={FLAGS.query_box!r}: give x0,y0,x1,y1 with x0<x1, y0<y1')
+    size = FLAGS.query_size
+    if not size and FLAGS.workdir:
+      with open(os.path.join(FLAGS.workdir, 'config.json')) as f:
+        size = int(json.load(f).get('data', {}).get('patch_size', 0))
+    size = size or 128
+    query = preprocess_query(load_image(FLAGS.query), size, box)
   records = predict_files(
     model,
     variables,
@@ -240,6 +303,7 @@ def main(argv):
     class_names=get_class_names(FLAGS.class_names),
     scale=FLAGS.scale,
     max_size=FLAGS.max_size,
+    query=query,
   )
   shown = sum(r['score'] >= FLAGS.threshold for r in records)
   print(
@@ -257,6 +321,11 @@ def _define_flags():
   )
   flags.DEFINE_integer('scale', 800, 'shorter side after resizing')
   flags.DEFINE_integer('max_size', 1333, 'cap on the longer side')
+  flags.DEFINE_string('query', None, 'one-shot detection: image file of the query object')
+  flags.DEFINE_string('query_box', None, 'x0,y0,x1,y1: the query object in --query (pixels)')
+  flags.DEFINE_integer(
+    'query_size', 0, 'query side after resizing (0: the workdir data.patch_size, else 128)'
+  )
   flags.mark_flags_as_required(['output'])
 
 

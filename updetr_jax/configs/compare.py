@@ -13,6 +13,10 @@ Variants (``:name``):
       ``--config.arms=(...,'updetr_trainable_cnn',...)`` for the frozen-CNN ablation.
   ``demo``: its short form (``make finetune-demo``, about 7 min): UP-DETR vs scratch,
       3 seeds, short budgets (early fine-tuning only: read its noise level).
+  ``oneshot``: one-shot detection (configs/oneshot_voc.py's task) on the miniature,
+      its classes split into seen and unseen (``ONESHOT_UNSEEN``: coin and seven never
+      trained on), UP-DETR vs scratch, 3 seeds, AP50 seen / unseen over 5 query runs
+      (``make oneshot-demo``).
 
 Your own data: ``--config.miniature.enabled=False`` and the data fields of the two
 stages, as in configs/pretrain.py and configs/finetune_coco.py, e.g.
@@ -26,9 +30,12 @@ and a CNN (``--config.backbone_checkpoint=swav.pth``, or stage 0 on your pool wi
 
 import ml_collections
 
-from updetr_jax.configs import common, finetune_coco, pretrain
+from updetr_jax.configs import common, finetune_coco, oneshot_voc, pretrain
 
-VARIANTS = ('mini', 'demo')
+VARIANTS = ('mini', 'demo', 'oneshot')
+# The miniature's classes never trained on in the one-shot variant (a non-digit and a
+# digit); face, zero, one and four are seen.
+ONESHOT_UNSEEN = ('coin', 'seven')
 
 # Image geometry of the miniature (128-px scenes): both stages.
 _PRETRAIN_DATA = dict(
@@ -63,6 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.arms = ('updetr', 'updetr_no_feature_recon', 'scratch')
   config.seeds = (0, 1, 2)
   config.label_fractions = (1.0,)
+  config.metrics = ('AP', 'AP50')  # of the fine-tuning evaluation, compared over seeds
   config.compilation_cache_dir = ''  # e.g. WORKDIR/.xla_cache: runs share compiled steps
   # The CNN of every run: a torchvision-layout .pth / .npz, or '' for stage 0's.
   config.backbone_checkpoint = ''
@@ -123,6 +131,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   f.log_every_steps = 100
   config.finetune = f
 
+  if variant == 'oneshot':
+    from updetr_jax.data.oneshot import oneshot_data_config  # noqa: PLC0415
+
+    config.arms = ('updetr', 'scratch')
+    config.metrics = ('AP50_seen', 'AP50_unseen')
+    config.stage0.steps = 200
+    p.num_train_steps = 1000
+    o = oneshot_voc.oneshot_config(
+      '150ep',
+      oneshot_data_config(
+        **_FINETUNE_DATA, source='coco_json', patch_size=32, unseen_classes=ONESHOT_UNSEEN
+      ),
+    )
+    o.model.update(**common.DEMO_ARCHITECTURE)
+    for k in ('batch_size', 'loss_replicas', 'log_every_steps', 'keep_checkpoints'):
+      o[k] = f[k]
+    o.num_train_steps = 1000
+    o.optim.update(lr=5e-4, lr_drop_epochs=(), frozen=(r'^body/',))  # as the detection runs
+    o.eval.update(every_steps=500, batch_size=50, num_pictures=2, picture_threshold=0.3)
+    o.checkpoint_every_steps = 500
+    config.finetune = o
   if variant == 'demo':
     config.arms = ('updetr', 'scratch')
     config.stage0.steps = 200

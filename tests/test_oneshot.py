@@ -1,0 +1,208 @@
+"""One-shot detection end to end on a tiny COCO-format set: training with the CoAE
+protocol, seen / unseen AP50 over query runs, predict --query, and the init from an
+UP-DETR pre-training (patch2query kept) or a DETR (patch2query fresh)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from test_finetune import _make_set
+from updetr_jax import checkpoints, evaluate, files, train, train_step
+from updetr_jax.configs import compare as compare_config
+from updetr_jax.configs import oneshot_voc
+from updetr_jax.data.oneshot import oneshot_data_config
+from updetr_jax.models import build_model, init_variables
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(
+  backbone='resnet_tiny',
+  hidden_dim=32,
+  nheads=2,
+  enc_layers=1,
+  dec_layers=2,
+  dim_feedforward=64,
+  num_queries=10,
+  dropout=0.0,
+)
+
+
+def tiny_oneshot_config(ann_file, image_dir):
+  data = oneshot_data_config(
+    source='coco_json',
+    ann_file=ann_file,
+    image_dir=image_dir,
+    eval_ann_file='',
+    scales=(40, 48),
+    max_size=64,
+    eval_scale=48,
+    crop_resize_scales=(48,),
+    crop_size=(32, 48),
+    buckets=((48, 64), (48, 96)),
+    max_targets=8,
+    index_cache_dir=None,
+    cache_decoded=True,
+    prefetch=1,
+    num_parallel_calls=2,
+    unseen_classes=('blue block',),
+    patch_size=16,
+  )
+  config = oneshot_voc.oneshot_config('150ep', data)
+  config.model.update(**TINY)
+  config.batch_size = 4
+  config.loss_replicas = 1
+  config.num_train_steps = 8
+  config.optim.update(lr=1e-3, lr_backbone=1e-4)
+  config.eval.update(
+    batch_size=2, every_steps=4, num_pictures=2, picture_threshold=0.0, query_seeds=(0, 1)
+  )
+  config.checkpoint_every_steps = 4
+  config.log_every_steps = 2
+  return config
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp('oneshot'))
+  ann, image_dir = _make_set(os.path.join(root, 'data'), n=12)
+  config = tiny_oneshot_config(ann, image_dir)
+  workdir = os.path.join(root, 'run')
+  summary = train.run(config, workdir)
+  return config, workdir, summary, ann, image_dir
+
+
+def test_train_and_evaluate_seen_unseen_ap50(trained):
+  """The run trains on seen classes only, evaluates both splits over the query runs
+  and writes every run's per-class AP (json, eval.jsonl, PNGs, best checkpoint)."""
+  config, workdir, summary, _, _ = trained
+  assert summary['task'] == 'oneshot' and summary['steps'] == 8
+  stats = summary['data_stats']
+  assert stats['unseen_boxes'] > 0 and stats['images_without_seen_class'] >= 1
+  ev = summary['eval']
+  for part in ('seen', 'unseen'):
+    runs = [ev[f'AP50_{part}_run{s}'] for s in (0, 1)]
+    assert ev[f'AP50_{part}'] == pytest.approx(np.mean(runs), abs=1e-12)
+    assert ev[f'AP50_{part}_std'] == pytest.approx(np.std(runs, ddof=1), abs=1e-12)
+  record = files.read_json(os.path.join(workdir, 'eval', 'oneshot_step8.json'))
+  assert record['seen'] == ['red square', 'green bar'] and record['unseen'] == ['blue block']
+  per_class = [r['per_class'] for r in record['runs']]
+  assert ev['AP50_seen_run0'] == pytest.approx(
+    np.mean([per_class[0]['red square'], per_class[0]['green bar']]), abs=1e-12
+  )
+  assert ev['AP50_unseen_run1'] == pytest.approx(per_class[1]['blue block'], abs=1e-12)
+  with open(os.path.join(workdir, 'eval.jsonl')) as f:
+    steps = [json.loads(line)['step'] for line in f if line.strip()]
+  assert steps == [4, 8]
+  assert len(summary['pngs']) == 2 and all(os.path.exists(p) for p in summary['pngs'])
+  assert summary['best']['metric'] == 'AP50_seen'
+
+
+def test_evaluation_equals_scoring_the_detections_again(trained):
+  """The metrics of a run equal ``oneshot_ap50`` on its trials' detections, rerun here
+  through the task (its query seed 1), from the json ground truth."""
+  from updetr_jax.tasks.oneshot import OneShotTask
+
+  config, workdir, summary, ann, _ = trained
+  variables, _, model_config = checkpoints.restore_workdir_variables(workdir)
+  model = build_model(model_config)
+  task = OneShotTask(config.copy_and_resolve_references(), _data_sharding())
+  ids, labels, scores, boxes = task.run_trials(model, variables, 1)
+  gt = evaluate.oneshot_ground_truth(
+    evaluate.evaluation_ground_truth(config.data), ids, labels, task.info.label_to_category_id
+  )
+  # Every (image, class present) pair of the json once.
+  coco = json.load(open(ann))
+  pairs = {
+    (a['image_id'], a['category_id'])
+    for a in coco['annotations']
+    if not a['iscrowd'] and a['bbox'][2] > 0 and a['bbox'][3] > 0
+  }
+  assert sorted(zip(ids.tolist(), labels.tolist())) == sorted(pairs)
+  dets = [{'label': l, 'scores': s, 'boxes': b} for l, s, b in zip(labels, scores, boxes)]
+  ap = evaluate.oneshot_ap50(dets, gt, task.info.seen, task.info.unseen)
+  assert ap['seen'] == pytest.approx(summary['eval']['AP50_seen_run1'], abs=1e-9)
+  assert ap['unseen'] == pytest.approx(summary['eval']['AP50_unseen_run1'], abs=1e-9)
+
+
+def _data_sharding():
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  return NamedSharding(train_step.make_mesh(), P('data'))
+
+
+def test_predict_with_a_query(trained, tmp_path):
+  _, workdir, _, _, image_dir = trained
+  images = sorted(os.path.join(image_dir, f) for f in os.listdir(image_dir))[:2]
+  out = str(tmp_path / 'pred')
+  run = lambda *args: subprocess.run(  # noqa: E731
+    [sys.executable, '-m', 'updetr_jax.predict', f'--workdir={workdir}', *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  proc = run(f'--query={images[0]}', '--query_box=2,2,30,20', f'--output={out}', *images)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  records = json.load(open(os.path.join(out, 'detections.json')))
+  assert len(records) == 2 * 10
+  assert {r['category_name'] for r in records} == {'query'}
+  assert sorted(os.listdir(out)) == sorted(
+    ['detections.json'] + [os.path.basename(f)[:-4] + '.png' for f in images]
+  )
+  proc = run(f'--output={out}2', images[0])  # a one-shot model needs its query
+  assert proc.returncode != 0 and 'give --query' in proc.stderr
+
+
+def test_init_from_pretraining_keeps_patch2query_and_from_detr_starts_it_fresh(tmp_path):
+  """UP-DETR pre-training -> one-shot: every weight but the class head, patch2query
+  included, feature_align gone; DETR -> one-shot: patch2query fresh too."""
+  config = oneshot_voc.get_config()
+  config.model.update(**TINY)
+  config.init.pretrained = str(tmp_path / 'pre')
+  pre_cfg = dict(config.model.to_dict(), num_classes=2, num_patches=2, feature_head=True)
+  pre = init_variables(build_model(pre_cfg), jax.random.PRNGKey(1))
+  checkpoints.save_variables(config.init.pretrained, pre, pre_cfg)
+  model = build_model(config.model)
+  fresh = traverse_util.flatten_dict(init_variables(model, jax.random.PRNGKey(2)))
+  variables, *_ = train_step.init_train_state(config, model, jax.random.PRNGKey(2), 10)
+  got, src = traverse_util.flatten_dict(variables), traverse_util.flatten_dict(pre)
+  assert not any(k[1] == 'feature_align' for k in got)
+  assert any(k[1] == 'patch2query' for k in got)
+  for k, v in got.items():
+    want = fresh[k] if k[1] == 'class_embed' else src[k]
+    np.testing.assert_array_equal(np.asarray(v), np.asarray(want), err_msg='/'.join(k))
+
+  detr_cfg = dict(config.model.to_dict(), num_classes=5, num_patches=0)
+  detr = init_variables(build_model(detr_cfg), jax.random.PRNGKey(3))
+  checkpoints.save_variables(str(tmp_path / 'detr'), detr, detr_cfg)
+  config.init.pretrained = str(tmp_path / 'detr')
+  variables, *_ = train_step.init_train_state(config, model, jax.random.PRNGKey(2), 10)
+  got, src = traverse_util.flatten_dict(variables), traverse_util.flatten_dict(detr)
+  for k, v in got.items():
+    want = fresh[k] if k[1] in ('class_embed', 'patch2query') else src[k]
+    np.testing.assert_array_equal(np.asarray(v), np.asarray(want), err_msg='/'.join(k))
+
+
+def test_model_config_errors_name_the_field():
+  from updetr_jax.tasks.oneshot import check_model_config
+
+  config = oneshot_voc.get_config()
+  check_model_config(config.model)
+  config.model.update(num_classes=20, feature_head=True)
+  with pytest.raises(ValueError, match='num_classes=20.*feature_head=True'):
+    check_model_config(config.model)
+
+
+def test_compare_oneshot_variant_is_the_oneshot_task():
+  """configs/compare.py:oneshot: the one-shot task on the miniature, the pre-training's
+  architecture, seen / unseen metrics."""
+  c = compare_config.get_config('oneshot')
+  assert c.finetune.task == 'oneshot' and tuple(c.metrics) == ('AP50_seen', 'AP50_unseen')
+  for k in ('backbone', 'hidden_dim', 'num_queries', 'pre_norm', 'enc_layers', 'dec_layers'):
+    assert c.finetune.model[k] == c.pretrain.model[k], k
+  assert c.finetune.data.patch_size == c.pretrain.data.patch_size
