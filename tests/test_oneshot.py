@@ -206,3 +206,16 @@ def test_compare_oneshot_variant_is_the_oneshot_task():
   for k in ('backbone', 'hidden_dim', 'num_queries', 'pre_norm', 'enc_layers', 'dec_layers'):
     assert c.finetune.model[k] == c.pretrain.model[k], k
   assert c.finetune.data.patch_size == c.pretrain.data.patch_size
+
+
+def test_best_checkpoint_is_not_stuck_on_a_nan_metric(tmp_path):
+  """A first evaluation whose best_metric is NaN (no trial of any seen class yet) must
+  not block every later number from becoming the best; a NaN never replaces one."""
+  config = oneshot_voc.get_config()
+  best = train.BestCheckpoint(str(tmp_path), 'AP50_seen', config)
+  ckpt = {'w': np.zeros(3, np.float32)}
+  assert best.update(1, {'AP50_seen': float('nan')}, ckpt)
+  assert best.update(2, {'AP50_seen': 0.25}, ckpt)
+  assert not best.update(3, {'AP50_seen': float('nan')}, ckpt)
+  assert not best.update(4, {'AP50_seen': 0.2}, ckpt)
+  assert best.record['step'] == 2

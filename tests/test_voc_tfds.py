@@ -333,3 +333,55 @@ def test_cached_annotations_and_index_survive_a_rerun(voc_dir, tmp_path):
   for gt in (first, second):
     assert gt.dataset['images'] == fresh.dataset['images']
     assert gt.dataset['annotations'] == fresh.dataset['annotations']
+
+
+def test_oneshot_on_tfds_voc(voc_dir, tmp_path):
+  """configs/oneshot_voc.py's data through TFDS VOC ('car' unseen here: the tiny set has
+  no cow, sheep, cat or aeroplane): car boxes never reach training, images with only
+  cars are not trained on, the trials are the non-difficult (image, class) pairs of
+  the test split whose class has a query in another image."""
+  from updetr_jax.configs import oneshot_voc
+  from test_oneshot import TINY
+
+  config = oneshot_voc.get_config()
+  config.model.update(**TINY)
+  config.data.update(
+    tfds_voc_train=(f'{NAME}:train',),
+    tfds_voc_eval=(f'{NAME}:test',),
+    tfds_data_dir=voc_dir,
+    index_cache_dir=None,
+    unseen_classes=('car',),
+    scales=(48,),
+    max_size=64,
+    eval_scale=48,
+    crop_prob=0.0,
+    buckets=((64, 64),),
+    patch_size=16,
+  )
+  config.batch_size = 2
+  config.loss_replicas = 1
+  config.num_train_steps = 4
+  config.checkpoint_every_steps = 4
+  config.eval.update(batch_size=2, every_steps=4, num_pictures=0, query_seeds=(0, 1))
+  assert config.data.source == 'tfds_voc'
+  summary = train.run(config, str(tmp_path / 'run'))
+
+  spec = _split_spec('train')
+  stats = summary['data_stats']
+  assert stats['unseen_boxes'] == sum(l == 6 for e in spec for l, _, d in e['objects'] if not d)
+  # Only cars, only difficult objects, or nothing: not trained on.
+  no_seen = sum(not any(l != 6 and not d for l, _, d in e['objects']) for e in spec)
+  assert stats['images_without_seen_class'] == no_seen >= 3
+  record = json.load(open(tmp_path / 'run' / 'eval' / 'oneshot_step4.json'))
+  assert record['unseen'] == ['car'] and len(record['seen']) == 19
+  images = {}
+  for e in _split_spec('test'):
+    for l, _, d in e['objects']:
+      if not d:
+        images.setdefault(VOC_CLASSES[l], set()).add(e['image_id'])
+  want = {c: len(ids) for c, ids in images.items() if len(ids) > 1}
+  assert want == {'car': 3}  # person and dog (non-difficult) occur in one image each
+  for run in record['runs']:
+    assert run['trials'] == want
+  assert np.isfinite(summary['eval']['AP50_unseen'])
+  assert np.isnan(summary['eval']['AP50_seen'])  # no seen class has a trial here

@@ -148,7 +148,9 @@ class BestCheckpoint:
         f'metrics {sorted(metrics)}'
       )
     value = metrics[self.metric]
-    if self.record is not None and not value > self.record['value']:
+    best = self.record['value'] if self.record is not None else None
+    # A NaN (e.g. AP of classes without trials yet) never beats a number, nor blocks one.
+    if best is not None and not (value > best or (np.isnan(best) and not np.isnan(value))):
       return False
     self.manager.save(step, ckpt, force=True)
     self.record = {'step': step, 'metric': self.metric, 'value': value, 'metrics': metrics}
