@@ -575,7 +575,9 @@ def oneshot_ap50(
 
 def oneshot_ground_truth(coco_gt, image_ids, labels, label_to_category_id) -> list[dict]:
   """Per trial (image_ids[t], labels[t]): {'boxes' xyxy, 'difficult'} of that class's
-  boxes in the image from a pycocotools ground truth (crowd = VOC difficult)."""
+  boxes in the image from a pycocotools ground truth. Crowd boxes count as VOC
+  difficult (ignored), and so do empty ones (w or h <= 0), which the pipeline drops
+  from the trials and no detection can match."""
   out = []
   for iid, c in zip(image_ids, labels):
     anns = coco_gt.loadAnns(
@@ -585,7 +587,9 @@ def oneshot_ground_truth(coco_gt, image_ids, labels, label_to_category_id) -> li
     out.append(
       {
         'boxes': np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], 1),
-        'difficult': np.array([bool(a.get('iscrowd', 0)) for a in anns], bool),
+        'difficult': np.array([bool(a.get('iscrowd', 0)) for a in anns], bool).reshape(-1)
+        | (b[:, 2] <= 0)
+        | (b[:, 3] <= 0),
       }
     )
   return out
