@@ -155,7 +155,7 @@ def test_predict_with_a_query(trained, tmp_path):
     ['detections.json'] + [os.path.basename(f)[:-4] + '.png' for f in images]
   )
   proc = run(f'--output={out}2', images[0])  # a one-shot model needs its query
-  assert proc.returncode != 0 and 'give --query' in proc.stderr
+  assert proc.returncode != 0 and 'it needs a query (predict --query' in proc.stderr
 
 
 def test_init_from_pretraining_keeps_patch2query_and_from_detr_starts_it_fresh(tmp_path):

@@ -109,7 +109,9 @@ def load_model_from_flags(oneshot: bool = False):
     where = FLAGS.checkpoint
   if is_oneshot_model(model_config) != oneshot:
     if is_oneshot_model(model_config):
-      raise app.UsageError(f'{where} is a one-shot detector: give --query=crop.jpg')
+      raise app.UsageError(
+        f'{where} is a one-shot detector: it needs a query (predict --query=crop.jpg)'
+      )
     if model_config.get('num_patches'):
       raise app.UsageError(
         f'{where} holds an UP-DETR pre-training model '

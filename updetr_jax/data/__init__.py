@@ -9,6 +9,9 @@ Fine-tuning (labelled detection data: COCO json, TFDS COCO / VOC), detection.py:
   make_detection_dataset(data_config, *, global_batch_size, train=True, seed=0,
       start_step=0, process_index=0, process_count=1) -> (iterator, DataStats, DatasetInfo)
   detection_data_config() / voc_data_config()
+One-shot detection (the CoAE protocol over the same sources), oneshot.py:
+  make_oneshot_dataset(data_config, *, global_batch_size, train=True, seed=0, ...,
+      query_seed=0) -> (iterator, OneShotStats, OneShotInfo); oneshot_data_config()
 The miniature benchmark of real pixels (pre-training pool, labelled train / eval sets
 as COCO json; docs/miniature.md): miniature.write_miniature(directory, ...).
 Shape buckets and epoch plans: planning.py; batches, determinism and host sharding:
