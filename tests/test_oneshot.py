@@ -95,6 +95,10 @@ def test_train_and_evaluate_seen_unseen_ap50(trained):
     np.mean([per_class[0]['red square'], per_class[0]['green bar']]), abs=1e-12
   )
   assert ev['AP50_unseen_run1'] == pytest.approx(per_class[1]['blue block'], abs=1e-12)
+  control = record['other_class_query']  # the control run: queries of another class
+  assert control['query_seed'] == 0
+  assert ev['AP50_seen_other_class_query'] == control['AP50_seen']
+  assert ev['AP50_unseen_other_class_query'] == control['AP50_unseen']
   with open(os.path.join(workdir, 'eval.jsonl')) as f:
     steps = [json.loads(line)['step'] for line in f if line.strip()]
   assert steps == [4, 8]

@@ -559,3 +559,25 @@ def test_query_crop_equals_an_independent_crop(fixture):
   # different queries give different patches
   v = np.flatnonzero(b['valid'])
   assert np.abs(b['patches'][v[0]] - b['patches'][v[1]]).mean() > 0.1
+
+
+def test_control_run_queries_of_another_class(fixture):
+  """The control run (``use_query_seed(s, other_class=True)``): the same trials, each
+  with a query of another class from another image; deterministic per seed."""
+  truth = fixture[2]
+  it, _, _ = _dataset(fixture, train=False)
+  normal = _eval_queries(it)
+  it.use_query_seed(0, other_class=True)
+  control = _eval_queries(it)
+  assert set(control) == set(normal) == truth.trials()[0]
+  ids, labels = it.ann.image_ids, it.ann.labels
+  for (iid, c), (qid, q_box) in control.items():
+    assert qid != iid
+    rows = np.flatnonzero(ids[it.protocol.row_image] == qid)
+    row = rows[np.all(np.isclose(it.ann.boxes[rows], q_box), axis=1)]
+    assert len(row) == 1 and labels[row[0]] != c, (iid, c, qid)
+  it2, _, _ = _dataset(fixture, train=False)
+  it2.use_query_seed(0, other_class=True)
+  assert _eval_queries(it2) == control
+  it2.use_query_seed(0)
+  assert _eval_queries(it2) == normal

@@ -58,6 +58,9 @@ def oneshot_config(variant: str, data: ml_collections.ConfigDict) -> ml_collecti
   config.examples_per_epoch = EXAMPLES_PER_EPOCH
   config.eval.update(
     query_seeds=(0, 1, 2, 3, 4),  # five query runs (the literature's protocol)
+    # + a control run with queries of another class (AP50_*_other_class_query): does
+    # the detector use its query? (one pass more per evaluation; False to skip)
+    other_class_queries=True,
     best_metric='AP50_seen',  # model selection never looks at the unseen classes
     picture_threshold=0.5,
   )

@@ -28,7 +28,8 @@ pair is one trial, ordered by image then class label; its query is the first box
 a permutation of the class's pool whose image is not the trial's, the permutation
 seeded by (``query_seed``, image id, class): deterministic per seed, different
 across seeds. A trial whose class occurs in no other image has no query and is not
-run (``trials_without_query``). Five seeds give the literature's five runs.
+run (``trials_without_query``). Five seeds give the literature's five runs. A control
+run (``other_class``) gives every trial a query of another class instead.
 Query pool: the boxes of a class in the split (crowd / difficult / empty boxes are
 already gone, detection.py) whose sides are both >= ``query_min_size`` pixels.
 
@@ -226,14 +227,21 @@ class OneShotProtocol:
         label.append(c)
     return np.asarray(image, np.int64), np.asarray(label, np.int32)
 
-  def evaluation_queries(self, image, label, query_seed: int) -> np.ndarray:
-    """Query box row per trial (-1: its class occurs in no other image): the first
-    entry of the class pool's permutation, seeded by (query_seed, image id, class),
-    that lies in another image."""
+  def evaluation_queries(self, image, label, query_seed: int, other_class: bool = False):
+    """Query box row per trial, int64 [T] (-1: its class occurs in no other image):
+    the first entry of the class pool's permutation, seeded by (query_seed, image id,
+    class), that lies in another image. other_class: the control run, a query of
+    ANOTHER class instead (from the pooled boxes of every other class; a detector
+    that ignores its query scores the same with these)."""
     out = np.full(len(image), -1, np.int64)
+    everything = np.sort(np.concatenate([np.zeros(0, np.int64), *self.pool.values()]))
     for t, (i, c) in enumerate(zip(np.asarray(image), np.asarray(label))):
-      pool = self.pool.get(int(c), np.zeros(0, np.int64))
+      if other_class:
+        pool = everything[self.ann.labels[everything] != c]
+      else:
+        pool = self.pool.get(int(c), np.zeros(0, np.int64))
       key = [int(query_seed), int(self.ann.image_ids[i]) & 0xFFFFFFFFFFFF, int(c)]
+      key += [1] if other_class else []
       perm = np.random.Generator(np.random.Philox(np.random.SeedSequence(key))).permutation(
         len(pool)
       )
@@ -274,17 +282,25 @@ class OneShotIterator(detection.DetectionIterator):
   def __init__(self, source, cfg, ann, protocol: OneShotProtocol, *, query_seed: int = 0, **kw):
     self.protocol = protocol
     self.query_seed = int(query_seed)
+    self.other_class = False
     if kw['train']:
       self.images, self.counts = protocol.training_images()
     else:
       self.trial_image, self.trial_label = protocol.evaluation_trials()
+      # The trials of every run, the control run's too: a same-class query exists.
+      self.trial_has_query = np.array(
+        [protocol.has_query(int(c), int(i)) for i, c in zip(self.trial_image, self.trial_label)],
+        bool,
+      )
       self.counts = {}
     super().__init__(source, cfg, ann, **kw)
 
-  def use_query_seed(self, query_seed: int) -> None:
-    """Evaluation: the next pass draws its queries with ``query_seed`` (from batch 0)."""
+  def use_query_seed(self, query_seed: int, other_class: bool = False) -> None:
+    """Evaluation: the next pass draws its queries with ``query_seed`` (from batch 0);
+    ``other_class``: the control run (``OneShotProtocol.evaluation_queries``)."""
     with self._lock:
       self.query_seed = int(query_seed)
+      self.other_class = bool(other_class)
       self._plans.clear()
       self._epoch_batches.clear()
     self.seek(0)
@@ -297,8 +313,8 @@ class OneShotIterator(detection.DetectionIterator):
       usable = index.usable[image]
     else:
       image, label = self.trial_image, self.trial_label
-      q_row = self.protocol.evaluation_queries(image, label, self.query_seed)
-      usable = index.usable[image] & (q_row >= 0)
+      q_row = self.protocol.evaluation_queries(image, label, self.query_seed, self.other_class)
+      usable = index.usable[image] & self.trial_has_query & (q_row >= 0)
     return self.plan_examples(epoch, image, usable, extra=dict(label=label, q_row=q_row))
 
   def example_targets(self, plan, example: int, image: int):

@@ -12,6 +12,9 @@ training, one trial per (test image, class present), deterministic queries per s
 Evaluation: for every seed of ``eval.query_seeds`` (five in the literature) one pass
 over the trials; per class the VOC07 11-point AP50 (``evaluate.oneshot_ap50``), its
 means over the seen and the unseen classes per run, and mean +- std over the runs.
+A control run (``eval.other_class_queries``, default on) gives every trial a query of
+another class: a detector that uses its query loses AP there; one that ignores it
+(a class-agnostic detector) scores the same.
 """
 
 from __future__ import annotations
@@ -95,8 +98,9 @@ class OneShotTask:
     self._train_it.seek(start)
     return self._train_it, self._train_stats
 
-  def run_trials(self, model, variables, query_seed: int):
-    """One pass over the evaluation trials with ``query_seed``'s queries.
+  def run_trials(self, model, variables, query_seed: int, other_class: bool = False):
+    """One pass over the evaluation trials with ``query_seed``'s queries (of another
+    class with ``other_class``: the control run).
 
     Returns (image_ids [T], labels [T], scores [T, N], boxes [T, N, 4] xyxy in
     original pixels) of the valid trials (every process gets all of them).
@@ -107,9 +111,9 @@ class OneShotTask:
       )
     if self._eval_it is None:
       self._eval_it, _, self._eval_info = self._dataset(train=False)
-    self._eval_it.use_query_seed(query_seed)
+    self._eval_it.use_query_seed(query_seed, other_class)
     ids, labels, scores, boxes = [], [], [], []
-    keep_pictures = not self._shown
+    keep_pictures = not self._shown and not other_class
     for batch in self._eval_it:
       keys = ('images', 'padding_mask', 'orig_size', 'patches')
       g = to_global({k: batch[k] for k in keys}, self.sharding)
@@ -141,12 +145,14 @@ class OneShotTask:
       self.gt = evaluate.evaluation_ground_truth(c.data)
     self._shown = []
     info, names = self.info, self.info.class_names
-    runs = []
-    for seed in c.eval.query_seeds:
-      ids, labels, scores, boxes = self.run_trials(model, variables, seed)
+
+    def score(seed, other_class=False):
+      ids, labels, scores, boxes = self.run_trials(model, variables, seed, other_class)
       gt = evaluate.oneshot_ground_truth(self.gt, ids, labels, info.label_to_category_id)
       dets = [{'label': int(l), 'scores': s, 'boxes': b} for l, s, b in zip(labels, scores, boxes)]
-      runs.append(dict(evaluate.oneshot_ap50(dets, gt, info.seen, info.unseen), query_seed=seed))
+      return dict(evaluate.oneshot_ap50(dets, gt, info.seen, info.unseen), query_seed=seed)
+
+    runs = [score(seed) for seed in c.eval.query_seeds]
     metrics = {}
     for part in ('seen', 'unseen'):
       v = np.array([r[part] for r in runs], np.float64)
@@ -157,6 +163,11 @@ class OneShotTask:
     for label in runs[0]['per_class']:
       v = [r['per_class'][label] for r in runs]
       metrics[f'AP50_{_name(names, label)}'] = float(np.mean(v))
+    control = None
+    if c.eval.get('other_class_queries', True):  # does the detector use its query?
+      control = score(c.eval.query_seeds[0], other_class=True)
+      for part in ('seen', 'unseen'):
+        metrics[f'AP50_{part}_other_class_query'] = control[part]
     if jax.process_index() == 0:
       files.makedirs(os.path.join(workdir, 'eval'))
       files.write_json(
@@ -175,6 +186,13 @@ class OneShotTask:
             }
             for r in runs
           ],
+          'other_class_query': None
+          if control is None
+          else {
+            'query_seed': control['query_seed'],
+            'AP50_seen': control['seen'],
+            'AP50_unseen': control['unseen'],
+          },
         },
       )
     logging.info(
@@ -188,6 +206,13 @@ class OneShotTask:
       metrics['AP50_unseen'],
       metrics['AP50_unseen_std'],
     )
+    if control is not None:
+      logging.info(
+        'step %d: control, queries of another class: AP50 seen %.4f, unseen %.4f',
+        step,
+        control['seen'],
+        control['unseen'],
+      )
     return metrics
 
   def _keep_for_pictures(self, batch, scores, boxes):
