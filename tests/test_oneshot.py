@@ -223,3 +223,29 @@ def test_best_checkpoint_is_not_stuck_on_a_nan_metric(tmp_path):
   assert not best.update(3, {'AP50_seen': float('nan')}, ckpt)
   assert not best.update(4, {'AP50_seen': 0.2}, ckpt)
   assert best.record['step'] == 2
+
+
+def test_voc_release_config():
+  """configs/oneshot_voc.py: the pre-training's architecture (pre-norm R50, N=100) with
+  one query on all queries and a binary head; CoAE's split (16 seen, cow / sheep / cat /
+  aeroplane unseen); 128-px queries; five query runs; DETR's VOC optimiser."""
+  from updetr_jax.class_names import VOC_CLASSES
+  from updetr_jax.configs import finetune_voc, pretrain
+  from updetr_jax.data.oneshot import class_split
+  from updetr_jax.pretrained import ARCHITECTURE_FIELDS
+
+  c = oneshot_voc.get_config()
+  pre = pretrain.get_config()
+  assert c.task == 'oneshot' and c.data.source == 'tfds_voc'
+  for k in ARCHITECTURE_FIELDS:
+    assert c.model[k] == pre.model[k], k
+  assert c.model.backbone == 'resnet50' and c.model.num_queries == 100 and c.model.pre_norm
+  assert (c.model.num_patches, c.model.num_classes, c.model.feature_head) == (1, 1, False)
+  assert c.data.patch_size == pre.data.patch_size == 128
+  seen, unseen = class_split(c.data.unseen_classes, dict(enumerate(VOC_CLASSES)), {})
+  assert [VOC_CLASSES[l] for l in unseen] == ['aeroplane', 'cat', 'cow', 'sheep']
+  assert len(seen) == 16
+  assert tuple(c.eval.query_seeds) == (0, 1, 2, 3, 4) and c.eval.best_metric == 'AP50_seen'
+  voc = finetune_voc.get_config()
+  assert c.optim.to_dict() == voc.optim.to_dict() and c.num_epochs == voc.num_epochs
+  assert c.batch_size == voc.batch_size
