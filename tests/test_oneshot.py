@@ -210,6 +210,10 @@ def test_compare_oneshot_variant_is_the_oneshot_task():
   for k in ('backbone', 'hidden_dim', 'num_queries', 'pre_norm', 'enc_layers', 'dec_layers'):
     assert c.finetune.model[k] == c.pretrain.model[k], k
   assert c.finetune.data.patch_size == c.pretrain.data.patch_size
+  from updetr_jax import compare
+
+  single = compare.pretrain_config(c, 'updetr_single_query', 'cnn.npz')
+  assert single.model.num_patches == 1 and c.pretrain.model.num_patches == 4
 
 
 def test_best_checkpoint_is_not_stuck_on_a_nan_metric(tmp_path):

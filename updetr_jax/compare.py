@@ -41,6 +41,8 @@ from updetr_jax import files, visualize
 ARMS = {
   'updetr': {},  # the paper's setting: frozen CNN + feature reconstruction
   'updetr_no_feature_recon': {'model.feature_recon': False},
+  # single-query pre-training (M = 1: every query gets the one patch, as one-shot's do)
+  'updetr_single_query': {'model.num_patches': 1},
   # "feature reconstruction without frozen CNN": the CNN trains in pre-training.
   'updetr_trainable_cnn': {'optim.frozen': (r'^position/',)},
   'scratch': None,

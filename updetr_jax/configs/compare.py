@@ -16,7 +16,8 @@ Variants (``:name``):
   ``oneshot``: one-shot detection (configs/oneshot_voc.py's task) on the miniature,
       its classes split into seen and unseen (``ONESHOT_UNSEEN``: coin and seven never
       trained on), UP-DETR vs scratch, 3 seeds, AP50 seen / unseen over 5 query runs
-      (``make oneshot-demo``).
+      (``make oneshot-demo``); ``--config.arms="('updetr','updetr_single_query','scratch')"``
+      adds single-query pre-training (M = 1, every query gets the patch, as in one-shot).
 
 Your own data: ``--config.miniature.enabled=False`` and the data fields of the two
 stages, as in configs/pretrain.py and configs/finetune_coco.py, e.g.
