@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from test_finetune import _make_set
+from test_finetune import _make_set, tiny_finetune_config
 from updetr_jax import checkpoints, evaluate, files, train, train_step
 from updetr_jax.configs import compare as compare_config
 from updetr_jax.configs import oneshot_voc
@@ -20,38 +20,19 @@ from updetr_jax.data.oneshot import oneshot_data_config
 from updetr_jax.models import build_model, init_variables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(
-  backbone='resnet_tiny',
-  hidden_dim=32,
-  nheads=2,
-  enc_layers=1,
-  dec_layers=2,
-  dim_feedforward=64,
-  num_queries=10,
-  dropout=0.0,
-)
+# test_finetune's tiny DETR (its architecture fields; the one-shot head is set apart).
+_ARCH = ('backbone', 'hidden_dim', 'nheads', 'enc_layers', 'dec_layers', 'dim_feedforward')
+TINY = {k: tiny_finetune_config('', '').model[k] for k in _ARCH + ('num_queries', 'dropout')}
+
+
+def tiny_oneshot_data(ann_file, image_dir, **overrides):
+  """test_finetune's tiny detection data as a one-shot data config (16-px queries)."""
+  data = tiny_finetune_config(ann_file, image_dir).data.to_dict()
+  return oneshot_data_config(**{**data, 'patch_size': 16, **overrides})
 
 
 def tiny_oneshot_config(ann_file, image_dir):
-  data = oneshot_data_config(
-    source='coco_json',
-    ann_file=ann_file,
-    image_dir=image_dir,
-    eval_ann_file='',
-    scales=(40, 48),
-    max_size=64,
-    eval_scale=48,
-    crop_resize_scales=(48,),
-    crop_size=(32, 48),
-    buckets=((48, 64), (48, 96)),
-    max_targets=8,
-    index_cache_dir=None,
-    cache_decoded=True,
-    prefetch=1,
-    num_parallel_calls=2,
-    unseen_classes=('blue block',),
-    patch_size=16,
-  )
+  data = tiny_oneshot_data(ann_file, image_dir, unseen_classes=('blue block',))
   config = oneshot_voc.oneshot_config('150ep', data)
   config.model.update(**TINY)
   config.batch_size = 4

@@ -20,6 +20,7 @@ from conftest import importorskip  # fails instead of skipping under CI=true
 
 tf = importorskip('tensorflow')
 
+from test_oneshot import tiny_oneshot_data  # noqa: E402
 from updetr_jax.data import augment, oneshot  # noqa: E402
 
 # Category ids (label_mapping 'auto' keeps them as labels: 7 ids, max 13 <= 2 * 7).
@@ -180,28 +181,7 @@ def fixture(tmp_path_factory):
 
 
 def _cfg(ann, image_dir, **kw):
-  return dict(
-    dict(
-      source='coco_json',
-      ann_file=ann,
-      image_dir=image_dir,
-      eval_ann_file='',
-      scales=(40, 48),
-      max_size=64,
-      eval_scale=48,
-      crop_resize_scales=(48,),
-      crop_size=(32, 48),
-      buckets=((48, 64), (48, 96)),
-      max_targets=8,
-      index_cache_dir=None,
-      cache_decoded=True,
-      prefetch=1,
-      num_parallel_calls=2,
-      unseen_classes=UNSEEN,
-      patch_size=16,
-    ),
-    **kw,
-  )
+  return tiny_oneshot_data(ann, image_dir, **{'unseen_classes': UNSEEN, **kw})
 
 
 def _dataset(fixture, train, batch=4, **kw):
@@ -581,3 +561,28 @@ def test_control_run_queries_of_another_class(fixture):
   assert _eval_queries(it2) == control
   it2.use_query_seed(0)
   assert _eval_queries(it2) == normal
+
+
+def test_a_query_image_that_fails_to_decode_blanks_its_rows(fixture, tmp_path):
+  """A query image that passed the index but is corrupt at load time: the pass goes
+  on, every row that loads it (as target or query) is replaced and invalid, counted as
+  decode_failed; all other trials are evaluated."""
+  import shutil
+
+  ann, image_dir, _ = fixture
+  images = str(tmp_path / 'images')
+  shutil.copytree(image_dir, images)
+  it, stats, _ = _dataset((ann, images, None), train=False, cache_decoded=False)
+  queries = _eval_queries(it)
+  bad = max({q for q, _ in queries.values()}, key=[q for q, _ in queries.values()].count)
+  name = next(im['file_name'] for im in json.load(open(ann))['images'] if im['id'] == bad)
+  with open(os.path.join(images, name), 'wb') as f:
+    f.write(b'\x89PNG\r\n\x1a\n' + b'\0' * 64)  # corrupt after the index accepted it
+  got = set()
+  for batch in it:
+    for r in np.flatnonzero(batch['valid']):
+      got.add((int(batch['image_id'][r]), int(batch['label'][r])))
+      assert bad not in (int(batch['image_id'][r]), int(batch['query_image_id'][r]))
+  want = {k for k, (q, _) in queries.items() if bad not in (k[0], q)}
+  assert got == want and len(want) < len(queries)
+  assert stats.as_dict()['decode_failed'] == len(queries) - len(want)

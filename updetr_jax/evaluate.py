@@ -608,12 +608,7 @@ def evaluation_ground_truth(data_config):
 
   from updetr_jax.data import detection
 
-  if hasattr(data_config, 'to_dict'):
-    data_config = data_config.to_dict()
-  # The detection fields of any detection-style config (one-shot adds its own).
-  cfg = detection.resolve_detection_config(
-    {k: v for k, v in dict(data_config).items() if k in detection.DETECTION_DEFAULTS}
-  )
+  cfg = detection.resolve_detection_config(detection.detection_fields(data_config))
   if cfg['source'] == 'coco_json':
     ann_file = cfg['eval_ann_file'] or cfg['ann_file']
     if not tf.io.gfile.exists(ann_file):

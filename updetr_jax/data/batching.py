@@ -346,19 +346,20 @@ class BatchIterator:
   def __iter__(self):
     return self
 
+  def row_images(self, rows) -> np.ndarray:
+    """The images a batch of host rows loads (not yet replaced): int64 [k]."""
+    return rows['image'][~rows['fallback']]
+
   def _find_bad_rows(self) -> list[int]:
     loc = self.locate(self.step)
     if loc is None:
       return []
-    rows = self.host_rows(*loc)
     bad = []
-    for i, fb in zip(rows['image'], rows['fallback']):
-      if fb or int(i) in bad:
-        continue
+    for i in sorted({int(i) for i in self.row_images(self.host_rows(*loc))}):
       try:
-        self.source.python_load(int(i))
+        self.source.python_load(i)
       except Exception:  # noqa: BLE001
-        bad.append(int(i))
+        bad.append(i)
     return bad
 
   def __next__(self) -> dict[str, Any]:

@@ -137,6 +137,13 @@ def resolve_detection_config(data_config) -> dict:
   return cfg
 
 
+def detection_fields(data_config) -> dict:
+  """The detection fields of a detection-style data config (one-shot adds its own)."""
+  if hasattr(data_config, 'to_dict'):
+    data_config = data_config.to_dict()
+  return {k: v for k, v in dict(data_config).items() if k in DETECTION_DEFAULTS}
+
+
 def detection_bucket_shapes(data_config) -> list[tuple[int, int]]:
   """The fixed (H, W) batch shapes of a detection config."""
   return planning.shapes_of_caps(planning.bucket_caps(resolve_detection_config(data_config)))

@@ -5,7 +5,7 @@ Public API:
   make_oneshot_dataset(data_config, *, global_batch_size, train=True, seed=0,
       start_step=0, process_index=0, process_count=1, query_seed=0)
       -> (iterator, OneShotStats, OneShotInfo)
-  oneshot_data_config(**overrides) / voc_oneshot_data_config(**overrides)
+  oneshot_data_config(**overrides)
   class_split(unseen_classes, class_names, label_to_category_id) -> (seen, unseen)
   OneShotProtocol: the choices below, in numpy (tested on their own)
 
@@ -88,16 +88,10 @@ def oneshot_data_config(**overrides):
   return config.as_config({**ONESHOT_DEFAULTS, **overrides})
 
 
-voc_oneshot_data_config = oneshot_data_config
-
-
 def resolve_oneshot_config(data_config) -> dict:
   """ConfigDict / dict (partial) -> plain dict with every field (unknown ones rejected)."""
   cfg = config.resolve_config(data_config, ONESHOT_DEFAULTS)
-  det = detection.resolve_detection_config(
-    {k: v for k, v in cfg.items() if k in detection.DETECTION_DEFAULTS}
-  )
-  cfg.update(det)
+  cfg.update(detection.resolve_detection_config(detection.detection_fields(cfg)))
   cfg['unseen_classes'] = tuple(cfg['unseen_classes'])
   if cfg['patch_size'] < 1:
     raise ValueError(f'data.patch_size={cfg["patch_size"]} must be >= 1')
@@ -358,19 +352,9 @@ class OneShotIterator(detection.DetectionIterator):
     )
     return rows
 
-  def _find_bad_rows(self) -> list[int]:
-    loc = self.locate(self.step)
-    if loc is None:
-      return []
-    rows = self.host_rows(*loc)
-    ok = ~rows['fallback']
-    bad = []
-    for i in sorted({int(i) for i in np.concatenate([rows['image'][ok], rows['q_image'][ok]])}):
-      try:
-        self.source.python_load(i)
-      except Exception:  # noqa: BLE001
-        bad.append(i)
-    return bad
+  def row_images(self, rows) -> np.ndarray:
+    ok = ~rows['fallback']  # each row loads its target and its query image
+    return np.concatenate([rows['image'][ok], rows['q_image'][ok]])
 
   def _make_row_fn(self):
     detect_row = super()._make_row_fn()
