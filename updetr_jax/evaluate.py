@@ -16,7 +16,11 @@ Diagnostics of whether the patches are used at all (``patch_iou``):
   * group best, wrong patches (``group_best_wrong_patches``, computed by the
     pre-training eval step with ``group_best_iou``): group best when every image
     gets another image's patches; equal to group best when the predictions do
-    not depend on the patches.
+    not depend on the patches;
+  * group top, wrong patches (``group_top_wrong_patches``): the model's answer
+    (group top) with another image's patches, scored against this image's true
+    boxes. The gap group_top - group_top_wrong_patches is what shows that the
+    decoder uses its query: zero for a model that ignores the patches.
 
 Detection (fine-tuned DETR, SPEC §2, §4, §7):
   postprocess(pred_logits, pred_boxes, orig_size) -> scores, labels, boxes_xyxy
@@ -80,7 +84,9 @@ def patch_predictions(outputs, num_patches: int):
   return picked, jnp.max(score, axis=-1)
 
 
-def _iou_with_targets(boxes, targets):
+def patch_box_iou(boxes, targets):
+  """IoU [B, M] of one box per patch (boxes [B, M, 4] cxcywh) with the patch's
+  true box; 0 where the target is padding."""
   iou, _ = box_ops.box_iou(
     box_ops.box_cxcywh_to_xyxy(boxes), box_ops.box_cxcywh_to_xyxy(targets['boxes'])
   )
@@ -99,8 +105,8 @@ def patch_iou(outputs, targets, num_patches: int):
   g = outputs['pred_boxes'].shape[1] // num_patches
   own = (idx // g == jnp.arange(idx.shape[1])[None]) & targets['mask']
   return {
-    'matched': _iou_with_targets(matched, targets),
-    'group_top': _iou_with_targets(top, targets),
+    'matched': patch_box_iou(matched, targets),
+    'group_top': patch_box_iou(top, targets),
     'group_best': group_best_iou(outputs['pred_boxes'], targets, num_patches),
     'own_group': own.astype(jnp.float32),
   }

@@ -49,6 +49,7 @@ def set_criterion(
   cost_class=1.0,
   cost_bbox=5.0,
   cost_giou=2.0,
+  match_groups=0,
 ):
   """DETR / UP-DETR training loss.
 
@@ -68,6 +69,8 @@ def set_criterion(
     solver: matching solver, ``'exact'`` (pure JAX) or ``'scipy'``.
     num_replicas: emulate PyTorch data parallelism over this many devices.
     cost_*: matcher cost weights (DETR's ``set_cost_*``).
+    match_groups: 0 = DETR's matching over all N queries (the release); G > 0 =
+      target j only matched within query group j (``hungarian_match(num_groups)``).
 
   Returns:
     ``(loss, terms)``: the total weighted loss (scalar) and a dict of
@@ -131,6 +134,7 @@ def set_criterion(
     cost_class=cost_class,
     cost_bbox=cost_bbox,
     cost_giou=cost_giou,
+    num_groups=match_groups,
   )  # [L, B, M]
   matched = mask[None] & (query_idx >= 0)  # [L, B, M]
 

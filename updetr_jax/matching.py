@@ -386,7 +386,35 @@ def scipy_linear_sum_assignment(cost, tgt_mask):
 _SOLVERS = ('exact', 'scipy')
 
 
-def hungarian_match(outputs, targets, solver='exact', cost_class=1.0, cost_bbox=5.0, cost_giou=2.0):
+# Added to the cost of a (query, patch) pair outside the patch's group when the
+# matching is restricted to groups: above any real cost, small enough for float32.
+_GROUP_PENALTY = 1e6
+
+
+def group_cost_penalty(num_queries: int, num_targets: int, num_groups: int):
+  """[M, N] float32: 0 where query n is in target m's group, _GROUP_PENALTY elsewhere.
+
+  The N queries form ``num_groups`` groups of N / num_groups consecutive queries and
+  target m belongs to group m (UP-DETR: patch m's features go to group m)."""
+  if num_queries % num_groups or num_targets > num_groups:
+    raise ValueError(
+      f'group matching needs N={num_queries} divisible by the {num_groups} groups and '
+      f'at most one target per group (M={num_targets})'
+    )
+  group = np.arange(num_queries) // (num_queries // num_groups)
+  own = group[None, :] == np.arange(num_targets)[:, None]
+  return jnp.asarray(np.where(own, 0.0, _GROUP_PENALTY), jnp.float32)
+
+
+def hungarian_match(
+  outputs,
+  targets,
+  solver='exact',
+  cost_class=1.0,
+  cost_bbox=5.0,
+  cost_giou=2.0,
+  num_groups=0,
+):
   """DETR Hungarian matcher.
 
   Args:
@@ -396,6 +424,10 @@ def hungarian_match(outputs, targets, solver='exact', cost_class=1.0, cost_bbox=
     targets: dict with ``labels [B, M]`` int32, ``boxes [B, M, 4]`` (normalized
       cxcywh) and ``mask [B, M]`` bool (True = real target).
     solver: ``'exact'`` (pure-JAX solver) or ``'scipy'`` (host callback).
+    num_groups: 0 (DETR, the release's pre-training): any query may take any
+      target. G > 0: the N queries form G groups of N / G consecutive queries and
+      target j may only be matched to a query of group j (UP-DETR with
+      ``matcher.group_matching``: patch j is found by the queries that carry it).
   Returns:
     ``query_idx [..., B, M]`` int32 (-1 for padded targets), gradient-stopped.
   """
@@ -411,6 +443,11 @@ def hungarian_match(outputs, targets, solver='exact', cost_class=1.0, cost_bbox=
     cost_bbox=cost_bbox,
     cost_giou=cost_giou,
   )
+  if num_groups:
+    m, n = cost_t.shape[-2:]
+    cost_t = cost_t + jnp.where(
+      jnp.asarray(targets['mask'], bool)[..., :, None], group_cost_penalty(n, m, num_groups), 0.0
+    )
   if solver == 'exact':
     idx = _assign_t(cost_t, targets['mask'])
   else:

@@ -98,6 +98,15 @@ def init_from_pretrained(variables, model_config, pretrained, pretrained_model_c
   out = traverse_util.flatten_dict(dict(variables))
   problems = []
   has = {p[1] for p in src}
+  wants = {p[1] for p in out}
+  if 'patch2query' in has & wants and ('patch_norm' in has) != ('patch_norm' in wants):
+    # patch2query was trained on standardised (or raw) patch features: carrying it
+    # without its statistics (or the reverse) would silently change its input.
+    raise ValueError(
+      'pre-trained patch2query was trained with model.patch_feature_norm='
+      f'{"patch_norm" in has}, this model has {"patch_norm" in wants}: set '
+      f'--config.model.patch_feature_norm={"patch_norm" in has}'
+    )
   fresh = set()
   for path, leaf in out.items():
     if path[1] in FRESH_HEADS or (path[1] in PATCH_HEADS and path[1] not in has):

@@ -235,6 +235,9 @@ def run(config, workdir: str) -> dict:
 
   # ------------------------------------------------------ Input pipeline
   train_iter, data_stats = task.train_data(start)
+  if restored is None and hasattr(task, 'calibrate'):
+    variables = task.calibrate(model, full_variables(state, constants))
+    constants = dict(constants, batch_stats=jax.device_put(variables['batch_stats'], repl))
   if evaluating and task.evaluate_at_start:  # the initial model (before any resumed
     task.evaluate(model, variables, 0, workdir)  # training), for the before/after
   del variables  # its buffers may be donated to the train step

@@ -61,6 +61,9 @@ def criterion(config):
     feature_recon=bool(config.model.get('feature_recon', False)),
     solver=config.matcher.solver,
     num_replicas=config.loss_replicas,
+    match_groups=(
+      config.model.get('num_patches', 0) if config.matcher.get('group_matching', False) else 0
+    ),
   )
 
 

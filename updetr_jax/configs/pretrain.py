@@ -6,7 +6,9 @@ r"""UP-DETR pre-training (random query patch detection) on unlabeled images.
 
 Variants (``:name``): default ``imagenet`` = the release's ImageNet run (ResNet-50
 frozen, pre-norm, N=100 queries, M=10 patches, batch 256, 60 epochs, lr drop at 40);
-``single_query`` = M=1; ``demo`` = a small model on scikit-image's photos (CPU, minutes).
+``single_query`` = M=1; ``demo`` = a small model on scikit-image's photos (CPU, minutes);
+``mosaics`` = the learnability benchmark: the demo's model on random mosaics whose
+pixels say where each patch came from (``benchmarks/pretext_learnability.py``).
 """
 
 import ml_collections
@@ -24,26 +26,33 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
         num_patches=10,
         feature_recon=True,
         patch_query_drop=0.1,
+        # Not in the release's default command (off): see models/updetr.py and the
+        # README's "Is the pretext learned?".
+        patch_feature_norm=False,
+        query_shuffle=False,
       ),
       **overrides,
     }
   )
 
 
+VARIANTS = ('imagenet', 'single_query', 'demo', 'mosaics')
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or 'imagenet'
-  if variant not in ('imagenet', 'single_query', 'demo'):
-    raise ValueError(
-      f'configs/pretrain.py: unknown variant {variant!r} '
-      "(choose 'imagenet', 'single_query' or 'demo')"
-    )
-  from updetr_jax.data import default_data_config, demo_data_config
+  if variant not in VARIANTS:
+    raise ValueError(f'configs/pretrain.py: unknown variant {variant!r} (choose one of {VARIANTS})')
+  from updetr_jax.data import default_data_config, demo_data_config, mosaic_data_config
 
   config = ml_collections.ConfigDict()
   config.task = 'pretrain'
   config.seed = 0
   config.model = model_config()
   config.matcher = common.matcher()
+  # True: patch j is matched only to the queries of its own group (the release
+  # matches it among all N queries); matching.hungarian_match(num_groups).
+  config.matcher.group_matching = False
   config.loss = ml_collections.ConfigDict(
     dict(eos_coef=0.1, weight_ce=1.0, weight_bbox=5.0, weight_giou=2.0, weight_feature=1.0)
   )
@@ -103,4 +112,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 1000
     config.log_every_steps = 250
     config.eval.update(num_batches=8, every_steps=1000)
+  elif variant == 'mosaics':
+    # The learnability benchmark (benchmarks/pretext_learnability.py): the demo's
+    # model and sizes on random mosaics whose pixels say where each patch is
+    # (data/mosaics.py), no patch augmentation, 64 held-out mosaics evaluated
+    # every 500 steps.
+    config.model.update(num_patches=4, **common.DEMO_ARCHITECTURE)
+    config.data = mosaic_data_config()
+    config.batch_size = 8
+    config.loss_replicas = 1
+    config.examples_per_epoch = config.data.mosaic_count
+    config.num_train_steps = 3000
+    config.optim.update(lr=2e-4, lr_drop_epochs=())
+    config.checkpoint_every_steps = 1000
+    config.log_every_steps = 250
+    config.eval.update(num_batches=8, every_steps=500)
   return config

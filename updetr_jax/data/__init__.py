@@ -4,7 +4,7 @@ Public API:
   make_pretrain_dataset(data_config, *, global_batch_size, num_patches, train=True,
       seed=0, start_step=0, process_index=0, process_count=1) -> (iterator, DataStats)
   bucket_shapes(data_config) -> [(H, W)]   the fixed batch shapes
-  default_data_config() / demo_data_config()
+  default_data_config() / demo_data_config() / mosaic_data_config()
 Fine-tuning (labelled detection data: COCO json, TFDS COCO / VOC), detection.py:
   make_detection_dataset(data_config, *, global_batch_size, train=True, seed=0,
       start_step=0, process_index=0, process_count=1) -> (iterator, DataStats, DatasetInfo)
@@ -19,7 +19,9 @@ batching.py; data configs: config.py; sources and bad-image handling: sources.py
 patches: patches.py; transforms: augment.py.
 
 Data config fields (ConfigDict or dict; missing fields take the release value):
-  source          'tfds' | 'folder' | 'demo'.
+  source          'tfds' | 'folder' | 'demo' | 'mosaics' (the learnability
+                  benchmark's images, data/mosaics.py: mosaic_split, mosaic_count,
+                  mosaic_eval_count held-out ones, mosaic_seed, mosaic_size).
   tfds_name       TFDS dataset ('imagenet2012'); labels are ignored.
   tfds_split      split ('train').
   tfds_data_dir   TFDS data dir (None: $TFDS_DATA_DIR or TFDS' default).
@@ -71,6 +73,7 @@ from updetr_jax.data.batching import make_pretrain_dataset  # noqa: E402
 from updetr_jax.data.config import (  # noqa: E402
   default_data_config,
   demo_data_config,
+  mosaic_data_config,
   eval_data_config,
   resolve_config,
 )
@@ -89,6 +92,7 @@ __all__ = [
   'bucket_shapes',
   'default_data_config',
   'demo_data_config',
+  'mosaic_data_config',
   'eval_data_config',
   'resolve_config',
   'DataStats',

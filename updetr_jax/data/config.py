@@ -27,6 +27,13 @@ DEFAULTS: dict[str, Any] = dict(
   folder='',
   demo_images=sources.DEMO_IMAGES,
   demo_repeats=1,
+  # source='mosaics' (the learnability benchmark, data/mosaics.py): mosaic_count
+  # images of mosaic_split; the evaluation renders mosaic_eval_count held-out ones.
+  mosaic_split='train',
+  mosaic_count=400,
+  mosaic_eval_count=64,
+  mosaic_seed=0,
+  mosaic_size=(128, 160),
   # Pre-training evaluation images, never trained on (see eval_data_config):
   eval_tfds_split='validation',  # tfds: ImageNet's validation split
   eval_folder='',  # folder: a second folder ('' = new patches of the training images)
@@ -62,6 +69,18 @@ DEMO_OVERRIDES: dict[str, Any] = dict(
 )
 
 
+# The learnability benchmark (configs/pretrain.py:mosaics): the demo's sizes on
+# 128 x 160 mosaics, no patch augmentation (the pixels alone say where a patch is).
+MOSAIC_OVERRIDES: dict[str, Any] = dict(
+  DEMO_OVERRIDES,
+  source='mosaics',
+  demo_images=(),
+  eval_demo_images=(),
+  demo_repeats=1,
+  augment_patches=False,
+)
+
+
 def as_config(d):
   try:
     import ml_collections  # noqa: PLC0415
@@ -81,6 +100,11 @@ def demo_data_config():
   return as_config({**DEFAULTS, **DEMO_OVERRIDES})
 
 
+def mosaic_data_config():
+  """The learnability benchmark's data: in-memory mosaics, held-out evaluation ones."""
+  return as_config({**DEFAULTS, **MOSAIC_OVERRIDES})
+
+
 def resolve_config(data_config, defaults=None) -> dict:
   """ConfigDict / dict (partial) -> plain dict with every field; rejects unknown ones.
 
@@ -97,6 +121,7 @@ def resolve_config(data_config, defaults=None) -> dict:
   cfg = {**defaults, **dict(data_config)}
   cfg['scales'] = tuple(int(s) for s in cfg['scales'])
   cfg['buckets'] = tuple((int(s), int(l)) for s, l in cfg['buckets'])
+  cfg['mosaic_size'] = tuple(int(s) for s in cfg['mosaic_size'])
   if not cfg['scales']:
     raise ValueError('data.scales must not be empty')
   if not cfg['max_size']:
@@ -119,6 +144,8 @@ def eval_data_config(data_config) -> tuple[dict, bool]:
     return dict(cfg, tfds_split=cfg['eval_tfds_split']), True
   if kind == 'folder' and cfg['eval_folder']:
     return dict(cfg, folder=cfg['eval_folder']), True
+  if kind == 'mosaics' and cfg['mosaic_eval_count'] > 0 and cfg['mosaic_split'] == 'train':
+    return dict(cfg, mosaic_split='eval', mosaic_count=cfg['mosaic_eval_count']), True
   if kind == 'demo' and cfg['eval_demo_images']:
     overlap = set(cfg['eval_demo_images']) & set(cfg['demo_images'])
     if overlap:

@@ -25,6 +25,8 @@ Sources:
     through an offset index over its TFRecord shards.
   demo:   photographs shipped inside scikit-image (no network), decoded in memory
     (long side shrunk to at most DEMO_MAX_SIDE=640 once).
+  mosaics: the learnability benchmark's random mosaics (data/mosaics.py), rendered
+    in memory.
   memory: any list of uint8 arrays (``MemorySource``; used by demo and
     ``cache_decoded``).
 
@@ -505,6 +507,17 @@ def demo_arrays(names=DEMO_IMAGES) -> list[tuple[str, np.ndarray]]:
   return out
 
 
+class MosaicSource(MemorySource):
+  """The learnability benchmark's random mosaics (``data/mosaics.py``), rendered in
+  memory: ``count`` images of ``split`` ('train' or 'eval')."""
+
+  def __init__(self, split: str, count: int, seed: int, image_size):
+    from updetr_jax.data import mosaics  # noqa: PLC0415
+
+    arrays = mosaics.mosaic_arrays(split, count, seed=seed, image_size=tuple(image_size))
+    super().__init__(arrays, name=f'mosaics ({split})')
+
+
 class DemoSource(MemorySource):
   """Real photographs bundled with scikit-image (gray ones converted to RGB)."""
 
@@ -535,6 +548,10 @@ def make_source(cfg) -> Source:
   kind = cfg['source']
   if kind == 'demo':
     src = DemoSource(tuple(cfg['demo_images']))
+  elif kind == 'mosaics':
+    src = MosaicSource(
+      cfg['mosaic_split'], cfg['mosaic_count'], cfg['mosaic_seed'], cfg['mosaic_size']
+    )
   elif kind == 'folder':
     if not cfg['folder']:
       raise ValueError("data.source='folder' needs data.folder")
@@ -551,7 +568,7 @@ def make_source(cfg) -> Source:
       index_threads=cfg['index_threads'],
     )
   else:
-    raise ValueError(f"data.source={kind!r}: choose 'tfds', 'folder' or 'demo'")
+    raise ValueError(f"data.source={kind!r}: choose 'tfds', 'folder', 'demo' or 'mosaics'")
   if cfg['cache_decoded'] and not isinstance(src, MemorySource):
     src = cache_decoded(src, cfg['index_threads'])
   return src

@@ -47,7 +47,8 @@ def build_model(model_config, dtype=None):
     'cudnn' use ``jax.nn.dot_product_attention`` and skip the dropout on attention
     probabilities, logged as a warning when ``dropout`` > 0; same parameters),
     ``num_patches``, ``patch_query_drop``, ``feature_head`` (UP-DETR's feature_align,
-    default True; False for the one-shot detector).
+    default True; False for the one-shot detector), ``patch_feature_norm`` and
+    ``query_shuffle`` (UP-DETR options, default False; models/updetr.py).
   """
   cfg = dict(model_config)
   missing = [f for f in _FIELDS if f not in cfg]
@@ -85,6 +86,8 @@ def build_model(model_config, dtype=None):
       num_patches=cfg['num_patches'],
       patch_query_drop=cfg.get('patch_query_drop', 0.1),
       feature_head=bool(cfg.get('feature_head', True)),
+      patch_feature_norm=bool(cfg.get('patch_feature_norm', False)),
+      query_shuffle=bool(cfg.get('query_shuffle', False)),
     )
   return DETR(**kwargs)
 

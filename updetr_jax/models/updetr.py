@@ -8,6 +8,7 @@ import numpy as np
 
 from updetr_jax.models.detr import DETR
 from updetr_jax.models.layers import MLP, linear
+from updetr_jax.models.resnet import FrozenBatchNorm
 
 
 def group_attention_mask(num_queries: int, num_patches: int) -> np.ndarray | None:
@@ -46,13 +47,30 @@ class UPDETR(DETR):
   # feature_align (pred_feature), the pre-training's feature reconstruction head; the
   # one-shot detector (tasks/oneshot.py) has none.
   feature_head: bool = True
+  # Not in the release (defaults off). patch_feature_norm: standardise each channel of
+  # the pooled patch features before patch2query, with frozen statistics of the
+  # training patches (batch_stats 'patch_norm', set by ``tasks.pretrain.calibrate_
+  # patch_norm``); gt_feature, the reconstruction target, stays raw.
+  # query_shuffle: the release's --query_shuffle (training only: the query embeddings
+  # are taken in a random permutation of the N indices before the patch features are
+  # added; the groups and the mask stay fixed).
+  patch_feature_norm: bool = False
+  query_shuffle: bool = False
 
   def setup(self):
     super().setup()
     c5 = self.backbone_channels
     self.patch2query = linear(self.hidden_dim, c5, name=None)
+    if self.patch_feature_norm:
+      self.patch_norm = FrozenBatchNorm()
     if self.feature_head:
       self.feature_align = MLP(self.hidden_dim, c5, 2)
+
+  def patch_features(self, patches):
+    """patches [B, K, h, w, 3] -> pooled backbone features [B, K, C5] (float32)."""
+    b, k = patches.shape[:2]
+    feat = self.body(patches.reshape((b * k,) + patches.shape[2:]))
+    return jnp.mean(feat.astype(jnp.float32), axis=(1, 2)).reshape(b, k, -1)
 
   def __call__(self, images, padding_mask, patches=None, train: bool = False):
     if patches is None or patches.ndim != 5 or patches.shape[-1] != 3:
@@ -71,13 +89,16 @@ class UPDETR(DETR):
     self_mask = group_attention_mask(n, k)
 
     src, padding, pos = self.encode_image(images, padding_mask)
-    feat = self.body(patches.reshape((b * k,) + patches.shape[2:]))
-    feat = jnp.mean(feat.astype(jnp.float32), axis=(1, 2)).reshape(b, k, -1)
-    patch_query = jnp.repeat(self.patch2query(feat), group_size, axis=1)  # [B, N', d]
+    feat = self.patch_features(patches)
+    query_in = self.patch_norm(feat) if self.patch_feature_norm else feat
+    patch_query = jnp.repeat(self.patch2query(query_in), group_size, axis=1)  # [B, N', d]
     if train and self.patch_query_drop > 0:
       keep = jax.random.bernoulli(self.make_rng('dropout'), 1.0 - self.patch_query_drop, (b, n, 1))
       patch_query = patch_query * keep
-    query_pos = (patch_query + self.query_embed.embedding[None, :n]).astype(self.dtype)
+    embed = self.query_embed.embedding
+    if train and self.query_shuffle:
+      embed = embed[jax.random.permutation(self.make_rng('dropout'), self.num_queries)]
+    query_pos = (patch_query + embed[None, :n]).astype(self.dtype)
     hs, _ = self.transformer(src, padding, pos, query_pos, self_mask, train)
     per_layer = self.predict_heads(hs)
     if self.feature_head:

@@ -19,6 +19,10 @@ The interface (``Task``), called in this order by ``train.run``:
     [B, H, W, 3], ``padding_mask`` [B, H, W], ``targets`` (padded, fixed shapes),
     optionally ``patches``), resumed at ``start_step``; ``stats.as_dict()`` /
     ``stats.report()`` count skipped inputs. ``iterator.close()`` ends it.
+``calibrate(model, variables) -> variables`` (optional)
+    Data-dependent initial values of non-trained variables (e.g. the pre-training's
+    ``patch_norm`` statistics), called once on a fresh run (not on resume), before
+    the first evaluation; the result goes into the train state's constants.
 ``evaluate(model, variables, step, workdir) -> {metric: float}``
     Called every ``eval.every_steps``, at the end, and at step 0 when the class
     attribute ``evaluate_at_start`` is True; the metrics go to TensorBoard,

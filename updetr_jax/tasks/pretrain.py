@@ -18,6 +18,10 @@ from updetr_jax.data import eval_data_config, make_pretrain_dataset
 from updetr_jax.train_step import criterion, model_inputs, process_gather, to_global
 
 
+# Training batches whose patches set the patch_norm statistics (model.patch_feature_norm).
+CALIBRATION_BATCHES = 16
+
+
 def _fmt(ious: dict) -> str:
   return ', '.join(f'{k} {v:.4f}' for k, v in ious.items())
 
@@ -45,6 +49,9 @@ def make_eval_step(model, num_patches: int, out_shardings=None):
     ious['group_best_wrong_patches'] = evaluate.group_best_iou(
       wrong['pred_boxes'], batch['targets'], num_patches
     )
+    # The model's answer (each group's top-scoring query) with the wrong patches.
+    wrong_top, _ = evaluate.patch_predictions(wrong, num_patches)
+    ious['group_top_wrong_patches'] = evaluate.patch_box_iou(wrong_top, batch['targets'])
     return ious, out
 
   return eval_step
@@ -135,6 +142,46 @@ class PatchTask:
     else:
       self._eval_it.seek(0)
     return itertools.islice(self._eval_it, c.eval.num_batches)
+
+  def calibrate(self, model, variables):
+    """With ``model.patch_feature_norm``: sets the ``patch_norm`` statistics to the
+    per-channel mean and variance of the pooled patch features of the first
+    ``CALIBRATION_BATCHES`` training batches (the run's own patches, fixed seed)."""
+    if not self.config.model.get('patch_feature_norm', False):
+      return variables
+    c = self.config
+    it, _ = make_pretrain_dataset(
+      c.data,
+      global_batch_size=c.batch_size,
+      num_patches=c.model.num_patches,
+      train=True,
+      seed=c.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
+    feats = jax.jit(
+      functools.partial(model.apply, method='patch_features'),
+      out_shardings=NamedSharding(self.sharding.mesh, P()),
+    )
+    stats = [
+      jax.device_get(feats(variables, to_global(b['patches'], self.sharding)))
+      for b in itertools.islice(it, CALIBRATION_BATCHES)
+    ]
+    it.close()
+    stats = np.concatenate([s.reshape(-1, s.shape[-1]) for s in stats])
+    batch_stats = dict(variables['batch_stats'])
+    batch_stats['patch_norm'] = dict(
+      batch_stats['patch_norm'],
+      mean=jnp.asarray(stats.mean(0), jnp.float32),
+      var=jnp.asarray(stats.var(0), jnp.float32),
+    )
+    logging.info(
+      'patch_feature_norm: statistics of %d training patches (mean |feature| %.3g, mean std %.3g)',
+      len(stats),
+      float(np.abs(stats.mean(0)).mean()),
+      float(stats.std(0).mean()),
+    )
+    return dict(variables, batch_stats=batch_stats)
 
   def evaluate(self, model, variables, step: int, workdir: str) -> dict:
     """{'patch_iou_matched', 'patch_iou_group_top'} on the evaluation batches."""

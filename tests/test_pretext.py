@@ -1,0 +1,216 @@
+"""The learnability benchmark's pieces (issue 19): the mosaics, group matching, the
+patch-feature standardisation and its calibration, query shuffling, and the
+wrong-patch control of the pre-training evaluation."""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from updetr_jax import matching, train_step
+from updetr_jax.data import eval_data_config, mosaic_data_config, mosaics
+from updetr_jax.models import build_model, init_variables
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'tests'))
+from test_train import fixed_batch, tiny_config  # noqa: E402
+
+
+def test_mosaics_are_deterministic_and_the_splits_differ(tmp_path):
+  a = mosaics.mosaic_arrays('train', 3, seed=0, image_size=(40, 48))
+  b = mosaics.mosaic_arrays('train', 3, seed=0, image_size=(40, 48))
+  assert all(np.array_equal(x, y) for x, y in zip(a, b))
+  assert a[0].shape == (40, 48, 3) and a[0].dtype == np.uint8
+  held_out = mosaics.mosaic_arrays('eval', 3, seed=0, image_size=(40, 48))
+  other_seed = mosaics.mosaic_arrays('train', 3, seed=1, image_size=(40, 48))
+  for x in a:
+    assert not any(np.array_equal(x, y) for y in held_out + other_seed)
+  # Distinct colours: every image has at least CELLS[0] of them.
+  assert all(len(np.unique(x.reshape(-1, 3) // 32, axis=0)) >= mosaics.CELLS[0] for x in a)
+  paths = mosaics.write_mosaics(str(tmp_path), num_train=2, num_eval=1, image_size=(40, 48))
+  from PIL import Image
+
+  names = sorted(os.listdir(paths['train']))
+  assert len(names) == 2 and len(os.listdir(paths['eval'])) == 1
+  # PNG is lossless: the files hold the arrays the in-memory source renders.
+  assert np.array_equal(np.asarray(Image.open(os.path.join(paths['train'], names[1]))), a[1])
+
+
+def test_mosaic_evaluation_is_held_out():
+  cfg, held_out = eval_data_config(mosaic_data_config())
+  assert held_out and cfg['mosaic_split'] == 'eval'
+  assert cfg['mosaic_count'] == mosaic_data_config().mosaic_eval_count
+
+
+def _outputs_with_far_groups():
+  """4 queries in 2 groups; target 0's box is predicted by query 2 (group 1), target
+  1's by query 0 (group 0): the free matching crosses the groups."""
+  boxes = np.array(
+    [[0.7, 0.7, 0.2, 0.2], [0.5, 0.5, 0.9, 0.9], [0.2, 0.2, 0.2, 0.2], [0.5, 0.5, 0.8, 0.8]]
+  )
+  outputs = {
+    'pred_logits': jnp.zeros((1, 4, 3)),
+    'pred_boxes': jnp.asarray(boxes[None], jnp.float32),
+  }
+  targets = {
+    'boxes': jnp.asarray([[[0.2, 0.2, 0.2, 0.2], [0.7, 0.7, 0.2, 0.2]]], jnp.float32),
+    'labels': jnp.ones((1, 2), jnp.int32),
+    'mask': jnp.ones((1, 2), bool),
+  }
+  return outputs, targets
+
+
+@pytest.mark.parametrize('solver', ['exact', 'scipy'])
+def test_group_matching_keeps_each_patch_in_its_group(solver):
+  outputs, targets = _outputs_with_far_groups()
+  free = np.asarray(matching.hungarian_match(outputs, targets, solver=solver))
+  assert free.tolist() == [[2, 0]]
+  grouped = np.asarray(matching.hungarian_match(outputs, targets, solver=solver, num_groups=2))
+  assert grouped[0, 0] in (0, 1) and grouped[0, 1] in (2, 3), grouped
+  # The best within-group queries: target 0 -> query 0 or 1 by cost, target 1 -> 2 or 3.
+  cost = np.asarray(
+    matching.match_cost(
+      outputs['pred_logits'],
+      outputs['pred_boxes'],
+      targets['labels'],
+      targets['boxes'],
+      targets['mask'],
+    )
+  )[0]
+  assert grouped[0, 0] == np.argmin(cost[:2, 0]) and grouped[0, 1] == 2 + np.argmin(cost[2:, 1])
+
+
+def test_group_matching_reaches_the_loss_from_the_config():
+  config = tiny_config()
+  outputs, targets = _outputs_with_far_groups()
+  outputs['pred_logits'] = jnp.zeros((1, 4, config.model.num_classes + 1))
+  config.loss_replicas = 1
+  config.model.update(num_patches=2, feature_recon=False)
+  _, free = train_step.criterion(config)(outputs, targets)
+  config.matcher.group_matching = True
+  _, grouped = train_step.criterion(config)(outputs, targets)
+  # Matched within the groups, the boxes are far from their targets.
+  assert float(grouped['loss_bbox']) > float(free['loss_bbox']) + 0.5
+
+
+def test_query_shuffle_permutes_embeddings_in_training_only():
+  config = tiny_config()
+  config.model.update(patch_query_drop=0.0, dropout=0.0)
+  batch = fixed_batch()
+  args = (batch['images'], batch['padding_mask'], batch['patches'])
+  plain = build_model(config.model)
+  variables = init_variables(plain, jax.random.PRNGKey(0))
+  config.model.query_shuffle = True
+  shuffled = build_model(config.model)
+
+  def boxes(model, train, seed):
+    out = model.apply(variables, *args, train=train, rngs={'dropout': jax.random.PRNGKey(seed)})
+    return np.asarray(out['pred_boxes'])
+
+  np.testing.assert_array_equal(boxes(shuffled, False, 0), boxes(plain, False, 0))
+  np.testing.assert_array_equal(boxes(plain, True, 0), boxes(plain, True, 1))
+  a, b = boxes(shuffled, True, 0), boxes(shuffled, True, 1)
+  assert np.abs(a - b).max() > 1e-4
+
+
+def _mosaic_tiny_config():
+  config = tiny_config()
+  config.data = mosaic_data_config()
+  config.data.update(
+    mosaic_count=8,
+    mosaic_eval_count=4,
+    mosaic_size=(64, 80),
+    scales=(64,),
+    max_size=80,
+    eval_scale=64,
+    buckets=((64, 80),),
+    patch_size=16,
+  )
+  config.examples_per_epoch = 8
+  config.model.patch_feature_norm = True
+  return config
+
+
+def test_patch_norm_calibration_standardises_the_training_patch_features():
+  from updetr_jax.tasks import pretrain as task_module
+
+  config = _mosaic_tiny_config()
+  mesh = train_step.make_mesh()
+  task = task_module.PatchTask(config, NamedSharding(mesh, P('data')))
+  model = build_model(config.model)
+  variables = init_variables(model, jax.random.PRNGKey(0))
+  stats = variables['batch_stats']['patch_norm']
+  assert float(jnp.abs(stats['mean']).max()) == 0.0  # identity until calibrated
+  calibrated = task.calibrate(model, variables)
+  it, _ = task.train_data(0)
+  feats = [
+    model.apply(calibrated, b['patches'], method='patch_features')
+    for b in [next(it) for _ in range(task_module.CALIBRATION_BATCHES)]
+  ]
+  it.close()
+  feats = jnp.concatenate([f.reshape(-1, f.shape[-1]) for f in feats])
+  normed = np.asarray(model.apply(calibrated, feats, method=lambda m, x: m.patch_norm(x)))
+  varying = np.asarray(feats).std(0) > 0.05  # eps 1e-5 bends the nearly constant ones
+  assert varying.sum() >= 8
+  np.testing.assert_allclose(normed.mean(0)[varying], 0.0, atol=1e-3)
+  np.testing.assert_allclose(normed.std(0)[varying], 1.0, atol=1e-2)
+  # Only the statistics change.
+  np.testing.assert_array_equal(
+    np.asarray(calibrated['params']['patch2query']['kernel']),
+    np.asarray(variables['params']['patch2query']['kernel']),
+  )
+  # Without the option the model has no patch_norm and calibrate changes nothing.
+  config.model.patch_feature_norm = False
+  plain = build_model(config.model)
+  plain_vars = init_variables(plain, jax.random.PRNGKey(0))
+  assert 'patch_norm' not in plain_vars['batch_stats']
+  assert task.calibrate(plain, plain_vars) is plain_vars
+
+
+def _eval_ious(scale_patch2query: float):
+  from updetr_jax.tasks import pretrain as task_module
+
+  config = tiny_config()
+  model = build_model(config.model)
+  variables = init_variables(model, jax.random.PRNGKey(0))
+  p2q = variables['params']['patch2query']
+  params = dict(
+    variables['params'],
+    patch2query={k: v * scale_patch2query for k, v in p2q.items()},
+  )
+  variables = dict(variables, params=params)
+  batch = fixed_batch()
+  ious, _ = task_module.make_eval_step(model, config.model.num_patches)(variables, batch)
+  return {k: np.asarray(v) for k, v in ious.items()}
+
+
+def test_wrong_patch_control_scores_the_answer_with_other_images_patches():
+  # A model that ignores its patches gives the same answer with any patches.
+  ious = _eval_ious(0.0)
+  np.testing.assert_array_equal(ious['group_top_wrong_patches'], ious['group_top'])
+  np.testing.assert_array_equal(ious['group_best_wrong_patches'], ious['group_best'])
+  # One whose queries are driven by the patches does not.
+  ious = _eval_ious(300.0)
+  assert np.abs(ious['group_top_wrong_patches'] - ious['group_top']).max() > 1e-3
+  assert np.abs(ious['group_best_wrong_patches'] - ious['group_best']).max() > 1e-3
+
+
+def test_one_shot_init_refuses_patch2query_without_its_statistics():
+  from updetr_jax import pretrained
+
+  config = tiny_config()
+  config.model.patch_feature_norm = True
+  source = init_variables(build_model(config.model), jax.random.PRNGKey(0))
+  config.model.update(patch_feature_norm=False, num_patches=1, feature_head=False)
+  target = init_variables(build_model(config.model), jax.random.PRNGKey(1))
+  with pytest.raises(ValueError, match='patch_feature_norm=True'):
+    pretrained.init_from_pretrained(target, dict(config.model), source, None)
+  # With the option on both sides the statistics come along.
+  config.model.patch_feature_norm = True
+  target = init_variables(build_model(config.model), jax.random.PRNGKey(1))
+  out, _ = pretrained.init_from_pretrained(target, dict(config.model), source, None)
+  assert 'patch_norm' in out['batch_stats']

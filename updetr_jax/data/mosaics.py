@@ -1,0 +1,169 @@
+"""The learnability benchmark's images: random mosaics whose pixels say where a patch is.
+
+Random query patch detection can only be learned when a patch's content tells where in
+the image it came from. On these images it does, by construction: each image is a
+Voronoi mosaic of 6..10 cells, every cell a flat random colour (uniform in RGB, at
+least ``MIN_COLOUR_DISTANCE`` apart within an image) with a linear shading across it
+(a random direction, +-``SHADING`` of the colour), plus mild Gaussian noise. The cells,
+their colours and the shading make every region of an image distinct, so the crop
+alone decides its box: a detector that uses its query patch can find it, one that
+ignores it cannot do better than a box prior. ``benchmarks/pretext_learnability.py``
+trains on them and reports the patch diagnostics against steps.
+
+Public API:
+  render_mosaic(rng, height, width) -> uint8 [H, W, 3]
+  mosaic_arrays(split, count, *, seed=0, image_size=(128, 160)) -> [uint8 [H, W, 3]]
+      (in memory: the pre-training source ``data.source='mosaics'``)
+  write_mosaics(directory, *, seed=0, num_train=400, num_eval=64,
+      image_size=(128, 160)) -> {'train': dir, 'eval': dir, 'manifest': path, ...}
+  CLI: python -m updetr_jax.data.mosaics --output=DIR [--seed=0 ...]
+
+Layout: ``train/*.png`` (pre-training, ``data.source=folder``), ``eval/*.png``
+(held-out, ``data.eval_folder``), ``manifest.json`` written last (parameters and the
+sha256 of every file). PNG is lossless, so the pixels the pipeline reads are the ones
+rendered. Determinism: every image has its own generator keyed by (seed, split,
+index); the same arguments give byte-identical files, and the splits never share an
+image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+from PIL import Image
+
+GENERATOR_VERSION = 1
+CELLS = (6, 10)  # inclusive
+MIN_COLOUR_DISTANCE = 0.25  # RGB in [0, 1]; redrawn until every pair is this far apart
+SHADING = 0.15  # the linear shading of a cell spans +- this much across the image
+NOISE = 0.02  # std of the Gaussian pixel noise
+_SPLIT_CODE = {'train': 1, 'eval': 2}
+
+
+def _colours(rng: np.random.Generator, n: int) -> np.ndarray:
+  """n RGB colours in [0, 1], pairwise at least MIN_COLOUR_DISTANCE apart: [n, 3]."""
+  out = []
+  while len(out) < n:
+    c = rng.uniform(0.0, 1.0, 3)
+    if all(np.linalg.norm(c - o) >= MIN_COLOUR_DISTANCE for o in out):
+      out.append(c)
+  return np.stack(out)
+
+
+def render_mosaic(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+  """One mosaic: uint8 [height, width, 3] (see the module docstring)."""
+  n = int(rng.integers(CELLS[0], CELLS[1] + 1))
+  sites = rng.uniform(0.0, 1.0, (n, 2)) * (height, width)  # (y, x)
+  yy, xx = np.meshgrid(np.arange(height) + 0.5, np.arange(width) + 0.5, indexing='ij')
+  d = (yy[..., None] - sites[:, 0]) ** 2 + (xx[..., None] - sites[:, 1]) ** 2
+  cell = np.argmin(d, axis=-1)  # [H, W]
+  colours = _colours(rng, n)
+  angle = rng.uniform(0.0, 2.0 * np.pi, n)
+  # Shading in [-1, 1] across the image along each cell's direction.
+  t = (np.cos(angle)[cell] * (xx / width - 0.5) + np.sin(angle)[cell] * (yy / height - 0.5)) * 2
+  img = colours[cell] * (1.0 + SHADING * t[..., None])
+  img = img + rng.normal(0.0, NOISE, img.shape)
+  return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
+  return np.random.default_rng([GENERATOR_VERSION, seed, _SPLIT_CODE[split], index])
+
+
+def mosaic_arrays(
+  split: str, count: int, *, seed: int = 0, image_size: tuple[int, int] = (128, 160)
+) -> list[np.ndarray]:
+  """The first ``count`` mosaics of ``split`` ('train' or 'eval'), as written by
+  ``write_mosaics`` with the same seed and size."""
+  if split not in _SPLIT_CODE:
+    raise ValueError(f'mosaic split {split!r}: choose one of {sorted(_SPLIT_CODE)}')
+  h, w = (int(s) for s in image_size)
+  return [render_mosaic(_image_rng(seed, split, i), h, w) for i in range(int(count))]
+
+
+def _png(img: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(img).save(buf, format='PNG', optimize=False)
+  return buf.getvalue()
+
+
+def mosaic_paths(directory: str) -> dict:
+  return {
+    'train': os.path.join(directory, 'train'),
+    'eval': os.path.join(directory, 'eval'),
+    'manifest': os.path.join(directory, 'manifest.json'),
+  }
+
+
+def write_mosaics(
+  directory: str,
+  *,
+  seed: int = 0,
+  num_train: int = 400,
+  num_eval: int = 64,
+  image_size: tuple[int, int] = (128, 160),
+) -> dict:
+  """Writes the train and held-out eval mosaics (H, W = image_size) under directory.
+
+  Returns mosaic_paths(directory) plus the counts. An existing manifest with the same
+  parameters is reused (nothing rewritten); otherwise train/ and eval/ are replaced.
+  """
+  h, w = (int(s) for s in image_size)
+  params = dict(
+    generator_version=GENERATOR_VERSION,
+    seed=int(seed),
+    num_train=int(num_train),
+    num_eval=int(num_eval),
+    image_size=[h, w],
+  )
+  paths = mosaic_paths(directory)
+  result = {**paths, 'num_train': int(num_train), 'num_eval': int(num_eval)}
+  if os.path.exists(paths['manifest']):
+    with open(paths['manifest']) as f:
+      if json.load(f).get('params') == params:
+        return result
+    os.remove(paths['manifest'])
+  files = {}
+  for split, count in (('train', num_train), ('eval', num_eval)):
+    shutil.rmtree(paths[split], ignore_errors=True)
+    os.makedirs(paths[split])
+    for i, img in enumerate(mosaic_arrays(split, count, seed=seed, image_size=(h, w))):
+      data = _png(img)
+      name = f'{split}/{i:05d}_{h}x{w}.png'
+      with open(os.path.join(directory, name), 'wb') as f:
+        f.write(data)
+      files[name] = hashlib.sha256(data).hexdigest()
+  tmp = paths['manifest'] + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump({'params': params, 'files': files}, f, indent=1, sort_keys=True)
+  os.replace(tmp, paths['manifest'])
+  return result
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--output', required=True)
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--num_train', type=int, default=400)
+  p.add_argument('--num_eval', type=int, default=64)
+  p.add_argument('--height', type=int, default=128)
+  p.add_argument('--width', type=int, default=160)
+  a = p.parse_args(argv)
+  out = write_mosaics(
+    a.output,
+    seed=a.seed,
+    num_train=a.num_train,
+    num_eval=a.num_eval,
+    image_size=(a.height, a.width),
+  )
+  print(json.dumps(out, indent=1))
+
+
+if __name__ == '__main__':
+  main()
