@@ -121,7 +121,8 @@ def resolve_config(data_config, defaults=None) -> dict:
   cfg = {**defaults, **dict(data_config)}
   cfg['scales'] = tuple(int(s) for s in cfg['scales'])
   cfg['buckets'] = tuple((int(s), int(l)) for s, l in cfg['buckets'])
-  cfg['mosaic_size'] = tuple(int(s) for s in cfg['mosaic_size'])
+  if 'mosaic_size' in cfg:  # pre-training's field set only
+    cfg['mosaic_size'] = tuple(int(s) for s in cfg['mosaic_size'])
   if not cfg['scales']:
     raise ValueError('data.scales must not be empty')
   if not cfg['max_size']:
