@@ -159,12 +159,20 @@ RELEASE_MODEL = dict(
   dtype='float32',
   remat='',
   attention='einsum',
+  value_pos=False,
 )
 RELEASE = {
   'pretrain': dict(
     model=dict(
-      RELEASE_MODEL, num_classes=2, num_patches=10, feature_recon=True, patch_query_drop=0.1
+      RELEASE_MODEL,
+      num_classes=2,
+      num_patches=10,
+      feature_recon=True,
+      patch_query_drop=0.1,
+      patch_feature_norm=False,
+      query_shuffle=False,
     ),
+    matcher=dict(group_matching=False),
     loss=dict(eos_coef=0.1, weight_ce=1.0, weight_bbox=5.0, weight_giou=2.0, weight_feature=1.0),
     optim=dict(
       lr=1e-4,
@@ -228,7 +236,7 @@ def step_config(
       task=task,
       model=model,
       loss=release['loss'],
-      matcher=RELEASE_MATCHER,
+      matcher=dict(RELEASE_MATCHER, **release.get('matcher', {})),
       optim=release['optim'],
       loss_replicas=1,
       batch_size=batch_size,

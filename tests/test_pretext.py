@@ -171,6 +171,64 @@ def test_patch_norm_calibration_standardises_the_training_patch_features():
   assert task.calibrate(plain, plain_vars) is plain_vars
 
 
+def _batchnorm_outputs(model, variables, images, padding_mask):
+  """{FrozenBatchNorm path: its output [n_valid_pixels, C]} of the backbone on images."""
+  import flax.linen as nn
+
+  from updetr_jax.models.resnet import FrozenBatchNorm, downsample_mask
+
+  out = {}
+
+  def record(next_fun, args, kwargs, context):
+    y = next_fun(*args, **kwargs)
+    if isinstance(context.module, FrozenBatchNorm):
+      valid = ~np.asarray(downsample_mask(jnp.asarray(padding_mask), y.shape[1:3]))
+      out[tuple(context.module.path)] = np.asarray(y)[valid]
+    return y
+
+  with nn.intercept_methods(record):
+    model.apply(variables, images, method=lambda m, x: m.body(x))
+  return out
+
+
+def test_backbone_calibration_standardises_every_batchnorm_on_the_training_images():
+  from updetr_jax.tasks import pretrain as task_module
+
+  config = _mosaic_tiny_config()
+  config.model.patch_feature_norm = False
+  config.init.calibrate_backbone_bn = True
+  config.data.scales = (48, 64)  # some images padded in their 64 x 80 bucket
+  task = task_module.PatchTask(config, NamedSharding(train_step.make_mesh(), P('data')))
+  model = build_model(config.model)
+  variables = init_variables(model, jax.random.PRNGKey(0))
+  calibrated = task.calibrate(model, variables)
+  it, _ = task.train_data(0)
+  batches = [next(it) for _ in range(task_module.CALIBRATION_BATCHES)]
+  it.close()
+  images = np.concatenate([b['images'] for b in batches])
+  mask = np.concatenate([b['padding_mask'] for b in batches])
+  assert mask.any()  # padded pixels are in the batches, and must be left out
+  before = _batchnorm_outputs(model, variables, images, mask)
+  after = _batchnorm_outputs(model, calibrated, images, mask)
+  # resnet_tiny: the stem, then 4 blocks of 3 plus a downsample each.
+  assert len(after) == 17 and set(after) == set(before)
+  for path, y in after.items():
+    # Every layer's output, on the valid pixels of the calibration images: centred
+    # and of unit variance per channel (scale 1, bias 0 at init), up to the
+    # per-batch averaging.
+    np.testing.assert_allclose(y.mean(0), 0.0, atol=0.15, err_msg=str(path))
+    np.testing.assert_allclose(y.std(0), 1.0, atol=0.15, err_msg=str(path))
+  # The random CNN was far from that before.
+  last = max(before, key=lambda p: np.abs(before[p].mean(0)).max())
+  assert np.abs(before[last].mean(0)).max() > 0.5
+  np.testing.assert_array_equal(  # only statistics change
+    np.asarray(calibrated['params']['body']['conv1']['kernel']),
+    np.asarray(variables['params']['body']['conv1']['kernel']),
+  )
+  config.init.calibrate_backbone_bn = False
+  assert task.calibrate(model, variables) is variables
+
+
 def _eval_ious(scale_patch2query: float):
   from updetr_jax.tasks import pretrain as task_module
 

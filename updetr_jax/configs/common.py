@@ -26,6 +26,9 @@ def detr_model(**overrides) -> ml_collections.ConfigDict:
       # 'dot_product' (jax.nn.dot_product_attention, XLA) | 'cudnn' (its fused kernel);
       # the last two skip attention-probability dropout (models/transformer.py)
       attention='einsum',
+      # Not in the release: positions in the decoder cross-attention's values too
+      # (models/transformer.py; same parameters, so keep it as pre-trained).
+      value_pos=False,
     )
   )
   m.update(overrides)

@@ -84,6 +84,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       pretrained='',  # fine-tuning only (configs/finetune_coco.py)
       # A resnet50/101 run without any of the above is refused unless this is True.
       random_backbone=False,
+      # Not in the release: re-estimate the frozen CNN's BatchNorm statistics on the
+      # first training batches before training (tasks/pretrain.py PatchTask.calibrate;
+      # a random CNN's features are otherwise all alike). Kept in the checkpoint.
+      calibrate_backbone_bn=False,
     )
   )
   config.checkpoint_every_steps = 1000

@@ -46,6 +46,8 @@ def build_model(model_config, dtype=None):
     ATTENTION_CHOICES, default 'einsum': the release's attention; 'dot_product' /
     'cudnn' use ``jax.nn.dot_product_attention`` and skip the dropout on attention
     probabilities, logged as a warning when ``dropout`` > 0; same parameters),
+    ``value_pos`` (default False: positions in the decoder cross-attention's values
+    too; not in the release, same parameters),
     ``num_patches``, ``patch_query_drop``, ``feature_head`` (UP-DETR's feature_align,
     default True; False for the one-shot detector), ``patch_feature_norm`` and
     ``query_shuffle`` (UP-DETR options, default False; models/updetr.py).
@@ -63,6 +65,7 @@ def build_model(model_config, dtype=None):
   if kwargs['remat'] not in REMAT_CHOICES:
     raise ValueError(f'model.remat={kwargs["remat"]!r}: expected one of {REMAT_CHOICES}')
   kwargs['attention'] = cfg.get('attention') or 'einsum'
+  kwargs['value_pos'] = bool(cfg.get('value_pos', False))
   if kwargs['attention'] not in ATTENTION_CHOICES:
     raise ValueError(
       f'model.attention={kwargs["attention"]!r}: expected one of {ATTENTION_CHOICES}'

@@ -44,6 +44,9 @@ class DETR(nn.Module):
   # 'einsum' | 'dot_product' | 'cudnn' (ATTENTION_CHOICES, models/transformer.py); the
   # fused two apply no dropout to attention probabilities. Same parameters either way.
   attention: str = 'einsum'
+  # Not in the release: the decoder's cross-attention values carry the positions
+  # (models/transformer.py); same parameters.
+  value_pos: bool = False
 
   def setup(self):
     if self.remat not in REMAT_CHOICES:
@@ -76,6 +79,7 @@ class DETR(nn.Module):
       dtype=self.dtype,
       remat=self.remat in ('transformer', 'all'),
       attention=self.attention,
+      value_pos=self.value_pos,
     )
     self.class_embed = linear(self.num_classes + 1, self.hidden_dim, name=None)
     self.bbox_embed = MLP(self.hidden_dim, 4, 3)

@@ -184,3 +184,44 @@ def downsample_mask(mask, out_hw: tuple[int, int]):
   ys = np.minimum(np.floor(np.arange(h, dtype=np.float32) * np.float32(h_in / h)), h_in - 1)
   xs = np.minimum(np.floor(np.arange(w, dtype=np.float32) * np.float32(w_in / w)), w_in - 1)
   return mask[:, ys.astype(np.int32)][:, :, xs.astype(np.int32)]
+
+
+def estimate_batchnorm_statistics(backbone_apply, images, padding_mask):
+  """Every FrozenBatchNorm's input mean and variance on ``images`` (precise BN).
+
+  The backbone runs once with each FrozenBatchNorm normalising by its own input's
+  statistics (then its affine ``scale`` / ``bias``), so each layer's statistics are
+  those its input has once the layers before it are re-estimated too: the data-
+  dependent statistics a BatchNorm network would have had in training mode.
+  Padded pixels (``padding_mask`` downsampled to each layer) are left out.
+
+  Args:
+    backbone_apply: images -> C5 map, running the ResNet (e.g. ``model.apply`` with
+      a method calling ``body``), traced under the interceptor.
+    images: [B, H, W, 3] normalised; padding_mask: bool [B, H, W] (True = padding).
+
+  Returns:
+    {module path tuple (e.g. ('body', 'layer1_0', 'bn1')): (mean [C], var [C])},
+    float32; path as in the variables' ``batch_stats`` collection.
+  """
+  stats = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    if not isinstance(context.module, FrozenBatchNorm) or context.method_name != '__call__':
+      return next_fun(*args, **kwargs)
+    x = args[0].astype(jnp.float32)
+    valid = ~downsample_mask(padding_mask, x.shape[1:3])
+    w = valid[..., None].astype(jnp.float32)
+    n = jnp.maximum(w.sum(), 1.0)
+    mean = (x * w).sum((0, 1, 2)) / n
+    var = (jnp.square(x - mean) * w).sum((0, 1, 2)) / n
+    stats[tuple(context.module.path)] = (mean, var)
+    m = context.module
+    scale = m.get_variable('batch_stats', 'scale')
+    bias = m.get_variable('batch_stats', 'bias')
+    y = (x - mean) * (scale / jnp.sqrt(var + m.eps)) + bias
+    return y.astype(args[0].dtype)
+
+  with nn.intercept_methods(interceptor):
+    backbone_apply(images)
+  return stats

@@ -1,6 +1,9 @@
 """DETR's encoder-decoder transformer (post-norm and pre-norm), batch-first.
 
-Positions enter queries and keys only, never values. Parameter names follow the
+Positions enter queries and keys only, never values (as released); the option
+``value_pos`` (not in the release) also adds them to the values of the decoder's
+cross-attention, so a query's output says *where* it attended, not only what it saw
+there (see the README's "Is the pretext learned?"). Parameter names follow the
 release (``self_attn``, ``multihead_attn``, ``linear1``, ``norm1``, ...); the packed
 PyTorch ``in_proj_weight`` is split into ``q_proj``/``k_proj``/``v_proj``.
 
@@ -178,6 +181,7 @@ class DecoderLayer(nn.Module):
   pre_norm: bool
   dtype: jnp.dtype = jnp.float32
   attention: str = 'einsum'
+  value_pos: bool = False  # cross-attention values = memory + pos (not in the release)
 
   @nn.compact
   def __call__(self, tgt, memory, pos, query_pos, self_mask, memory_mask, train: bool = False):
@@ -193,14 +197,15 @@ class DecoderLayer(nn.Module):
     )
     norm1, norm2, norm3 = (layer_norm(name=f'norm{i}', dtype=self.dtype) for i in (1, 2, 3))
     key = memory + pos
+    value = key if self.value_pos else memory
     if self.pre_norm:
       t = norm1(tgt)
       tgt = tgt + drop(self_attn(t + query_pos, t + query_pos, t, self_mask, train))
       t = norm2(tgt)
-      tgt = tgt + drop(cross_attn(t + query_pos, key, memory, memory_mask, train))
+      tgt = tgt + drop(cross_attn(t + query_pos, key, value, memory_mask, train))
       return tgt + drop(ffn(norm3(tgt)))
     tgt = norm1(tgt + drop(self_attn(tgt + query_pos, tgt + query_pos, tgt, self_mask, train)))
-    tgt = norm2(tgt + drop(cross_attn(tgt + query_pos, key, memory, memory_mask, train)))
+    tgt = norm2(tgt + drop(cross_attn(tgt + query_pos, key, value, memory_mask, train)))
     return norm3(tgt + drop(ffn(tgt)))
 
 
@@ -257,7 +262,8 @@ class Transformer(nn.Module):
     pos [B, S, d], query_pos [B, N, d], self_mask bool [N, N] or None (True = may attend).
   Returns: hs [L_dec, B, N, d] float32, memory [B, S, d] (``dtype``).
   ``remat``: rematerialise every encoder and decoder layer in the backward pass.
-  ``attention``: one of ATTENTION_CHOICES (module docstring).
+  ``attention``: one of ATTENTION_CHOICES (module docstring). ``value_pos``: the
+  decoder's cross-attention values carry the positions too (module docstring).
   """
 
   d_model: int = 256
@@ -270,6 +276,7 @@ class Transformer(nn.Module):
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
   attention: str = 'einsum'
+  value_pos: bool = False
 
   @nn.compact
   def __call__(self, src, padding, pos, query_pos, self_mask=None, train: bool = False):
@@ -283,12 +290,13 @@ class Transformer(nn.Module):
       attention=self.attention,
     )
     memory_mask = (~padding)[:, None, None, :]
+    dec_kw = dict(kw, value_pos=self.value_pos)
     memory = Encoder(kw, self.num_encoder_layers, self.remat, name='encoder')(
       src, pos, memory_mask, train
     )
     if self_mask is not None:
       self_mask = self_mask[None, None]
-    hs = Decoder(kw, self.num_decoder_layers, self.remat, name='decoder')(
+    hs = Decoder(dec_kw, self.num_decoder_layers, self.remat, name='decoder')(
       jnp.zeros_like(query_pos), memory, pos, query_pos, self_mask, memory_mask, train
     )
     return hs, memory

@@ -8,6 +8,7 @@ import itertools
 from absl import logging
 import os
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from updetr_jax import evaluate, matching, visualize
 from updetr_jax.data import eval_data_config, make_pretrain_dataset
+from updetr_jax.models import resnet
 from updetr_jax.train_step import criterion, model_inputs, process_gather, to_global
 
 
@@ -144,12 +146,20 @@ class PatchTask:
     return itertools.islice(self._eval_it, c.eval.num_batches)
 
   def calibrate(self, model, variables):
-    """With ``model.patch_feature_norm``: sets the ``patch_norm`` statistics to the
-    per-channel mean and variance of the pooled patch features of the first
-    ``CALIBRATION_BATCHES`` training batches (the run's own patches, fixed seed)."""
-    if not self.config.model.get('patch_feature_norm', False):
-      return variables
+    """Data-dependent frozen statistics, from the first ``CALIBRATION_BATCHES``
+    training batches (the run's own images and patches, fixed seed):
+
+    * ``init.calibrate_backbone_bn``: every FrozenBatchNorm of the CNN gets the mean
+      and variance of its input on the training images (``resnet.
+      estimate_batchnorm_statistics``, averaged over the batches); for a random CNN
+      this makes its features centred and spread instead of all alike.
+    * ``model.patch_feature_norm``: ``patch_norm`` gets the per-channel mean and
+      variance of the pooled patch features (after the above).
+    """
     c = self.config
+    backbone = bool(c.init.get('calibrate_backbone_bn', False))
+    if not backbone and not c.model.get('patch_feature_norm', False):
+      return variables
     it, _ = make_pretrain_dataset(
       c.data,
       global_batch_size=c.batch_size,
@@ -159,15 +169,53 @@ class PatchTask:
       process_index=jax.process_index(),
       process_count=jax.process_count(),
     )
+    batches = list(itertools.islice(it, CALIBRATION_BATCHES))
+    it.close()
+    replicated = NamedSharding(self.sharding.mesh, P())
+    if backbone:
+      variables = self._calibrate_backbone(model, variables, batches, replicated)
+    if c.model.get('patch_feature_norm', False):
+      variables = self._calibrate_patch_norm(model, variables, batches, replicated)
+    return variables
+
+  def _calibrate_backbone(self, model, variables, batches, replicated):
+    def body_stats(v, images, padding_mask):
+      run = lambda x: model.apply(v, x, method=lambda m, y: m.body(y))
+      return resnet.estimate_batchnorm_statistics(run, images, padding_mask)
+
+    stats_fn = jax.jit(body_stats, out_shardings=replicated)
+    per_batch = [
+      jax.device_get(
+        stats_fn(
+          variables,
+          to_global(b['images'], self.sharding),
+          to_global(b['padding_mask'], self.sharding),
+        )
+      )
+      for b in batches
+    ]
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables['batch_stats']))
+    for path in per_batch[0]:
+      means = np.stack([s[path][0] for s in per_batch])
+      second = np.stack([s[path][1] + np.square(s[path][0]) for s in per_batch])
+      mean = means.mean(0)
+      flat[path + ('mean',)] = jnp.asarray(mean, jnp.float32)
+      flat[path + ('var',)] = jnp.asarray(second.mean(0) - np.square(mean), jnp.float32)
+    logging.info(
+      'init.calibrate_backbone_bn: statistics of %d FrozenBatchNorm layers re-estimated on '
+      '%d training images',
+      len(per_batch[0]),
+      sum(len(b['images']) for b in batches),
+    )
+    return dict(variables, batch_stats=flax.traverse_util.unflatten_dict(flat))
+
+  def _calibrate_patch_norm(self, model, variables, batches, replicated):
     feats = jax.jit(
-      functools.partial(model.apply, method='patch_features'),
-      out_shardings=NamedSharding(self.sharding.mesh, P()),
+      functools.partial(model.apply, method='patch_features'), out_shardings=replicated
     )
     stats = [
-      jax.device_get(feats(variables, to_global(b['patches'], self.sharding)))
-      for b in itertools.islice(it, CALIBRATION_BATCHES)
+      jax.device_get(feats(variables, to_global(b['patches'], self.sharding))) for b in batches
     ]
-    it.close()
     stats = np.concatenate([s.reshape(-1, s.shape[-1]) for s in stats])
     batch_stats = dict(variables['batch_stats'])
     batch_stats['patch_norm'] = dict(
