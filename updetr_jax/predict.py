@@ -5,9 +5,9 @@ r"""Run a DETR checkpoint on image files: COCO-style json and labelled pictures.
 
 --checkpoint: an Orbax variables checkpoint (``checkpoints.save_variables``, e.g.
 written by ``updetr_jax.torch_import``) or a PyTorch ``.pth`` (imported on the fly).
---workdir: a DETR fine-tuning workdir; its own config.json gives the model (--config
-is then not needed); --which picks the checkpoint: auto (default: the best-evaluated
-one in workdir/best when present, else the latest), best or latest.
+--workdir: a training workdir; its own config.json gives the model (--config is then
+not needed); --which picks the checkpoint: auto (default: the best-evaluated one in
+workdir/best when present, else the latest), best or latest.
 
 Each image is resized as DETR evaluates (shorter side --scale=800, longer side at
 most --max_size=1333, ``data.augment.resize_rule``; bilinear as the evaluation
@@ -26,9 +26,32 @@ finds the instances of the query's class in every image (no class list):
   python -m updetr_jax.predict --workdir=/tmp/oneshot_voc --query=cow.jpg a.jpg b.jpg
 
 The query is the whole file, or its --query_box=x0,y0,x1,y1 (pixels), resized to
---query_size (default: the workdir's data.patch_size, else 128) x the same, as the
+--query_size (default: the model's data.patch_size, else 128) x the same, as the
 one-shot pipeline crops its queries (``preprocess_query``). Records have category_id 0
 and category_name 'query'; OUT/<name>.png shows the query beside the instances found.
+
+Query patch detection with an UP-DETR pre-training model (its pretext task, as the
+release's visualisation notebook; ``predict_patch_files``): K query patches
+(1 <= K <= model.num_patches), each found in the image by its group's top-scoring query
+(score: the probability of 'is the patch', label 1; ``evaluate.patch_predictions``,
+the pre-training evaluation's group_top):
+
+  python -m updetr_jax.predict --workdir=workdir/demo --output=/tmp/patches \
+      --query_box=10,20,60,90 --query_box=40,5,120,50 a.jpg b.jpg
+  python -m updetr_jax.predict --checkpoint=updetr_r50.pth --config=configs/pretrain.py \
+      --output=/tmp/patches --query=crop1.jpg --query=crop2.jpg a.jpg
+
+--query_box (repeated): the K patches are cut from each image itself (pixels of the
+original image, inside it); --query (repeated): the K patches are those files, searched
+in every image (one --query with K --query_box: K crops of that file). Each patch is
+resized to --query_size (default data.patch_size of the model's config) as the
+pre-training pipeline crops its patches (``preprocess_query``, no augmentation); the
+image to the pre-training evaluation's size (data.eval_scale, data.max_size; --scale
+and --max_size when given). OUT/detections.json holds one record per (image, patch):
+{file_name, image_id, patch (its index k), bbox [x, y, w, h] in original pixels
+(clipped to the image), score, and query_box [x0, y0, x1, y1] with iou (of bbox with
+it), or query (the file)}; OUT/<name>.png draws each found box with its score (the
+query boxes solid) above the query patches (``visualize.plot_patch_detection``).
 """
 
 from __future__ import annotations
@@ -36,12 +59,13 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 from PIL import Image
 
-from updetr_jax import checkpoints, cli, evaluate, visualize
+from updetr_jax import box_ops, checkpoints, cli, evaluate, files, visualize
 from updetr_jax.class_names import get_class_names
 from updetr_jax.models import build_model, variable_shapes
 
@@ -80,19 +104,26 @@ def define_model_flags() -> None:
   )
 
 
-def is_oneshot_model(model_config) -> bool:
-  """A one-shot detector: one query patch, no feature reconstruction head."""
-  return model_config.get('num_patches') == 1 and not model_config.get('feature_head', True)
+MODEL_KINDS = ('detr', 'oneshot', 'pretrain')
 
 
-def load_model_from_flags(oneshot: bool = False):
-  """The DETR (or, with ``oneshot``, the one-shot detector) named by
-  ``define_model_flags``' flags.
+def model_kind(model_config) -> str:
+  """'detr', 'oneshot' (one query patch, no feature reconstruction head) or 'pretrain'
+  (an UP-DETR pre-training model: model.num_patches query patches)."""
+  if not model_config.get('num_patches'):
+    return 'detr'
+  if model_config['num_patches'] == 1 and not model_config.get('feature_head', True):
+    return 'oneshot'
+  return 'pretrain'
+
+
+def load_model_from_flags(kinds=('detr',)):
+  """The model named by ``define_model_flags``' flags, when its kind (``model_kind``)
+  is one of ``kinds``.
 
   Returns (model, variables, model config dict, source {'workdir', 'which', 'step'} or
-  {'checkpoint'}). Raises app.UsageError on a wrong flag combination, an UP-DETR
-  pre-training workdir (its model needs query patches), a one-shot model without
-  ``oneshot`` or a DETR with it.
+  {'checkpoint'}). Raises app.UsageError on a wrong flag combination or a model of
+  another kind (a DETR program given a one-shot or pre-training model).
   """
   FLAGS = flags.FLAGS  # noqa: N806
   if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
@@ -107,18 +138,20 @@ def load_model_from_flags(oneshot: bool = False):
       raise app.UsageError('--checkpoint needs --config (the model it was trained with)')
     model_config = FLAGS.config.model.to_dict()
     where = FLAGS.checkpoint
-  if is_oneshot_model(model_config) != oneshot:
-    if is_oneshot_model(model_config):
+  kind = model_kind(model_config)
+  if kind not in kinds:
+    if kind == 'oneshot':
       raise app.UsageError(
         f'{where} is a one-shot detector: it needs a query (predict --query=crop.jpg)'
       )
-    if model_config.get('num_patches'):
+    if kind == 'pretrain':
       raise app.UsageError(
         f'{where} holds an UP-DETR pre-training model '
-        f'(model.num_patches={model_config["num_patches"]}), which needs '
-        'query patches; fine-tune it into DETR (or a one-shot detector) first'
+        f'(model.num_patches={model_config["num_patches"]}), which needs query patches '
+        '(predict --query_box / --query); fine-tune it into DETR (or a one-shot detector) '
+        'first'
       )
-    raise app.UsageError(f'{where} is a DETR, which takes no --query (a one-shot model does)')
+    raise app.UsageError(f'{where} is a DETR, which takes no query patches')
   if FLAGS.workdir:
     return (
       build_model(model_config),
@@ -129,6 +162,17 @@ def load_model_from_flags(oneshot: bool = False):
   model = build_model(model_config)
   variables = load_model_variables(model, model_config, FLAGS.checkpoint)
   return model, variables, model_config, {'checkpoint': FLAGS.checkpoint}
+
+
+def data_config_from_flags() -> dict:
+  """The data config of the model's run: the workdir's config.json, else --config's
+  (``{}`` when neither has one). Gives the patch size and evaluation scale."""
+  FLAGS = flags.FLAGS  # noqa: N806
+  if FLAGS.workdir:
+    return dict(files.read_json(os.path.join(FLAGS.workdir, 'config.json')).get('data', {}))
+  if FLAGS.config is not None and 'data' in FLAGS.config:
+    return FLAGS.config.data.to_dict()
+  return {}
 
 
 def load_image(path: str) -> np.ndarray:
@@ -274,28 +318,230 @@ def predict_files(
   return records
 
 
+def make_patch_detect_fn(model):
+  """Jitted (variables, images [B, H, W, 3], padding_mask [B, H, W], patches
+  [B, K, P, P, 3]) -> (boxes [B, K, 4] cxcywh of the unpadded image, scores [B, K]):
+  each patch's answer, the top-scoring query of its group (``evaluate.
+  patch_predictions``, the pre-training evaluation's group_top), in eval mode."""
+
+  @jax.jit
+  def detect(variables, images, padding_mask, patches):
+    out = model.apply(variables, images, padding_mask, patches)
+    return evaluate.patch_predictions(out, patches.shape[1])
+
+  return detect
+
+
+def _cxcywh_to_xyxy_pixels(boxes, height: int, width: int) -> np.ndarray:
+  """[K, 4] cxcywh in [0, 1] -> xyxy pixels [K, 4], clipped to the image."""
+  cx, cy, w, h = np.asarray(boxes, np.float64).T
+  size = np.array([width, height, width, height], np.float64)
+  xyxy = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1) * size
+  return np.clip(xyxy, 0.0, size)
+
+
+def _xyxy_pixels_to_cxcywh(boxes, height: int, width: int) -> np.ndarray:
+  """[K, 4] xyxy pixels -> cxcywh [K, 4] relative to the image."""
+  x0, y0, x1, y1 = np.asarray(boxes, np.float64).T
+  return np.stack(
+    [(x0 + x1) / 2 / width, (y0 + y1) / 2 / height, (x1 - x0) / width, (y1 - y0) / height], -1
+  )
+
+
+def predict_patch_files(
+  model,
+  variables,
+  paths,
+  output: str,
+  *,
+  patch_size: int,
+  query_boxes=None,
+  patches: np.ndarray | None = None,
+  query_names=None,
+  scale: int = 480,
+  max_size: int = 600,
+) -> list[dict]:
+  """Query patch detection with an UP-DETR pre-training model (SPEC §3, the release's
+  notebook): finds K query patches in each image; writes detections.json and one png
+  per image.
+
+  Args:
+    query_boxes: K boxes x0, y0, x1, y1 in pixels, cropped from each image itself
+      (``preprocess_query``: the pre-training's patch crop, resize to patch_size and
+      normalisation) as its K query patches.
+    patches: or K query patches float32 [K, P, P, 3] (``preprocess_query``), the same
+      for every image; query_names: K names recorded with them (e.g. the files).
+    scale, max_size: the image resize (the pre-training evaluation's data.eval_scale
+      and data.max_size), run alone with no padding as ``predict_files``.
+  Returns: the records, one per (image, patch): {file_name, image_id (position in
+    paths), patch (index k), bbox [x, y, w, h] in original pixels (clipped to the
+    image), score (probability of 'is the patch', label 1, of the top query of group
+    k), and query_box [x0, y0, x1, y1] with iou (of bbox with it), or query (the name)}.
+  """
+  if (query_boxes is None) == (patches is None):
+    raise ValueError('give exactly one of query_boxes and patches')
+  os.makedirs(output, exist_ok=True)
+  detect = make_patch_detect_fn(model)
+  records = []
+  for i, (path, name) in enumerate(zip(paths, _png_names(paths))):
+    image = load_image(path)
+    h, w = image.shape[:2]
+    if query_boxes is not None:
+      patches_i = np.stack([preprocess_query(image, patch_size, b) for b in query_boxes])
+    else:
+      patches_i = np.asarray(patches, np.float32)
+    x = preprocess(image, scale, max_size)
+    boxes, scores = jax.device_get(
+      detect(variables, x[None], np.zeros((1,) + x.shape[:2], bool), patches_i[None])
+    )
+    boxes, scores = boxes[0], scores[0]
+    xyxy = _cxcywh_to_xyxy_pixels(boxes, h, w)
+    ious = None
+    if query_boxes is not None:
+      true = np.asarray(query_boxes, np.float64)
+      ious = np.asarray(box_ops.box_iou(xyxy, true)[0])
+    for k in range(len(patches_i)):
+      x0, y0, x1, y1 = (float(v) for v in xyxy[k])
+      rec = {
+        'file_name': os.path.basename(path),
+        'image_id': i,
+        'patch': k,
+        'bbox': [x0, y0, x1 - x0, y1 - y0],
+        'score': float(scores[k]),
+      }
+      if query_boxes is not None:
+        rec.update(query_box=[float(v) for v in query_boxes[k]], iou=float(ious[k]))
+      else:
+        rec['query'] = str(query_names[k]) if query_names is not None else f'#{k}'
+      records.append(rec)
+    visualize.plot_patch_detection(
+      os.path.join(output, f'{name}.png'),
+      image,
+      None,
+      patches_i,
+      None if query_boxes is None else _xyxy_pixels_to_cxcywh(query_boxes, h, w),
+      _xyxy_pixels_to_cxcywh(xyxy, h, w),
+      ious,
+      title=f'{name}: query patches found (dashed)'
+      + (', their boxes (solid)' if query_boxes is not None else ''),
+      scores=scores,
+    )
+  with open(os.path.join(output, 'detections.json'), 'w') as f:
+    json.dump(records, f)
+  return records
+
+
+def _parse_box(text: str) -> list[float]:
+  try:
+    box = [float(v) for v in text.split(',')]
+  except ValueError:
+    box = []
+  if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]:
+    raise app.UsageError(f'--query_box={text!r}: give x0,y0,x1,y1 with x0<x1, y0<y1')
+  return box
+
+
+def _image_size(path: str) -> tuple[int, int]:
+  """(width, height) of an image file, from its header."""
+  with Image.open(path) as im:
+    return im.size
+
+
+def _pretrain_queries(model_config, paths, size: int):
+  """The query patches of a pre-training model from --query_box / --query: kwargs of
+  ``predict_patch_files``. Raises app.UsageError on a wrong combination."""
+  FLAGS = flags.FLAGS  # noqa: N806
+  m = model_config['num_patches']
+  queries, boxes = list(FLAGS.query or []), [_parse_box(b) for b in FLAGS.query_box or []]
+  if not queries and not boxes:
+    raise app.UsageError(
+      f'{FLAGS.workdir or FLAGS.checkpoint} holds an UP-DETR pre-training model '
+      f'(model.num_patches={m}): give its query patches, --query_box=x0,y0,x1,y1 '
+      '(repeated, boxes of each image in pixels) or --query=crop.jpg (repeated, patches '
+      'searched in every image)'
+    )
+  if queries and boxes and len(queries) > 1:
+    raise app.UsageError(
+      '--query_box with --query crops the one --query file: give one --query, or no '
+      '--query_box (whole files)'
+    )
+  k = len(boxes) or len(queries)
+  if k > m:
+    raise app.UsageError(
+      f'{k} query patches given, but the model has model.num_patches={m}: give at most '
+      f'{m} (--query_box or --query)'
+    )
+  if queries:
+    if boxes:  # the boxes are crops of the --query file
+      image = load_image(queries[0])
+      names = [f'{os.path.basename(queries[0])}[{",".join(f"{v:g}" for v in b)}]' for b in boxes]
+      return {
+        'patches': np.stack([preprocess_query(image, size, b) for b in boxes]),
+        'query_names': names,
+      }
+    return {
+      'patches': np.stack([preprocess_query(load_image(q), size) for q in queries]),
+      'query_names': [os.path.basename(q) for q in queries],
+    }
+  for path in paths:  # the boxes are cut from each image: inside every one
+    w, h = _image_size(path)
+    for b in boxes:
+      if b[0] < 0 or b[1] < 0 or b[2] > w or b[3] > h:
+        raise app.UsageError(
+          f'--query_box={",".join(f"{v:g}" for v in b)} is not inside {path} ({w} x {h} pixels)'
+        )
+  return {'query_boxes': boxes}
+
+
 def main(argv):
   FLAGS = flags.FLAGS  # noqa: N806
   cli.setup_logging()
   paths = argv[1:]
   if not paths:
     raise app.UsageError('give at least one image file')
-  model, variables, _, source = load_model_from_flags(oneshot=bool(FLAGS.query))
+  model, variables, model_config, source = load_model_from_flags(kinds=MODEL_KINDS)
+  kind = model_kind(model_config)
+  queries, boxes = list(FLAGS.query or []), list(FLAGS.query_box or [])
+  where = FLAGS.workdir or FLAGS.checkpoint
+  if kind == 'detr' and (queries or boxes):
+    raise app.UsageError(
+      f'{where} is a DETR, which takes no --query / --query_box (a one-shot or '
+      'pre-training model does)'
+    )
+  if kind == 'oneshot' and not queries:
+    raise app.UsageError(
+      f'{where} is a one-shot detector: it needs a query (predict --query=crop.jpg)'
+    )
+  if kind == 'oneshot' and (len(queries) > 1 or len(boxes) > 1):
+    raise app.UsageError(
+      'a one-shot detector takes one --query (and at most one --query_box in it)'
+    )
+  data = data_config_from_flags()
+  size = FLAGS.query_size or int(data.get('patch_size', 0)) or 128
+  patch_queries = _pretrain_queries(model_config, paths, size) if kind == 'pretrain' else None
   if 'step' in source:
     print(f'restored step {source["step"]} of {source["workdir"]} ({source["which"]})')
+  if patch_queries is not None:
+    records = predict_patch_files(
+      model,
+      variables,
+      paths,
+      FLAGS.output,
+      patch_size=size,
+      scale=FLAGS.scale if FLAGS['scale'].present else int(data.get('eval_scale', 480)),
+      max_size=FLAGS.max_size if FLAGS['max_size'].present else int(data.get('max_size', 600)),
+      **patch_queries,
+    )
+    mean = np.mean([r['score'] for r in records])
+    print(
+      f'{len(paths)} images x {len(records) // len(paths)} query patches, mean score '
+      f'{mean:.3f}; wrote {FLAGS.output}/detections.json and pngs'
+    )
+    return
   query = None
-  if FLAGS.query:
-    box = None
-    if FLAGS.query_box:
-      box = [float(v) for v in FLAGS.query_box.split(',')]
-      if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]:
-        raise app.UsageError(f'--query_box={FLAGS.query_box!r}: give x0,y0,x1,y1 with x0<x1, y0<y1')
-    size = FLAGS.query_size
-    if not size and FLAGS.workdir:
-      with open(os.path.join(FLAGS.workdir, 'config.json')) as f:
-        size = int(json.load(f).get('data', {}).get('patch_size', 0))
-    size = size or 128
-    query = preprocess_query(load_image(FLAGS.query), size, box)
+  if queries:
+    box = _parse_box(boxes[0]) if boxes else None
+    query = preprocess_query(load_image(queries[0]), size, box)
   records = predict_files(
     model,
     variables,
@@ -317,16 +563,31 @@ def main(argv):
 def _define_flags():
   define_model_flags()
   flags.DEFINE_string('output', None, 'output directory')
-  flags.DEFINE_float('threshold', 0.7, 'score threshold for the pictures')
+  flags.DEFINE_float('threshold', 0.7, 'score threshold for the pictures (DETR, one-shot)')
   flags.DEFINE_enum(
     'class_names', 'coco', ['coco', 'voc', 'none'], 'label names for the pictures and json'
   )
-  flags.DEFINE_integer('scale', 800, 'shorter side after resizing')
-  flags.DEFINE_integer('max_size', 1333, 'cap on the longer side')
-  flags.DEFINE_string('query', None, 'one-shot detection: image file of the query object')
-  flags.DEFINE_string('query_box', None, 'x0,y0,x1,y1: the query object in --query (pixels)')
   flags.DEFINE_integer(
-    'query_size', 0, 'query side after resizing (0: the workdir data.patch_size, else 128)'
+    'scale', 800, 'shorter side after resizing (pre-training model: default data.eval_scale)'
+  )
+  flags.DEFINE_integer(
+    'max_size', 1333, 'cap on the longer side (pre-training model: default data.max_size)'
+  )
+  flags.DEFINE_multi_string(
+    'query',
+    None,
+    'image file of a query: one-shot, the query object; pre-training, a query patch '
+    '(repeat for up to model.num_patches)',
+  )
+  flags.DEFINE_multi_string(
+    'query_box',
+    None,
+    'x0,y0,x1,y1 pixels: one-shot, the query object in --query; pre-training, a query '
+    'patch cut from each image (or from the one --query; repeat for up to '
+    'model.num_patches)',
+  )
+  flags.DEFINE_integer(
+    'query_size', 0, 'query side after resizing (0: the model data.patch_size, else 128)'
   )
   flags.mark_flags_as_required(['output'])
 

@@ -25,34 +25,65 @@ def _xyxy_pixels(box_cxcywh, h, w):
 
 
 def plot_patch_detection(
-  path: str, image, padding_mask, patches, true_boxes, pred_boxes, ious=None, title: str = ''
+  path: str,
+  image,
+  padding_mask,
+  patches,
+  true_boxes,
+  pred_boxes,
+  ious=None,
+  title: str = '',
+  scores=None,
 ) -> None:
   """One image with its query patches: true boxes solid, predictions dashed.
 
-  Args: image [H, W, 3] normalised, padding_mask [H, W], patches [M, P, P, 3]
-    normalised, true_boxes / pred_boxes [M, 4] cxcywh of the unpadded image, ious [M].
+  Args: image [H, W, 3] normalised (uint8: RGB, shown as it is), padding_mask [H, W]
+    (None: no padding), patches [M, P, P, 3] normalised, true_boxes [M, 4] (None: not
+    known, not drawn) and pred_boxes [M, 4] cxcywh of the unpadded image, ious [M],
+    scores [M] (each prediction's score, written at its box and under its patch).
   """
-  valid = ~np.asarray(padding_mask)
-  h = int(valid.any(axis=1).sum())
-  w = int(valid.any(axis=0).sum())
+  image = np.asarray(image)
+  if padding_mask is None:
+    h, w = image.shape[:2]
+  else:
+    valid = ~np.asarray(padding_mask)
+    h = int(valid.any(axis=1).sum())
+    w = int(valid.any(axis=0).sum())
+  shown = image[:h, :w] if image.dtype == np.uint8 else denormalize(image)[:h, :w]
   m = len(patches)
   colors = plt.cm.tab10(np.arange(m) % 10)
   fig = plt.figure(figsize=(8, 5.5))
   grid = fig.add_gridspec(2, max(m, 1), height_ratios=[4, 1])
   ax = fig.add_subplot(grid[0, :])
-  ax.imshow(denormalize(image)[:h, :w])
+  ax.imshow(shown)
   for j in range(m):
-    for box, style in ((true_boxes[j], '-'), (pred_boxes[j], '--')):
+    drawn = [(pred_boxes[j], '--')]
+    if true_boxes is not None:
+      drawn.insert(0, (true_boxes[j], '-'))
+    for box, style in drawn:
       x, y, bw, bh = _xyxy_pixels(box, h, w)
       ax.add_patch(plt.Rectangle((x, y), bw, bh, fill=False, lw=2, ls=style, edgecolor=colors[j]))
+    if scores is not None:
+      x, y, _, _ = _xyxy_pixels(pred_boxes[j], h, w)
+      ax.text(
+        x,
+        y,
+        f'#{j} {float(scores[j]):.2f}',
+        fontsize=8,
+        va='bottom',
+        bbox=dict(facecolor=colors[j], alpha=0.6, pad=1, lw=0),
+      )
   ax.set_title(title or 'query patches: true box (solid) vs prediction (dashed)')
   ax.axis('off')
   for j in range(m):
     pa = fig.add_subplot(grid[1, j])
     pa.imshow(denormalize(patches[j]))
-    pa.set_title(
-      f'#{j}' + (f' IoU {ious[j]:.2f}' if ious is not None else ''), fontsize=8, color=colors[j]
-    )
+    label = f'#{j}'
+    if scores is not None:
+      label += f' score {float(scores[j]):.2f}'
+    if ious is not None:
+      label += f' IoU {float(ious[j]):.2f}'
+    pa.set_title(label, fontsize=8, color=colors[j])
     pa.axis('off')
   fig.tight_layout()
   files.save_figure(fig, path, dpi=100)
