@@ -34,6 +34,8 @@ DEFAULTS: dict[str, Any] = dict(
   mosaic_eval_count=64,
   mosaic_seed=0,
   mosaic_size=(128, 160),
+  # 'cells' (Voronoi mosaics) or 'ramp' (colour = position: the positive control).
+  mosaic_style='cells',
   # Pre-training evaluation images, never trained on (see eval_data_config):
   eval_tfds_split='validation',  # tfds: ImageNet's validation split
   eval_folder='',  # folder: a second folder ('' = new patches of the training images)

@@ -10,9 +10,16 @@ alone decides its box: a detector that uses its query patch can find it, one tha
 ignores it cannot do better than a box prior. ``benchmarks/pretext_learnability.py``
 trains on them and reports the patch diagnostics against steps.
 
+A second style, ``'ramp'``, is the positive control: the colour codes the absolute
+position (red = x / W, green = y / H, blue a random wave of the image), so a patch's
+colours alone give its box, with no need to find it in the image. A model that
+learns 'ramp' but not 'cells' can read a patch's box from the patch but cannot yet
+match a patch against the image (the README's "Is the pretext learned?").
+
 Public API:
-  render_mosaic(rng, height, width) -> uint8 [H, W, 3]
-  mosaic_arrays(split, count, *, seed=0, image_size=(128, 160)) -> [uint8 [H, W, 3]]
+  render_mosaic(rng, height, width, style='cells') -> uint8 [H, W, 3]
+  mosaic_arrays(split, count, *, seed=0, image_size=(128, 160), style='cells')
+      -> [uint8 [H, W, 3]]
       (in memory: the pre-training source ``data.source='mosaics'``)
   write_mosaics(directory, *, seed=0, num_train=400, num_eval=64,
       image_size=(128, 160)) -> {'train': dir, 'eval': dir, 'manifest': path, ...}
@@ -44,6 +51,7 @@ MIN_COLOUR_DISTANCE = 0.25  # RGB in [0, 1]; redrawn until every pair is this fa
 SHADING = 0.15  # the linear shading of a cell spans +- this much across the image
 NOISE = 0.02  # std of the Gaussian pixel noise
 _SPLIT_CODE = {'train': 1, 'eval': 2}
+STYLES = ('cells', 'ramp')
 
 
 def _colours(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -56,8 +64,14 @@ def _colours(rng: np.random.Generator, n: int) -> np.ndarray:
   return np.stack(out)
 
 
-def render_mosaic(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-  """One mosaic: uint8 [height, width, 3] (see the module docstring)."""
+def render_mosaic(
+  rng: np.random.Generator, height: int, width: int, style: str = 'cells'
+) -> np.ndarray:
+  """One image of ``style`` (STYLES): uint8 [height, width, 3] (module docstring)."""
+  if style not in STYLES:
+    raise ValueError(f'data.mosaic_style={style!r}: choose one of {STYLES}')
+  if style == 'ramp':
+    return _render_ramp(rng, height, width)
   n = int(rng.integers(CELLS[0], CELLS[1] + 1))
   sites = rng.uniform(0.0, 1.0, (n, 2)) * (height, width)  # (y, x)
   yy, xx = np.meshgrid(np.arange(height) + 0.5, np.arange(width) + 0.5, indexing='ij')
@@ -72,19 +86,34 @@ def render_mosaic(rng: np.random.Generator, height: int, width: int) -> np.ndarr
   return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+def _render_ramp(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+  yy, xx = np.meshgrid(
+    (np.arange(height) + 0.5) / height, (np.arange(width) + 0.5) / width, indexing='ij'
+  )
+  phase, freq = rng.uniform(0.0, 2.0 * np.pi), rng.uniform(3.0, 9.0)
+  img = np.stack([xx, yy, 0.5 + 0.4 * np.sin(freq * (xx + yy) + phase)], axis=-1)
+  img = img + rng.normal(0.0, NOISE, img.shape)
+  return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
 def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
   return np.random.default_rng([GENERATOR_VERSION, seed, _SPLIT_CODE[split], index])
 
 
 def mosaic_arrays(
-  split: str, count: int, *, seed: int = 0, image_size: tuple[int, int] = (128, 160)
+  split: str,
+  count: int,
+  *,
+  seed: int = 0,
+  image_size: tuple[int, int] = (128, 160),
+  style: str = 'cells',
 ) -> list[np.ndarray]:
-  """The first ``count`` mosaics of ``split`` ('train' or 'eval'), as written by
-  ``write_mosaics`` with the same seed and size."""
+  """The first ``count`` images of ``split`` ('train' or 'eval') and ``style``, as
+  written by ``write_mosaics`` with the same seed, size and style."""
   if split not in _SPLIT_CODE:
     raise ValueError(f'mosaic split {split!r}: choose one of {sorted(_SPLIT_CODE)}')
   h, w = (int(s) for s in image_size)
-  return [render_mosaic(_image_rng(seed, split, i), h, w) for i in range(int(count))]
+  return [render_mosaic(_image_rng(seed, split, i), h, w, style) for i in range(int(count))]
 
 
 def _png(img: np.ndarray) -> bytes:
@@ -108,6 +137,7 @@ def write_mosaics(
   num_train: int = 400,
   num_eval: int = 64,
   image_size: tuple[int, int] = (128, 160),
+  style: str = 'cells',
 ) -> dict:
   """Writes the train and held-out eval mosaics (H, W = image_size) under directory.
 
@@ -121,6 +151,7 @@ def write_mosaics(
     num_train=int(num_train),
     num_eval=int(num_eval),
     image_size=[h, w],
+    style=style,
   )
   paths = mosaic_paths(directory)
   result = {**paths, 'num_train': int(num_train), 'num_eval': int(num_eval)}
@@ -133,7 +164,7 @@ def write_mosaics(
   for split, count in (('train', num_train), ('eval', num_eval)):
     shutil.rmtree(paths[split], ignore_errors=True)
     os.makedirs(paths[split])
-    for i, img in enumerate(mosaic_arrays(split, count, seed=seed, image_size=(h, w))):
+    for i, img in enumerate(mosaic_arrays(split, count, seed=seed, image_size=(h, w), style=style)):
       data = _png(img)
       name = f'{split}/{i:05d}_{h}x{w}.png'
       with open(os.path.join(directory, name), 'wb') as f:
@@ -154,6 +185,7 @@ def main(argv=None):
   p.add_argument('--num_eval', type=int, default=64)
   p.add_argument('--height', type=int, default=128)
   p.add_argument('--width', type=int, default=160)
+  p.add_argument('--style', choices=STYLES, default='cells')
   a = p.parse_args(argv)
   out = write_mosaics(
     a.output,
@@ -161,6 +193,7 @@ def main(argv=None):
     num_train=a.num_train,
     num_eval=a.num_eval,
     image_size=(a.height, a.width),
+    style=a.style,
   )
   print(json.dumps(out, indent=1))
 

@@ -509,13 +509,15 @@ def demo_arrays(names=DEMO_IMAGES) -> list[tuple[str, np.ndarray]]:
 
 class MosaicSource(MemorySource):
   """The learnability benchmark's random mosaics (``data/mosaics.py``), rendered in
-  memory: ``count`` images of ``split`` ('train' or 'eval')."""
+  memory: ``count`` images of ``split`` ('train' or 'eval') and ``style``."""
 
-  def __init__(self, split: str, count: int, seed: int, image_size):
+  def __init__(self, split: str, count: int, seed: int, image_size, style: str = 'cells'):
     from updetr_jax.data import mosaics  # noqa: PLC0415
 
-    arrays = mosaics.mosaic_arrays(split, count, seed=seed, image_size=tuple(image_size))
-    super().__init__(arrays, name=f'mosaics ({split})')
+    arrays = mosaics.mosaic_arrays(
+      split, count, seed=seed, image_size=tuple(image_size), style=style
+    )
+    super().__init__(arrays, name=f'mosaics ({style}, {split})')
 
 
 class DemoSource(MemorySource):
@@ -550,7 +552,11 @@ def make_source(cfg) -> Source:
     src = DemoSource(tuple(cfg['demo_images']))
   elif kind == 'mosaics':
     src = MosaicSource(
-      cfg['mosaic_split'], cfg['mosaic_count'], cfg['mosaic_seed'], cfg['mosaic_size']
+      cfg['mosaic_split'],
+      cfg['mosaic_count'],
+      cfg['mosaic_seed'],
+      cfg['mosaic_size'],
+      cfg['mosaic_style'],
     )
   elif kind == 'folder':
     if not cfg['folder']:
