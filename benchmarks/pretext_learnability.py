@@ -8,7 +8,11 @@ it, ``group_top_wrong_patches`` (the model's answer when every image is given an
 image's patches). A decoder that uses its query has group_top well above it.
 
   python benchmarks/pretext_learnability.py --workdir=workdir/learnability \
-      --arms=release,group_norm --seeds=0,1,2 [--steps=1500] [--num_patches=4]
+      --arms=release,group_norm --seeds=0,1,2 [--steps=1500] [--num_patches=4] \
+      [--style=cells|ramp]
+
+``--style=ramp`` is the positive control (``data/mosaics.py``): the colours code the
+position, so a patch alone gives its box and no matching against the image is needed.
 
 Arms (config overrides, ``ARMS``): ``release`` (the release's behaviour), and the
 options of issue 19 alone and combined. Writes ``results.json`` (per run: the curves;
@@ -42,6 +46,18 @@ ARMS = {
     'matcher.group_matching=True',
     'optim.lr=1e-3',
   ],
+  # The frozen random CNN's BatchNorm statistics re-estimated on the training images.
+  'group_norm_calibrated_cnn': [
+    'model.patch_feature_norm=True',
+    'matcher.group_matching=True',
+    'init.calibrate_backbone_bn=True',
+  ],
+  'group_norm_calibrated_cnn_value_pos': [
+    'model.patch_feature_norm=True',
+    'matcher.group_matching=True',
+    'init.calibrate_backbone_bn=True',
+    'model.value_pos=True',
+  ],
   # Diagnostic, not the method (the CNN is frozen in UP-DETR): are the frozen
   # random CNN's features what holds the decoder back?
   'group_norm_trainable_cnn': [
@@ -61,7 +77,9 @@ METRICS = (
 )
 
 
-def run_one(workdir: str, arm: str, seed: int, steps: int, num_patches: int, every: int) -> dict:
+def run_one(
+  workdir: str, arm: str, seed: int, steps: int, num_patches: int, every: int, style: str
+) -> dict:
   out = os.path.join(workdir, f'{arm}_seed{seed}')
   curves_path = os.path.join(out, 'eval.jsonl')
   if not os.path.exists(os.path.join(out, 'summary.json')):
@@ -76,6 +94,7 @@ def run_one(workdir: str, arm: str, seed: int, steps: int, num_patches: int, eve
       f'--config.eval.every_steps={every}',
       f'--config.model.num_patches={num_patches}',
       f'--config.checkpoint_every_steps={steps}',
+      f'--config.data.mosaic_style={style}',
     ] + [f'--config.{o}' for o in ARMS[arm]]
     t0 = time.time()
     with open(os.path.join(workdir, f'{arm}_seed{seed}.log'), 'w') as log:
@@ -118,7 +137,7 @@ def table(summary: dict, steps: int) -> str:
   return '\n'.join(lines)
 
 
-def plot(runs: dict, path: str) -> None:
+def plot(runs: dict, path: str, title: str) -> None:
   import matplotlib  # noqa: PLC0415
 
   matplotlib.use('Agg')
@@ -141,7 +160,7 @@ def plot(runs: dict, path: str) -> None:
     ax.set_xlabel('pre-training step')
     ax.grid(alpha=0.3)
   axes[1].legend(fontsize=8)
-  fig.suptitle('held-out mosaics, one line per seed (benchmarks/pretext_learnability.py)')
+  fig.suptitle(f'{title}: one line per seed (benchmarks/pretext_learnability.py)')
   fig.tight_layout()
   fig.savefig(path, dpi=90)
   plt.close(fig)
@@ -155,6 +174,9 @@ def main(argv=None):
   p.add_argument('--steps', type=int, default=1500)
   p.add_argument('--every', type=int, default=250)
   p.add_argument('--num_patches', type=int, default=4)
+  # 'cells': the benchmark; 'ramp': the positive control (colour = position, so the
+  # patch alone gives its box: is the patch reaching the queries at all?).
+  p.add_argument('--style', choices=('cells', 'ramp'), default='cells')
   a = p.parse_args(argv)
   arms = a.arms.split(',')
   unknown = sorted(set(arms) - set(ARMS))
@@ -163,7 +185,7 @@ def main(argv=None):
   os.makedirs(a.workdir, exist_ok=True)
   seeds = [int(s) for s in a.seeds.split(',')]
   runs = {
-    arm: {s: run_one(a.workdir, arm, s, a.steps, a.num_patches, a.every) for s in seeds}
+    arm: {s: run_one(a.workdir, arm, s, a.steps, a.num_patches, a.every, a.style) for s in seeds}
     for arm in arms
   }
   summary = summarize(runs)
@@ -171,6 +193,7 @@ def main(argv=None):
     'config': 'configs/pretrain.py:mosaics',
     'steps': a.steps,
     'num_patches': a.num_patches,
+    'mosaic_style': a.style,
     'seeds': seeds,
     'arms': {arm: ARMS[arm] for arm in arms},
     'summary': summary,
@@ -181,7 +204,9 @@ def main(argv=None):
   md = table(summary, a.steps)
   with open(os.path.join(a.workdir, 'table.md'), 'w') as f:
     f.write(md + '\n')
-  plot(runs, os.path.join(a.workdir, 'curves.png'))
+  plot(
+    runs, os.path.join(a.workdir, 'curves.png'), f'held-out {a.style} mosaics, M={a.num_patches}'
+  )
   print(json.dumps({'summary': summary, 'table': md}, indent=1))
 
 

@@ -307,3 +307,32 @@ def test_pretraining_makes_the_answer_depend_on_the_patches(tmp_path):
   assert abs(before['group_top'] - before['group_top_wrong_patches']) < 0.02
   # Measured: 0.368 vs 0.303 after 300 steps; exactly equal with the patches unused.
   assert after['group_top'] > after['group_top_wrong_patches'] + 0.03, after
+
+
+def test_value_pos_puts_positions_into_the_cross_attention_values_only():
+  config = tiny_config()
+  batch = fixed_batch()
+  args = (batch['images'], batch['padding_mask'], batch['patches'])
+  plain = build_model(config.model)
+  variables = init_variables(plain, jax.random.PRNGKey(0))
+  config.model.value_pos = True
+  with_pos = build_model(config.model)
+  # Same parameters: a checkpoint loads either way.
+  assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
+    init_variables(with_pos, jax.random.PRNGKey(0))
+  )
+  a, b = plain.apply(variables, *args), with_pos.apply(variables, *args)
+  assert np.abs(np.asarray(a['pred_boxes']) - np.asarray(b['pred_boxes'])).max() > 1e-4
+
+  # The encoder (memory) is untouched: only the decoder's values change.
+  def memory(m):
+    src, padding, pos = m.encode_image(args[0], args[1])
+    queries = jnp.broadcast_to(
+      m.query_embed.embedding, (src.shape[0],) + m.query_embed.embedding.shape
+    )
+    return m.transformer(src, padding, pos, queries)[1]
+
+  np.testing.assert_array_equal(
+    np.asarray(plain.apply(variables, method=memory)),
+    np.asarray(with_pos.apply(variables, method=memory)),
+  )
