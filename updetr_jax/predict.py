@@ -52,6 +52,9 @@ and --max_size when given). OUT/detections.json holds one record per (image, pat
 (clipped to the image), score, and query_box [x0, y0, x1, y1] with iou (of bbox with
 it), or query (the file)}; OUT/<name>.png draws each found box with its score (the
 query boxes solid) above the query patches (``visualize.plot_patch_detection``).
+
+One file: the three model kinds (DETR, one-shot, pre-training) share one command's
+flags, its checkpoint loading, its image and query preprocessing and its flag checks.
 """
 
 from __future__ import annotations
