@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+
 import jax
 import numpy as np
 import pytest
@@ -18,7 +19,11 @@ from updetr_jax.configs import pretrain
 from updetr_jax import checkpoints, integrity, optim, train_step
 from updetr_jax.models import build_model
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from data_helpers import change_saved_values, flip_bytes, zero_data_files  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEP_PARAMS = 'state/params/'  # arrays that every reader restores (also the weights-only one)
 
 
 def _state(config, seed: int):
@@ -76,13 +81,6 @@ def _ckpts(workdir, config):
   )
 
 
-def _overwrite_middle(path, n=16):
-  size = os.path.getsize(path)
-  with open(path, 'r+b') as f:
-    f.seek(size // 2)
-    f.write(bytes((i * 37 + 11) % 256 for i in range(n)))
-
-
 def _step_dir(workdir, step=2):
   return os.path.join(workdir, checkpoints.LAST_DIR, str(step))
 
@@ -106,65 +104,79 @@ def test_intact_checkpoints_come_back_exactly(workdir):
   assert os.path.exists(os.path.join(_step_dir(wd), integrity.FILES_RECORD))
 
 
-def _damage_data_bytes(wd):
-  for f in _data_files(wd):
-    _overwrite_middle(f)
+def _change_values(wd):
+  return f'{change_saved_values(_step_dir(wd), STEP_PARAMS)}: values differ from those saved'
 
 
-def _damage_data_bytes_without_file_record(wd):
+def _change_values_without_file_record(wd):
   os.remove(os.path.join(_step_dir(wd), integrity.FILES_RECORD))  # e.g. killed before it
-  _damage_data_bytes(wd)
+  return _change_values(wd)
+
+
+def _zero_data_files(wd):
+  zero_data_files(_step_dir(wd))
+  return 'Orbax could not read it'
 
 
 def _damage_tree_metadata(wd):
-  _overwrite_middle(os.path.join(_step_dir(wd), 'default', '_METADATA'))
+  flip_bytes(os.path.join(_step_dir(wd), 'default', '_METADATA'))
+  return 'default/_METADATA: contents changed'
 
 
 def _damage_step_metadata(wd):
-  _overwrite_middle(os.path.join(_step_dir(wd), '_CHECKPOINT_METADATA'))
+  flip_bytes(os.path.join(_step_dir(wd), integrity.STEP_METADATA))
+  return f'{integrity.STEP_METADATA}: contents changed'
 
 
 def _damage_ocdbt_manifest(wd):
-  _overwrite_middle(
-    os.path.join(_step_dir(wd), 'default', 'ocdbt.process_0', 'manifest.ocdbt'), n=8
-  )
+  flip_bytes(os.path.join(_step_dir(wd), 'default', 'ocdbt.process_0', 'manifest.ocdbt'), n=8)
+  return 'default/ocdbt.process_0/manifest.ocdbt: contents changed'
+
+
+def _largest_data_file(wd):
+  return max(_data_files(wd), key=os.path.getsize)
 
 
 def _truncate_data_file(wd):
-  f = max(_data_files(wd), key=os.path.getsize)
+  f = _largest_data_file(wd)
+  size = os.path.getsize(f)
   with open(f, 'r+b') as fh:
-    fh.truncate(os.path.getsize(f) // 2)
+    fh.truncate(size // 2)
+  return f'{os.path.relpath(f, _step_dir(wd))}: {size // 2} bytes now, {size} bytes when saved'
 
 
 def _remove_data_file(wd):
-  os.remove(max(_data_files(wd), key=os.path.getsize))
+  f = _largest_data_file(wd)
+  os.remove(f)
+  return f'{os.path.relpath(f, _step_dir(wd))}: file missing'
 
 
 def _remove_commit_marker(wd):
   os.remove(os.path.join(_step_dir(wd), integrity.COMMIT_MARKER))
+  return 'commit_success.txt is missing'
 
 
-# fault -> text the error must contain (what failed, by name)
+# fault -> damages the workdir's step 2, returns the text the error must contain (what
+# failed, by name). Each cause has one fault whose effect does not depend on where
+# Orbax put the bytes (data_helpers): decodable other values, an undecodable database,
+# and metadata or files that the file record names.
 FAULTS = {
-  'data_bytes': (_damage_data_bytes, 'values differ from those saved'),
-  'data_bytes_no_file_record': (
-    _damage_data_bytes_without_file_record,
-    'values differ from those saved',
-  ),
-  'tree_metadata_bytes': (_damage_tree_metadata, 'default/_METADATA: contents changed'),
-  'step_metadata_bytes': (_damage_step_metadata, '_CHECKPOINT_METADATA'),
-  'ocdbt_manifest_bytes': (_damage_ocdbt_manifest, 'manifest.ocdbt: contents changed'),
-  'truncated_file': (_truncate_data_file, 'bytes when saved'),
-  'missing_file': (_remove_data_file, 'file missing'),
-  'no_commit_marker': (_remove_commit_marker, 'commit_success.txt is missing'),
+  'changed_values': _change_values,
+  'changed_values_no_file_record': _change_values_without_file_record,
+  'zeroed_data_files': _zero_data_files,
+  'tree_metadata_bytes': _damage_tree_metadata,
+  'step_metadata_bytes': _damage_step_metadata,
+  'ocdbt_manifest_bytes': _damage_ocdbt_manifest,
+  'truncated_file': _truncate_data_file,
+  'missing_file': _remove_data_file,
+  'no_commit_marker': _remove_commit_marker,
 }
 
 
 @pytest.mark.parametrize('fault', sorted(FAULTS))
 def test_fault_in_newest_step_is_named_and_resume_falls_back(workdir, fault):
   wd, config, trees = workdir
-  damage, named = FAULTS[fault]
-  damage(wd)
+  named = FAULTS[fault](wd)
   # Reading it (predict, init.pretrained, export): an error naming the damage.
   with pytest.raises(integrity.CorruptCheckpointError) as e:
     checkpoints.restore_workdir_variables(wd)
@@ -225,12 +237,15 @@ def test_variables_checkpoint_is_verified(saved, tmp_path):
   path = str(tmp_path / 'variables')
   checkpoints.save_variables(path, variables, config.model.to_dict())
   _assert_equal(checkpoints.load_variables(path, variables), variables)
-  for f in glob.glob(os.path.join(path, 'ocdbt.process_0', 'd', '*')):
-    _overwrite_middle(f)
-  with pytest.raises(integrity.CorruptCheckpointError, match='values differ'):
+  changed = change_saved_values(path, 'params/')
+  for target in (variables, None):
+    with pytest.raises(integrity.CorruptCheckpointError) as e:
+      checkpoints.load_variables(path, target)
+    assert 'is corrupt or incomplete' in str(e.value), e.value
+    assert f'{changed}: values differ from those saved' in str(e.value), e.value
+  zero_data_files(path)
+  with pytest.raises(integrity.CorruptCheckpointError, match='Orbax could not read it'):
     checkpoints.load_variables(path, variables)
-  with pytest.raises(integrity.CorruptCheckpointError, match='values differ'):
-    checkpoints.load_variables(path)
 
 
 _KILL_MID_SAVE = textwrap.dedent("""
