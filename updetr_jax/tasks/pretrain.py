@@ -253,6 +253,15 @@ class PatchTask:
       'patch_eval_before': {k: round(v, 4) for k, v in before.items()},
       'patch_eval_after': {k[len('patch_iou_') :]: round(v, 4) for k, v in metrics.items()},
     }
+    own, wrong = metrics['patch_iou_group_top'], metrics['patch_iou_group_top_wrong_patches']
+    logging.info(
+      "step %d: group_top %.3f with the images' own patches, %.3f with other images' "
+      'patches (gap %.3f: how much the answer depends on the query patch)',
+      step,
+      own,
+      wrong,
+      own - wrong,
+    )
     if jax.process_index() == 0:
       batch, out_, iou = self._first
       idx = np.asarray(matching.hungarian_match(out_, batch['targets']))
