@@ -336,3 +336,29 @@ def test_value_pos_puts_positions_into_the_cross_attention_values_only():
     np.asarray(plain.apply(variables, method=memory)),
     np.asarray(with_pos.apply(variables, method=memory)),
   )
+
+
+def test_wrong_patch_control_gives_each_image_other_images_patches():
+  from updetr_jax.tasks import pretrain as task_module
+
+  seen = []
+
+  class Recorder:
+    """Stands in for the model: records the patches of each call."""
+
+    def apply(self, variables, images, padding_mask, patches, train=False):
+      seen.append(patches)
+      b = images.shape[0]
+      return {'pred_logits': jnp.zeros((b, 4, 3)), 'pred_boxes': jnp.full((b, 4, 4), 0.5)}
+
+  batch = fixed_batch(batch=4, num_patches=2)
+  step = task_module.make_eval_step(Recorder(), 2)
+  with jax.disable_jit():
+    step(None, batch)
+  own, wrong = (np.asarray(p) for p in seen)
+  np.testing.assert_array_equal(own, batch['patches'])
+  for i in range(len(own)):
+    for k in range(own.shape[1]):
+      # Image i's k-th wrong patch is a patch of another image, never one of its own.
+      assert not any(np.array_equal(wrong[i, k], own[i, j]) for j in range(own.shape[1]))
+      assert any(np.array_equal(wrong[i, k], own[i2, k]) for i2 in range(len(own)) if i2 != i)
