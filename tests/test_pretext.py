@@ -108,15 +108,20 @@ def test_group_matching_reaches_the_loss_from_the_config():
   assert float(grouped['loss_bbox']) > float(free['loss_bbox']) + 0.5
 
 
-def test_query_shuffle_permutes_embeddings_in_training_only():
+def _plain_and_with(**option):
+  """(inputs, variables, the tiny model, the same model with ``option`` set)."""
   config = tiny_config()
   config.model.update(patch_query_drop=0.0, dropout=0.0)
   batch = fixed_batch()
   args = (batch['images'], batch['padding_mask'], batch['patches'])
   plain = build_model(config.model)
   variables = init_variables(plain, jax.random.PRNGKey(0))
-  config.model.query_shuffle = True
-  shuffled = build_model(config.model)
+  config.model.update(option)
+  return args, variables, plain, build_model(config.model)
+
+
+def test_query_shuffle_permutes_embeddings_in_training_only():
+  args, variables, plain, shuffled = _plain_and_with(query_shuffle=True)
 
   def boxes(model, train, seed):
     out = model.apply(variables, *args, train=train, rngs={'dropout': jax.random.PRNGKey(seed)})
@@ -310,13 +315,7 @@ def test_pretraining_makes_the_answer_depend_on_the_patches(tmp_path):
 
 
 def test_value_pos_puts_positions_into_the_cross_attention_values_only():
-  config = tiny_config()
-  batch = fixed_batch()
-  args = (batch['images'], batch['padding_mask'], batch['patches'])
-  plain = build_model(config.model)
-  variables = init_variables(plain, jax.random.PRNGKey(0))
-  config.model.value_pos = True
-  with_pos = build_model(config.model)
+  args, variables, plain, with_pos = _plain_and_with(value_pos=True)
   # Same parameters: a checkpoint loads either way.
   assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
     init_variables(with_pos, jax.random.PRNGKey(0))
@@ -362,3 +361,19 @@ def test_wrong_patch_control_gives_each_image_other_images_patches():
       # Image i's k-th wrong patch is a patch of another image, never one of its own.
       assert not any(np.array_equal(wrong[i, k], own[i, j]) for j in range(own.shape[1]))
       assert any(np.array_equal(wrong[i, k], own[i2, k]) for i2 in range(len(own)) if i2 != i)
+
+
+def test_fine_tuning_refuses_a_pretraining_of_other_value_pos():
+  from updetr_jax import pretrained
+
+  config = tiny_config()
+  config.model.value_pos = True
+  source = init_variables(build_model(config.model), jax.random.PRNGKey(0))
+  source_config = dict(config.model)
+  config.model.update(value_pos=False, num_patches=1, feature_head=False)
+  target = init_variables(build_model(config.model), jax.random.PRNGKey(1))
+  with pytest.raises(ValueError, match='value_pos'):
+    pretrained.init_from_pretrained(target, dict(config.model), source, source_config)
+  # A config written before the field existed means value_pos=False.
+  del source_config['value_pos']
+  pretrained.init_from_pretrained(target, dict(config.model), source, source_config)

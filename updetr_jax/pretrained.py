@@ -29,7 +29,10 @@ ARCHITECTURE_FIELDS = (
   'dim_feedforward',
   'num_queries',
   'pre_norm',
+  'value_pos',
 )
+# Architecture fields that configs from before they existed lack: their value then.
+ARCHITECTURE_DEFAULTS = {'value_pos': False}
 # Always fresh in the initialised model: what its classes mean is task specific.
 FRESH_HEADS = ('class_embed',)
 # Query-patch heads: carried when both models have them (one-shot detection keeps the
@@ -87,10 +90,15 @@ def init_from_pretrained(variables, model_config, pretrained, pretrained_model_c
   Raises: ValueError naming the architecture fields that differ or the weights
     that are missing / misshapen.
   """
+
+  def field(config, f):
+    return config.get(f, ARCHITECTURE_DEFAULTS.get(f))
+
   diff = [
-    f'{f}: pre-trained {pretrained_model_config.get(f)!r} vs model {model_config[f]!r}'
+    f'{f}: pre-trained {field(pretrained_model_config, f)!r} vs model {field(model_config, f)!r}'
     for f in ARCHITECTURE_FIELDS
-    if pretrained_model_config is not None and pretrained_model_config.get(f) != model_config[f]
+    if pretrained_model_config is not None
+    and field(pretrained_model_config, f) != field(model_config, f)
   ]
   if diff:
     raise ValueError('pre-trained checkpoint has another architecture:\n  ' + '\n  '.join(diff))
