@@ -46,6 +46,22 @@ ARMS = {
     'matcher.group_matching=True',
     'optim.lr=1e-3',
   ],
+  'group_norm_value_pos': [
+    'model.patch_feature_norm=True',
+    'matcher.group_matching=True',
+    'model.value_pos=True',
+  ],
+  'group_norm_content': [
+    'model.patch_feature_norm=True',
+    'matcher.group_matching=True',
+    'model.patch_content=True',
+  ],
+  'group_norm_content_value_pos': [
+    'model.patch_feature_norm=True',
+    'matcher.group_matching=True',
+    'model.patch_content=True',
+    'model.value_pos=True',
+  ],
   # The frozen random CNN's BatchNorm statistics re-estimated on the training images.
   'group_norm_calibrated_cnn': [
     'model.patch_feature_norm=True',

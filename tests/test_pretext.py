@@ -337,6 +337,38 @@ def test_value_pos_puts_positions_into_the_cross_attention_values_only():
   )
 
 
+def test_patch_content_starts_the_decoder_content_with_the_patch_queries():
+  import flax.linen as nn
+  from updetr_jax.models import transformer
+
+  args, variables, plain, with_content = _plain_and_with(patch_content=True)
+  assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
+    init_variables(with_content, jax.random.PRNGKey(0))
+  )
+
+  def decoder_input(model):
+    seen = []
+
+    def record(next_fun, a, kw, context):
+      if isinstance(context.module, transformer.Decoder) and context.method_name == '__call__':
+        seen.append(np.asarray(a[0]))
+      return next_fun(*a, **kw)
+
+    with nn.intercept_methods(record):
+      model.apply(variables, *args)
+    return seen[0]
+
+  def patch_queries(m, patches):
+    q = m.patch2query(m.patch_features(patches))
+    return jnp.repeat(q, m.num_queries // m.num_patches, axis=1)
+
+  expected = np.asarray(with_content.apply(variables, args[2], method=patch_queries))
+  k = args[2].shape[1]
+  np.testing.assert_array_equal(decoder_input(plain), 0.0)  # the release: zeros
+  np.testing.assert_allclose(decoder_input(with_content), expected, 1e-6)
+  assert decoder_input(with_content).shape[1] == k * (plain.num_queries // plain.num_patches)
+
+
 def test_wrong_patch_control_gives_each_image_other_images_patches():
   from updetr_jax.tasks import pretrain as task_module
 

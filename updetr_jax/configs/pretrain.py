@@ -30,6 +30,7 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
         # README's "Is the pretext learned?".
         patch_feature_norm=False,
         query_shuffle=False,
+        patch_content=False,
       ),
       **overrides,
     }

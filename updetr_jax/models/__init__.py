@@ -49,8 +49,9 @@ def build_model(model_config, dtype=None):
     ``value_pos`` (default False: positions in the decoder cross-attention's values
     too; not in the release, same parameters),
     ``num_patches``, ``patch_query_drop``, ``feature_head`` (UP-DETR's feature_align,
-    default True; False for the one-shot detector), ``patch_feature_norm`` and
-    ``query_shuffle`` (UP-DETR options, default False; models/updetr.py).
+    default True; False for the one-shot detector), ``patch_feature_norm``,
+    ``query_shuffle`` and ``patch_content`` (UP-DETR options, default False;
+    models/updetr.py).
   """
   cfg = dict(model_config)
   missing = [f for f in _FIELDS if f not in cfg]
@@ -91,6 +92,7 @@ def build_model(model_config, dtype=None):
       feature_head=bool(cfg.get('feature_head', True)),
       patch_feature_norm=bool(cfg.get('patch_feature_norm', False)),
       query_shuffle=bool(cfg.get('query_shuffle', False)),
+      patch_content=bool(cfg.get('patch_content', False)),
     )
   return DETR(**kwargs)
 

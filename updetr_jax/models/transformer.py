@@ -259,7 +259,8 @@ class Transformer(nn.Module):
 
   Call:
     src [B, S, d] flattened projected features, padding [B, S] bool (True = padded),
-    pos [B, S, d], query_pos [B, N, d], self_mask bool [N, N] or None (True = may attend).
+    pos [B, S, d], query_pos [B, N, d], self_mask bool [N, N] or None (True = may attend),
+    tgt [B, N, d] the decoder's initial content (None: zeros, as released).
   Returns: hs [L_dec, B, N, d] float32, memory [B, S, d] (``dtype``).
   ``remat``: rematerialise every encoder and decoder layer in the backward pass.
   ``attention``: one of ATTENTION_CHOICES (module docstring). ``value_pos``: the
@@ -279,7 +280,9 @@ class Transformer(nn.Module):
   value_pos: bool = False
 
   @nn.compact
-  def __call__(self, src, padding, pos, query_pos, self_mask=None, train: bool = False):
+  def __call__(
+    self, src, padding, pos, query_pos, self_mask=None, train: bool = False, tgt=None
+  ):
     kw = dict(
       d_model=self.d_model,
       nheads=self.nheads,
@@ -297,6 +300,12 @@ class Transformer(nn.Module):
     if self_mask is not None:
       self_mask = self_mask[None, None]
     hs = Decoder(dec_kw, self.num_decoder_layers, self.remat, name='decoder')(
-      jnp.zeros_like(query_pos), memory, pos, query_pos, self_mask, memory_mask, train
+      jnp.zeros_like(query_pos) if tgt is None else tgt.astype(query_pos.dtype),
+      memory,
+      pos,
+      query_pos,
+      self_mask,
+      memory_mask,
+      train,
     )
     return hs, memory

@@ -54,8 +54,12 @@ class UPDETR(DETR):
   # query_shuffle: the release's --query_shuffle (training only: the query embeddings
   # are taken in a random permutation of the N indices before the patch features are
   # added; the groups and the mask stay fixed).
+  # patch_content: the patch queries also start the decoder's content stream (tgt,
+  # zeros in the release), so every decoder layer's values and the heads see the
+  # patch itself, not only where its query attended.
   patch_feature_norm: bool = False
   query_shuffle: bool = False
+  patch_content: bool = False
 
   def setup(self):
     super().setup()
@@ -99,7 +103,8 @@ class UPDETR(DETR):
     if train and self.query_shuffle:
       embed = embed[jax.random.permutation(self.make_rng('dropout'), self.num_queries)]
     query_pos = (patch_query + embed[None, :n]).astype(self.dtype)
-    hs, _ = self.transformer(src, padding, pos, query_pos, self_mask, train)
+    tgt = patch_query.astype(self.dtype) if self.patch_content else None
+    hs, _ = self.transformer(src, padding, pos, query_pos, self_mask, train, tgt)
     per_layer = self.predict_heads(hs)
     if self.feature_head:
       per_layer['pred_feature'] = self.feature_align(hs.astype(jnp.float32))
