@@ -20,7 +20,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from updetr_jax.configs import compare as compare_config  # noqa: E402
-from updetr_jax import compare  # noqa: E402
+from updetr_jax import compare, device_augment  # noqa: E402
+from updetr_jax.train_step import model_inputs  # noqa: E402
 from updetr_jax.data import eval_data_config, make_pretrain_dataset  # noqa: E402
 from updetr_jax.models import build_model  # noqa: E402
 from updetr_jax.models import init_variables
@@ -56,7 +57,7 @@ def main():
     it, _ = make_pretrain_dataset(
       data, global_batch_size=args.batch, num_patches=p.model.num_patches, train=False, seed=1
     )
-    batch = next(it)
+    batch = jax.jit(device_augment.batch_preparer(data, train=False))(model_inputs(next(it)))
     it.close()
     for name, path in (('random', ''), ('checkpoint', checkpoint)):
       variables = init_variables(model, jax.random.PRNGKey(0))

@@ -112,3 +112,17 @@ def change_saved_values(checkpoint_dir: str, under: str = '') -> str:
   if os.path.exists(os.path.join(checkpoint_dir, integrity.FILES_RECORD)):
     integrity.write_file_record(checkpoint_dir)
   return path
+
+
+def model_batch(batch: dict, data_config, train: bool) -> dict:
+  """A pre-training host batch (uint8 images, patch rectangles, seeds) as the model
+  sees it: ``device_augment.batch_preparer`` run (jitted) on it; numpy, with the
+  batch's other entries kept (the images become float32 normalised)."""
+  import jax  # noqa: PLC0415
+
+  from updetr_jax import device_augment  # noqa: PLC0415
+  from updetr_jax.data import resolve_config  # noqa: PLC0415
+  from updetr_jax.train_step import model_inputs  # noqa: PLC0415
+
+  prepare = jax.jit(device_augment.batch_preparer(resolve_config(data_config), train))
+  return {**batch, **jax.device_get(prepare(model_inputs(batch)))}

@@ -18,7 +18,7 @@ tf = importorskip('tensorflow')
 
 from updetr_jax import data  # noqa: E402
 from updetr_jax.data import augment  # noqa: E402
-from data_helpers import take  # noqa: E402
+from data_helpers import model_batch, take  # noqa: E402
 from test_data import _save, cfg_for  # noqa: E402
 
 N_IMAGES = 16  # 48 x 64 (one landscape bucket of cfg_for): 4 batches of 4 per epoch
@@ -48,13 +48,14 @@ def _unnormalise(x):
   return np.asarray(x, np.float64) * STD + MEAN
 
 
-def _epoch_rows(batches):
+def _epoch_rows(batches, cfg):
   """Batches of whole epochs -> per epoch, the yielded example order and per example
   (image colour uint8 [3], boxes [M, 4], patch colours [M, 3] in [0, 1])."""
   epochs = []
   for e in range(len(batches) // EPOCH_BATCHES):
     order, rows = [], {}
-    for b in batches[e * EPOCH_BATCHES : (e + 1) * EPOCH_BATCHES]:
+    for host in batches[e * EPOCH_BATCHES : (e + 1) * EPOCH_BATCHES]:
+      b = model_batch(host, cfg, train=True)
       assert b['valid'].all()
       for i, ex in enumerate(b['index'].tolist()):
         order.append(ex)
@@ -74,7 +75,7 @@ def test_shuffle_order_changes_every_epoch_and_repeats_per_seed(flat_folder):
 
   def orders(seed, epochs):
     it, _ = data.make_pretrain_dataset(cfg, seed=seed, **kw)
-    out = [order for order, _ in _epoch_rows(take(it, epochs * EPOCH_BATCHES))]
+    out = [order for order, _ in _epoch_rows(take(it, epochs * EPOCH_BATCHES), cfg)]
     it.close()
     return out
 
@@ -94,15 +95,16 @@ def test_same_example_gets_new_patches_and_new_augmentation_each_epoch(flat_fold
   kw = dict(global_batch_size=BATCH, num_patches=NUM_PATCHES, seed=3)
   # Control: without augmentation every patch is exactly its image's flat colour, so
   # a patch colour that changes between epochs can only come from the augmentation.
-  it, _ = data.make_pretrain_dataset(cfg_for(flat_folder, augment_patches=False), **kw)
-  for _, rows in _epoch_rows(take(it, EPOCH_BATCHES)):
+  plain = cfg_for(flat_folder, augment_patches=False)
+  it, _ = data.make_pretrain_dataset(plain, **kw)
+  for _, rows in _epoch_rows(take(it, EPOCH_BATCHES), plain):
     for colour, _, patch_colours in rows.values():
       np.testing.assert_allclose(patch_colours, np.broadcast_to(colour / 255.0, (4, 3)), atol=1e-4)
   it.close()
 
   cfg = cfg_for(flat_folder, shuffle=False, augment_patches=True)
   it, _ = data.make_pretrain_dataset(cfg, **kw)
-  (order0, rows0), (order1, rows1) = _epoch_rows(take(it, 2 * EPOCH_BATCHES))
+  (order0, rows0), (order1, rows1) = _epoch_rows(take(it, 2 * EPOCH_BATCHES), cfg)
   it.close()
   assert sorted(order0) == sorted(order1) == list(range(N_IMAGES))
   box_changed, colour_changed = [], []
@@ -128,14 +130,29 @@ def _assert_rate(count, n, p, what, z=4.5):
   assert abs(count - n * p) <= z * sd, f'{what}: {count} of {n}, expected {n * p:.0f} +- {sd:.1f}'
 
 
-def _augment_many(patch, calls, m, **kw):
+# Both implementations of the query-patch augmentation: the device's (pre-training,
+# device_augment.py, jitted JAX) and the host's (the one-shot queries, data/augment.py).
+IMPLS = ('device', 'host')
+
+
+def _augment_many(patch, calls, m, impl, **kw):
   """``calls`` x augment_patches of m copies of ``patch`` [P, P, 3] -> [calls, m, P, P, 3]."""
+  if impl == 'device':
+    import jax  # noqa: PLC0415
+
+    from updetr_jax import device_augment  # noqa: PLC0415
+
+    fn = jax.jit(lambda x, key: device_augment.augment_patches(x, key, **kw))
+    x = np.broadcast_to(patch, (m, *patch.shape)).astype(np.float32)
+    base = jax.random.key(11)
+    return np.stack([np.asarray(fn(x, jax.random.fold_in(base, c))) for c in range(calls)])
   fn = tf.function(lambda x, seed: augment.augment_patches(x, seed, **kw))
   x = tf.constant(np.broadcast_to(patch, (m, *patch.shape)), tf.float32)
   return np.stack([fn(x, tf.constant([11, c], tf.int64)).numpy() for c in range(calls)])
 
 
-def test_blurred_patches_draw_sigma_over_the_whole_range():
+@pytest.mark.parametrize('impl', IMPLS)
+def test_blurred_patches_draw_sigma_over_the_whole_range(impl):
   """Blur an impulse: the output is the kernel, and k(1) / k(0) = exp(-1 / (2 sigma^2))
   gives sigma exactly (whatever the truncation and normalisation of the kernel)."""
   p, c, lo, hi = 16, 8, 0.1, 2.0
@@ -145,6 +162,7 @@ def test_blurred_patches_draw_sigma_over_the_whole_range():
     impulse,
     40,
     50,
+    impl,
     jitter_prob=0.0,
     grayscale_prob=0.0,
     blur_prob=0.5,
@@ -175,7 +193,8 @@ def _probe_patch(p=32):
   return x
 
 
-def test_jitter_grayscale_and_blur_occur_at_their_probability_independently():
+@pytest.mark.parametrize('impl', IMPLS)
+def test_jitter_grayscale_and_blur_occur_at_their_probability_independently(impl):
   probs = dict(jitter=0.8, gray=0.2, blur=0.5)
   p, m, calls = 32, 50, 80
   x = _probe_patch(p)
@@ -183,6 +202,7 @@ def test_jitter_grayscale_and_blur_occur_at_their_probability_independently():
     x,
     calls,
     m,
+    impl,
     jitter_prob=probs['jitter'],
     grayscale_prob=probs['gray'],
     blur_prob=probs['blur'],

@@ -13,7 +13,7 @@ tf = importorskip('tensorflow')
 
 from updetr_jax import data  # noqa: E402
 from updetr_jax.data import augment, patches, planning, sources  # noqa: E402
-from data_helpers import assert_same, take  # noqa: E402
+from data_helpers import assert_same, model_batch, take  # noqa: E402
 
 # Good images (h, w) as lossless PNG unless noted; names exercise nesting and case.
 GOOD = {
@@ -236,7 +236,12 @@ def test_train_batches_structure(folder):
   it, stats = data.make_pretrain_dataset(cfg, global_batch_size=4, num_patches=3, seed=1)
   shapes = data.bucket_shapes(cfg)
   index = it.source.index
-  for b in take(it, 6):
+  for host in take(it, 6):
+    # The host sends uint8 pixels, the valid size, rectangles and seeds, no floats.
+    assert host['images'].dtype == np.uint8 and 'patches' not in host
+    assert host['image_size'].shape == (4, 2) and host['patch_boxes'].shape == (4, 3, 4)
+    assert host['patch_seeds'].dtype == np.uint32 and host['patch_seeds'].shape == (4, 2)
+    b = model_batch(host, cfg, train=True)
     n, hh, ww, _ = b['images'].shape
     assert n == 4 and (hh, ww) in shapes
     assert b['images'].dtype == np.float32 and b['padding_mask'].shape == (4, hh, ww)
@@ -266,21 +271,31 @@ def test_train_batches_structure(folder):
 def test_eval_patch_and_image_match_boxes(folder):
   cfg = cfg_for(folder)
   it, stats = data.make_pretrain_dataset(cfg, global_batch_size=4, num_patches=3, train=False)
-  batches = list(it)
+  batches = [(b, model_batch(b, cfg, train=False)) for b in it]
   seen = []
-  for b in batches:
+  std = np.asarray(augment.STD)
+  for host, b in batches:
     for i in np.flatnonzero(b['valid']):
       orig = load_original(folder, int(b['index'][i])).astype(np.float32) / 255.0
       h, w = orig.shape[:2]
       seen.append(int(b['index'][i]))
+      rh, rw = data.resize_rule(h, w, 48, 64)
+      assert host['image_size'][i].tolist() == [rh, rw]
       for m in range(3):
         cx, cy, bw, bh = b['targets']['boxes'][i, m]
         box = np.round([(cx - bw / 2) * w, (cy - bh / 2) * h, bw * w, bh * h]).astype(np.int32)
+        # The rectangle, mapped to the resized image, is what the device crops.
+        np.testing.assert_allclose(
+          host['patch_boxes'][i, m], box * np.array([rw / w, rh / h, rw / w, rh / h]), atol=1e-4
+        )
+        # The crop of the resized image is close to the release's crop of the
+        # original (benchmarks/patch_crop_source.py measures the difference).
         ref = augment.normalize(patches.crop_patch(tf.constant(orig), tf.constant(box), 16))
-        np.testing.assert_allclose(b['patches'][i, m], ref, atol=1e-5)
-      rh, rw = data.resize_rule(h, w, 48, 64)
-      ref = augment.normalize(augment.resize_image(tf.constant(orig), [rh, rw]))
-      np.testing.assert_allclose(b['images'][i, :rh, :rw], ref, atol=1e-5)
+        assert np.abs((b['patches'][i, m] - ref) * std).mean() < 0.03
+      ref = augment.resize_image(tf.constant(orig * 255.0), [rh, rw]).numpy()
+      np.testing.assert_allclose(host['images'][i, :rh, :rw], ref, atol=0.51)
+      np.testing.assert_array_equal(host['images'][i, rh:], 0)
+      np.testing.assert_array_equal(host['images'][i, :, rw:], 0)
   # One pass: every usable image exactly once (11 good + 3 converted).
   assert sorted(seen) == sorted(np.flatnonzero(it.source.index.usable).tolist())
   d = stats.as_dict()
@@ -298,7 +313,8 @@ def test_determinism_resume_and_host_sharding(folder):
   assert ref_stats.as_dict()['epochs'] >= 2  # 7 batches cross an epoch boundary
   assert ref_stats.as_dict()['corrupt'] == ref_stats.as_dict()['epochs']
   other = next(data.make_pretrain_dataset(cfg, seed=4, **kw)[0])
-  assert not np.array_equal(other['patches'], ref[0]['patches'])
+  assert not np.array_equal(other['patch_boxes'], ref[0]['patch_boxes'])
+  assert not np.array_equal(other['patch_seeds'], ref[0]['patch_seeds'])
   # Resume after k global batches (past the first epoch) = the uninterrupted stream
   # (a fresh pipeline with the same seed: this also checks determinism).
   k = len(ref_it.plan(0)) + 1
@@ -314,7 +330,7 @@ def test_determinism_resume_and_host_sharding(folder):
     assert hosts[0][j]['images'].shape[0] == 2
     cat = {
       k: np.concatenate([hosts[0][j][k], hosts[1][j][k]])
-      for k in ('images', 'padding_mask', 'patches', 'valid', 'index')
+      for k in ('images', 'image_size', 'patch_boxes', 'patch_seeds', 'valid', 'index')
     }
     cat['targets'] = {
       k: np.concatenate([hosts[0][j]['targets'][k], hosts[1][j]['targets'][k]])
@@ -348,7 +364,7 @@ def test_demo_source_offline():
   assert max(max(a.shape[:2]) for a in src.arrays) <= sources.DEMO_MAX_SIDE
   cfg = data.demo_data_config()
   it, stats = data.make_pretrain_dataset(cfg, global_batch_size=4, num_patches=10)
-  b = next(it)
+  b = model_batch(next(it), cfg, train=True)
   assert b['images'].shape[1:3] in [tuple(s) for s in data.bucket_shapes(cfg)]
   assert b['patches'].shape == (4, 10, 32, 32, 3)
   assert stats.as_dict()['grayscale'] == 3  # coins, clock, moon (camera: evaluation)

@@ -242,5 +242,5 @@ def test_loads_in_the_pipeline(small):
   pcfg = dict(source='folder', folder=small['pool_dir'], patch_size=32, **common)
   it, _ = data.make_pretrain_dataset(pcfg, global_batch_size=4, num_patches=2)
   b = next(it)
-  assert b['images'].shape == (4, 128, 128, 3) and b['patches'].shape == (4, 2, 32, 32, 3)
+  assert b['images'].shape == (4, 128, 128, 3) and b['patch_boxes'].shape == (4, 2, 4)
   assert b['valid'].all()

@@ -19,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAMP_STEPS = 300  # test_pretraining_makes_the_answer_depend_on_the_patches
 sys.path.insert(0, os.path.join(ROOT, 'tests'))
 from test_train import fixed_batch, tiny_config  # noqa: E402
+from data_helpers import model_batch  # noqa: E402
 
 
 def test_mosaics_are_deterministic_and_the_splits_differ(tmp_path):
@@ -164,8 +165,10 @@ def test_patch_norm_calibration_standardises_the_training_patch_features():
   calibrated = task.calibrate(model, variables)
   it, _ = task.train_data(0)
   feats = [
-    model.apply(calibrated, b['patches'], method='patch_features')
-    for b in [next(it) for _ in range(task_module.CALIBRATION_BATCHES)]
+    model.apply(
+      calibrated, model_batch(next(it), config.data, True)['patches'], method='patch_features'
+    )
+    for _ in range(task_module.CALIBRATION_BATCHES)
   ]
   it.close()
   feats = jnp.concatenate([f.reshape(-1, f.shape[-1]) for f in feats])
@@ -219,7 +222,9 @@ def test_backbone_calibration_standardises_every_batchnorm_on_the_training_image
   variables = init_variables(model, jax.random.PRNGKey(0))
   calibrated = task.calibrate(model, variables)
   it, _ = task.train_data(0)
-  batches = [next(it) for _ in range(task_module.CALIBRATION_BATCHES)]
+  batches = [
+    model_batch(next(it), config.data, True) for _ in range(task_module.CALIBRATION_BATCHES)
+  ]
   it.close()
   images = np.concatenate([b['images'] for b in batches])
   mask = np.concatenate([b['padding_mask'] for b in batches])

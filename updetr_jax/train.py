@@ -243,8 +243,11 @@ def run(config, workdir: str) -> dict:
   del variables  # its buffers may be donated to the train step
 
   # ------------------------------------------------------ Update step
+  prepare = task.device_inputs(train=True) if hasattr(task, 'device_inputs') else None
   train_step = jax.jit(
-    make_train_step(model, tx, task.criterion()), donate_argnums=(0,), out_shardings=(repl, repl)
+    make_train_step(model, tx, task.criterion(), prepare),
+    donate_argnums=(0,),
+    out_shardings=(repl, repl),
   )
 
   def run_eval(step):

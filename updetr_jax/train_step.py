@@ -132,11 +132,13 @@ def init_train_state(config, model, rng, steps_per_epoch: int, load_init: bool =
   return variables, state, constants, tx, schedules
 
 
-def make_train_step(model, tx, loss_fn):
+def make_train_step(model, tx, loss_fn, prepare=None):
   """Pure update: (state, constants, batch, rng) -> (state, metrics).
 
   batch: images [B, H, W, 3], padding_mask [B, H, W], targets, and patches
-  [B, M, P, P, 3] for UP-DETR (absent for DETR).
+  [B, M, P, P, 3] for UP-DETR (absent for DETR); or what ``prepare`` (jittable,
+  host batch -> such a batch, e.g. ``device_augment.batch_preparer``) makes of it
+  at the start of the step.
   state = {'step', 'params' (trainable), 'opt_state'}; constants = {'frozen',
   'batch_stats'} get no gradient. A non-finite loss or gradient leaves the state
   unchanged and reports ``finite = False``.
@@ -144,6 +146,8 @@ def make_train_step(model, tx, loss_fn):
 
   def step_fn(state, constants, batch, rng):
     rng = jax.random.fold_in(rng, state['step'])
+    if prepare is not None:
+      batch = prepare(batch)
 
     def loss_of(params):
       out = model.apply(
@@ -212,7 +216,17 @@ def step_cost(train_step, args, dtype: str) -> dict:
   return {'flops_per_step': flops, 'peak_flops': total_peak}
 
 
-MODEL_INPUTS = ('images', 'padding_mask', 'patches', 'targets')
+# (pre-training sends image_size, patch_boxes and patch_seeds instead of padding_mask
+# and patches: device_augment.prepare_batch)
+MODEL_INPUTS = (
+  'images',
+  'padding_mask',
+  'patches',
+  'image_size',
+  'patch_boxes',
+  'patch_seeds',
+  'targets',
+)
 
 
 def model_inputs(batch: dict) -> dict:

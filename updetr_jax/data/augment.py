@@ -29,6 +29,8 @@ import functools
 import numpy as np
 import tensorflow as tf
 
+from updetr_jax.device_augment import blur_kernel_size  # noqa: F401  (one rule for both)
+
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
@@ -148,16 +150,6 @@ def gaussian_blur(x, sigma, size: int):
   y = tf.transpose(y, [0, 2, 1, 3])
   y = tf.reshape(b @ tf.reshape(y, [-1, p, p * c]), [-1, p, p, c])  # along columns
   return tf.transpose(y, [0, 2, 1, 3])
-
-
-def blur_kernel_size(patch_size: int, configured: int = 0) -> int:
-  """Odd blur kernel size: ``configured`` if > 0, else the odd number nearest P / 10."""
-  if configured:
-    if configured % 2 == 0:
-      raise ValueError(f'data.blur_kernel_size={configured} must be odd')
-    return configured
-  k = int(round(patch_size / 10))
-  return max(3, k if k % 2 else k + 1)
 
 
 def augment_patches(

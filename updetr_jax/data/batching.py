@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from updetr_jax.data import augment, config, patches, planning, sources
+from updetr_jax.device_augment import augment_kwargs  # noqa: F401  (data/oneshot.py)
 
 _MALLOC_TUNED = False
 
@@ -78,19 +79,6 @@ def _row_signature(b):
   )
 
 
-def augment_kwargs(cfg) -> dict:
-  """Keyword arguments of ``augment.augment_patches`` from a resolved config."""
-  return dict(
-    jitter=tuple(cfg['color_jitter']),
-    jitter_prob=cfg['color_jitter_prob'],
-    grayscale_prob=cfg['grayscale_prob'],
-    blur_prob=cfg['blur_prob'],
-    blur_sigma=tuple(cfg['blur_sigma']),
-    kernel_size=augment.blur_kernel_size(cfg['patch_size'], cfg['blur_kernel_size']),
-    random_order=bool(cfg['color_jitter_random_order']),
-  )
-
-
 def load_row_image(source: sources.Source, r):
   """The row's image, uint8 [h, w, 3]: decoded, or gray if the row is a fallback."""
 
@@ -113,25 +101,43 @@ def resize_and_pad(image, r):
   return det, ~inside
 
 
+def resize_and_pad_uint8(image, r):
+  """image uint8 [h, w, 3] -> uint8 [bh, bw, 3]: resized to (rh, rw) (as
+  ``resize_image``, rounded) and zero-padded bottom/right."""
+  det = augment.resize_image(image, tf.stack([r['rh'], r['rw']]))
+  det = tf.cast(tf.clip_by_value(tf.round(det), 0.0, 255.0), tf.uint8)
+  return tf.pad(det, [[0, r['bh'] - r['rh']], [0, r['bw'] - r['rw']], [0, 0]])
+
+
 def make_row_fn(source: sources.Source, cfg: dict, *, num_patches: int, train: bool):
-  """Row record (see _row_signature, scalars) -> one example (unbatched tensors)."""
-  aug = augment_kwargs(cfg) if train and cfg['augment_patches'] else None
-  p = cfg['patch_size']
+  """Row record (see _row_signature, scalars) -> one example (unbatched tensors).
+
+  The host part of the patch pipeline: decode, resize and pad (uint8), draw the
+  patch rectangles; the crops, their augmentation and every float conversion happen
+  on the accelerator (``device_augment.prepare_batch``). ``train`` only changes the
+  plan (scales, shuffling), not this function.
+  """
+  del train  # the augmentation is the device's (device_augment.batch_preparer)
 
   @tf.autograph.experimental.do_not_convert
   def row_fn(r):
     image = load_row_image(source, r)  # uint8 [h, w, 3]
-    seed = tf.stack([r['key0'], r['example']])
-    q, boxes, _ = patches.query_patches(
-      image, seed, num_patches=num_patches, patch_size=p, augment_cfg=aug
-    )
-    det, padding_mask = resize_and_pad(image, r)
+    keys = tf.random.experimental.stateless_split(tf.stack([r['key0'], r['example']]), 2)
+    shape = tf.shape(image)
+    boxes_px = patches.sample_patch_boxes(keys[0], shape[0], shape[1], num_patches)
+    # The rectangles in the resized image's pixels (x, y, w, h; fractional).
+    sx = tf.cast(r['rw'], tf.float32) / tf.cast(shape[1], tf.float32)
+    sy = tf.cast(r['rh'], tf.float32) / tf.cast(shape[0], tf.float32)
+    patch_boxes = tf.cast(boxes_px, tf.float32) * tf.stack([sx, sy, sx, sy])
     valid = r['valid'] & ~r['fallback']
     return dict(
-      images=det,
-      padding_mask=padding_mask,
-      patches=q,
-      boxes=boxes,
+      images=resize_and_pad_uint8(image, r),
+      image_size=tf.stack([r['rh'], r['rw']]),
+      patch_boxes=patch_boxes,
+      patch_seeds=tf.stack(
+        [tf.cast(r['key0'], tf.uint32), tf.cast(r['example'] % (1 << 32), tf.uint32)]
+      ),
+      boxes=patches.boxes_to_cxcywh(boxes_px, shape[0], shape[1]),
       labels=tf.ones([num_patches], tf.int32),
       mask=tf.fill([num_patches], valid),
       valid=valid,
@@ -398,8 +404,9 @@ class PretrainIterator(BatchIterator):
   def format(self, b):
     return dict(
       images=b['images'],
-      padding_mask=b['padding_mask'],
-      patches=b['patches'],
+      image_size=b['image_size'],
+      patch_boxes=b['patch_boxes'],
+      patch_seeds=b['patch_seeds'],
       targets=dict(boxes=b['boxes'], labels=b['labels'], mask=b['mask']),
       valid=b['valid'],
       index=b['index'],
@@ -434,10 +441,13 @@ def make_pretrain_dataset(
   """Host-local batches for UP-DETR pre-training -> (iterator, planning.DataStats).
 
   Each batch (b = global_batch_size // process_count, M = num_patches,
-  P = patch_size, (H, W) one of ``planning.bucket_shapes(data_config)``):
-    images        float32 [b, H, W, 3]  ImageNet-normalised, zero-padded bottom/right
-    padding_mask  bool [b, H, W]         True on padding
-    patches       float32 [b, M, P, P, 3] normalised query patches
+  (H, W) one of ``planning.bucket_shapes(data_config)``) is what the host sends;
+  ``device_augment.batch_preparer(data_config, train)`` turns it, on the device,
+  into the model's images, padding_mask and patches [b, M, P, P, 3]:
+    images        uint8 [b, H, W, 3]    resized, zero-padded bottom/right
+    image_size    int32 [b, 2]          (h, w) of the resized image (the rest is padding)
+    patch_boxes   float32 [b, M, 4]     patch rectangles (x, y, w, h), resized pixels
+    patch_seeds   uint32 [b, 2]         (k(seed, epoch), example): the augmentation key
     targets       boxes float32 [b, M, 4] cxcywh / unpadded resized size,
                   labels int32 [b, M] (1), mask bool [b, M] (= valid)
     valid         bool [b]   False on evaluation padding rows and replaced rows

@@ -19,6 +19,11 @@ The interface (``Task``), called in this order by ``train.run``:
     [B, H, W, 3], ``padding_mask`` [B, H, W], ``targets`` (padded, fixed shapes),
     optionally ``patches``), resumed at ``start_step``; ``stats.as_dict()`` /
     ``stats.report()`` count skipped inputs. ``iterator.close()`` ends it.
+``device_inputs(train) -> prepare`` (optional)
+    A jittable function run at the start of the train step (and the task's own
+    evaluation): host batch -> the model's inputs. Pre-training sends uint8 images,
+    patch rectangles and seeds; the crops and their augmentation happen on the
+    device (``device_augment.batch_preparer``).
 ``calibrate(model, variables) -> variables`` (optional)
     Data-dependent initial values of non-trained variables (e.g. the pre-training's
     ``patch_norm`` statistics), called once on a fresh run (not on resume), before

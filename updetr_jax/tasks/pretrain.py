@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from updetr_jax import evaluate, matching, visualize
+from updetr_jax import device_augment, evaluate, matching, visualize
 from updetr_jax.data import eval_data_config, make_pretrain_dataset
 from updetr_jax.models import resnet
 from updetr_jax.train_step import criterion, model_inputs, process_gather, to_global
@@ -24,18 +24,27 @@ from updetr_jax.train_step import criterion, model_inputs, process_gather, to_gl
 CALIBRATION_BATCHES = 16
 
 
+def _data(config) -> dict:
+  from updetr_jax.data import resolve_config  # noqa: PLC0415
+
+  return resolve_config(config.data)
+
+
 def _fmt(ious: dict) -> str:
   return ', '.join(f'{k} {v:.4f}' for k, v in ious.items())
 
 
-def make_eval_step(model, num_patches: int, out_shardings=None):
+def make_eval_step(model, num_patches: int, out_shardings=None, prepare=None):
   """Jitted (variables, batch) -> (patch IoU [B, M], outputs), eval mode.
 
   out_shardings: e.g. a replicated ``NamedSharding`` so that every process of a
-  multi-host job can read the whole batch's results."""
+  multi-host job can read the whole batch's results. prepare: the host batch ->
+  the model's inputs, on the device (``device_augment.batch_preparer``)."""
 
   @functools.partial(jax.jit, out_shardings=out_shardings)
   def eval_step(variables, batch):
+    if prepare is not None:
+      batch = prepare(batch)
     out = model.apply(
       variables, batch['images'], batch['padding_mask'], batch['patches'], train=False
     )
@@ -112,6 +121,11 @@ class PatchTask:
     """The DETR / UP-DETR set loss as configured (``train_step.criterion``)."""
     return criterion(self.config)
 
+  def device_inputs(self, train: bool):
+    """Host batch -> model inputs on the device: crops, augmentation (training only),
+    normalisation (``device_augment.batch_preparer``)."""
+    return device_augment.batch_preparer(self.eval_data if not train else _data(self.config), train)
+
   def train_data(self, start: int):
     c = self.config
     it, stats = make_pretrain_dataset(
@@ -169,7 +183,11 @@ class PatchTask:
       process_index=jax.process_index(),
       process_count=jax.process_count(),
     )
-    batches = list(itertools.islice(it, CALIBRATION_BATCHES))
+    prepare = jax.jit(self.device_inputs(train=True))
+    batches = [  # global arrays, sharded as the train step's
+      prepare(to_global(model_inputs(b), self.sharding))
+      for b in itertools.islice(it, CALIBRATION_BATCHES)
+    ]
     it.close()
     replicated = NamedSharding(self.sharding.mesh, P())
     if backbone:
@@ -185,14 +203,7 @@ class PatchTask:
 
     stats_fn = jax.jit(body_stats, out_shardings=replicated)
     per_batch = [
-      jax.device_get(
-        stats_fn(
-          variables,
-          to_global(b['images'], self.sharding),
-          to_global(b['padding_mask'], self.sharding),
-        )
-      )
-      for b in batches
+      jax.device_get(stats_fn(variables, b['images'], b['padding_mask'])) for b in batches
     ]
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables['batch_stats']))
     for path in per_batch[0]:
@@ -213,9 +224,7 @@ class PatchTask:
     feats = jax.jit(
       functools.partial(model.apply, method='patch_features'), out_shardings=replicated
     )
-    stats = [
-      jax.device_get(feats(variables, to_global(b['patches'], self.sharding))) for b in batches
-    ]
+    stats = [jax.device_get(feats(variables, b['patches'])) for b in batches]
     stats = np.concatenate([s.reshape(-1, s.shape[-1]) for s in stats])
     batch_stats = dict(variables['batch_stats'])
     batch_stats['patch_norm'] = dict(
@@ -235,7 +244,10 @@ class PatchTask:
     """{'patch_iou_matched', 'patch_iou_group_top'} on the evaluation batches."""
     if self.eval_step is None:
       self.eval_step = make_eval_step(
-        model, self.config.model.num_patches, out_shardings=NamedSharding(self.sharding.mesh, P())
+        model,
+        self.config.model.num_patches,
+        out_shardings=NamedSharding(self.sharding.mesh, P()),
+        prepare=self.device_inputs(train=False),
       )
     iou, self._first = evaluate_patches(
       self.eval_step, variables, self._eval_batches(), self.sharding
@@ -264,6 +276,9 @@ class PatchTask:
     )
     if jax.process_index() == 0:
       batch, out_, iou = self._first
+      # This host's first batch, prepared on one local device for the figure.
+      local = jax.device_put(model_inputs(batch), jax.local_devices()[0])
+      batch = jax.device_get(jax.jit(self.device_inputs(train=False))(local))
       idx = np.asarray(matching.hungarian_match(out_, batch['targets']))
       boxes = np.take_along_axis(out_['pred_boxes'], np.maximum(idx, 0)[..., None], axis=1)
       png = os.path.join(workdir, 'patch_detection.png')

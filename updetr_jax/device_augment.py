@@ -1,0 +1,290 @@
+"""Query patches on the accelerator: crop + resize, colour augmentation, normalisation.
+
+The host sends each pre-training example as uint8 pixels (the detection image,
+resized and zero-padded to its bucket), its valid size, the M patch rectangles in
+those pixels and a per-example seed; everything per pixel happens here, in jitted
+JAX at the start of the train / evaluation step (issue 20; the pattern of BYOL's
+JAX input pipeline). Nothing is float32 on the host.
+
+Crop (``crop_patches``): each rectangle (x, y, w, h) of the resized image becomes
+P x P by a separable resize whose weights are dense [P, H] and [P, W] matrices
+(two matmuls per patch, no gather, so cheap on TPU). Semantics as TensorFlow's
+``tf.image.resize(crop, (P, P), 'bilinear', antialias=True)`` of the cropped
+rectangle (``data.patches.crop_patch``): half-pixel centres, a triangle filter
+widened by the shrink factor when shrinking, weights renormalised over the pixels
+inside the rectangle (so nothing outside it, padding included, leaks in).
+Rectangles may be fractional (a patch drawn in original pixels, mapped to the
+resized image: pixels partly inside weigh by their covered fraction).
+
+Augmentation (``augment_patches``, training): the query-patch augmentation of
+SPEC §3, with the semantics and probabilities of ``data.augment`` (its docstring):
+ColorJitter (brightness, contrast, saturation, hue; factors as torchvision) with
+p=0.8, grayscale p=0.2 (luma 0.299, 0.587, 0.114), Gaussian blur p=0.5 with sigma
+~ U[0.1, 2] (separable, reflect padding, as banded [P, P] matmuls). The jitter
+order is fixed (brightness, contrast, saturation, hue) unless ``random_order``:
+then each patch draws its own order, as torchvision does (all four orders' ops
+are computed and selected, which costs 4x the jitter's few FLOPs). The draws
+use ``jax.random`` keyed by the example's seed (``patch_keys``): the same
+(seed, epoch, example) gives the same patches on any mesh and after a restart.
+
+Public API (no TensorFlow):
+  MEAN, STD, GRAY_WEIGHTS
+  patch_keys(seeds uint32 [B, 2]) -> keys [B]
+  crop_patches(images uint8/float [B, H, W, 3], boxes float32 [B, M, 4] (x, y, w, h),
+      patch_size) -> float32 [B, M, P, P, 3] in [0, 1]
+  augment_patches(x float32 [M, P, P, 3] in [0, 1], key, **augment_kwargs) -> same
+  normalize(x in [0, 1]) -> ImageNet-normalised float32
+  padding_mask(image_size int32 [B, 2], (H, W)) -> bool [B, H, W] (True = padding)
+  prepare_batch(batch, *, patch_size, augment) -> the model's batch (images float32
+      normalised, padding_mask, patches [B, M, P, P, 3] normalised, targets)
+  augment_kwargs(data_config) / blur_kernel_size(P, configured) (config fields)
+  batch_preparer(data_config, train) -> prepare_batch bound to the config
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)
+# Uniform draws per patch (fixed layout): brightness, contrast, saturation, hue,
+# jitter?, grayscale?, blur sigma, blur?, and four for the random jitter order.
+_DRAWS = 12
+
+
+def normalize(x):
+  """[..., 3] float in [0, 1] -> ImageNet-normalised float32."""
+  return (x.astype(jnp.float32) - jnp.asarray(MEAN, jnp.float32)) / jnp.asarray(STD, jnp.float32)
+
+
+def padding_mask(image_size, shape):
+  """image_size int [B, 2] (valid h, w) -> bool [B, H, W], True outside (bottom/right pad)."""
+  h, w = shape
+  rows = jnp.arange(h)[None, :, None] < image_size[:, 0, None, None]
+  cols = jnp.arange(w)[None, None, :] < image_size[:, 1, None, None]
+  return ~(rows & cols)
+
+
+def patch_keys(seeds):
+  """seeds uint32 [B, 2] (key0, example) -> one PRNG key per example [B]."""
+  seeds = jnp.asarray(seeds, jnp.uint32)
+  return jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s[0]), s[1]))(seeds)
+
+
+def resize_weights(start, length, out_size: int, in_size: int):
+  """Weights [out_size, in_size] resizing the span [start, start + length) of an axis.
+
+  TensorFlow's bilinear ``antialias=True`` resize of the cropped span: output pixel
+  i samples at start + (i + 0.5) * length / out_size; a triangle of half-width
+  max(1, length / out_size) input pixels; input pixels weigh by the part of them
+  inside the span; rows normalised to 1.
+  """
+  scale = length / out_size  # input pixels per output pixel
+  support = jnp.maximum(scale, 1.0)
+  centre = start + (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * scale
+  # Sample positions are measured in crop-relative pixel units, as TF does on the
+  # cropped image: input pixel j has its centre at j + 0.5.
+  pix = jnp.arange(in_size, dtype=jnp.float32) + 0.5
+  tri = jnp.maximum(0.0, 1.0 - jnp.abs(pix[None, :] - centre[:, None]) / support)
+  inside = jnp.clip(
+    jnp.minimum(pix + 0.5, start + length) - jnp.maximum(pix - 0.5, start), 0.0, 1.0
+  )
+  w = tri * inside[None, :]
+  return w / jnp.maximum(w.sum(axis=1, keepdims=True), 1e-12)
+
+
+def crop_patches(images, boxes, patch_size: int):
+  """images [B, H, W, 3] (uint8 0..255 or float), boxes float32 [B, M, 4] (x, y, w, h)
+  in pixels -> float32 [B, M, P, P, 3] in [0, 1] (uint8) or the input's scale."""
+  scale = 1.0 / 255.0 if images.dtype == jnp.uint8 else 1.0
+  _, h, w, _ = images.shape
+  p = int(patch_size)
+
+  def one_image(img, bxs):
+    img = img.astype(jnp.float32) * scale
+
+    def one_patch(b):
+      wy = resize_weights(b[1], b[3], p, h)  # [P, H]
+      wx = resize_weights(b[0], b[2], p, w)  # [P, W]
+      rows = jnp.einsum('ph,hwc->pwc', wy, img, precision=jax.lax.Precision.HIGHEST)
+      return jnp.einsum('qw,pwc->pqc', wx, rows, precision=jax.lax.Precision.HIGHEST)
+
+    return jax.vmap(one_patch)(bxs)
+
+  return jax.vmap(one_image)(images, boxes.astype(jnp.float32))
+
+
+# --- colour augmentation (per patch: x [P, P, 3] in [0, 1]) ----------------------------
+
+
+def grayscale(x):
+  """[..., 3] -> [..., 1] luma."""
+  return jnp.tensordot(x, jnp.asarray(GRAY_WEIGHTS, x.dtype), 1)[..., None]
+
+
+def adjust_brightness(x, f):
+  return jnp.clip(x * f, 0.0, 1.0)
+
+
+def adjust_contrast(x, f):
+  """Blend with the patch's mean gray level (torchvision adjust_contrast)."""
+  return jnp.clip(f * x + (1.0 - f) * jnp.mean(grayscale(x)), 0.0, 1.0)
+
+
+def adjust_saturation(x, f):
+  """Blend with the gray patch (torchvision adjust_saturation)."""
+  return jnp.clip(f * x + (1.0 - f) * grayscale(x), 0.0, 1.0)
+
+
+def rgb_to_hsv(x):
+  r, g, b = x[..., 0], x[..., 1], x[..., 2]
+  v = jnp.max(x, axis=-1)
+  c = v - jnp.min(x, axis=-1)
+  s = jnp.where(v > 0, c / jnp.where(v > 0, v, 1.0), 0.0)
+  safe = jnp.where(c > 0, c, 1.0)
+  h = jnp.where(
+    v == r, (g - b) / safe, jnp.where(v == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe)
+  )
+  h = jnp.where(c > 0, (h / 6.0) % 1.0, 0.0)
+  return h, s, v
+
+
+def hsv_to_rgb(h, s, v):
+  i = jnp.floor(h * 6.0)
+  f = h * 6.0 - i
+  p, q, t = v * (1.0 - s), v * (1.0 - s * f), v * (1.0 - s * (1.0 - f))
+  i = i.astype(jnp.int32) % 6
+  r = jnp.select([i == 0, i == 1, i == 2, i == 3, i == 4], [v, q, p, p, t], v)
+  g = jnp.select([i == 0, i == 1, i == 2, i == 3, i == 4], [t, v, v, q, p], p)
+  b = jnp.select([i == 0, i == 1, i == 2, i == 3, i == 4], [p, p, t, v, v], q)
+  return jnp.stack([r, g, b], axis=-1)
+
+
+def adjust_hue(x, delta):
+  """Rotate the HSV hue by delta (fraction of the circle)."""
+  h, s, v = rgb_to_hsv(x)
+  return hsv_to_rgb((h + delta) % 1.0, s, v)
+
+
+def _reflect_taps(n: int, size: int) -> np.ndarray:
+  """0/1 [size, n, n]: tap t of output i reads input reflect(i + t - size // 2)."""
+  if size // 2 >= n:
+    raise ValueError(f'blur kernel size {size} too large for {n} px patches')
+  i = np.abs(np.arange(n)[:, None] + np.arange(size)[None, :] - size // 2)
+  i = np.where(i > n - 1, 2 * (n - 1) - i, i)
+  taps = np.zeros((size, n, n), np.float32)
+  taps[np.arange(size)[None, :], np.arange(n)[:, None], i] = 1.0
+  return taps
+
+
+def gaussian_blur(x, sigma, size: int):
+  """Separable Gaussian blur of a square patch x [P, P, C] (``size`` taps, reflect)."""
+  p = x.shape[0]
+  r = jnp.arange(size, dtype=jnp.float32) - (size - 1) / 2.0
+  k = jnp.exp(-0.5 * jnp.square(r / sigma))
+  k = k / k.sum()
+  band = jnp.tensordot(k, jnp.asarray(_reflect_taps(p, size)), 1)  # [P, P]
+  hi = jax.lax.Precision.HIGHEST
+  y = jnp.einsum('ij,jwc->iwc', band, x, precision=hi)
+  return jnp.einsum('ij,hjc->hic', band, y, precision=hi)
+
+
+def augment_patches(
+  x,
+  key,
+  *,
+  jitter=(0.4, 0.4, 0.4, 0.1),
+  jitter_prob=0.8,
+  grayscale_prob=0.2,
+  blur_prob=0.5,
+  blur_sigma=(0.1, 2.0),
+  kernel_size=13,
+  random_order=False,
+):
+  """x float32 [M, P, P, 3] in [0, 1], key: one PRNG key -> augmented [M, P, P, 3]."""
+  m = x.shape[0]
+  u = jax.random.uniform(key, (m, _DRAWS))
+  bri, con, sat, hue = jitter
+  lo, hi = blur_sigma
+
+  def factor(v, amount):
+    return 1.0 - amount + 2.0 * amount * v
+
+  def one(p, d):
+    ops = (
+      lambda y: adjust_brightness(y, factor(d[0], bri)),
+      lambda y: adjust_contrast(y, factor(d[1], con)),
+      lambda y: adjust_saturation(y, factor(d[2], sat)),
+      lambda y: adjust_hue(y, hue * (2.0 * d[3] - 1.0)),
+    )
+    y = p
+    if random_order:  # torchvision: a random order per patch
+      order = jnp.argsort(d[8:12])
+      for i in range(4):
+        y = jax.lax.switch(order[i], ops, y)
+    else:
+      for op in ops:
+        y = op(y)
+    p = jnp.where(d[4] < jitter_prob, y, p)
+    p = jnp.where(d[5] < grayscale_prob, jnp.broadcast_to(grayscale(p), p.shape), p)
+    blurred = gaussian_blur(p, lo + (hi - lo) * d[6], kernel_size)
+    return jnp.where(d[7] < blur_prob, blurred, p)
+
+  return jax.vmap(one)(x, u)
+
+
+def blur_kernel_size(patch_size: int, configured: int = 0) -> int:
+  """Odd blur kernel size: ``configured`` if > 0, else the odd number nearest P / 10."""
+  if configured:
+    if configured % 2 == 0:
+      raise ValueError(f'data.blur_kernel_size={configured} must be odd')
+    return configured
+  k = int(round(patch_size / 10))
+  return max(3, k if k % 2 else k + 1)
+
+
+def augment_kwargs(cfg) -> dict:
+  """Keyword arguments of ``augment_patches`` from the data config's fields."""
+  return dict(
+    jitter=tuple(float(v) for v in cfg['color_jitter']),
+    jitter_prob=float(cfg['color_jitter_prob']),
+    grayscale_prob=float(cfg['grayscale_prob']),
+    blur_prob=float(cfg['blur_prob']),
+    blur_sigma=tuple(float(v) for v in cfg['blur_sigma']),
+    kernel_size=blur_kernel_size(int(cfg['patch_size']), int(cfg['blur_kernel_size'])),
+    random_order=bool(cfg['color_jitter_random_order']),
+  )
+
+
+def batch_preparer(cfg, train: bool):
+  """``prepare_batch`` for the data config ``cfg``: augmented when training and
+  ``data.augment_patches`` (evaluation never is). Pure JAX: call it inside jit."""
+  aug = augment_kwargs(cfg) if train and cfg['augment_patches'] else None
+  size = int(cfg['patch_size'])
+  return lambda batch: prepare_batch(batch, patch_size=size, augment=aug)
+
+
+def prepare_batch(batch: dict, *, patch_size: int, augment: dict | None) -> dict:
+  """The host's uint8 batch -> the model's batch (jit it; see the module docstring).
+
+  batch: images uint8 [B, H, W, 3] (resized, zero-padded), image_size int32 [B, 2],
+  patch_boxes float32 [B, M, 4] (x, y, w, h in those pixels), patch_seeds uint32
+  [B, 2], targets. augment: ``augment_patches`` keyword arguments, or None (no
+  augmentation: evaluation). Returns {images float32 normalised, padding_mask bool
+  [B, H, W], patches float32 [B, M, P, P, 3] normalised, targets}.
+  """
+  images = batch['images']
+  mask = padding_mask(batch['image_size'], images.shape[1:3])
+  x = crop_patches(images, batch['patch_boxes'], patch_size)
+  if augment is not None:
+    x = jax.vmap(lambda p, k: augment_patches(p, k, **augment))(x, patch_keys(batch['patch_seeds']))
+  pixels = images.astype(jnp.float32) * (1.0 / 255.0)
+  return dict(
+    images=jnp.where(mask[..., None], 0.0, normalize(pixels)),
+    padding_mask=mask,
+    patches=normalize(x),
+    targets=batch['targets'],
+  )
