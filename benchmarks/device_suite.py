@@ -116,7 +116,7 @@ if _ROOT not in sys.path:
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from updetr_jax import mfu, train_step  # noqa: E402
+from updetr_jax import device_augment, mfu, train_step  # noqa: E402
 from updetr_jax.matching import hungarian_match  # noqa: E402
 from updetr_jax.models import build_model  # noqa: E402
 
@@ -262,31 +262,43 @@ def _random_boxes(rng, shape) -> np.ndarray:
 
 
 def synthetic_batch(batch: int, size, num_patches: int, patch_size: int, seed: int = 0) -> dict:
-  """A random UP-DETR pre-training batch (host numpy).
+  """A random UP-DETR pre-training batch as the host sends it (numpy): the patches are
+  cut and augmented on the device (``release_preparer``, in the train step).
 
   Args:
     batch: images B. size: image side (int) or (H, W). num_patches: M.
-    patch_size: P. seed: numpy seed.
+    patch_size: P (unused here: the device's). seed: numpy seed.
 
   Returns:
-    images [B, H, W, 3] float32, padding_mask [B, H, W] bool (no padding),
-    patches [B, M, P, P, 3] float32, targets: boxes [B, M, 4] (cxcywh), labels
-    [B, M] int32 (1 = "is the patch"), mask [B, M] bool (all real).
+    images uint8 [B, H, W, 3], image_size int32 [B, 2] (no padding), patch_boxes
+    float32 [B, M, 4] (x, y, w, h pixels, as the targets), patch_seeds uint32 [B, 2],
+    targets: boxes [B, M, 4] (cxcywh), labels [B, M] int32 (1 = "is the patch"),
+    mask [B, M] bool (all real).
   """
+  del patch_size
   h, w = _hw(size)
   rng = np.random.default_rng(seed)
+  boxes = _random_boxes(rng, (batch, num_patches))
+  cx, cy, bw, bh = np.moveaxis(boxes, -1, 0)
+  rect = np.stack([(cx - bw / 2) * w, (cy - bh / 2) * h, bw * w, bh * h], -1)
   return {
-    'images': rng.standard_normal((batch, h, w, 3)).astype(np.float32),
-    'padding_mask': np.zeros((batch, h, w), bool),
-    'patches': rng.standard_normal((batch, num_patches, patch_size, patch_size, 3)).astype(
-      np.float32
-    ),
+    'images': rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8),
+    'image_size': np.tile(np.int32([h, w]), (batch, 1)),
+    'patch_boxes': rect.astype(np.float32),
+    'patch_seeds': np.stack([np.full(batch, 7), np.arange(batch)], 1).astype(np.uint32),
     'targets': {
-      'boxes': _random_boxes(rng, (batch, num_patches)),
+      'boxes': boxes,
       'labels': np.ones((batch, num_patches), np.int32),
       'mask': np.ones((batch, num_patches), bool),
     },
   }
+
+
+def release_preparer(patch_size: int):
+  """The release's device-side patch pipeline (crop, SPEC §3 augmentation at its
+  default probabilities, normalisation) for P = patch_size: host batch -> model batch."""
+  aug = dict(kernel_size=device_augment.blur_kernel_size(patch_size))
+  return lambda b: device_augment.prepare_batch(b, patch_size=patch_size, augment=aug)
 
 
 def synthetic_detection_batch(
@@ -573,8 +585,9 @@ class Suite:
   # ------------------------------------------------------------------ step cases
   def _lower(self, setup: TaskSetup, dtype: str, attention: str, state):
     model = build_model(dict(setup.config.model, dtype=dtype, attention=attention))
+    prepare = release_preparer(self.sizes.patch_size) if 'patch_seeds' in setup.batch else None
     step = jax.jit(
-      train_step.make_train_step(model, setup.tx, setup.loss_fn),
+      train_step.make_train_step(model, setup.tx, setup.loss_fn, prepare),
       donate_argnums=(0,),
       out_shardings=(self.repl, self.repl),
     )

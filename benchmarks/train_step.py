@@ -4,7 +4,9 @@
       [--remat transformer|backbone|all] [--attention einsum|dot_product|cudnn]
 
 Prints one JSON line: images_per_s, step_s (median), batch, image_size, device, ...
-Synthetic inputs (random images and patch boxes); the whole jitted step is timed:
+Synthetic inputs (random uint8 images, patch rectangles and seeds, as the host
+sends them); the whole jitted step is timed: the device-side patch crops and
+their augmentation (``augment_flops_per_step``, ``augment_share_of_step``), the
 forward of the frozen backbone on images and patches, transformer forward/backward,
 on-device matching for all decoder layers, AdamW update.
 
@@ -37,6 +39,7 @@ import jax  # noqa: E402
 
 from benchmarks.device_suite import (  # noqa: E402
   peak_info,
+  release_preparer,
   step_config,
   synthetic_batch,
   time_calls,
@@ -88,8 +91,14 @@ def main():
     sharding,
   )
   loss_fn = train_step.criterion(config)
+  # The step starts with the device-side patch pipeline (crop, augmentation,
+  # normalisation: updetr_jax/device_augment.py), as in training.
+  prepare = release_preparer(args.patch_size)
+  augment_flops = mfu.step_flops(jax.jit(prepare).lower(batch))
   step = jax.jit(
-    train_step.make_train_step(model, tx, loss_fn), donate_argnums=(0,), out_shardings=(repl, repl)
+    train_step.make_train_step(model, tx, loss_fn, prepare),
+    donate_argnums=(0,),
+    out_shardings=(repl, repl),
   )
   rng = jax.random.PRNGKey(1)
   t0 = time.perf_counter()
@@ -103,7 +112,9 @@ def main():
   if args.remat:  # count the step without recomputation (lowering only, no compile)
     plain = build_model(dict(config.model, remat=''))
     model_flops = mfu.step_flops(
-      jax.jit(train_step.make_train_step(plain, tx, loss_fn)).lower(state, constants, batch, rng)
+      jax.jit(train_step.make_train_step(plain, tx, loss_fn, prepare)).lower(
+        state, constants, batch, rng
+      )
     )
   holder = {'state': state}
 
@@ -136,6 +147,10 @@ def main():
         'times_s': [round(t, 4) for t in times],
         'loss': float(metrics['loss']),
         'flops_per_step': flops,
+        # The device-side patch pipeline alone (XLA cost analysis) and its share
+        # of the step (it is inside flops_per_step).
+        'augment_flops_per_step': augment_flops,
+        'augment_share_of_step': augment_flops / flops if augment_flops and flops else None,
         'model_flops_per_step': model_flops,
         'achieved_flops_per_s': flops / step_s if flops else None,
         'peak_dtype': peak_name,
