@@ -33,9 +33,8 @@ from updetr_jax.train_step import (
   init_train_state,
   make_mesh,
   make_train_step,
-  model_inputs,
+  prefetch_to_device,
   step_cost,
-  to_global,
   total_steps,
 )
 from updetr_jax.tasks import get_task
@@ -270,8 +269,9 @@ def run(config, workdir: str) -> dict:
   t_start = time.time()
   preemption = PreemptionWatch()
   preempted_at = None
+  device_batches = prefetch_to_device(train_iter, data_sharding)
   for step in range(start + 1, num_steps + 1):
-    batch = to_global(model_inputs(next(train_iter)), data_sharding)
+    batch = next(device_batches)
     if step == start + 1 and config.get('report_flops', True):
       progress.cost = step_cost(
         train_step, (state, constants, batch, step_rng), config.model.get('dtype', 'float32')

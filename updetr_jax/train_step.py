@@ -15,6 +15,7 @@ installed):
 
 from __future__ import annotations
 
+import collections
 import functools
 from absl import logging
 
@@ -232,6 +233,28 @@ MODEL_INPUTS = (
 def model_inputs(batch: dict) -> dict:
   """The entries of a host batch the train step reads (ids, sizes and flags stay home)."""
   return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def prefetch_to_device(iterator, sharding, size: int = 2):
+  """Host batches -> global device batches, ``size`` ahead (double buffering).
+
+  Each batch is put on the devices (``to_global`` of its ``model_inputs``) while
+  the step on an earlier one runs: JAX dispatches the step asynchronously, so the
+  host's next batch and its transfer overlap the device's work.
+  """
+  queue = collections.deque()
+
+  def put():
+    try:
+      queue.append(to_global(model_inputs(next(iterator)), sharding))
+    except StopIteration:
+      pass
+
+  for _ in range(size):
+    put()
+  while queue:
+    yield queue.popleft()
+    put()
 
 
 def process_gather(x: np.ndarray) -> np.ndarray:

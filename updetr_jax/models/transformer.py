@@ -280,9 +280,7 @@ class Transformer(nn.Module):
   value_pos: bool = False
 
   @nn.compact
-  def __call__(
-    self, src, padding, pos, query_pos, self_mask=None, train: bool = False, tgt=None
-  ):
+  def __call__(self, src, padding, pos, query_pos, self_mask=None, train: bool = False, tgt=None):
     kw = dict(
       d_model=self.d_model,
       nheads=self.nheads,
