@@ -1,11 +1,16 @@
-"""Input-pipeline benchmark: the release patch pipeline on ImageNet-sized JPEGs.
+"""Input-pipeline benchmark: the pre-training host pipeline on ImageNet-sized JPEGs.
 
 Writes ``--images`` synthetic photo-like JPEGs (500x375, 375x500, 500x333, 400x500,
 quality 90) to a temporary folder (or uses ``--folder``), then times
 ``make_pretrain_dataset`` with the release data config (scales 320..480, max 600,
-M=10 patches of 128 px, full query-patch augmentation, 6 shape buckets, glibc
-malloc tuning on; ``--no_tune_malloc`` turns it off) in training mode, batch
-``--batch`` on one host:
+M=10 patch rectangles, 6 shape buckets, glibc malloc tuning on; ``--no_tune_malloc``
+turns it off) in training mode, batch ``--batch`` on one host. The host decodes,
+resizes and pads (uint8) and draws the rectangles; the crops and their
+augmentation run on the accelerator (``updetr_jax/device_augment.py``; their cost
+is ``augment_flops_per_step`` of ``benchmarks/train_step.py``). The figure is
+``host_images_per_s_per_core``; ``release_images_per_s_per_core`` is the release's
+pipeline (its SelfDet dataset and transforms, ``_reference_rate``) on the same
+images and core, in the same run, and ``speedup_vs_release`` their ratio:
 
   per-core: a child process pinned to one CPU (sched_setaffinity), TF intra/inter-op
             threads 1, tf.data private thread pool 1, num_parallel_calls 1;
@@ -55,6 +60,9 @@ def child(args) -> None:
   threads = args.threads
   if threads == 1:
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+  if args.reference:
+    print(json.dumps(dict(threads=threads, rates=_reference_rate(args))), flush=True)
+    return
   import tensorflow as tf  # noqa: PLC0415
 
   tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -101,26 +109,124 @@ def child(args) -> None:
   )
 
 
-def run_child(args, threads: int) -> dict:
-  cmd = [
-    sys.executable,
-    os.path.abspath(__file__),
-    '--child',
-    '--threads',
-    str(threads),
-    '--folder',
-    args.folder,
-    '--batch',
-    str(args.batch),
-    '--runs',
-    str(args.runs),
-    '--batches',
-    str(args.batches),
-    '--warmup',
-    str(args.warmup),
-    '--num_patches',
-    str(args.num_patches),
-  ] + (['--no_tune_malloc'] if args.no_tune_malloc else [])
+# --- the release's data pipeline, for the ratio ------------------------------------------
+
+
+def _reference_rate(args) -> list[float]:
+  """Images/s of the release's SelfDet pipeline on this process's cores.
+
+  Written here from the release's behaviour (its datasets/selfdet.py and
+  transforms): PIL decode; M patch rectangles drawn in original pixels, each crop
+  resized to P (PIL bilinear), then torchvision's ColorJitter(0.4, 0.4, 0.4, 0.1)
+  p=0.8 (on PIL images torchvision calls PIL's ImageEnhance for brightness,
+  contrast and saturation and shifts the hue in HSV with numpy), RandomGrayscale
+  p=0.2, GaussianBlur p=0.5 (sigma U[0.1, 2]), ToTensor and Normalize; the image:
+  RandomResize(scales, max_size=600) (PIL bilinear), ToTensor, Normalize; the
+  batch padded to its largest image (its collate). torchvision itself is not
+  installed here, so its PIL paths are written out; only the Gaussian blur differs
+  (PIL's blur for torchvision's separable conv, about as costly).
+  """
+  import random  # noqa: PLC0415
+
+  import numpy as np  # noqa: PLC0415
+  import torch  # noqa: PLC0415
+  from PIL import Image, ImageEnhance, ImageFilter  # noqa: PLC0415
+
+  torch.set_num_threads(args.threads)
+  sys.path.insert(0, ROOT)
+  from updetr_jax.data.augment import resize_rule  # noqa: PLC0415
+
+  files = sorted(os.path.join(args.folder, f) for f in os.listdir(args.folder))
+  mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+  std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+  scales = (320, 336, 352, 368, 400, 416, 432, 448, 464, 480)
+  rnd = random.Random(0)
+
+  def to_tensor(img):
+    x = torch.from_numpy(np.asarray(img, np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+    return (x - mean) / std
+
+  def hue(img, delta):
+    h, s, v = img.convert('HSV').split()
+    h = Image.fromarray(
+      (np.asarray(h, np.uint8).astype(np.int16) + int(delta * 255)).astype(np.uint8)
+    )
+    return Image.merge('HSV', (h, s, v)).convert('RGB')
+
+  def jitter(img):
+    ops = [
+      lambda x: ImageEnhance.Brightness(x).enhance(rnd.uniform(0.6, 1.4)),
+      lambda x: ImageEnhance.Contrast(x).enhance(rnd.uniform(0.6, 1.4)),
+      lambda x: ImageEnhance.Color(x).enhance(rnd.uniform(0.6, 1.4)),
+      lambda x: hue(x, rnd.uniform(-0.1, 0.1)),
+    ]
+    rnd.shuffle(ops)
+    for op in ops:
+      img = op(img)
+    return img
+
+  def example(path):
+    img = Image.open(path).convert('RGB')
+    w, h = img.size
+    out = []
+    for _ in range(args.num_patches):
+      pw, ph = rnd.randint(8, w - 8), rnd.randint(8, h - 8)
+      x, y = rnd.randint(0, w - pw - 1), rnd.randint(0, h - ph - 1)
+      q = img.crop((x, y, x + pw, y + ph)).resize((128, 128), Image.BILINEAR)
+      if rnd.random() < 0.8:
+        q = jitter(q)
+      if rnd.random() < 0.2:
+        q = q.convert('L').convert('RGB')
+      if rnd.random() < 0.5:
+        q = q.filter(ImageFilter.GaussianBlur(rnd.uniform(0.1, 2.0)))
+      out.append(to_tensor(q))
+    rh, rw = resize_rule(h, w, rnd.choice(scales), 600)
+    return to_tensor(img.resize((rw, rh), Image.BILINEAR)), torch.stack(out)
+
+  def batch(paths):
+    items = [example(p) for p in paths]
+    hh = max(i[0].shape[1] for i in items)
+    ww = max(i[0].shape[2] for i in items)
+    images = torch.zeros(len(items), 3, hh, ww)
+    for k, (im, _) in enumerate(items):
+      images[k, :, : im.shape[1], : im.shape[2]] = im
+    return images, torch.stack([i[1] for i in items])
+
+  rates, pos = [], 0
+  for _ in range(args.runs):
+    for _ in range(args.warmup + args.batches):
+      if _ == args.warmup:
+        t0 = time.perf_counter()
+      batch([files[(pos + k) % len(files)] for k in range(args.batch)])
+      pos += args.batch
+    rates.append(args.batches * args.batch / (time.perf_counter() - t0))
+  return rates
+
+
+def run_child(args, threads: int, reference: bool = False) -> dict:
+  cmd = (
+    [
+      sys.executable,
+      os.path.abspath(__file__),
+      '--child',
+      '--threads',
+      str(threads),
+      '--folder',
+      args.folder,
+      '--batch',
+      str(args.batch),
+      '--runs',
+      str(args.runs),
+      '--batches',
+      str(args.batches),
+      '--warmup',
+      str(args.warmup),
+      '--num_patches',
+      str(args.num_patches),
+    ]
+    + (['--no_tune_malloc'] if args.no_tune_malloc else [])
+    + (['--reference'] if reference else [])
+  )
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
   out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -139,6 +245,8 @@ def main() -> None:
   p.add_argument('--child', action='store_true')
   p.add_argument('--skip_all_cores', action='store_true')
   p.add_argument('--no_tune_malloc', action='store_true')
+  p.add_argument('--reference', action='store_true', help='child: the release pipeline')
+  p.add_argument('--skip_reference', action='store_true')
   args = p.parse_args()
   if args.child:
     child(args)
@@ -148,10 +256,17 @@ def main() -> None:
       args.folder = tmp
       write_images(tmp, args.images)
     one = run_child(args, 1)
+    ref = None if args.skip_reference else run_child(args, 1, reference=True)
     cores = len(os.sched_getaffinity(0))
     allc = None if args.skip_all_cores else run_child(args, cores)
+  per_core = statistics.median(one['rates'])
+  ref_rate = statistics.median(ref['rates']) if ref else None
   result = dict(
-    images_per_s_per_core=round(statistics.median(one['rates']), 2),
+    host_images_per_s_per_core=round(per_core, 2),
+    # The release's pipeline (SelfDet + its transforms) on the same images and core.
+    release_images_per_s_per_core=round(ref_rate, 2) if ref else None,
+    speedup_vs_release=round(per_core / ref_rate, 2) if ref else None,
+    release_runs=[round(r, 2) for r in ref['rates']] if ref else None,
     images_per_s=round(statistics.median(allc['rates']), 2) if allc else None,
     threads=cores,
     batch=args.batch,
