@@ -16,7 +16,9 @@ from conftest import importorskip  # fails instead of skipping under CI=true
 
 tf = importorskip('tensorflow')
 
-from updetr_jax import data  # noqa: E402
+import jax  # noqa: E402
+
+from updetr_jax import data, device_augment  # noqa: E402
 from updetr_jax.data import augment  # noqa: E402
 from data_helpers import model_batch, take  # noqa: E402
 from test_data import _save, cfg_for  # noqa: E402
@@ -130,29 +132,16 @@ def _assert_rate(count, n, p, what, z=4.5):
   assert abs(count - n * p) <= z * sd, f'{what}: {count} of {n}, expected {n * p:.0f} +- {sd:.1f}'
 
 
-# Both implementations of the query-patch augmentation: the device's (pre-training,
-# device_augment.py, jitted JAX) and the host's (the one-shot queries, data/augment.py).
-IMPLS = ('device', 'host')
+def _augment_many(patch, calls, m, **kw):
+  """``calls`` x the device's augment_patches (device_augment.py, jitted) of m copies
+  of ``patch`` [P, P, 3] -> [calls, m, P, P, 3]."""
+  fn = jax.jit(lambda x, key: device_augment.augment_patches(x, key, **kw))
+  x = np.broadcast_to(patch, (m, *patch.shape)).astype(np.float32)
+  base = jax.random.key(11)
+  return np.stack([np.asarray(fn(x, jax.random.fold_in(base, c))) for c in range(calls)])
 
 
-def _augment_many(patch, calls, m, impl, **kw):
-  """``calls`` x augment_patches of m copies of ``patch`` [P, P, 3] -> [calls, m, P, P, 3]."""
-  if impl == 'device':
-    import jax  # noqa: PLC0415
-
-    from updetr_jax import device_augment  # noqa: PLC0415
-
-    fn = jax.jit(lambda x, key: device_augment.augment_patches(x, key, **kw))
-    x = np.broadcast_to(patch, (m, *patch.shape)).astype(np.float32)
-    base = jax.random.key(11)
-    return np.stack([np.asarray(fn(x, jax.random.fold_in(base, c))) for c in range(calls)])
-  fn = tf.function(lambda x, seed: augment.augment_patches(x, seed, **kw))
-  x = tf.constant(np.broadcast_to(patch, (m, *patch.shape)), tf.float32)
-  return np.stack([fn(x, tf.constant([11, c], tf.int64)).numpy() for c in range(calls)])
-
-
-@pytest.mark.parametrize('impl', IMPLS)
-def test_blurred_patches_draw_sigma_over_the_whole_range(impl):
+def test_blurred_patches_draw_sigma_over_the_whole_range():
   """Blur an impulse: the output is the kernel, and k(1) / k(0) = exp(-1 / (2 sigma^2))
   gives sigma exactly (whatever the truncation and normalisation of the kernel)."""
   p, c, lo, hi = 16, 8, 0.1, 2.0
@@ -162,7 +151,6 @@ def test_blurred_patches_draw_sigma_over_the_whole_range(impl):
     impulse,
     40,
     50,
-    impl,
     jitter_prob=0.0,
     grayscale_prob=0.0,
     blur_prob=0.5,
@@ -193,8 +181,7 @@ def _probe_patch(p=32):
   return x
 
 
-@pytest.mark.parametrize('impl', IMPLS)
-def test_jitter_grayscale_and_blur_occur_at_their_probability_independently(impl):
+def test_jitter_grayscale_and_blur_occur_at_their_probability_independently():
   probs = dict(jitter=0.8, gray=0.2, blur=0.5)
   p, m, calls = 32, 50, 80
   x = _probe_patch(p)
@@ -202,14 +189,13 @@ def test_jitter_grayscale_and_blur_occur_at_their_probability_independently(impl
     x,
     calls,
     m,
-    impl,
     jitter_prob=probs['jitter'],
     grayscale_prob=probs['gray'],
     blur_prob=probs['blur'],
     blur_sigma=(1.0, 2.0),  # every blur detectable (the range: the test above)
     kernel_size=5,
   ).astype(np.float64)  # [calls, m, P, P, 3]
-  luma_w = np.asarray(augment.GRAY_WEIGHTS)
+  luma_w = np.asarray(device_augment.GRAY_WEIGHTS)
   # Grayscale: R = G = B everywhere (jitter alone keeps the flat half coloured).
   gray = np.abs(np.diff(out, axis=-1)).max((2, 3, 4)) < 1e-5
   # Jitter: the flat half (away from the checkerboard by more than the kernel radius;

@@ -175,34 +175,6 @@ def test_patch_sampling_bounds():
   assert gap.min() == 1  # the largest corner the release can draw is reached
 
 
-def test_augment_ops():
-  x = tf.random.stateless_uniform([3, 16, 16, 3], seed=[1, 2])
-  flat = tf.fill([2, 16, 16, 3], 0.3)
-  np.testing.assert_allclose(
-    augment.gaussian_blur(flat, tf.constant([0.5, 2.0]), 5), flat, atol=1e-6
-  )
-  assert augment.blur_kernel_size(128) == 13 and augment.blur_kernel_size(224) == 23
-  y = augment.augment_patches(
-    x,
-    tf.constant([5, 6], tf.int64),
-    jitter_prob=1.0,
-    grayscale_prob=0.0,
-    blur_prob=1.0,
-    kernel_size=3,
-  )
-  assert y.shape == x.shape and 0 <= float(tf.reduce_min(y)) and float(tf.reduce_max(y)) <= 1
-  assert not np.allclose(y, x)
-  same = augment.augment_patches(
-    x,
-    tf.constant([5, 6], tf.int64),
-    jitter_prob=0.0,
-    grayscale_prob=0.0,
-    blur_prob=0.0,
-    kernel_size=3,
-  )
-  np.testing.assert_array_equal(same, x)
-
-
 def test_tfrecord_index(tmp_path):
   path = str(tmp_path / 'x.tfrecord')
   payloads = [b'abc', b'', os.urandom(1000)]

@@ -1,8 +1,7 @@
-"""The query patches made on the device (device_augment.py, issue 20): the crop, each
-augmentation op against its host (TensorFlow) twin, the draws of SPEC §3 (the
-probabilities and the sigma range: tests/test_claims_data.py, both implementations),
-the jitter factors' ranges, the luma weights, and determinism across restarts and
-meshes."""
+"""The query patches made on the device (device_augment.py, issue 20): the crop against
+the host's crop, each augmentation op against an independent numpy reference, the
+jitter factors' ranges, the luma weights, the random order, and determinism across
+restarts and meshes. The probabilities and the sigma range: tests/test_claims_data.py."""
 
 import os
 import subprocess
@@ -43,26 +42,64 @@ def test_crop_never_reads_outside_its_rectangle():
   np.testing.assert_allclose(np.asarray(out), 200 / 255.0, atol=1e-6)
 
 
-def test_each_op_matches_its_host_twin():
-  tf = importorskip('tensorflow')
-  from updetr_jax.data import augment
+def _luma(x):
+  return x @ np.array([0.299, 0.587, 0.114])
 
-  x = np.random.default_rng(1).uniform(0, 1, (4, 16, 16, 3)).astype(np.float32)
-  pairs = [
-    (augment.adjust_brightness, da.adjust_brightness, 1.3),
-    (augment.adjust_contrast, da.adjust_contrast, 0.7),
-    (augment.adjust_saturation, da.adjust_saturation, 1.4),
-    (augment.adjust_hue, da.adjust_hue, 0.07),
-    (augment.adjust_hue, da.adjust_hue, -0.1),
+
+def _np_hue(x, delta):
+  """Hue rotation by colorsys, pixel by pixel (an independent reference)."""
+  import colorsys
+
+  out = np.empty_like(x)
+  for idx in np.ndindex(x.shape[:-1]):
+    h, s_, v = colorsys.rgb_to_hsv(*x[idx])
+    out[idx] = colorsys.hsv_to_rgb((h + delta) % 1.0, s_, v)
+  return out
+
+
+def _np_blur(x, sigma, size):
+  """Separable Gaussian, reflect padding (numpy's 'reflect' = torchvision's)."""
+  r = np.arange(size) - (size - 1) / 2
+  k = np.exp(-0.5 * (r / sigma) ** 2)
+  k /= k.sum()
+  pad = size // 2
+  y = np.pad(x, ((pad, pad), (0, 0), (0, 0)), mode='reflect')
+  y = sum(k[t] * y[t : t + x.shape[0]] for t in range(size))
+  y = np.pad(y, ((0, 0), (pad, pad), (0, 0)), mode='reflect')
+  return sum(k[t] * y[:, t : t + x.shape[1]] for t in range(size))
+
+
+def test_each_op_matches_an_independent_reference():
+  """torchvision's formulas, written in numpy: brightness f x, contrast and saturation
+  blends with the luma mean / luma image (each clipped to [0, 1]), hue in HSV."""
+  x = np.random.default_rng(1).uniform(0, 1, (3, 8, 8, 3))
+  clip = lambda v: np.clip(v, 0, 1)  # noqa: E731
+  refs = [
+    (da.adjust_brightness, 1.3, lambda p, f: clip(f * p)),
+    (da.adjust_contrast, 0.7, lambda p, f: clip(f * p + (1 - f) * _luma(p).mean())),
+    (da.adjust_saturation, 1.4, lambda p, f: clip(f * p + (1 - f) * _luma(p)[..., None])),
+    (da.adjust_hue, 0.07, _np_hue),
+    (da.adjust_hue, -0.1, _np_hue),
   ]
-  for host, device, f in pairs:
-    ref = host(tf.constant(x), tf.constant([f] * 4, tf.float32)).numpy()
-    got = np.stack([np.asarray(device(jnp.asarray(p), f)) for p in x])
-    np.testing.assert_allclose(got, ref, atol=2e-6, err_msg=device.__name__)
-  sigmas = [0.1, 0.5, 1.0, 2.0]
-  ref = augment.gaussian_blur(tf.constant(x), tf.constant(sigmas), 5).numpy()
-  got = np.stack([np.asarray(da.gaussian_blur(jnp.asarray(p), s, 5)) for p, s in zip(x, sigmas)])
-  np.testing.assert_allclose(got, ref, atol=2e-6)
+  for op, f, ref in refs:
+    for p in x:
+      got = np.asarray(op(jnp.asarray(p, jnp.float32), f))
+      np.testing.assert_allclose(got, ref(p, f), atol=2e-6, err_msg=op.__name__)
+  for p, sigma in zip(x, [0.1, 0.7, 2.0]):
+    got = np.asarray(da.gaussian_blur(jnp.asarray(p, jnp.float32), sigma, 5))
+    np.testing.assert_allclose(got, _np_blur(p, sigma, 5), atol=2e-6)
+  flat = jnp.full((8, 8, 3), 0.3)
+  np.testing.assert_allclose(np.asarray(da.gaussian_blur(flat, 2.0, 5)), 0.3, atol=1e-6)
+
+
+def test_no_draw_leaves_a_patch_as_it_is():
+  x = np.random.default_rng(2).uniform(0, 1, (5, 8, 8, 3)).astype(np.float32)
+  off = dict(jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, kernel_size=3)
+  out = da.augment_patches(jnp.asarray(x), jax.random.key(0), **off)
+  np.testing.assert_array_equal(np.asarray(out), x)
+  on = dict(jitter_prob=1.0, grayscale_prob=0.0, blur_prob=1.0, kernel_size=3)
+  out = np.asarray(da.augment_patches(jnp.asarray(x), jax.random.key(0), **on))
+  assert out.min() >= 0 and out.max() <= 1 and not np.allclose(out, x)
 
 
 def _many(x, calls, **kw):

@@ -17,10 +17,18 @@ Rectangles may be fractional (a patch drawn in original pixels, mapped to the
 resized image: pixels partly inside weigh by their covered fraction).
 
 Augmentation (``augment_patches``, training): the query-patch augmentation of
-SPEC §3, with the semantics and probabilities of ``data.augment`` (its docstring):
-ColorJitter (brightness, contrast, saturation, hue; factors as torchvision) with
-p=0.8, grayscale p=0.2 (luma 0.299, 0.587, 0.114), Gaussian blur p=0.5 with sigma
-~ U[0.1, 2] (separable, reflect padding, as banded [P, P] matmuls). The jitter
+SPEC §3, each patch independently, in this order:
+  1. ColorJitter(brightness 0.4, contrast 0.4, saturation 0.4, hue 0.1) with p=0.8.
+     Factors as torchvision: brightness/contrast/saturation ~ U[1-0.4, 1+0.4], hue
+     shift ~ U[-0.1, 0.1] (fraction of the HSV hue circle); contrast and saturation
+     blend with the luma mean / luma image; results clipped to [0, 1] after each op.
+  2. Grayscale with p=0.2 (0.299 R + 0.587 G + 0.114 B, copied to 3 channels).
+  3. Gaussian blur with p=0.5, sigma ~ U[0.1, 2.0], separable kernel of odd size
+     ``blur_kernel_size`` (0 = automatic: the odd number nearest 10% of P, 13 for
+     P=128, like SimCLR's 23 for 224), reflect padding, as banded [P, P] matmuls.
+  4. ImageNet normalisation. No flip; evaluation crops and normalises only.
+Every op is computed for every patch and selected by its draw (no gathers; the
+blur's and jitter's FLOPs are small next to the crop's). The jitter
 order is fixed (brightness, contrast, saturation, hue) unless ``random_order``:
 then each patch draws its own order, as torchvision does (all four orders' ops
 are computed and selected, which costs 4x the jitter's few FLOPs). The draws
@@ -39,6 +47,8 @@ Public API (no TensorFlow):
       normalised, padding_mask, patches [B, M, P, P, 3] normalised, targets)
   augment_kwargs(data_config) / blur_kernel_size(P, configured) (config fields)
   batch_preparer(data_config, train) -> prepare_batch bound to the config
+  query_preparer(data_config, train) -> one-shot: the host's uint8 query crops
+      [B, 1, P, P, 3] + seeds -> augmented (training) and normalised
 """
 
 from __future__ import annotations
@@ -288,3 +298,19 @@ def prepare_batch(batch: dict, *, patch_size: int, augment: dict | None) -> dict
     patches=normalize(x),
     targets=batch['targets'],
   )
+
+
+def query_preparer(cfg, train: bool):
+  """One-shot detection: the host cuts each trial's query crop (from another image)
+  and sends it as uint8 [B, K, P, P, 3] under ``patches`` with ``patch_seeds``; this
+  augments it (training with ``data.augment_patches``) and normalises it, on the
+  device. Returns batch -> batch (other entries unchanged). Pure JAX."""
+  aug = augment_kwargs(cfg) if train and cfg['augment_patches'] else None
+
+  def prepare(batch):
+    x = batch['patches'].astype(jnp.float32) * (1.0 / 255.0)
+    if aug is not None:
+      x = jax.vmap(lambda p, k: augment_patches(p, k, **aug))(x, patch_keys(batch['patch_seeds']))
+    return dict(batch, patches=normalize(x))
+
+  return prepare

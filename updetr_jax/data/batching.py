@@ -27,7 +27,6 @@ import numpy as np
 import tensorflow as tf
 
 from updetr_jax.data import augment, config, patches, planning, sources
-from updetr_jax.device_augment import augment_kwargs  # noqa: F401  (data/oneshot.py)
 
 _MALLOC_TUNED = False
 

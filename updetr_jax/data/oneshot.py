@@ -35,11 +35,14 @@ already gone, detection.py) whose sides are both >= ``query_min_size`` pixels.
 
 Query crop: the box rounded outward to whole pixels, cropped from its (original)
 image, resized to ``patch_size`` x ``patch_size`` (aspect not kept, bilinear,
-antialiased: ``patches.crop_patch``), ImageNet-normalised; in training the
-pre-training's query-patch augmentation applies (``augment_patches``, same fields).
+antialiased: ``patches.crop_patch``), rounded to uint8; on the device
+(``device_augment.query_preparer``, in the jitted step) the pre-training's
+query-patch augmentation applies in training (same fields) and it is
+ImageNet-normalised.
 
 Batch: the detection batch (detection.py; ``targets.labels`` all 0) plus
-  patches         float32 [b, 1, P, P, 3]   the query crop (UP-DETR's patch input)
+  patches         uint8 [b, 1, P, P, 3]     the query crop (UP-DETR's patch input)
+  patch_seeds     uint32 [b, 2]   (k(seed, epoch), example): its augmentation's key
   label           int32 [b]     the trial's class (evaluation: the AP class)
   query_image_id  int64 [b]     the image the query was cropped from
   query_box       float32 [b, 4]  xyxy of the query in that image's pixels
@@ -55,7 +58,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from updetr_jax.data import augment, batching, config, detection, patches, planning
+from updetr_jax.data import batching, config, detection, patches, planning
 
 # CoAE's VOC split (SPEC §7).
 VOC_UNSEEN_CLASSES = ('cow', 'sheep', 'cat', 'aeroplane')
@@ -359,7 +362,6 @@ class OneShotIterator(detection.DetectionIterator):
   def _make_row_fn(self):
     detect_row = super()._make_row_fn()
     source, cfg = self.source, self.cfg
-    aug = batching.augment_kwargs(cfg) if self.train and cfg['augment_patches'] else None
     p = int(cfg['patch_size'])
 
     @tf.autograph.experimental.do_not_convert
@@ -377,13 +379,14 @@ class OneShotIterator(detection.DetectionIterator):
       x1 = tf.clip_by_value(tf.cast(tf.math.ceil(box[2]), tf.int32), x0 + 1, shape[1])
       y1 = tf.clip_by_value(tf.cast(tf.math.ceil(box[3]), tf.int32), y0 + 1, shape[0])
       crop = patches.crop_patch(image, tf.stack([x0, y0, x1 - x0, y1 - y0]), p)[None]
-      if aug is None:
-        crop = augment.normalize(crop, 255.0)
-      else:
-        seed = tf.stack([r['key0'], r['example']])
-        crop = augment.normalize(augment.augment_patches(crop * (1.0 / 255.0), seed, **aug))
+      # uint8 to the device, which augments (training) and normalises it
+      # (device_augment.query_preparer).
+      crop = tf.cast(tf.clip_by_value(tf.round(crop), 0.0, 255.0), tf.uint8)
       out.update(
         patches=crop,
+        patch_seeds=tf.stack(
+          [tf.cast(r['key0'], tf.uint32), tf.cast(r['example'] % (1 << 32), tf.uint32)]
+        ),
         label=r['label'],
         query_image_id=r['q_image_id'],
         query_box=r['q_box'],
@@ -396,6 +399,7 @@ class OneShotIterator(detection.DetectionIterator):
     out = super().format(b)
     out.update(
       patches=b['patches'],
+      patch_seeds=b['patch_seeds'],
       label=b['label'],
       query_image_id=b['query_image_id'],
       query_box=b['query_box'],

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from updetr_jax.data import augment
 
 MIN_PATCH = 8  # smallest patch side and the margin in U{8 .. W-8}
 
@@ -71,22 +70,3 @@ def crop_patches(image, boxes_px, patch_size: int):
   """Image [H, W, 3], boxes int32 [M, 4] (static M) -> float32 [M, P, P, 3]."""
   m = boxes_px.shape[0]
   return tf.stack([crop_patch(image, boxes_px[i], patch_size) for i in range(m)])
-
-
-def query_patches(image, seed, *, num_patches: int, patch_size: int, augment_cfg: dict | None):
-  """Sample M query patches from a uint8 image [H, W, 3].
-
-  augment_cfg: keyword arguments of ``augment.augment_patches`` (None = no
-  augmentation, the evaluation transform).
-  Returns (patches float32 [M, P, P, 3] normalised, boxes float32 [M, 4] cxcywh,
-  boxes_px int32 [M, 4]).
-  """
-  keys = tf.random.experimental.stateless_split(seed, 2)
-  shape = tf.shape(image)
-  boxes_px = sample_patch_boxes(keys[0], shape[0], shape[1], num_patches)
-  x = crop_patches(image, boxes_px, patch_size)  # in [0, 255]: the filter is convex
-  if augment_cfg is None:
-    x = augment.normalize(x, 255.0)
-  else:
-    x = augment.normalize(augment.augment_patches(x * (1.0 / 255.0), keys[1], **augment_cfg))
-  return x, boxes_to_cxcywh(boxes_px, shape[0], shape[1]), boxes_px

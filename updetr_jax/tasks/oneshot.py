@@ -26,8 +26,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from updetr_jax import evaluate, files, visualize
-from updetr_jax.data.oneshot import make_oneshot_dataset
+from updetr_jax import device_augment, evaluate, files, visualize
+from updetr_jax.data.oneshot import make_oneshot_dataset, resolve_oneshot_config
 from updetr_jax.train_step import criterion, process_gather, to_global
 
 
@@ -61,6 +61,7 @@ class OneShotTask:
     self._train_it, self._train_stats, self.info = self._dataset(train=True)
     self._eval_it = None
     self.detect = None
+    self._eval_prepare = None  # the query crops normalised on the device (evaluation)
     self.gt = None
     self._shown = []
     seeds = tuple(config.eval.query_seeds)
@@ -94,6 +95,11 @@ class OneShotTask:
     """DETR's set loss with one class ("is the query's class")."""
     return criterion(self.config)
 
+  def device_inputs(self, train: bool):
+    """The query crops (uint8 from the host) augmented (training) and normalised on
+    the device (``device_augment.query_preparer``)."""
+    return device_augment.query_preparer(resolve_oneshot_config(self.config.data), train)
+
   def train_data(self, start: int):
     self._train_it.seek(start)
     return self._train_it, self._train_stats
@@ -109,14 +115,16 @@ class OneShotTask:
       self.detect = evaluate.make_detect_fn(
         model, out_shardings=NamedSharding(self.sharding.mesh, P())
       )
+    if self._eval_prepare is None:
+      self._eval_prepare = jax.jit(self.device_inputs(train=False))
     if self._eval_it is None:
       self._eval_it, _, self._eval_info = self._dataset(train=False)
     self._eval_it.use_query_seed(query_seed, other_class)
     ids, labels, scores, boxes = [], [], [], []
     keep_pictures = not self._shown and not other_class
     for batch in self._eval_it:
-      keys = ('images', 'padding_mask', 'orig_size', 'patches')
-      g = to_global({k: batch[k] for k in keys}, self.sharding)
+      keys = ('images', 'padding_mask', 'orig_size', 'patches', 'patch_seeds')
+      g = self._eval_prepare(to_global({k: batch[k] for k in keys}, self.sharding))
       s, _, b = jax.device_get(
         self.detect(variables, g['images'], g['padding_mask'], g['orig_size'], g['patches'])
       )
@@ -248,7 +256,7 @@ class OneShotTask:
       png = os.path.join(workdir, f'oneshot_{int(t["image_id"])}_{name}.png')
       visualize.plot_oneshot(
         png,
-        visualize.denormalize(t['patches'][0]),
+        t['patches'][0] / 255.0,  # the host's uint8 crop
         visualize.denormalize(t['images'][:h, :w]),
         t['boxes'][keep] * scale,
         t['scores'][keep],
