@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from updetr_jax import checkpoints, files  # noqa: E402
+from updetr_jax import checkpoints, device_augment, files  # noqa: E402
 from updetr_jax.data.oneshot import make_oneshot_dataset  # noqa: E402
 from updetr_jax.models import build_model  # noqa: E402
 
@@ -52,7 +52,7 @@ def main():
   it, _, info = make_oneshot_dataset(config.data, global_batch_size=50, train=False)
   feats, labels, seen = [], [], set()
   for batch in it:
-    x = jnp.asarray(batch['patches'][:, 0])
+    x = device_augment.normalize(jnp.asarray(batch['patches'][:, 0]) / 255.0)  # host uint8
     f = np.asarray(model.apply(variables, x, method=lambda m, x: jnp.mean(m.body(x), axis=(1, 2))))
     for r in np.flatnonzero(batch['valid']):
       key = (int(batch['query_image_id'][r]), tuple(batch['query_box'][r].tolist()))
