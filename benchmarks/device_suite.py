@@ -171,6 +171,7 @@ RELEASE = {
       patch_query_drop=0.1,
       patch_feature_norm=False,
       query_shuffle=False,
+      patch_content=False,
     ),
     matcher=dict(group_matching=False),
     loss=dict(eos_coef=0.1, weight_ce=1.0, weight_bbox=5.0, weight_giou=2.0, weight_feature=1.0),
