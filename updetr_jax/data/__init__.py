@@ -16,7 +16,8 @@ The miniature benchmark of real pixels (pre-training pool, labelled train / eval
 as COCO json; docs/miniature.md): miniature.write_miniature(directory, ...).
 Shape buckets and epoch plans: planning.py; batches, determinism and host sharding:
 batching.py; data configs: config.py; sources and bad-image handling: sources.py;
-patches: patches.py; transforms: augment.py.
+patches: patches.py (the rectangles); resize and normalisation: augment.py. The patch
+crops and their augmentation run on the accelerator: updetr_jax/device_augment.py.
 
 Data config fields (ConfigDict or dict; missing fields take the release value):
   source          'tfds' | 'folder' | 'demo' | 'mosaics' (the learnability
@@ -41,7 +42,8 @@ Data config fields (ConfigDict or dict; missing fields take the release value):
                   orientations ((384, 512), (448, 576), (480, 608)); empty: one cap
                   (max scale, max_size) rounded up to multiples of 32.
   patch_size      P, side of the query patches (128).
-  augment_patches apply the query-patch augmentation in training (True).
+  augment_patches apply the query-patch augmentation in training (True; on the
+                  device, device_augment.py).
   color_jitter    (brightness, contrast, saturation, hue) = (0.4, 0.4, 0.4, 0.1).
   color_jitter_prob 0.8;  grayscale_prob 0.2;  blur_prob 0.5;
   color_jitter_random_order  False: fixed order brightness, contrast, saturation,
