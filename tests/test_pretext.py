@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from updetr_jax import matching, train_step
-from updetr_jax.data import eval_data_config, mosaic_data_config, mosaics
+from updetr_jax.data import eval_data_config, mosaic_data_config, mosaics, resolve_config, sources
 from updetr_jax.models import build_model, init_variables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,6 +50,23 @@ def test_ramp_images_code_the_position_in_their_colour():
   assert not np.array_equal(img, other)
   with pytest.raises(ValueError, match='mosaic_style'):
     mosaics.render_mosaic(np.random.default_rng(0), 8, 8, 'stripes')
+
+
+def test_mosaic_cells_sets_the_number_of_cells_through_the_data_config():
+  def boundary(img):  # the fraction of 4x4 blocks beside a cell boundary (a colour step)
+    blocks = img.astype(float).reshape(32, 4, 40, 4, 3).mean((1, 3))
+    return float((np.abs(np.diff(blocks, axis=1)).max(-1) > 12).mean())
+
+  default = mosaics.mosaic_arrays('eval', 4, seed=0)
+  dense = mosaics.mosaic_arrays('eval', 4, seed=0, cells=(30, 50))
+  # Boundary length grows as sqrt(cells): (40 / 8) ** 0.5 = 2.2 (measured 2.4).
+  ratio = np.mean([boundary(x) for x in dense]) / np.mean([boundary(x) for x in default])
+  assert ratio > 1.8, ratio
+  cfg = dict(eval_data_config(mosaic_data_config())[0], mosaic_cells=[30, 50], mosaic_count=2)
+  src = sources.make_source(resolve_config(cfg))
+  assert np.array_equal(src.python_load(1), dense[1])
+  with pytest.raises(ValueError, match='mosaic_cells'):
+    mosaics.render_mosaic(np.random.default_rng(0), 8, 8, 'cells', (5, 4))
 
 
 def test_mosaic_evaluation_is_held_out():

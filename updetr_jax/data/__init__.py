@@ -22,7 +22,8 @@ crops and their augmentation run on the accelerator: updetr_jax/device_augment.p
 Data config fields (ConfigDict or dict; missing fields take the release value):
   source          'tfds' | 'folder' | 'demo' | 'mosaics' (the learnability
                   benchmark's images, data/mosaics.py: mosaic_split, mosaic_count,
-                  mosaic_eval_count held-out ones, mosaic_seed, mosaic_size).
+                  mosaic_eval_count held-out ones, mosaic_seed, mosaic_size, mosaic_style,
+                  mosaic_cells).
   tfds_name       TFDS dataset ('imagenet2012'); labels are ignored.
   tfds_split      split ('train').
   tfds_data_dir   TFDS data dir (None: $TFDS_DATA_DIR or TFDS' default).

@@ -36,6 +36,8 @@ DEFAULTS: dict[str, Any] = dict(
   mosaic_size=(128, 160),
   # 'cells' (Voronoi mosaics) or 'ramp' (colour = position: the positive control).
   mosaic_style='cells',
+  # (least, most) Voronoi cells per 'cells' image (data/mosaics.py CELLS).
+  mosaic_cells=(6, 10),
   # Pre-training evaluation images, never trained on (see eval_data_config):
   eval_tfds_split='validation',  # tfds: ImageNet's validation split
   eval_folder='',  # folder: a second folder ('' = new patches of the training images)
@@ -125,6 +127,7 @@ def resolve_config(data_config, defaults=None) -> dict:
   cfg['buckets'] = tuple((int(s), int(l)) for s, l in cfg['buckets'])
   if 'mosaic_size' in cfg:  # pre-training's field set only
     cfg['mosaic_size'] = tuple(int(s) for s in cfg['mosaic_size'])
+    cfg['mosaic_cells'] = tuple(int(c) for c in cfg['mosaic_cells'])
   if not cfg['scales']:
     raise ValueError('data.scales must not be empty')
   if not cfg['max_size']:

@@ -2,7 +2,7 @@
 
 Random query patch detection can only be learned when a patch's content tells where in
 the image it came from. On these images it does, by construction: each image is a
-Voronoi mosaic of 6..10 cells, every cell a flat random colour (uniform in RGB, at
+Voronoi mosaic of 6..10 cells (``data.mosaic_cells``), every cell a flat random colour (uniform in RGB, at
 least ``MIN_COLOUR_DISTANCE`` apart within an image) with a linear shading across it
 (a random direction, +-``SHADING`` of the colour), plus mild Gaussian noise. The cells,
 their colours and the shading make every region of an image distinct, so the crop
@@ -17,8 +17,9 @@ learns 'ramp' but not 'cells' can read a patch's box from the patch but cannot y
 match a patch against the image (the README's "Is the pretext learned?").
 
 Public API:
-  render_mosaic(rng, height, width, style='cells') -> uint8 [H, W, 3]
-  mosaic_arrays(split, count, *, seed=0, image_size=(128, 160), style='cells')
+  render_mosaic(rng, height, width, style='cells', cells=CELLS) -> uint8 [H, W, 3]
+  mosaic_arrays(split, count, *, seed=0, image_size=(128, 160), style='cells',
+      cells=CELLS)
       -> [uint8 [H, W, 3]]
       (in memory: the pre-training source ``data.source='mosaics'``)
   write_mosaics(directory, *, seed=0, num_train=400, num_eval=64,
@@ -54,25 +55,43 @@ _SPLIT_CODE = {'train': 1, 'eval': 2}
 STYLES = ('cells', 'ramp')
 
 
+def colour_distance(n: int) -> float:
+  """The least RGB distance between the n colours of one image: MIN_COLOUR_DISTANCE up
+  to CELLS[1] cells, then shrinking as n^(-1/3) (the same packing density of the
+  colour cube, so the redraws stay few)."""
+  return MIN_COLOUR_DISTANCE * min(1.0, (CELLS[1] / n) ** (1.0 / 3.0))
+
+
 def _colours(rng: np.random.Generator, n: int) -> np.ndarray:
-  """n RGB colours in [0, 1], pairwise at least MIN_COLOUR_DISTANCE apart: [n, 3]."""
+  """n RGB colours in [0, 1], pairwise at least colour_distance(n) apart: [n, 3]."""
   out = []
+  least = colour_distance(n)
   while len(out) < n:
     c = rng.uniform(0.0, 1.0, 3)
-    if all(np.linalg.norm(c - o) >= MIN_COLOUR_DISTANCE for o in out):
+    if all(np.linalg.norm(c - o) >= least for o in out):
       out.append(c)
   return np.stack(out)
 
 
 def render_mosaic(
-  rng: np.random.Generator, height: int, width: int, style: str = 'cells'
+  rng: np.random.Generator,
+  height: int,
+  width: int,
+  style: str = 'cells',
+  cells: tuple[int, int] = CELLS,
 ) -> np.ndarray:
-  """One image of ``style`` (STYLES): uint8 [height, width, 3] (module docstring)."""
+  """One image of ``style`` (STYLES): uint8 [height, width, 3] (module docstring).
+
+  cells: (least, most) Voronoi cells of a 'cells' image, inclusive.
+  """
   if style not in STYLES:
     raise ValueError(f'data.mosaic_style={style!r}: choose one of {STYLES}')
+  lo, hi = (int(c) for c in cells)
+  if not 2 <= lo <= hi:
+    raise ValueError(f'data.mosaic_cells={tuple(cells)}: need 2 <= least <= most')
   if style == 'ramp':
     return _render_ramp(rng, height, width)
-  n = int(rng.integers(CELLS[0], CELLS[1] + 1))
+  n = int(rng.integers(lo, hi + 1))
   sites = rng.uniform(0.0, 1.0, (n, 2)) * (height, width)  # (y, x)
   yy, xx = np.meshgrid(np.arange(height) + 0.5, np.arange(width) + 0.5, indexing='ij')
   d = (yy[..., None] - sites[:, 0]) ** 2 + (xx[..., None] - sites[:, 1]) ** 2
@@ -107,13 +126,14 @@ def mosaic_arrays(
   seed: int = 0,
   image_size: tuple[int, int] = (128, 160),
   style: str = 'cells',
+  cells: tuple[int, int] = CELLS,
 ) -> list[np.ndarray]:
   """The first ``count`` images of ``split`` ('train' or 'eval') and ``style``, as
-  written by ``write_mosaics`` with the same seed, size and style."""
+  written by ``write_mosaics`` with the same seed, size, style and cells."""
   if split not in _SPLIT_CODE:
     raise ValueError(f'mosaic split {split!r}: choose one of {sorted(_SPLIT_CODE)}')
   h, w = (int(s) for s in image_size)
-  return [render_mosaic(_image_rng(seed, split, i), h, w, style) for i in range(int(count))]
+  return [render_mosaic(_image_rng(seed, split, i), h, w, style, cells) for i in range(int(count))]
 
 
 def _png(img: np.ndarray) -> bytes:

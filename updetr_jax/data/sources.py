@@ -509,13 +509,15 @@ def demo_arrays(names=DEMO_IMAGES) -> list[tuple[str, np.ndarray]]:
 
 class MosaicSource(MemorySource):
   """The learnability benchmark's random mosaics (``data/mosaics.py``), rendered in
-  memory: ``count`` images of ``split`` ('train' or 'eval') and ``style``."""
+  memory: ``count`` images of ``split`` ('train' or 'eval'), ``style`` and ``cells``."""
 
-  def __init__(self, split: str, count: int, seed: int, image_size, style: str = 'cells'):
+  def __init__(
+    self, split: str, count: int, seed: int, image_size, style: str = 'cells', cells=(6, 10)
+  ):
     from updetr_jax.data import mosaics  # noqa: PLC0415
 
     arrays = mosaics.mosaic_arrays(
-      split, count, seed=seed, image_size=tuple(image_size), style=style
+      split, count, seed=seed, image_size=tuple(image_size), style=style, cells=tuple(cells)
     )
     super().__init__(arrays, name=f'mosaics ({style}, {split})')
 
@@ -557,6 +559,7 @@ def make_source(cfg) -> Source:
       cfg['mosaic_seed'],
       cfg['mosaic_size'],
       cfg['mosaic_style'],
+      cfg['mosaic_cells'],
     )
   elif kind == 'folder':
     if not cfg['folder']:
