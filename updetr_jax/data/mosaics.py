@@ -2,8 +2,9 @@
 
 Random query patch detection can only be learned when a patch's content tells where in
 the image it came from. On these images it does, by construction: each image is a
-Voronoi mosaic of 6..10 cells (``data.mosaic_cells``), every cell a flat random colour (uniform in RGB, at
-least ``MIN_COLOUR_DISTANCE`` apart within an image) with a linear shading across it
+Voronoi mosaic of 6..10 cells (``data.mosaic_cells``), every cell a flat random colour
+(uniform in RGB, at least ``colour_distance(n)`` apart within an image: 0.25 up to 10
+cells) with a linear shading across it
 (a random direction, +-``SHADING`` of the colour), plus mild Gaussian noise. The cells,
 their colours and the shading make every region of an image distinct, so the crop
 alone decides its box: a detector that uses its query patch can find it, one that
