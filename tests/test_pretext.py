@@ -431,3 +431,24 @@ def test_fine_tuning_refuses_a_pretraining_of_other_value_pos():
   # A config written before the field existed means value_pos=False.
   del source_config['value_pos']
   pretrained.init_from_pretrained(target, dict(config.model), source, source_config)
+
+
+def test_one_shot_init_refuses_a_pretraining_of_other_patch_content():
+  from updetr_jax import pretrained
+
+  config = tiny_config()
+  config.model.patch_content = True
+  source = init_variables(build_model(config.model), jax.random.PRNGKey(0))
+  source_config = dict(config.model)
+  config.model.update(patch_content=False, num_patches=1, feature_head=False)
+  target = init_variables(build_model(config.model), jax.random.PRNGKey(1))
+  with pytest.raises(ValueError, match='patch_content=True'):
+    pretrained.init_from_pretrained(target, dict(config.model), source, source_config)
+  config.model.patch_content = True
+  pretrained.init_from_pretrained(target, dict(config.model), source, source_config)
+  # DETR fine-tuning has no patches: the pre-training's patch_content does not matter.
+  detr = tiny_config()
+  detr.model.update(num_patches=0, feature_recon=False)
+  target = init_variables(build_model(detr.model), jax.random.PRNGKey(2))
+  detr_config = {k: v for k, v in dict(detr.model).items() if k != 'patch_content'}
+  pretrained.init_from_pretrained(target, detr_config, source, source_config)

@@ -115,6 +115,17 @@ def init_from_pretrained(variables, model_config, pretrained, pretrained_model_c
       f'{"patch_norm" in has}, this model has {"patch_norm" in wants}: set '
       f'--config.model.patch_feature_norm={"patch_norm" in has}'
     )
+  if 'patch2query' in has & wants and pretrained_model_config is not None:
+    # patch2query's output also started the decoder's content stream (or did not):
+    # the carried decoder was trained for one of the two.
+    was, now = (
+      bool(c.get('patch_content', False)) for c in (pretrained_model_config, model_config)
+    )
+    if was != now:
+      raise ValueError(
+        f'the pre-training ran with model.patch_content={was}, this model has {now}: set '
+        f'--config.model.patch_content={was}'
+      )
   fresh = set()
   for path, leaf in out.items():
     if path[1] in FRESH_HEADS or (path[1] in PATCH_HEADS and path[1] not in has):
