@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import jax
 import jax.numpy as jnp
@@ -181,11 +180,15 @@ def test_non_finite_loss_leaves_state_unchanged_and_stops():
     train_step.check_finite(jax.device_get(metrics), 1)
 
 
-def _main_cmd(workdir, steps, extra=()):
+def _main_cmd(workdir, steps, extra=(), signal_at=None):
+  """The training command; signal_at=(signal name, 'logged' | 'saving', step): the run
+  sends itself that signal at that point (see _SIGNAL_AT)."""
+  entry = ['-m', 'updetr_jax.main']
+  if signal_at is not None:
+    entry = ['-c', _SIGNAL_AT, *(str(a) for a in signal_at)]
   return [
     sys.executable,
-    '-m',
-    'updetr_jax.main',
+    *entry,
     '--config=configs/pretrain.py:demo',
     f'--workdir={workdir}',
     f'--config.num_train_steps={steps}',
@@ -194,6 +197,36 @@ def _main_cmd(workdir, steps, extra=()):
     *TINY_OVERRIDES,
     *extra,
   ]
+
+
+# python -c _SIGNAL_AT SIGNAL POINT STEP [updetr_jax.main flags]: updetr_jax.main that
+# sends itself SIGNAL at a known point of the run, wherever the machine's load puts the
+# steps in time: 'logged', once the metrics line of STEP is written; 'saving', once
+# the (asynchronous) save of STEP has started. A real signal, to the product's handlers.
+_SIGNAL_AT = textwrap.dedent("""
+    import os, runpy, signal, sys
+    from updetr_jax import checkpoints, train
+    sig, point, at = signal.Signals[sys.argv[1]], sys.argv[2], int(sys.argv[3])
+    if point == 'logged':
+      logged = train.Progress.__call__
+      def hooked(self, step, scalars):
+        logged(self, step, scalars)
+        if step == at:
+          os.kill(os.getpid(), sig)
+      train.Progress.__call__ = hooked
+    elif point == 'saving':
+      save = checkpoints.TrainCheckpoints.save
+      def hooked(self, step, tree, **kwargs):
+        saved = save(self, step, tree, **kwargs)
+        if step == at:
+          os.kill(os.getpid(), sig)
+        return saved
+      checkpoints.TrainCheckpoints.save = hooked
+    else:
+      raise ValueError(point)
+    sys.argv = ['updetr_jax.main', *sys.argv[4:]]
+    runpy.run_module('updetr_jax.main', run_name='__main__', alter_sys=True)
+""")
 
 
 def _losses(workdir):
@@ -211,7 +244,9 @@ def _env():
   return env
 
 
-STEPS = 24
+STEPS = 8  # the resumed runs cross an epoch (10 demo photos x demo_repeats 2 / batch 4)
+KILL_AT = 4  # SIGKILL with the save of this step in flight (step 2 committed)
+TERM_AT = 3  # SIGTERM once this step is logged (periodic saves every 100: none yet)
 
 
 @pytest.fixture(scope='module')
@@ -229,19 +264,15 @@ def reference_losses(tmp_path_factory):
 def test_sigkill_and_rerun_gives_the_uninterrupted_losses(tmp_path, reference_losses):
   steps, ref = STEPS, reference_losses
   run_dir = tmp_path / 'run'
-  proc = subprocess.Popen(
-    _main_cmd(run_dir, steps),
+  killed = subprocess.run(
+    _main_cmd(run_dir, steps, signal_at=('SIGKILL', 'saving', KILL_AT)),
     cwd=ROOT,
     env=_env(),
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.DEVNULL,
+    capture_output=True,
+    text=True,
+    timeout=600,
   )
-  ckpt = run_dir / 'checkpoints' / '4'
-  deadline = time.time() + 600
-  while not ckpt.is_dir() and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   killed_at = max(_losses(run_dir))
   assert killed_at < steps, 'the run finished before it was killed; nothing was tested'
 
@@ -258,19 +289,17 @@ def test_sigterm_checkpoints_the_current_step_exits_0_and_resumes(tmp_path, refe
   """A preemption notice saves the step being trained (not the last periodic one)."""
   run_dir = tmp_path / 'run'
   cmd = _main_cmd(run_dir, STEPS, ['--config.checkpoint_every_steps=100'])
-  proc = subprocess.Popen(
-    cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+  proc = subprocess.run(
+    _main_cmd(
+      run_dir, STEPS, ['--config.checkpoint_every_steps=100'], ('SIGTERM', 'logged', TERM_AT)
+    ),
+    cwd=ROOT,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
   )
-  deadline = time.time() + 600
-  metrics = run_dir / 'metrics.jsonl'
-  while (
-    proc.poll() is None
-    and time.time() < deadline
-    and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3)
-  ):
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=600)
+  err = proc.stderr
   assert proc.returncode == 0, err[-3000:]
   stopped_at = max(_losses(run_dir))
   assert 3 <= stopped_at < STEPS, 'the run finished before the signal; nothing was tested'
