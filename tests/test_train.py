@@ -84,10 +84,17 @@ def setup_step(config):
   return state, constants, step
 
 
-def test_train_steps_lower_the_loss_on_a_fixed_batch():
+@pytest.fixture(scope='module')
+def tiny_step():
+  """setup_step(tiny_config() with lr 1e-3): one compilation for the tests below (the
+  jitted step does not donate, so each test starts from the same initial state)."""
   config = tiny_config()
   config.optim.update(lr=1e-3, lr_backbone=1e-3)
-  state, constants, step = setup_step(config)
+  return setup_step(config)
+
+
+def test_train_steps_lower_the_loss_on_a_fixed_batch(tiny_step):
+  state, constants, step = tiny_step
   batch = jax.tree_util.tree_map(jnp.asarray, fixed_batch())
   rng = jax.random.PRNGKey(0)
   losses = []
@@ -159,13 +166,13 @@ def test_learned_position_embedding_is_in_the_backbone_group():
   _, state, constants, tx, _ = train_step.init_train_state(config, model, jax.random.PRNGKey(0), 10)
   assert 'position' in state['params']
   grads = jax.tree_util.tree_map(jnp.ones_like, state['params'])
-  updates, _ = tx.update(grads, state['opt_state'], state['params'])
+  updates, _ = jax.jit(tx.update)(grads, state['opt_state'], state['params'])  # fast
   assert float(jnp.abs(updates['position']['row_embed']).max()) == 0.0
   assert float(jnp.abs(updates['query_embed']['embedding']).max()) > 0.0
 
 
-def test_non_finite_loss_leaves_state_unchanged_and_stops():
-  state, constants, step = setup_step(tiny_config())
+def test_non_finite_loss_leaves_state_unchanged_and_stops(tiny_step):
+  state, constants, step = tiny_step
   batch = fixed_batch()
   batch['images'][1, 3, 3, 0] = np.nan
   before = jax.tree_util.tree_map(np.asarray, state['params'])
@@ -241,10 +248,13 @@ def _losses(workdir):
 def _env():
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
   env.pop('XLA_FLAGS', None)
+  # Every compilation goes to the session's cache (conftest): the interrupted runs and
+  # their reruns load the reference run's programs instead of compiling them again.
+  env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   return env
 
 
-STEPS = 8  # the resumed runs cross an epoch (10 demo photos x demo_repeats 2 / batch 4)
+STEPS = 8  # 3 epochs of the demo data here: every resumed run crosses an epoch
 KILL_AT = 4  # SIGKILL with the save of this step in flight (step 2 committed)
 TERM_AT = 3  # SIGTERM once this step is logged (periodic saves every 100: none yet)
 
@@ -353,16 +363,18 @@ def test_eight_fake_devices_give_the_one_device_loss():
   np.testing.assert_allclose(eight['losses'], one['losses'], rtol=1e-5)
 
 
-def _feature_grads(config, stop_target: bool):
-  """Gradient of the feature-reconstruction loss alone w.r.t. the trainable params,
-  with (stop_target) or without a stop-gradient on the target ``gt_feature``."""
+def _feature_grads(config):
+  """Gradients of the feature-reconstruction loss alone w.r.t. the trainable params,
+  (without, with) a stop-gradient on the target ``gt_feature``: one initialisation,
+  jitted (compiled as a whole, much faster here than op by op; the stop-gradient
+  lowers to nothing, so where it changes nothing the two programs are the same)."""
   config.loss.update(weight_ce=0.0, weight_bbox=0.0, weight_giou=0.0, weight_feature=1.0)
   model = build_model(config.model)
   _, state, constants, _, _ = train_step.init_train_state(config, model, jax.random.PRNGKey(0), 10)
   batch = jax.tree_util.tree_map(jnp.asarray, fixed_batch())
   loss_fn = train_step.criterion(config)
 
-  def loss_of(params):
+  def loss_of(params, stop_target):
     out = model.apply(
       train_step.full_variables(dict(state, params=params), constants),
       batch['images'],
@@ -374,7 +386,8 @@ def _feature_grads(config, stop_target: bool):
       out = dict(out, gt_feature=jax.lax.stop_gradient(out['gt_feature']))
     return loss_fn(out, batch['targets'])[0]
 
-  return jax.grad(loss_of)(state['params'])
+  grad = jax.jit(jax.grad(loss_of), static_argnums=1)
+  return grad(state['params'], False), grad(state['params'], True)
 
 
 def test_feature_target_gradient_as_in_the_release():
@@ -383,15 +396,13 @@ def test_feature_target_gradient_as_in_the_release():
   config = tiny_config()
   config.loss_replicas = 1
   config.optim.frozen = ()  # CNN trains ("feature reconstruction without frozen CNN")
-  free = _feature_grads(config, stop_target=False)
-  stopped = _feature_grads(config, stop_target=True)
+  free, stopped = _feature_grads(config)
   diff = jax.tree_util.tree_map(
     lambda a, b: float(jnp.abs(a - b).max()), free['body'], stopped['body']
   )
   assert max(jax.tree_util.tree_leaves(diff)) > 1e-6  # the target path reaches the CNN
   config = tiny_config()
   config.loss_replicas = 1  # frozen CNN (the default): identical gradients
-  free = _feature_grads(config, stop_target=False)
-  stopped = _feature_grads(config, stop_target=True)
+  free, stopped = _feature_grads(config)
   assert 'body' not in free
   jax.tree_util.tree_map(np.testing.assert_array_equal, free, stopped)
