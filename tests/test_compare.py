@@ -50,6 +50,7 @@ def tiny_config(data: dict, cache: str):
     patch_size=16,
   )
   p.update(batch_size=4, num_train_steps=3, checkpoint_every_steps=3, log_every_steps=1)
+  p.report_flops = f.report_flops = False  # no FLOP count (step_cost: the other train.run tests)
   p.eval.num_batches = 1
   f.model.update(**TINY_MODEL)
   f.data.update(
@@ -80,10 +81,18 @@ def _flat(tree):
   return {'/'.join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
 
 
-def test_harness_end_to_end_and_rerun(data, tmp_path):
-  workdir = str(tmp_path / 'cmp')
-  config = tiny_config(data, str(tmp_path / 'xla'))
-  results = compare.run(config, workdir)
+@pytest.fixture(scope='module')
+def harness(data, tmp_path_factory):
+  """(config, workdir, results) of one compare.run: the tests below read it (its
+  pre-training is also the one the arms' initial weights are checked against)."""
+  root = tmp_path_factory.mktemp('harness')
+  workdir = str(root / 'cmp')
+  config = tiny_config(data, str(root / 'xla'))
+  return config, workdir, compare.run(config, workdir)
+
+
+def test_harness_end_to_end_and_rerun(harness):
+  config, workdir, results = harness
 
   # Every run evaluated at steps 2 and 4; statistics over the 2 seeds, paired diffs.
   stats = results['stats']['0.5']
@@ -125,16 +134,12 @@ def test_harness_end_to_end_and_rerun(data, tmp_path):
   assert again['stats'] == results['stats']
 
 
-def test_pretrained_arm_starts_from_the_pretrained_transformer(data, tmp_path):
+def test_pretrained_arm_starts_from_the_pretrained_transformer(harness, tmp_path):
   """Leaf by leaf: the UP-DETR arm's initial weights (transformer, query embeddings,
   input projection, box head, CNN) are the pre-training's; the scratch arm's are its
   own fresh initialisation, none loaded."""
-  workdir = str(tmp_path / 'cmp')
-  config = tiny_config(data, str(tmp_path / 'xla'))
-  config.seeds = (0,)
-  config.stage0.enabled = False  # the tiny CNN's own init; the arms must still agree
-  pre_dir = os.path.join(workdir, 'pretrain', 'updetr')
-  compare._run(compare.pretrain_config(config, 'updetr', ''), pre_dir, 'pre-training')
+  config, workdir, _ = harness
+  pre_dir = os.path.join(workdir, 'pretrain', 'updetr')  # the harness's pre-training
   pre_vars, _, _ = checkpoints.restore_workdir_variables(pre_dir)
   pre = _flat(pre_vars['params'])
 
