@@ -171,6 +171,7 @@ def finetuned(tmp_path_factory):
   config.checkpoint_every_steps = 2
   config.log_every_steps = 1
   config.eval.update(every_steps=2, num_pictures=0)
+  config.report_flops = False  # no FLOP count (step_cost: the other train.run tests)
   workdir = os.path.join(root, 'run')
   train.run(config, workdir)
   return workdir
