@@ -248,17 +248,29 @@ def test_variables_checkpoint_is_verified(saved, tmp_path):
     checkpoints.load_variables(path, variables)
 
 
+# Step 2's save is held where the kill must land, whatever the machine's load: its
+# arrays written to the temporary directory, the commit (metadata, rename) not begun.
+# The background save prints 'saving' there and waits for ever; the test kills it.
 _KILL_MID_SAVE = textwrap.dedent("""
+    import asyncio
     import sys
-    import time
     import numpy as np
+    import orbax.checkpoint as ocp
     from updetr_jax import checkpoints
+    temporary = ocp.path.atomicity.AtomicRenameTemporaryPath
+    finalize = temporary.finalize
+    async def held_finalize(self, *args, **kwargs):
+      if self.get_final().name == '2':
+        print('saving', flush=True)  # asynchronous: save() returned, the commit waits
+        await asyncio.Event().wait()
+      return await finalize(self, *args, **kwargs)
+    temporary.finalize = held_finalize
     ckpts = checkpoints.TrainCheckpoints(sys.argv[1], keep=5)
     ckpts.save(1, {'w': np.full((4096, 4096), 1, np.float32), 'b': np.arange(7, dtype=np.int32)})
     ckpts.wait_until_finished()
     ckpts.save(2, {'w': np.full((4096, 4096), 2, np.float32), 'b': np.arange(7, dtype=np.int32)})
-    print('saving', flush=True)  # asynchronous: save() returned, the files are being written
-    time.sleep(600)
+    ckpts.wait_until_finished()  # returns only if the hold did not apply
+    print('step 2 committed', flush=True)
 """)
 
 
