@@ -84,7 +84,9 @@ def tiny_run(tmp_path_factory):
   )
   assert probe.returncode != 0 and 'blocked' in probe.stderr, probe.stderr[-2000:]
   out = tmp / 'suite.jsonl'
-  proc, records = _run_suite(env, '--tiny', '--out', str(out))
+  # A budget no load reaches before the 900 s timeout: with the default (450 s, the
+  # watchdog at 465 s) a slow machine could stop a case here.
+  proc, records = _run_suite(env, '--tiny', '--budget-s', '3600', '--out', str(out))
   return proc, records, out
 
 
@@ -122,9 +124,10 @@ def test_tiny_suite_runs_every_case_without_tensorflow(tiny_run):
 
 
 def test_watchdog_records_every_case_and_ends_the_run(tmp_path):
-  # The hard deadline (8 s after start) falls in the first case (or before it).
+  # The hard deadline (0 s: passed when the cases start) falls before the first case or
+  # in it, whatever the machine's speed (a later deadline could come after a fast case).
   proc, records = _run_suite(
-    _blocked_env(tmp_path), '--tiny', '--budget-s', '1000', '--deadline-s', '8', timeout=300
+    _blocked_env(tmp_path), '--tiny', '--budget-s', '1000', '--deadline-s', '0', timeout=300
   )
   assert proc.returncode == 0, proc.stderr[-5000:]
   *cases, summary = records
@@ -139,6 +142,8 @@ def test_budget_skips_cases_that_would_not_fit(tmp_path):
     '--tiny',
     '--budget-s',
     '0',
+    '--deadline-s',  # not the default budget + 15 s: slow imports could reach it
+    '600',
     '--cases',
     'pretrain_bf16_fused,finetune_matching',
     timeout=300,
