@@ -2,6 +2,7 @@
 in-memory ram:// stands in for gs://)."""
 
 import os
+import uuid
 
 import matplotlib.pyplot as plt
 import pytest
@@ -11,7 +12,9 @@ from updetr_jax import files
 
 @pytest.mark.parametrize('remote', [False, True])
 def test_workdir_files_local_and_remote(tmp_path, remote):
-  root = f'ram://files_test_{os.getpid()}' if remote else str(tmp_path)
+  # ram:// lives as long as the process: a fresh root per call (a rerun in the same
+  # process must not append to the last one's metrics.jsonl)
+  root = f'ram://files_test_{uuid.uuid4().hex}' if remote else str(tmp_path)
   d = files.join(root, 'run', 'eval')
   files.makedirs(d)
   files.makedirs(d)  # exists: fine
