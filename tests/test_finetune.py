@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -207,9 +208,11 @@ def test_eval_batch_1_equals_batch_8(trained):
   )
 
 
-def test_resume_keeps_going_and_refuses_nothing(trained):
+def test_resume_keeps_going_and_refuses_nothing(trained, tmp_path):
   """Rerunning a finished run with a longer schedule continues from its checkpoint."""
-  config, workdir, _, _ = trained
+  config, finished, _, _ = trained
+  workdir = str(tmp_path / 'run')  # a copy: the other tests read the 8-step run
+  shutil.copytree(finished, workdir)
   config = config.copy_and_resolve_references()
   config.num_train_steps = 10
   config.eval.batch_size = 2
