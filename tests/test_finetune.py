@@ -192,6 +192,7 @@ def test_eval_batch_1_equals_batch_8(trained):
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   out = {}
   for bs in (1, 8):
+    config = config.copy_and_resolve_references()  # the module's config stays as trained
     config.eval.batch_size = bs
     task = detection_task.DetectionTask(config, sharding)
     metrics = task.evaluate(model, variables, 0, os.path.join(workdir, f'eval_bs{bs}'))
