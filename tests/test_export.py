@@ -191,9 +191,46 @@ np.savez(sys.argv[3], **{k: v.numpy() for k, v in out.items()})
 """
 
 
-def test_cli_exports_a_finetuning_workdir(tmp_path, finetuned, demo):
+class _Background:
+  """A subprocess run beside the test's own work (its output to files, not pipes)."""
+
+  def __init__(self, cmd, log_prefix, **kwargs):
+    self.out, self.err = f'{log_prefix}.out', f'{log_prefix}.err'
+    with open(self.out, 'w') as out, open(self.err, 'w') as err:
+      self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, **kwargs)
+
+  def wait(self, timeout) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr); killed past ``timeout`` seconds."""
+    try:
+      self.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      self.proc.kill()
+      self.proc.wait()
+      raise
+    with open(self.out) as out, open(self.err) as err:
+      return self.proc.returncode, out.read(), err.read()
+
+
+@pytest.fixture
+def background():
+  """start(cmd, log_prefix, **Popen kwargs) -> _Background; any still running at the
+  end of the test (one that failed before waiting) is killed."""
+  started = []
+
+  def start(cmd, log_prefix, **kwargs):
+    started.append(_Background(cmd, log_prefix, **kwargs))
+    return started[-1]
+
+  yield start
+  for b in started:
+    if b.proc.poll() is None:
+      b.proc.kill()
+      b.proc.wait()
+
+
+def test_cli_exports_a_finetuning_workdir(tmp_path, finetuned, demo, background):
   out = tmp_path / 'served'
-  proc = subprocess.run(
+  cli = background(  # exports while this process computes predict's detections
     [
       sys.executable,
       '-m',
@@ -204,25 +241,24 @@ def test_cli_exports_a_finetuning_workdir(tmp_path, finetuned, demo):
       f'--max_size={MAX_SIZE}',
       '--class_names=voc',
     ],
+    str(tmp_path / 'export'),
     cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=600,
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  variables, step, model_config = checkpoints.restore_workdir_variables(finetuned, 'auto')
+  model = build_model(model_config)
+  want = _predicted(model, variables, demo, str(tmp_path / 'predict'))
+  code, _, err = cli.wait(timeout=600)
+  assert code == 0, err[-3000:]
   meta = json.load(open(out / 'export.json'))
   assert meta['source']['workdir'] == finetuned and meta['source']['which'] == 'auto'
   assert meta['class_names']['0'] == 'aeroplane' and meta['num_classes'] == 18
-  variables, step, model_config = checkpoints.restore_workdir_variables(finetuned, 'auto')
   assert meta['source']['step'] == step and meta['model'] == model_config
-  model = build_model(model_config)
-  want = _predicted(model, variables, demo, str(tmp_path / 'predict'))
-  _check_export(str(out), demo, want)
-  # A process with TensorFlow alone serves the same detections.
+  # A process with TensorFlow alone serves the same detections (while this one checks
+  # the export).
   images, _ = demo
   batch = ('astronaut', 'astronaut_flipped')
   np.save(tmp_path / 'batch.npy', np.stack([images[k] for k in batch]))
-  proc = subprocess.run(
+  tf_only = background(
     [
       sys.executable,
       '-c',
@@ -231,31 +267,32 @@ def test_cli_exports_a_finetuning_workdir(tmp_path, finetuned, demo):
       str(tmp_path / 'batch.npy'),
       str(tmp_path / 'served.npz'),
     ],
+    str(tmp_path / 'tf_only'),
     cwd=str(tmp_path),
-    capture_output=True,
-    text=True,
-    timeout=300,
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  _check_export(str(out), demo, want)
+  code, _, err = tf_only.wait(timeout=300)
+  assert code == 0, err[-3000:]
   served = np.load(tmp_path / 'served.npz')
   for r, name in enumerate(batch):
     got = (served['scores'][r], served['labels'][r], served['boxes'][r])
     _assert_same_detections(name, images[name], got, want[name])
 
 
-def test_cli_help_and_usage_errors(tmp_path):
-  run = lambda *args: subprocess.run(
-    [sys.executable, '-m', 'updetr_jax.export', *args],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=300,
+def test_cli_help_and_usage_errors(tmp_path, background):
+  def start(name, *args):  # both at once
+    return background(
+      [sys.executable, '-m', 'updetr_jax.export', *args], str(tmp_path / name), cwd=ROOT
+    )
+
+  usage = start(
+    'usage', f'--output={tmp_path}', f'--workdir={tmp_path}', f'--checkpoint={tmp_path}'
   )
-  proc = run('--help')
-  assert proc.returncode in (0, 1), proc.stderr[-3000:]  # absl's --help exits with 1
-  assert all(f in proc.stdout for f in ('--workdir', '--checkpoint', '--output', '--scale'))
-  proc = run(f'--output={tmp_path}', f'--workdir={tmp_path}', f'--checkpoint={tmp_path}')
-  assert proc.returncode != 0 and 'exactly one of --workdir and --checkpoint' in proc.stderr
+  code, out, err = start('help', '--help').wait(timeout=300)
+  assert code in (0, 1), err[-3000:]  # absl's --help exits with 1
+  assert all(f in out for f in ('--workdir', '--checkpoint', '--output', '--scale'))
+  code, _, err = usage.wait(timeout=300)
+  assert code != 0 and 'exactly one of --workdir and --checkpoint' in err
 
 
 def test_resize_rule_in_tensorflow_equals_resize_rule():
