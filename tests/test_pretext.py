@@ -417,15 +417,22 @@ def test_wrong_patch_control_gives_each_image_other_images_patches():
       assert any(np.array_equal(wrong[i, k], own[i2, k]) for i2 in range(len(own)) if i2 != i)
 
 
+def _pretraining_and_one_shot(field: str):
+  """A tiny pre-training with ``field`` True and a one-shot model with it False:
+  (pre-trained variables, their model config, one-shot variables, its config)."""
+  config = tiny_config()
+  config.model[field] = True
+  source = init_variables(build_model(config.model), jax.random.PRNGKey(0))
+  source_config = dict(config.model)
+  config.model.update({field: False, 'num_patches': 1, 'feature_head': False})
+  target = init_variables(build_model(config.model), jax.random.PRNGKey(1))
+  return source, source_config, target, config
+
+
 def test_fine_tuning_refuses_a_pretraining_of_other_value_pos():
   from updetr_jax import pretrained
 
-  config = tiny_config()
-  config.model.value_pos = True
-  source = init_variables(build_model(config.model), jax.random.PRNGKey(0))
-  source_config = dict(config.model)
-  config.model.update(value_pos=False, num_patches=1, feature_head=False)
-  target = init_variables(build_model(config.model), jax.random.PRNGKey(1))
+  source, source_config, target, config = _pretraining_and_one_shot('value_pos')
   with pytest.raises(ValueError, match='value_pos'):
     pretrained.init_from_pretrained(target, dict(config.model), source, source_config)
   # A config written before the field existed means value_pos=False.
@@ -436,13 +443,8 @@ def test_fine_tuning_refuses_a_pretraining_of_other_value_pos():
 def test_one_shot_init_refuses_a_pretraining_of_other_patch_content():
   from updetr_jax import pretrained
 
-  config = tiny_config()
-  config.model.patch_content = True
-  source = init_variables(build_model(config.model), jax.random.PRNGKey(0))
-  source_config = dict(config.model)
-  config.model.update(patch_content=False, num_patches=1, feature_head=False)
-  target = init_variables(build_model(config.model), jax.random.PRNGKey(1))
-  with pytest.raises(ValueError, match='patch_content=True'):
+  source, source_config, target, config = _pretraining_and_one_shot('patch_content')
+  with pytest.raises(ValueError, match='patch_content: pre-trained True vs model False'):
     pretrained.init_from_pretrained(target, dict(config.model), source, source_config)
   config.model.patch_content = True
   pretrained.init_from_pretrained(target, dict(config.model), source, source_config)

@@ -31,8 +31,11 @@ ARCHITECTURE_FIELDS = (
   'pre_norm',
   'value_pos',
 )
+# Fields that must agree too when the query-patch path (patch2query) is carried, as
+# in a one-shot detector initialised from a pre-training; DETR has no patches.
+PATCH_ARCHITECTURE_FIELDS = ('patch_content',)
 # Architecture fields that configs from before they existed lack: their value then.
-ARCHITECTURE_DEFAULTS = {'value_pos': False}
+ARCHITECTURE_DEFAULTS = {'value_pos': False, 'patch_content': False}
 # Always fresh in the initialised model: what its classes mean is task specific.
 FRESH_HEADS = ('class_embed',)
 # Query-patch heads: carried when both models have them (one-shot detection keeps the
@@ -94,20 +97,22 @@ def init_from_pretrained(variables, model_config, pretrained, pretrained_model_c
   def field(config, f):
     return config.get(f, ARCHITECTURE_DEFAULTS.get(f))
 
+  src = traverse_util.flatten_dict(dict(pretrained))
+  out = traverse_util.flatten_dict(dict(variables))
+  has = {p[1] for p in src}
+  wants = {p[1] for p in out}
+  carries_patches = 'patch2query' in has & wants
+  fields = ARCHITECTURE_FIELDS + (PATCH_ARCHITECTURE_FIELDS if carries_patches else ())
   diff = [
     f'{f}: pre-trained {field(pretrained_model_config, f)!r} vs model {field(model_config, f)!r}'
-    for f in ARCHITECTURE_FIELDS
+    for f in fields
     if pretrained_model_config is not None
     and field(pretrained_model_config, f) != field(model_config, f)
   ]
   if diff:
     raise ValueError('pre-trained checkpoint has another architecture:\n  ' + '\n  '.join(diff))
-  src = traverse_util.flatten_dict(dict(pretrained))
-  out = traverse_util.flatten_dict(dict(variables))
   problems = []
-  has = {p[1] for p in src}
-  wants = {p[1] for p in out}
-  if 'patch2query' in has & wants and ('patch_norm' in has) != ('patch_norm' in wants):
+  if carries_patches and ('patch_norm' in has) != ('patch_norm' in wants):
     # patch2query was trained on standardised (or raw) patch features: carrying it
     # without its statistics (or the reverse) would silently change its input.
     raise ValueError(
@@ -115,17 +120,6 @@ def init_from_pretrained(variables, model_config, pretrained, pretrained_model_c
       f'{"patch_norm" in has}, this model has {"patch_norm" in wants}: set '
       f'--config.model.patch_feature_norm={"patch_norm" in has}'
     )
-  if 'patch2query' in has & wants and pretrained_model_config is not None:
-    # patch2query's output also started the decoder's content stream (or did not):
-    # the carried decoder was trained for one of the two.
-    was, now = (
-      bool(c.get('patch_content', False)) for c in (pretrained_model_config, model_config)
-    )
-    if was != now:
-      raise ValueError(
-        f'the pre-training ran with model.patch_content={was}, this model has {now}: set '
-        f'--config.model.patch_content={was}'
-      )
   fresh = set()
   for path, leaf in out.items():
     if path[1] in FRESH_HEADS or (path[1] in PATCH_HEADS and path[1] not in has):
