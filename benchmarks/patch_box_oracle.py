@@ -32,21 +32,20 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from updetr_jax import device_augment  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from updetr_jax import box_ops, device_augment  # noqa: E402
 from updetr_jax.configs import pretrain  # noqa: E402
-from updetr_jax.data import mosaics  # noqa: E402
+from updetr_jax.data import mosaics, patches  # noqa: E402
+from updetr_jax.data.patches import MIN_PATCH  # noqa: E402
 from updetr_jax.models import build_model, init_variables  # noqa: E402
 
-MIN_PATCH = 8  # data/patches.py: sides in U{8 .. W - 8}, as the release
 
-
-def release_boxes(rng, height: int, width: int, count: int) -> np.ndarray:
-  """The release's random rectangles: float32 [count, 4] (x, y, w, h) pixels."""
-  w = rng.integers(MIN_PATCH, width - MIN_PATCH, count, endpoint=True)
-  h = rng.integers(MIN_PATCH, height - MIN_PATCH, count, endpoint=True)
-  x = np.floor(rng.uniform(0, 1, count) * (width - w))
-  y = np.floor(rng.uniform(0, 1, count) * (height - h))
-  return np.stack([x, y, w, h], -1).astype(np.float32)
+def release_boxes(seed: int, index: int, height: int, width: int, count: int) -> np.ndarray:
+  """The pre-training's patch rectangles (data/patches.py, the release's rule) for
+  image ``index``: float32 [count, 4] (x, y, w, h) pixels."""
+  boxes = patches.sample_patch_boxes(tf.constant([seed, index]), height, width, count)
+  return boxes.numpy().astype(np.float32)
 
 
 def grid_boxes(height: int, width: int, step: int) -> np.ndarray:
@@ -61,19 +60,12 @@ def grid_boxes(height: int, width: int, step: int) -> np.ndarray:
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """Boxes (x, y, w, h) [..., 4], broadcast -> IoU [...]."""
-  iw = np.clip(
-    np.minimum(a[..., 0] + a[..., 2], b[..., 0] + b[..., 2]) - np.maximum(a[..., 0], b[..., 0]),
-    0,
-    None,
-  )
-  ih = np.clip(
-    np.minimum(a[..., 1] + a[..., 3], b[..., 1] + b[..., 3]) - np.maximum(a[..., 1], b[..., 1]),
-    0,
-    None,
-  )
-  inter = iw * ih
-  return inter / (a[..., 2] * a[..., 3] + b[..., 2] * b[..., 3] - inter)
+  """Boxes (x, y, w, h) [..., 4], broadcast -> IoU [...] (box_ops.box_iou)."""
+
+  def xyxy(x):
+    return np.concatenate([x[..., :2], x[..., :2] + x[..., 2:]], -1)
+
+  return np.asarray(box_ops.box_iou(xyxy(a), xyxy(b))[0])
 
 
 def centred(boxes: np.ndarray, w: float, h: float) -> np.ndarray:
@@ -112,10 +104,9 @@ def main(argv=None):
   for style in a.styles.split(','):
     t0 = time.time()
     images = mosaics.mosaic_arrays('eval', a.images, seed=0, style=style, cells=cells)
-    rng = np.random.default_rng(a.seed)
     true, feats, grid_feats = [], [], []
-    for img in images:
-      boxes = release_boxes(rng, height, width, a.patches)
+    for index, img in enumerate(images):
+      boxes = release_boxes(a.seed, index, height, width, a.patches)
       true.append(boxes)
       feats.append(np.asarray(features(img, boxes)))
       g = [
