@@ -14,11 +14,11 @@ image's patches). A decoder that uses its query has group_top well above it.
 ``--style=ramp`` is the positive control (``data/mosaics.py``): the colours code the
 position, so a patch alone gives its box and no matching against the image is needed.
 
-Arms (config overrides, ``ARMS``): ``release`` (the release's behaviour), and the
-options of issue 19 alone and combined. Writes ``results.json`` (per run: the curves;
-per arm: mean +- std over seeds of the final metrics, ddof=1, and the paired
-group_top - group_top_wrong_patches), ``curves.png`` and a Markdown table
-(``table.md``), and prints the JSON summary.
+Arms (config overrides, ``ARMS``; ``{num_patches}`` is replaced by --num_patches):
+``release`` (the release's behaviour), and the options of issue 19 alone and combined.
+Writes ``results.json`` (per run: the curves; per arm: mean +- std over seeds of the
+final metrics, ddof=1, and the paired group_top - group_top_wrong_patches),
+``curves.png`` and a Markdown table (``table.md``), and prints the JSON summary.
 """
 
 from __future__ import annotations
@@ -61,6 +61,17 @@ ARMS = {
     'matcher.group_matching=True',
     'model.patch_content=True',
     'model.value_pos=True',
+  ],
+  # One query per patch (model.num_queries = M, formatted below): each group's answer
+  # is its only query, so group_top = group_best and the scoring within a group (which
+  # of its N / M queries is the answer) is not learned. A pre-training that fine-tunes
+  # only a detector of as many queries (num_queries is an architecture field).
+  'group_norm_content_value_pos_one_query': [
+    'model.patch_feature_norm=True',
+    'matcher.group_matching=True',
+    'model.patch_content=True',
+    'model.value_pos=True',
+    'model.num_queries={num_patches}',
   ],
   # The frozen random CNN's BatchNorm statistics re-estimated on the training images.
   'group_norm_calibrated_cnn': [
@@ -111,7 +122,7 @@ def run_one(
       f'--config.model.num_patches={num_patches}',
       f'--config.checkpoint_every_steps={steps}',
       f'--config.data.mosaic_style={style}',
-    ] + [f'--config.{o}' for o in ARMS[arm]]
+    ] + [f'--config.{o.format(num_patches=num_patches)}' for o in ARMS[arm]]
     t0 = time.time()
     with open(os.path.join(workdir, f'{arm}_seed{seed}.log'), 'w') as log:
       subprocess.run(cmd, cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
