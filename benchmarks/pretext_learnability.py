@@ -35,64 +35,34 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # arm -> config overrides (main.py flags, without --config.)
+# The two options that let the patch through (README "Is the pretext learned?").
+_GROUP_NORM = ['model.patch_feature_norm=True', 'matcher.group_matching=True']
+_CONTENT_VALUE_POS = ['model.patch_content=True', 'model.value_pos=True']
 ARMS = {
   'release': [],
   'patch_norm': ['model.patch_feature_norm=True'],
   'group_matching': ['matcher.group_matching=True'],
   'query_shuffle': ['model.query_shuffle=True'],
-  'group_norm': ['model.patch_feature_norm=True', 'matcher.group_matching=True'],
-  'group_norm_lr1e-3': [
-    'model.patch_feature_norm=True',
-    'matcher.group_matching=True',
-    'optim.lr=1e-3',
-  ],
-  'group_norm_value_pos': [
-    'model.patch_feature_norm=True',
-    'matcher.group_matching=True',
-    'model.value_pos=True',
-  ],
-  'group_norm_content': [
-    'model.patch_feature_norm=True',
-    'matcher.group_matching=True',
-    'model.patch_content=True',
-  ],
-  'group_norm_content_value_pos': [
-    'model.patch_feature_norm=True',
-    'matcher.group_matching=True',
-    'model.patch_content=True',
-    'model.value_pos=True',
-  ],
-  # One query per patch (model.num_queries = M, formatted below): each group's answer
-  # is its only query, so group_top = group_best and the scoring within a group (which
-  # of its N / M queries is the answer) is not learned. A pre-training that fine-tunes
-  # only a detector of as many queries (num_queries is an architecture field).
-  'group_norm_content_value_pos_one_query': [
-    'model.patch_feature_norm=True',
-    'matcher.group_matching=True',
-    'model.patch_content=True',
-    'model.value_pos=True',
-    'model.num_queries={num_patches}',
-  ],
+  'group_norm': _GROUP_NORM,
+  'group_norm_lr1e-3': _GROUP_NORM + ['optim.lr=1e-3'],
+  'group_norm_value_pos': _GROUP_NORM + ['model.value_pos=True'],
+  'group_norm_content': _GROUP_NORM + ['model.patch_content=True'],
+  'group_norm_content_value_pos': _GROUP_NORM + _CONTENT_VALUE_POS,
+  # One query per patch (model.num_queries = M, formatted in run_one): each group's
+  # answer is its only query, so group_top = group_best and no ranking within a group
+  # is learned. num_queries is an architecture field: such a pre-training initialises
+  # only detectors with as many queries.
+  'group_norm_content_value_pos_one_query': _GROUP_NORM
+  + _CONTENT_VALUE_POS
+  + ['model.num_queries={num_patches}'],
   # The frozen random CNN's BatchNorm statistics re-estimated on the training images.
-  'group_norm_calibrated_cnn': [
-    'model.patch_feature_norm=True',
-    'matcher.group_matching=True',
-    'init.calibrate_backbone_bn=True',
-  ],
-  'group_norm_calibrated_cnn_value_pos': [
-    'model.patch_feature_norm=True',
-    'matcher.group_matching=True',
-    'init.calibrate_backbone_bn=True',
-    'model.value_pos=True',
-  ],
+  'group_norm_calibrated_cnn': _GROUP_NORM + ['init.calibrate_backbone_bn=True'],
+  'group_norm_calibrated_cnn_value_pos': _GROUP_NORM
+  + ['init.calibrate_backbone_bn=True', 'model.value_pos=True'],
   # Diagnostic, not the method (the CNN is frozen in UP-DETR): are the frozen
   # random CNN's features what holds the decoder back?
-  'group_norm_trainable_cnn': [
-    'model.patch_feature_norm=True',
-    'matcher.group_matching=True',
-    'optim.lr_backbone=2e-4',
-    "optim.frozen=('^position/',)",
-  ],
+  'group_norm_trainable_cnn': _GROUP_NORM
+  + ['optim.lr_backbone=2e-4', "optim.frozen=('^position/',)"],
 }
 METRICS = (
   'group_top',
