@@ -295,11 +295,19 @@ def synthetic_batch(batch: int, size, num_patches: int, patch_size: int, seed: i
   }
 
 
-def release_preparer(patch_size: int):
+def release_preparer(patch_size: int, sharding=None) -> device_augment.Preparer:
   """The release's device-side patch pipeline (crop, SPEC §3 augmentation at its
-  default probabilities, normalisation) for P = patch_size: host batch -> model batch."""
+  default probabilities, normalisation) for P = patch_size, one example at a time on
+  each device of ``sharding`` (``data.patch_chunk`` = 1): host batch -> model batch.
+  Its ``uncounted_flops(batch)`` are what XLA's count of the step misses."""
   aug = dict(kernel_size=device_augment.blur_kernel_size(patch_size))
-  return lambda b: device_augment.prepare_batch(b, patch_size=patch_size, augment=aug)
+  return device_augment.Preparer(
+    lambda b, sh, chunk: device_augment.prepare_batch(
+      b, patch_size=patch_size, augment=aug, sharding=sh, chunk=chunk
+    ),
+    sharding,
+    1,
+  )
 
 
 def synthetic_detection_batch(
@@ -586,7 +594,7 @@ class Suite:
   # ------------------------------------------------------------------ step cases
   def _lower(self, setup: TaskSetup, dtype: str, attention: str, state):
     model = build_model(dict(setup.config.model, dtype=dtype, attention=attention))
-    prepare = release_preparer(self.sizes.patch_size) if 'patch_seeds' in setup.batch else None
+    prepare = self._preparer(setup)
     step = jax.jit(
       train_step.make_train_step(model, setup.tx, setup.loss_fn, prepare),
       donate_argnums=(0,),
@@ -594,12 +602,25 @@ class Suite:
     )
     return step.lower(state, setup.constants, setup.batch, jax.random.PRNGKey(1))
 
+  def _preparer(self, setup: TaskSetup):
+    if 'patch_seeds' not in setup.batch:
+      return None
+    return release_preparer(self.sizes.patch_size, self.data_sharding)
+
+  def _flops(self, lowered, setup: TaskSetup) -> float | None:
+    """XLA's count of the lowered step, plus what it misses of the patch loop."""
+    flops = mfu.step_flops(lowered)
+    prepare = self._preparer(setup)
+    if flops and prepare is not None:
+      flops += prepare.uncounted_flops(setup.batch)
+    return flops
+
   def model_flops(self, case: Case, setup: TaskSetup) -> float | None:
     """XLA's FLOP count of the einsum step of this task and dtype (lowered only)."""
     key = (case.task, case.dtype)
     if key not in self.ref_flops:
       state = jax.eval_shape(lambda: setup.host_state)
-      self.ref_flops[key] = mfu.step_flops(self._lower(setup, case.dtype, 'einsum', state))
+      self.ref_flops[key] = self._flops(self._lower(setup, case.dtype, 'einsum', state), setup)
     return self.ref_flops[key]
 
   def measure_step(self, case: Case, setup: TaskSetup, attention: str) -> dict:
@@ -609,7 +630,7 @@ class Suite:
     t0 = time.perf_counter()
     lowered = self._lower(setup, case.dtype, attention, state)
     lower_s = time.perf_counter() - t0
-    xla_flops = mfu.step_flops(lowered)
+    xla_flops = self._flops(lowered, setup)
     if attention == 'einsum':
       self.ref_flops.setdefault((case.task, case.dtype), xla_flops)
     t0 = time.perf_counter()

@@ -9,10 +9,12 @@ image's patches). A decoder that uses its query has group_top well above it.
 
   python benchmarks/pretext_learnability.py --workdir=workdir/learnability \
       --arms=release,group_norm --seeds=0,1,2 [--steps=1500] [--num_patches=4] \
-      [--style=cells|ramp]
+      [--style=cells|ramp|rotated_ramp]
 
 ``--style=ramp`` is the positive control (``data/mosaics.py``): the colours code the
 position, so a patch alone gives its box and no matching against the image is needed.
+``--style=rotated_ramp``: the same ramp in a frame drawn per image, so a patch's box is
+found only by looking its colours up in its own image.
 
 Arms (config overrides, ``ARMS``; ``{num_patches}`` is replaced by --num_patches):
 ``release`` (the release's behaviour), and the options of issue 19 alone and combined.
@@ -31,6 +33,8 @@ import sys
 import time
 
 import numpy as np
+
+from updetr_jax.data import mosaics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -172,8 +176,9 @@ def main(argv=None):
   p.add_argument('--every', type=int, default=250)
   p.add_argument('--num_patches', type=int, default=4)
   # 'cells': the benchmark; 'ramp': the positive control (colour = position, so the
-  # patch alone gives its box: is the patch reaching the queries at all?).
-  p.add_argument('--style', choices=('cells', 'ramp'), default='cells')
+  # patch alone gives its box: is the patch reaching the queries at all?);
+  # 'rotated_ramp': a frame per image, so the patch must be looked up in its image.
+  p.add_argument('--style', choices=mosaics.STYLES, default='cells')
   a = p.parse_args(argv)
   arms = a.arms.split(',')
   unknown = sorted(set(arms) - set(ARMS))

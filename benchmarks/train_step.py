@@ -93,8 +93,11 @@ def main():
   loss_fn = train_step.criterion(config)
   # The step starts with the device-side patch pipeline (crop, augmentation,
   # normalisation: updetr_jax/device_augment.py), as in training.
-  prepare = release_preparer(args.patch_size)
+  prepare = release_preparer(args.patch_size, sharding)
+  # XLA counts the patch loop's body once: add the other iterations (uncounted_flops).
+  uncounted = prepare.uncounted_flops(batch)
   augment_flops = mfu.step_flops(jax.jit(prepare).lower(batch))
+  augment_flops = augment_flops + uncounted if augment_flops else None
   step = jax.jit(
     train_step.make_train_step(model, tx, loss_fn, prepare),
     donate_argnums=(0,),
@@ -104,6 +107,7 @@ def main():
   t0 = time.perf_counter()
   lowered = step.lower(state, constants, batch, rng)
   flops = mfu.step_flops(lowered)
+  flops = flops + uncounted if flops else None
   compiled = lowered.compile()
   state, metrics = compiled(state, constants, batch, rng)
   jax.block_until_ready(metrics)
@@ -116,6 +120,7 @@ def main():
         state, constants, batch, rng
       )
     )
+    model_flops = model_flops + uncounted if model_flops else None
   holder = {'state': state}
 
   def call():

@@ -207,13 +207,37 @@ def test_prepare_batch_is_a_function_of_the_seeds_only():
   # Evaluation: no augmentation, only crop and normalise.
   plain = jax.jit(lambda b: da.prepare_batch(b, patch_size=8, augment=None))(batch)
   crops = da.crop_patches(jnp.asarray(batch['images']), jnp.asarray(batch['patch_boxes']), 8)
-  np.testing.assert_allclose(np.asarray(plain['patches']), np.asarray(da.normalize(crops)))
+  np.testing.assert_allclose(
+    np.asarray(plain['patches']), np.asarray(da.normalize(crops)), atol=1e-5
+  )  # the batched crop sums in another order
+
+
+def test_the_step_cost_counts_every_chunk_of_the_patch_loop():
+  """XLA's cost analysis counts the body of the per-example loop once; a preparer's
+  uncounted_flops adds the other iterations, so chunks of 1, 2 and 4 examples count
+  what one pass over the batch of 4 does."""
+  from updetr_jax import mfu  # noqa: PLC0415
+  from updetr_jax.data import resolve_config  # noqa: PLC0415
+
+  batch = _host_like_batch()
+  totals = {}
+  for chunk in (1, 2, 4):
+    cfg = resolve_config(dict(patch_size=8, blur_kernel_size=3, patch_chunk=chunk))
+    prep = da.batch_preparer(cfg, train=True)
+    counted = mfu.step_flops(jax.jit(prep).lower(batch))
+    totals[chunk] = counted + prep.uncounted_flops(batch)
+    if chunk < 4:
+      assert prep.uncounted_flops(batch) > 0.5 * counted  # 3 (1) of 4 (2) bodies missed
+  assert totals[1] == pytest.approx(totals[4], rel=1e-3)
+  assert totals[2] == pytest.approx(totals[4], rel=1e-3)
 
 
 def test_one_and_eight_devices_give_the_same_patches(tmp_path):
-  """The batch sharded over 8 (fake CPU) devices draws exactly what one device draws
-  (every example's key is its own seed's), so the patches agree to float rounding
-  (the matmuls' summation order may differ with the per-device batch)."""
+  """The batch sharded over 8 (fake CPU) devices gives bit for bit the patches of one
+  device: every example's key is its own seed's, and each device maps its own
+  examples one chunk at a time (a vmap over the batch would differ in the last bits:
+  XLA orders a batched matmul's sums by the per-device batch). The one-shot query
+  preparer too; a chunk that does not divide the per-device batch is refused."""
   script = textwrap.dedent(
     f"""
     import sys
@@ -221,21 +245,41 @@ def test_one_and_eight_devices_give_the_same_patches(tmp_path):
     import jax, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from updetr_jax import device_augment as da
+    from updetr_jax.data import resolve_config
     from test_device_augment import AUGMENT, _host_like_batch
     assert jax.device_count() == 8
     parts = [_host_like_batch(seed=s) for s in range(2)]
     batch = jax.tree_util.tree_map(lambda *x: np.concatenate(x), *parts)
     batch['patch_seeds'][:, 1] = np.arange(8)
-    def fn(b):
+    def fn(b, sharding, chunk=1):
       draws = jax.vmap(lambda k: jax.random.uniform(k, (3, 12)))(da.patch_keys(b['patch_seeds']))
-      return draws, da.prepare_batch(b, patch_size=8, augment=AUGMENT)['patches']
-    one = jax.jit(fn)(jax.device_put(batch, jax.devices()[0]))
+      out = da.prepare_batch(b, patch_size=8, augment=AUGMENT, sharding=sharding, chunk=chunk)
+      return draws, out['patches']
+    one = jax.jit(lambda b: fn(b, None))(jax.device_put(batch, jax.devices()[0]))
+    mesh1 = Mesh(np.array(jax.devices()[:1]), ('data',))
+    one_mesh = jax.jit(lambda b: fn(b, NamedSharding(mesh1, P('data')), chunk=4))(
+        jax.device_put(batch, NamedSharding(mesh1, P('data'))))
     mesh = Mesh(np.array(jax.devices()), ('data',))
-    sharded = jax.device_put(batch, NamedSharding(mesh, P('data')))
-    eight = jax.jit(fn)(sharded)
+    sharding = NamedSharding(mesh, P('data'))
+    eight = jax.jit(lambda b: fn(b, sharding))(jax.device_put(batch, sharding))
     assert len(eight[1].sharding.device_set) == 8
     np.testing.assert_array_equal(np.asarray(one[0]), np.asarray(eight[0]))
-    np.testing.assert_allclose(np.asarray(one[1]), np.asarray(eight[1]), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(one[1]), np.asarray(eight[1]))
+    # A chunk of 4 on one device differs from a chunk of 1 at most by rounding.
+    np.testing.assert_allclose(np.asarray(one_mesh[1]), np.asarray(one[1]), atol=1e-5)
+    # One-shot queries (uint8 crops from the host), augmented: the same on 1 and 8.
+    cfg = dict(resolve_config(dict(patch_size=8, blur_kernel_size=3)))
+    q = dict(patches=np.asarray(one[1]).clip(0, 1).__mul__(255).astype(np.uint8)[:, :1],
+             patch_seeds=batch['patch_seeds'])
+    q1 = jax.jit(da.query_preparer(cfg, True))(jax.device_put(q, jax.devices()[0]))
+    q8 = jax.jit(da.query_preparer(cfg, True, sharding))(jax.device_put(q, sharding))
+    np.testing.assert_array_equal(np.asarray(q1['patches']), np.asarray(q8['patches']))
+    try:
+      jax.jit(lambda b: fn(b, sharding, chunk=2))(jax.device_put(batch, sharding))
+    except ValueError as e:
+      assert 'data.patch_chunk=2 must divide the per-device batch (1 examples)' in str(e), e
+    else:
+      raise AssertionError('chunk 2 of a per-device batch of 1 was accepted')
     print('same')
     """
   )

@@ -52,6 +52,26 @@ def test_ramp_images_code_the_position_in_their_colour():
     mosaics.render_mosaic(np.random.default_rng(0), 8, 8, 'stripes')
 
 
+def test_rotated_ramp_codes_the_position_in_a_frame_of_its_own():
+  """'rotated_ramp': red and green are one linear function of the position per image
+  (a least-squares plane explains them up to the noise), the planes differ between
+  images, so the same colour sits at different places in different images."""
+  imgs = mosaics.mosaic_arrays('train', 3, seed=0, image_size=(40, 48), style='rotated_ramp')
+  yy, xx = np.meshgrid(np.arange(40), np.arange(48), indexing='ij')
+  design = np.stack([xx.ravel(), yy.ravel(), np.ones(xx.size)], 1)
+  planes = []
+  for img in imgs:
+    rg = img[..., :2].reshape(-1, 2).astype(float) / 255.0
+    coef, *_ = np.linalg.lstsq(design, rg, rcond=None)
+    resid = rg - design @ coef
+    assert resid.std() < 2 * mosaics.NOISE, resid.std()  # linear in the position
+    # Both directions present and not parallel: the colour gives the position.
+    assert abs(np.linalg.det(coef[:2])) > 1e-5, coef
+    planes.append(coef[:2])
+  assert not np.allclose(planes[0], planes[1], atol=1e-3)
+  assert not np.allclose(planes[1], planes[2], atol=1e-3)
+
+
 def test_mosaic_cells_sets_the_number_of_cells_through_the_data_config():
   def boundary(img):  # the fraction of 4x4 blocks beside a cell boundary (a colour step)
     blocks = img.astype(float).reshape(32, 4, 40, 4, 3).mean((1, 3))

@@ -32,8 +32,9 @@ blur's and jitter's FLOPs are small next to the crop's). The jitter
 order is fixed (brightness, contrast, saturation, hue) unless ``random_order``:
 then each patch draws its own order, as torchvision does (all four orders' ops
 are computed and selected, which costs 4x the jitter's few FLOPs). The draws
-use ``jax.random`` keyed by the example's seed (``patch_keys``): the same
-(seed, epoch, example) gives the same patches on any mesh and after a restart.
+use ``jax.random`` keyed by the example's seed (``patch_keys``), and each device
+maps its own examples ``data.patch_chunk`` at a time (``map_examples``): the same
+(seed, epoch, example) gives bit-identical patches on any mesh and after a restart.
 
 Public API (no TensorFlow):
   MEAN, STD, GRAY_WEIGHTS
@@ -43,12 +44,16 @@ Public API (no TensorFlow):
   augment_patches(x float32 [M, P, P, 3] in [0, 1], key, **augment_kwargs) -> same
   normalize(x in [0, 1]) -> ImageNet-normalised float32
   padding_mask(image_size int32 [B, 2], (H, W)) -> bool [B, H, W] (True = padding)
-  prepare_batch(batch, *, patch_size, augment) -> the model's batch (images float32
-      normalised, padding_mask, patches [B, M, P, P, 3] normalised, targets)
+  prepare_batch(batch, *, patch_size, augment, sharding=None, chunk=1) -> the model's
+      batch (images float32 normalised, padding_mask, patches [B, M, P, P, 3]
+      normalised, targets)
+  map_examples(fn, args, *, sharding=None, chunk=1) -> fn over the examples, per
+      device, chunk at a time (bit-identical on any mesh)
   augment_kwargs(data_config) / blur_kernel_size(P, configured) (config fields)
-  batch_preparer(data_config, train) -> prepare_batch bound to the config
-  query_preparer(data_config, train) -> one-shot: the host's uint8 query crops
-      [B, 1, P, P, 3] + seeds -> augmented (training) and normalised
+  batch_preparer(data_config, train, sharding=None) -> Preparer: prepare_batch bound
+      to the config (``.uncounted_flops(batch)``: what XLA's count of its loop misses)
+  query_preparer(data_config, train, sharding=None) -> Preparer, one-shot: the host's
+      uint8 query crops [B, 1, P, P, 3] + seeds -> augmented (training) and normalised
 """
 
 from __future__ import annotations
@@ -269,48 +274,126 @@ def augment_kwargs(cfg) -> dict:
   )
 
 
-def batch_preparer(cfg, train: bool):
+class Preparer:
+  """A jittable host batch -> model batch function (``batch_preparer`` /
+  ``query_preparer``), ``fn(batch, sharding, chunk)`` bound to a mesh and a chunk.
+
+  ``uncounted_flops(batch)``: XLA's cost analysis counts a loop's body once, so a
+  step that maps its examples ``chunk`` at a time (``map_examples``) is undercounted
+  by (iterations - 1) bodies; this is the difference (lowering only), to add to the
+  step's count (``train_step.step_cost``). The whole batch in one pass does the same
+  arithmetic.
+  """
+
+  def __init__(self, fn, sharding, chunk: int):
+    self.fn, self.sharding, self.chunk = fn, sharding, int(chunk)
+
+  def __call__(self, batch):
+    return self.fn(batch, self.sharding, self.chunk)
+
+  def uncounted_flops(self, batch) -> float:
+    from updetr_jax import mfu  # noqa: PLC0415
+
+    n = int(jax.tree_util.tree_leaves(batch)[0].shape[0])
+    counted = mfu.step_flops(jax.jit(self).lower(batch))
+    whole = mfu.step_flops(jax.jit(lambda b: self.fn(b, None, n)).lower(batch))
+    return (whole - counted) if counted is not None and whole is not None else 0.0
+
+
+def batch_preparer(cfg, train: bool, sharding=None) -> Preparer:
   """``prepare_batch`` for the data config ``cfg``: augmented when training and
-  ``data.augment_patches`` (evaluation never is). Pure JAX: call it inside jit."""
+  ``data.augment_patches`` (evaluation never is), ``data.patch_chunk`` examples at a
+  time on each device of ``sharding`` (the batch's ``NamedSharding``; None: arrays
+  on one device). Pure JAX: call it inside jit."""
   aug = augment_kwargs(cfg) if train and cfg['augment_patches'] else None
   size = int(cfg['patch_size'])
-  return lambda batch: prepare_batch(batch, patch_size=size, augment=aug)
+  return Preparer(
+    lambda batch, sh, chunk: prepare_batch(
+      batch, patch_size=size, augment=aug, sharding=sh, chunk=chunk
+    ),
+    sharding,
+    cfg['patch_chunk'],
+  )
 
 
-def prepare_batch(batch: dict, *, patch_size: int, augment: dict | None) -> dict:
+def map_examples(fn, args: tuple, *, sharding=None, chunk: int = 1):
+  """fn(*one example's args) -> its output, over the batch (leading) axis of args.
+
+  Each device maps its own examples (``jax.shard_map`` over ``sharding``'s batch
+  axis; None: one device), ``chunk`` at a time (``jax.lax.map``): every chunk runs
+  the same program whatever the mesh, so the result is bit-identical on 1 or 8
+  devices as long as ``chunk`` divides every per-device batch. (A vmap over the
+  whole batch would not be: XLA orders a batched matmul's sums by the batch.)
+  """
+  chunk = int(chunk)
+
+  def local(*a):
+    n = a[0].shape[0]
+    if chunk < 1 or n % chunk:
+      raise ValueError(f'data.patch_chunk={chunk} must divide the per-device batch ({n} examples)')
+    return jax.lax.map(lambda e: fn(*e), a, batch_size=chunk)
+
+  if sharding is None:
+    return local(*args)
+  spec = jax.sharding.PartitionSpec(sharding.spec[0])
+  return jax.shard_map(local, mesh=sharding.mesh, in_specs=(spec,) * len(args), out_specs=spec)(
+    *args
+  )
+
+
+def prepare_batch(
+  batch: dict, *, patch_size: int, augment: dict | None, sharding=None, chunk: int = 1
+) -> dict:
   """The host's uint8 batch -> the model's batch (jit it; see the module docstring).
 
   batch: images uint8 [B, H, W, 3] (resized, zero-padded), image_size int32 [B, 2],
   patch_boxes float32 [B, M, 4] (x, y, w, h in those pixels), patch_seeds uint32
   [B, 2], targets. augment: ``augment_patches`` keyword arguments, or None (no
-  augmentation: evaluation). Returns {images float32 normalised, padding_mask bool
+  augmentation: evaluation). sharding / chunk: how the patches are mapped over the
+  examples (``map_examples``). Returns {images float32 normalised, padding_mask bool
   [B, H, W], patches float32 [B, M, P, P, 3] normalised, targets}.
   """
   images = batch['images']
   mask = padding_mask(batch['image_size'], images.shape[1:3])
-  x = crop_patches(images, batch['patch_boxes'], patch_size)
-  if augment is not None:
-    x = jax.vmap(lambda p, k: augment_patches(p, k, **augment))(x, patch_keys(batch['patch_seeds']))
+
+  def one(image, boxes, seed):
+    x = crop_patches(image[None], boxes[None], patch_size)[0]
+    if augment is not None:
+      x = augment_patches(x, patch_keys(seed[None])[0], **augment)
+    return normalize(x)
+
+  patches = map_examples(
+    one,
+    (images, batch['patch_boxes'], jnp.asarray(batch['patch_seeds'], jnp.uint32)),
+    sharding=sharding,
+    chunk=chunk,
+  )
   pixels = images.astype(jnp.float32) * (1.0 / 255.0)
   return dict(
     images=jnp.where(mask[..., None], 0.0, normalize(pixels)),
     padding_mask=mask,
-    patches=normalize(x),
+    patches=patches,
     targets=batch['targets'],
   )
 
 
-def query_preparer(cfg, train: bool):
+def query_preparer(cfg, train: bool, sharding=None) -> Preparer:
   """One-shot detection: the host cuts each trial's query crop (from another image)
   and sends it as uint8 [B, K, P, P, 3] under ``patches`` with ``patch_seeds``; this
   augments it (training with ``data.augment_patches``) and normalises it, on the
-  device. Returns batch -> batch (other entries unchanged). Pure JAX."""
+  device (``data.patch_chunk`` examples at a time on each device of ``sharding``, as
+  ``batch_preparer``). Returns batch -> batch (other entries unchanged). Pure JAX."""
   aug = augment_kwargs(cfg) if train and cfg['augment_patches'] else None
 
-  def prepare(batch):
-    x = batch['patches'].astype(jnp.float32) * (1.0 / 255.0)
+  def one(crops, seed):
+    x = crops.astype(jnp.float32) * (1.0 / 255.0)
     if aug is not None:
-      x = jax.vmap(lambda p, k: augment_patches(p, k, **aug))(x, patch_keys(batch['patch_seeds']))
-    return dict(batch, patches=normalize(x))
+      x = augment_patches(x, patch_keys(seed[None])[0], **aug)
+    return normalize(x)
 
-  return prepare
+  def prepare(batch, sh, chunk):
+    seeds = jnp.asarray(batch['patch_seeds'], jnp.uint32)
+    x = map_examples(one, (batch['patches'], seeds), sharding=sh, chunk=chunk)
+    return dict(batch, patches=x)
+
+  return Preparer(prepare, sharding, cfg['patch_chunk'])

@@ -274,7 +274,10 @@ def run(config, workdir: str) -> dict:
     batch = next(device_batches)
     if step == start + 1 and config.get('report_flops', True):
       progress.cost = step_cost(
-        train_step, (state, constants, batch, step_rng), config.model.get('dtype', 'float32')
+        train_step,
+        (state, constants, batch, step_rng),
+        config.model.get('dtype', 'float32'),
+        prepare,
       )
     state, step_metrics = train_step(state, constants, batch, step_rng)
     if pending is not None:

@@ -197,11 +197,15 @@ def check_finite(metrics, step: int) -> None:
     )
 
 
-def step_cost(train_step, args, dtype: str) -> dict:
+def step_cost(train_step, args, dtype: str, prepare=None) -> dict:
   """FLOPs of one train step (XLA's cost analysis of the lowered step, all devices)
   and the peak FLOP/s of the job's devices (None when the device is not in
-  ``mfu.PEAK_FLOPS``; the dtype column from ``mfu.peak_dtype``)."""
+  ``mfu.PEAK_FLOPS``; the dtype column from ``mfu.peak_dtype``). ``prepare``: the
+  step's ``device_augment.Preparer``, whose loop over the examples the analysis
+  counts once (its ``uncounted_flops`` are added)."""
   flops = mfu.step_flops(train_step.lower(*args))
+  if flops and hasattr(prepare, 'uncounted_flops'):
+    flops += prepare.uncounted_flops(args[2])
   device = jax.devices()[0]
   kind = device.device_kind
   peak_dtype = mfu.peak_dtype(dtype, device)

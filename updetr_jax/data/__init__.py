@@ -50,6 +50,8 @@ Data config fields (ConfigDict or dict; missing fields take the release value):
   color_jitter_random_order  False: fixed order brightness, contrast, saturation,
                   hue; True: random order per image (slower; see augment.py).
   blur_sigma      (0.1, 2.0);  blur_kernel_size  odd, 0 = about P/10 (13 for 128).
+  patch_chunk     examples whose patches the device makes at once (1; must divide
+                  the per-device batch; device_augment.map_examples).
   shuffle         shuffle the examples each epoch (training only) (True).
   cache_decoded   decode a folder/TFDS source once into memory (small sets; the demo
                   is always in memory) (False).

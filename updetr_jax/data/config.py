@@ -34,7 +34,8 @@ DEFAULTS: dict[str, Any] = dict(
   mosaic_eval_count=64,
   mosaic_seed=0,
   mosaic_size=(128, 160),
-  # 'cells' (Voronoi mosaics) or 'ramp' (colour = position: the positive control).
+  # 'cells' (Voronoi mosaics), 'ramp' (colour = position: the positive control) or
+  # 'rotated_ramp' (colour = position in a frame drawn per image: a lookup).
   mosaic_style='cells',
   # (least, most) Voronoi cells per 'cells' image (data/mosaics.py CELLS).
   mosaic_cells=(6, 10),
@@ -55,6 +56,10 @@ DEFAULTS: dict[str, Any] = dict(
   blur_prob=0.5,
   blur_sigma=(0.1, 2.0),
   blur_kernel_size=0,
+  # Examples whose patches the device makes at once (device_augment.map_examples):
+  # must divide the per-device batch; the same value gives bit-identical patches on
+  # any number of devices.
+  patch_chunk=1,
   **PIPELINE_DEFAULTS,
 )
 

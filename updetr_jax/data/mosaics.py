@@ -17,6 +17,12 @@ colours alone give its box, with no need to find it in the image. A model that
 learns 'ramp' but not 'cells' can read a patch's box from the patch but cannot yet
 match a patch against the image (the README's "Is the pretext learned?").
 
+The third, ``'rotated_ramp'``, needs the image: the ramp's frame is drawn per image (a
+random rotation, reflection and shift of the red/green axes), so a colour codes a
+position only within its own image. Every position of an image has its own colour, so
+a patch's box is in the pixels, but it must be looked up in the image it came from;
+another image's patch points to wherever its colours sit in this one.
+
 Public API:
   render_mosaic(rng, height, width, style='cells', cells=CELLS) -> uint8 [H, W, 3]
   mosaic_arrays(split, count, *, seed=0, image_size=(128, 160), style='cells',
@@ -52,8 +58,11 @@ CELLS = (6, 10)  # inclusive
 MIN_COLOUR_DISTANCE = 0.25  # RGB in [0, 1]; redrawn until every pair is this far apart
 SHADING = 0.15  # the linear shading of a cell spans +- this much across the image
 NOISE = 0.02  # std of the Gaussian pixel noise
+# 'rotated_ramp': the frame's shift (each axis, image fractions) and the colour per unit.
+ROTATED_SHIFT = 0.2
+ROTATED_SCALE = 0.5
 _SPLIT_CODE = {'train': 1, 'eval': 2}
-STYLES = ('cells', 'ramp')
+STYLES = ('cells', 'ramp', 'rotated_ramp')
 
 
 def colour_distance(n: int) -> float:
@@ -92,6 +101,8 @@ def render_mosaic(
     raise ValueError(f'data.mosaic_cells={tuple(cells)}: need 2 <= least <= most')
   if style == 'ramp':
     return _render_ramp(rng, height, width)
+  if style == 'rotated_ramp':
+    return _render_ramp(rng, height, width, rotated=True)
   n = int(rng.integers(lo, hi + 1))
   sites = rng.uniform(0.0, 1.0, (n, 2)) * (height, width)  # (y, x)
   yy, xx = np.meshgrid(np.arange(height) + 0.5, np.arange(width) + 0.5, indexing='ij')
@@ -106,10 +117,20 @@ def render_mosaic(
   return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def _render_ramp(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+def _render_ramp(rng: np.random.Generator, height: int, width: int, rotated=False) -> np.ndarray:
   yy, xx = np.meshgrid(
     (np.arange(height) + 0.5) / height, (np.arange(width) + 0.5) / width, indexing='ij'
   )
+  if rotated:
+    # The ramp's frame, drawn per image: a rotation, a reflection and a shift, so
+    # one colour sits at a different place in every image.
+    angle = rng.uniform(0.0, 2.0 * np.pi)
+    flip = rng.choice((-1.0, 1.0))
+    shift = rng.uniform(-ROTATED_SHIFT, ROTATED_SHIFT, 2)
+    dx, dy = xx - 0.5 - shift[0], yy - 0.5 - shift[1]
+    u = np.cos(angle) * dx + np.sin(angle) * dy
+    v = flip * (-np.sin(angle) * dx + np.cos(angle) * dy)
+    xx, yy = 0.5 + ROTATED_SCALE * u, 0.5 + ROTATED_SCALE * v
   phase, freq = rng.uniform(0.0, 2.0 * np.pi), rng.uniform(3.0, 9.0)
   img = np.stack([xx, yy, 0.5 + 0.4 * np.sin(freq * (xx + yy) + phase)], axis=-1)
   img = img + rng.normal(0.0, NOISE, img.shape)

@@ -73,6 +73,7 @@ _QUERY_FIELDS = (
   'blur_prob',
   'blur_sigma',
   'blur_kernel_size',
+  'patch_chunk',
 )
 ONESHOT_DEFAULTS: dict[str, Any] = dict(
   detection.DETECTION_DEFAULTS,

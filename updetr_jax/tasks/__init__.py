@@ -23,7 +23,8 @@ The interface (``Task``), called in this order by ``train.run``:
     A jittable function run at the start of the train step (and the task's own
     evaluation): host batch -> the model's inputs. Pre-training sends uint8 images,
     patch rectangles and seeds; the crops and their augmentation happen on the
-    device (``device_augment.batch_preparer``).
+    device (``device_augment.batch_preparer``), each device mapping its own
+    examples of the task's data sharding.
 ``calibrate(model, variables) -> variables`` (optional)
     Data-dependent initial values of non-trained variables (e.g. the pre-training's
     ``patch_norm`` statistics), called once on a fresh run (not on resume), before

@@ -97,8 +97,10 @@ class OneShotTask:
 
   def device_inputs(self, train: bool):
     """The query crops (uint8 from the host) augmented (training) and normalised on
-    the device (``device_augment.query_preparer``)."""
-    return device_augment.query_preparer(resolve_oneshot_config(self.config.data), train)
+    the device, each device its own examples (``device_augment.query_preparer``)."""
+    return device_augment.query_preparer(
+      resolve_oneshot_config(self.config.data), train, self.sharding
+    )
 
   def train_data(self, start: int):
     self._train_it.seek(start)

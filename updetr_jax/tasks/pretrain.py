@@ -121,10 +121,12 @@ class PatchTask:
     """The DETR / UP-DETR set loss as configured (``train_step.criterion``)."""
     return criterion(self.config)
 
-  def device_inputs(self, train: bool):
+  def device_inputs(self, train: bool, local: bool = False):
     """Host batch -> model inputs on the device: crops, augmentation (training only),
-    normalisation (``device_augment.batch_preparer``)."""
-    return device_augment.batch_preparer(self.eval_data if not train else _data(self.config), train)
+    normalisation (``device_augment.batch_preparer``), each device its own examples
+    of the task's mesh; ``local``: a batch on one device instead."""
+    data = self.eval_data if not train else _data(self.config)
+    return device_augment.batch_preparer(data, train, None if local else self.sharding)
 
   def train_data(self, start: int):
     c = self.config
@@ -278,7 +280,7 @@ class PatchTask:
       batch, out_, iou = self._first
       # This host's first batch, prepared on one local device for the figure.
       local = jax.device_put(model_inputs(batch), jax.local_devices()[0])
-      batch = jax.device_get(jax.jit(self.device_inputs(train=False))(local))
+      batch = jax.device_get(jax.jit(self.device_inputs(train=False, local=True))(local))
       idx = np.asarray(matching.hungarian_match(out_, batch['targets']))
       boxes = np.take_along_axis(out_['pred_boxes'], np.maximum(idx, 0)[..., None], axis=1)
       png = os.path.join(workdir, 'patch_detection.png')
