@@ -59,6 +59,13 @@ ARMS = {
   'group_norm_content_value_pos_one_query': _GROUP_NORM
   + _CONTENT_VALUE_POS
   + ['model.num_queries={num_patches}'],
+  # ... with a higher learning rate (the demo's 2e-4 learns the lookup slowly).
+  'group_norm_content_value_pos_one_query_lr4e-4': _GROUP_NORM
+  + _CONTENT_VALUE_POS
+  + ['model.num_queries={num_patches}', 'optim.lr=4e-4'],
+  'group_norm_content_value_pos_one_query_lr1e-3': _GROUP_NORM
+  + _CONTENT_VALUE_POS
+  + ['model.num_queries={num_patches}', 'optim.lr=1e-3'],
   # The frozen random CNN's BatchNorm statistics re-estimated on the training images.
   'group_norm_calibrated_cnn': _GROUP_NORM + ['init.calibrate_backbone_bn=True'],
   'group_norm_calibrated_cnn_value_pos': _GROUP_NORM
