@@ -301,13 +301,7 @@ def release_preparer(patch_size: int, sharding=None) -> device_augment.Preparer:
   each device of ``sharding`` (``data.patch_chunk`` = 1): host batch -> model batch.
   Its ``uncounted_flops(batch)`` are what XLA's count of the step misses."""
   aug = dict(kernel_size=device_augment.blur_kernel_size(patch_size))
-  return device_augment.Preparer(
-    lambda b, sh, chunk: device_augment.prepare_batch(
-      b, patch_size=patch_size, augment=aug, sharding=sh, chunk=chunk
-    ),
-    sharding,
-    1,
-  )
+  return device_augment.patch_preparer(patch_size, aug, sharding)
 
 
 def synthetic_detection_batch(

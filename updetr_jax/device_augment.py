@@ -52,6 +52,8 @@ Public API (no TensorFlow):
   augment_kwargs(data_config) / blur_kernel_size(P, configured) (config fields)
   batch_preparer(data_config, train, sharding=None) -> Preparer: prepare_batch bound
       to the config (``.uncounted_flops(batch)``: what XLA's count of its loop misses)
+  patch_preparer(patch_size, augment, sharding=None, chunk=1) -> the same, from
+      prepare_batch's own arguments
   query_preparer(data_config, train, sharding=None) -> Preparer, one-shot: the host's
       uint8 query crops [B, 1, P, P, 3] + seeds -> augmented (training) and normalised
 """
@@ -306,13 +308,17 @@ def batch_preparer(cfg, train: bool, sharding=None) -> Preparer:
   time on each device of ``sharding`` (the batch's ``NamedSharding``; None: arrays
   on one device). Pure JAX: call it inside jit."""
   aug = augment_kwargs(cfg) if train and cfg['augment_patches'] else None
-  size = int(cfg['patch_size'])
+  return patch_preparer(int(cfg['patch_size']), aug, sharding, cfg['patch_chunk'])
+
+
+def patch_preparer(patch_size: int, augment: dict | None, sharding=None, chunk: int = 1):
+  """``prepare_batch`` with these arguments, as a ``Preparer`` (config-free)."""
   return Preparer(
-    lambda batch, sh, chunk: prepare_batch(
-      batch, patch_size=size, augment=aug, sharding=sh, chunk=chunk
+    lambda batch, sh, c: prepare_batch(
+      batch, patch_size=patch_size, augment=augment, sharding=sh, chunk=c
     ),
     sharding,
-    cfg['patch_chunk'],
+    chunk,
   )
 
 
