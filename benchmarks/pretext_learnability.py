@@ -66,6 +66,14 @@ ARMS = {
   'group_norm_content_value_pos_one_query_lr1e-3': _GROUP_NORM
   + _CONTENT_VALUE_POS
   + ['model.num_queries={num_patches}', 'optim.lr=1e-3'],
+  # ... and the learning rate x 0.1 from epoch 200 (step 10,000 of the 400-image,
+  # batch-8 mosaics), as the release drops it for its last third.
+  'group_norm_content_value_pos_one_query_lr4e-4_drop200': _GROUP_NORM
+  + _CONTENT_VALUE_POS
+  + ['model.num_queries={num_patches}', 'optim.lr=4e-4', 'optim.lr_drop_epochs=(200,)'],
+  'group_norm_content_value_pos_one_query_lr1e-3_drop200': _GROUP_NORM
+  + _CONTENT_VALUE_POS
+  + ['model.num_queries={num_patches}', 'optim.lr=1e-3', 'optim.lr_drop_epochs=(200,)'],
   # The frozen random CNN's BatchNorm statistics re-estimated on the training images.
   'group_norm_calibrated_cnn': _GROUP_NORM + ['init.calibrate_backbone_bn=True'],
   'group_norm_calibrated_cnn_value_pos': _GROUP_NORM
