@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo finetune-demo oneshot-demo compare-mini test lint format bench clean
+.PHONY: install demo pretext-demo finetune-demo oneshot-demo compare-mini test lint format bench clean
 
 # The tested pins (requirements*.txt), then the package itself, editable (console
 # scripts updetr-train, updetr-predict, ... in .venv/bin; see pyproject.toml).
@@ -19,6 +19,13 @@ install: $(STAMP)
 
 demo: install
 	$(PY) -m updetr_jax.main --config=configs/pretrain.py:demo --workdir=workdir/demo
+
+# Random query patch detection learned where the pixels decide it (the learnability
+# benchmark's lookup, M = 4, one seed, about 10 minutes on 2 cores): curves.png,
+# table.md and each run's patch_detection.png in workdir/pretext_demo.
+pretext-demo: install
+	$(PY) benchmarks/pretext_learnability.py --workdir=workdir/pretext_demo --style=rotated_ramp \
+	    --arms=group_norm_content_value_pos_one_query_lr4e-4 --seeds=0 --steps=8000 --every=1000
 
 # UP-DETR pre-training vs scratch on the built-in miniature benchmark (configs/compare.py):
 # stage-0 CNN, pre-training, fine-tuning over seeds and label fractions; results.json,

@@ -16,8 +16,13 @@ does), beside two references measured on the same boxes:
   size): what a decoder that finds where a patch is but not how large it is gets;
 * ``box_prior``: the best single box for every patch (a decoder that ignores it).
 
-  python benchmarks/patch_box_oracle.py [--styles=cells,ramp] [--cells=6,10] \
-      [--images=16] [--step=8] [--seed=0]
+``--styles`` are mosaic styles (``data/mosaics.py``) or ``photos``: the 14 scikit-image
+photographs of ``make demo`` (its 10 training and 4 held-out ones; ``--images`` does not
+apply), centre-cropped to the mosaics' aspect and resized to their size, so the same
+grid and CNN measure natural pixels.
+
+  python benchmarks/patch_box_oracle.py [--styles=cells,ramp,rotated_ramp,photos] \
+      [--cells=6,10] [--images=16] [--step=8] [--seed=0]
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import tensorflow as tf  # noqa: E402
 
 from updetr_jax import box_ops, device_augment  # noqa: E402
 from updetr_jax.configs import pretrain  # noqa: E402
-from updetr_jax.data import mosaics, patches  # noqa: E402
+from updetr_jax.data import mosaics, patches, sources  # noqa: E402
 from updetr_jax.data.patches import MIN_PATCH  # noqa: E402
 from updetr_jax.models import build_model, init_variables  # noqa: E402
 
@@ -46,6 +51,22 @@ def release_boxes(seed: int, index: int, height: int, width: int, count: int) ->
   image ``index``: float32 [count, 4] (x, y, w, h) pixels."""
   boxes = patches.sample_patch_boxes(tf.constant([seed, index]), height, width, count)
   return boxes.numpy().astype(np.float32)
+
+
+def demo_photos(height: int, width: int) -> list[np.ndarray]:
+  """make demo's photographs (training and held-out), centre-cropped to width/height's
+  aspect and resized (bilinear, antialiased) to it: uint8 [height, width, 3] each."""
+  out = []
+  for _, a in sources.demo_arrays(sources.DEMO_TRAIN_IMAGES + sources.DEMO_EVAL_IMAGES):
+    a, _ = sources.to_rgb_array(a)
+    h, w = a.shape[:2]
+    ch, cw = (
+      (h, round(h * width / height)) if w * height > h * width else (round(w * height / width), w)
+    )
+    y, x = (h - ch) // 2, (w - cw) // 2
+    crop = tf.image.resize(a[y : y + ch, x : x + cw], (height, width), antialias=True)
+    out.append(np.asarray(tf.clip_by_value(tf.round(crop), 0, 255), np.uint8))
+  return out
 
 
 def grid_boxes(height: int, width: int, step: int) -> np.ndarray:
@@ -103,7 +124,10 @@ def main(argv=None):
   results = {}
   for style in a.styles.split(','):
     t0 = time.time()
-    images = mosaics.mosaic_arrays('eval', a.images, seed=0, style=style, cells=cells)
+    if style == 'photos':
+      images = demo_photos(height, width)
+    else:
+      images = mosaics.mosaic_arrays('eval', a.images, seed=0, style=style, cells=cells)
     true, feats, grid_feats = [], [], []
     for index, img in enumerate(images):
       boxes = release_boxes(a.seed, index, height, width, a.patches)

@@ -53,6 +53,9 @@ ARMS = {
   'group_norm_content': _GROUP_NORM + ['model.patch_content=True'],
   'group_norm_content_value_pos': _GROUP_NORM + _CONTENT_VALUE_POS,
   'group_norm_content_value_pos_lr4e-4': _GROUP_NORM + _CONTENT_VALUE_POS + ['optim.lr=4e-4'],
+  'group_norm_content_value_pos_lr4e-4_drop200': _GROUP_NORM
+  + _CONTENT_VALUE_POS
+  + ['optim.lr=4e-4', 'optim.lr_drop_epochs=(200,)'],
   # One query per patch (model.num_queries = M, formatted in run_one): each group's
   # answer is its only query, so group_top = group_best and no ranking within a group
   # is learned. num_queries is an architecture field: such a pre-training initialises

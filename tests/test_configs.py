@@ -27,6 +27,22 @@ def test_release_defaults():
       module.get_config('nope')
 
 
+def _patch_options(config):
+  m = config.model
+  return (m.patch_feature_norm, m.patch_content, m.value_pos, config.matcher.group_matching)
+
+
+def test_patch_options_are_the_demos_and_off_in_the_release_configs():
+  from updetr_jax.configs import compare  # noqa: PLC0415
+
+  assert _patch_options(pretrain.get_config('demo')) == (True,) * 4
+  for variant in ('imagenet', 'single_query', 'mosaics'):
+    assert _patch_options(pretrain.get_config(variant)) == (False,) * 4, variant
+  # The comparison pre-trains the demo's model with the release's patch path.
+  for variant in compare.VARIANTS:
+    assert _patch_options(compare.get_config(variant).pretrain) == (False,) * 4, variant
+
+
 def test_finetune_freezes_exactly_stem_and_stage1():
   config = finetune_coco.get_config()
   config.model.update(enc_layers=1, dec_layers=1)
