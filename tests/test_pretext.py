@@ -18,8 +18,18 @@ from updetr_jax.models import build_model, init_variables
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAMP_STEPS = 300  # test_pretraining_makes_the_answer_depend_on_the_patches
 sys.path.insert(0, os.path.join(ROOT, 'tests'))
-from test_train import fixed_batch, tiny_config  # noqa: E402
+from test_train import fixed_batch  # noqa: E402
+from test_train import tiny_config as demo_tiny_config  # noqa: E402
 from data_helpers import model_batch  # noqa: E402
+
+
+def tiny_config():
+  """The tiny demo model with the release's patch path: each test here turns on the
+  option it checks (the demo itself runs pretrain.use_patch_options)."""
+  config = demo_tiny_config()
+  config.model.update(patch_feature_norm=False, patch_content=False, value_pos=False)
+  config.matcher.group_matching = False
+  return config
 
 
 def test_mosaics_are_deterministic_and_the_splits_differ(tmp_path):
