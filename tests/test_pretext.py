@@ -12,6 +12,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from updetr_jax import matching, train_step
+from updetr_jax.configs import pretrain
 from updetr_jax.data import eval_data_config, mosaic_data_config, mosaics, resolve_config, sources
 from updetr_jax.models import build_model, init_variables
 
@@ -27,8 +28,7 @@ def tiny_config():
   """The tiny demo model with the release's patch path: each test here turns on the
   option it checks (the demo itself runs pretrain.use_patch_options)."""
   config = demo_tiny_config()
-  config.model.update(patch_feature_norm=False, patch_content=False, value_pos=False)
-  config.matcher.group_matching = False
+  pretrain.use_patch_options(config, on=False)
   return config
 
 

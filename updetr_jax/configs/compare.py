@@ -100,10 +100,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Stage 2: UP-DETR pre-training (the demo model of configs/pretrain.py).
   p = pretrain.get_config('demo')
-  # The release's patch path (no pretrain.use_patch_options): the README's comparison
-  # figures are measured with it.
-  p.model.update(patch_feature_norm=False, patch_content=False, value_pos=False)
-  p.matcher.group_matching = False
+  # The release's patch path: the README's comparison figures are measured with it.
+  pretrain.use_patch_options(p, on=False)
   p.data.update(source='folder', folder='', eval_folder='', demo_repeats=1, **_PRETRAIN_DATA)
   p.examples_per_epoch = 2000
   p.batch_size = 16

@@ -41,13 +41,14 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
 VARIANTS = ('imagenet', 'single_query', 'demo', 'mosaics')
 
 
-def use_patch_options(config: ml_collections.ConfigDict) -> None:
-  """Turns on issue 19's options that let the query patch reach and steer its
-  queries (all off in the release configs; README "Is the pretext learned?"):
-  standardised patch features, matching within a patch's group, the patch as the
-  decoder's content and positions in the cross-attention values."""
-  config.model.update(patch_feature_norm=True, patch_content=True, value_pos=True)
-  config.matcher.group_matching = True
+def use_patch_options(config: ml_collections.ConfigDict, on: bool = True) -> None:
+  """Turns on (or, on=False, off: the release's patch path) issue 19's options that
+  let the query patch reach and steer its queries (all off in the release configs;
+  README "Is the pretext learned?"): standardised patch features, matching within a
+  patch's group, the patch as the decoder's content and positions in the
+  cross-attention values."""
+  config.model.update(patch_feature_norm=on, patch_content=on, value_pos=on)
+  config.matcher.group_matching = on
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
