@@ -181,3 +181,29 @@ def test_bad_configs_name_the_field(data, tmp_path):
   config.label_fractions = (0.0,)
   with pytest.raises(ValueError, match='label_fractions'):
     compare.run(config, str(tmp_path / 'c'))
+
+
+def test_patch_options_arms_fine_tune_with_their_pretraining_architecture(tmp_path):
+  """The options arms pre-train with configs/pretrain.py PATCH_OPTIONS and their
+  fine-tunings take the architecture fields those change (value_pos; one-shot also
+  patch_content and patch_feature_norm), or loading the pre-training is refused;
+  scratch_value_pos is scratch with that decoder, plain scratch is unchanged."""
+  subsets = str(tmp_path / 'subsets')
+  mini = compare_config.get_config('mini')
+  p = compare.pretrain_config(mini, 'updetr_patch_options', '')
+  assert p.model.patch_feature_norm and p.model.patch_content and p.model.value_pos
+  assert p.matcher.group_matching and p.optim.lr == 4e-4
+  assert not compare.pretrain_config(mini, 'updetr', '').model.value_pos  # release path
+
+  def tuned(config, arm):
+    return compare.finetune_config(config, arm, 0, 1.0, '', 'PRE', subsets)
+
+  assert tuned(mini, 'updetr_patch_options').model.value_pos
+  assert tuned(mini, 'updetr_patch_options').init.pretrained == 'PRE'
+  assert not tuned(mini, 'updetr').model.value_pos
+  assert not tuned(mini, 'scratch').model.value_pos
+  scratch_vp = tuned(mini, 'scratch_value_pos')
+  assert scratch_vp.model.value_pos and scratch_vp.init.pretrained == ''
+  one = tuned(compare_config.get_config('oneshot'), 'updetr_single_query_patch_options')
+  assert one.model.value_pos and one.model.patch_content and one.model.patch_feature_norm
+  assert one.model.num_patches == 1

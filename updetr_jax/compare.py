@@ -34,7 +34,12 @@ import time
 import jax
 import numpy as np
 
-from updetr_jax import files, visualize
+from updetr_jax import files, pretrained as pretrained_lib, visualize
+from updetr_jax.configs import pretrain as pretrain_configs
+
+# The regime that learns the pretext where the pixels decide it (README "Is the
+# pretext learned?"): configs/pretrain.py PATCH_OPTIONS and lr 4e-4.
+_PATCH_OPTIONS = {**{f: True for f in pretrain_configs.PATCH_OPTIONS}, 'optim.lr': 4e-4}
 
 # Pre-trained arms: overrides of config.pretrain (paths as in the config).
 # 'scratch' is DETR with the same CNN and no pre-trained transformer.
@@ -45,8 +50,22 @@ ARMS = {
   'updetr_single_query': {'model.num_patches': 1},
   # "feature reconstruction without frozen CNN": the CNN trains in pre-training.
   'updetr_trainable_cnn': {'optim.frozen': (r'^position/',)},
+  # with the options that learn the pretext (fine-tuned with its value_pos)
+  'updetr_patch_options': _PATCH_OPTIONS,
+  'updetr_single_query_patch_options': {'model.num_patches': 1, **_PATCH_OPTIONS},
   'scratch': None,
+  # scratch with the options arms' decoder (value_pos): their architecture's control
+  'scratch_value_pos': None,
 }
+# Fine-tuning overrides of the arms without pre-training.
+SCRATCH_ARMS = {'scratch': {}, 'scratch_value_pos': {'model.value_pos': True}}
+# Model fields a fine-tuning takes from its arm's pre-training (they must agree:
+# updetr_jax.pretrained), where the fine-tuning model has them.
+INHERITED_MODEL_FIELDS = (
+  *pretrained_lib.ARCHITECTURE_FIELDS,
+  *pretrained_lib.PATCH_ARCHITECTURE_FIELDS,
+  'patch_feature_norm',
+)
 METRICS = ('AP', 'AP50')  # detection; config.metrics picks (one-shot: AP50_seen, AP50_unseen)
 
 
@@ -173,11 +192,21 @@ def label_subset(ann_file: str, fraction: float, seed: int, out_dir: str) -> str
 def finetune_config(
   config, arm: str, seed: int, fraction: float, backbone: str, pretrain_dir: str, subset_dir: str
 ):
-  """One fine-tuning run: identical for every arm but ``init.pretrained``."""
+  """One fine-tuning run: identical for every arm but ``init.pretrained`` and the
+  architecture fields the arm's pre-training changed (``INHERITED_MODEL_FIELDS``, e.g.
+  ``value_pos``) or its ``SCRATCH_ARMS`` overrides."""
   c = config.finetune.copy_and_resolve_references()
   c.seed = seed
   c.init.backbone_checkpoint = backbone
-  c.init.pretrained = pretrain_dir if ARMS[arm] is not None else ''
+  if ARMS[arm] is None:
+    c.init.pretrained = ''
+    c.update_from_flattened_dict(SCRATCH_ARMS[arm])
+  else:
+    c.init.pretrained = pretrain_dir
+    for key, value in ARMS[arm].items():
+      name = key.removeprefix('model.')
+      if key.startswith('model.') and name in INHERITED_MODEL_FIELDS and name in c.model:
+        c.model[name] = value
   if fraction < 1:
     c.data.ann_file = label_subset(c.data.ann_file, fraction, seed, subset_dir)
   if config.compilation_cache_dir:

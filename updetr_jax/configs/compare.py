@@ -10,14 +10,18 @@ Variants (``:name``):
       those and of scratch on the labelled set, 3 seeds; ``make compare-mini`` (about
       45 min on 2 cores). ``--config.seeds=(0,1,2,3,4)`` for the README figures (the
       3-seed runs are reused), ``--config.label_fractions=(0.1,1.0)`` for fewer labels,
-      ``--config.arms=(...,'updetr_trainable_cnn',...)`` for the frozen-CNN ablation.
+      ``--config.arms=(...,'updetr_trainable_cnn',...)`` for the frozen-CNN ablation,
+      ``'updetr_patch_options'`` (pre-training with configs/pretrain.py PATCH_OPTIONS,
+      the regime that learns the pretext on the learnability benchmark, fine-tuned
+      with its ``value_pos``) with ``'scratch_value_pos'`` (scratch with that decoder).
   ``demo``: its short form (``make finetune-demo``, about 7 min): UP-DETR vs scratch,
       3 seeds, short budgets (early fine-tuning only: read its noise level).
   ``oneshot``: one-shot detection (configs/oneshot_voc.py's task) on the miniature,
       its classes split into seen and unseen (``ONESHOT_UNSEEN``: coin and seven never
       trained on), UP-DETR vs scratch, 3 seeds, AP50 seen / unseen over 5 query runs
       (``make oneshot-demo``); ``--config.arms="('updetr','updetr_single_query','scratch')"``
-      adds single-query pre-training (M = 1, every query gets the patch, as in one-shot).
+      adds single-query pre-training (M = 1, every query gets the patch, as in one-shot);
+      ``'updetr_single_query_patch_options'``: the same with the options.
 
 Your own data: ``--config.miniature.enabled=False`` and the data fields of the two
 stages, as in configs/pretrain.py and configs/finetune_coco.py, e.g.

@@ -41,14 +41,21 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
 VARIANTS = ('imagenet', 'single_query', 'demo', 'mosaics')
 
 
+# Issue 19's options that let the query patch reach and steer its queries (all off in
+# the release configs; README "Is the pretext learned?"): standardised patch features,
+# the patch as the decoder's content, positions in the cross-attention values and
+# matching within a patch's group (flattened config fields).
+PATCH_OPTIONS = (
+  'model.patch_feature_norm',
+  'model.patch_content',
+  'model.value_pos',
+  'matcher.group_matching',
+)
+
+
 def use_patch_options(config: ml_collections.ConfigDict, on: bool = True) -> None:
-  """Turns on (or, on=False, off: the release's patch path) issue 19's options that
-  let the query patch reach and steer its queries (all off in the release configs;
-  README "Is the pretext learned?"): standardised patch features, matching within a
-  patch's group, the patch as the decoder's content and positions in the
-  cross-attention values."""
-  config.model.update(patch_feature_norm=on, patch_content=on, value_pos=on)
-  config.matcher.group_matching = on
+  """Turns PATCH_OPTIONS on (or, on=False, off: the release's patch path)."""
+  config.update_from_flattened_dict({f: on for f in PATCH_OPTIONS})
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
