@@ -198,6 +198,10 @@ def test_patch_options_arms_fine_tune_with_their_pretraining_architecture(tmp_pa
   def tuned(config, arm):
     return compare.finetune_config(config, arm, 0, 1.0, '', 'PRE', subsets)
 
+  lookup = compare.pretrain_config(mini, 'updetr_lookup', '')
+  assert lookup.data.source == 'mosaics' and lookup.data.mosaic_style == 'rotated_ramp'
+  assert lookup.model.patch_feature_norm and lookup.matcher.group_matching
+  assert tuned(mini, 'updetr_lookup').model.value_pos
   assert tuned(mini, 'updetr_patch_options').model.value_pos
   assert tuned(mini, 'updetr_patch_options').init.pretrained == 'PRE'
   assert not tuned(mini, 'updetr').model.value_pos
