@@ -78,6 +78,24 @@ def test_comparison_mean_std_over_seeds_and_paired_difference():
   assert row.split()[1:] == ['30.00', '+-', '13.23', '20.00', '+-', '10.00', '10.00', '+-', '5.00']
 
 
+def test_comparison_extra_pairs_are_per_seed_differences():
+  """config.pairs: scratch - updetr per seed is the negated paired difference (same
+  std), printed as its own column."""
+  stats = compare.summarize(
+    _curves(), ['updetr', 'scratch'], list(SEEDS), ('AP',), pairs=[('scratch', 'updetr')]
+  )
+  table = stats['1']
+  assert list(table['pairs']) == ['scratch - updetr']
+  for i, step in enumerate(table['steps']):
+    cell = table['pairs']['scratch - updetr']['AP'][i]
+    mean, std = WANT_PAIRED[step]
+    np.testing.assert_allclose([cell['mean'], cell['std']], [-mean, std], rtol=1e-9)
+  text = compare.format_table(stats, metrics=('AP',))
+  assert 'scratch - updetr' in text
+  row = next(line for line in text.splitlines() if line.split()[:1] == ['10'])
+  assert row.split()[-3:] == ['-10.00', '+-', '5.00']
+
+
 def test_comparison_single_seed_has_zero_std():
   curves = {'1': {a: {0: {5: {'AP': v}}} for a, v in (('updetr', 0.4), ('scratch', 0.1))}}
   table = compare.summarize(curves, ['updetr', 'scratch'], [0], ('AP',))['1']

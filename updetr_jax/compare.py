@@ -102,6 +102,9 @@ def check_config(config) -> None:
     raise ValueError("config.arms must include 'scratch' (the baseline of the paired differences)")
   if not config.seeds:
     raise ValueError('config.seeds is empty')
+  for pair in config.get('pairs', ()):
+    if len(pair) != 2 or any(a not in config.arms for a in pair):
+      raise ValueError(f'config.pairs: {pair!r} is not two of config.arms {tuple(config.arms)}')
   if not config.metrics:
     raise ValueError('config.metrics is empty (the evaluation metrics to compare)')
   for f in config.label_fractions:
@@ -273,31 +276,35 @@ def _mean_std(values) -> dict:
   }
 
 
-def summarize(curves: dict, arms, seeds, metrics=METRICS) -> dict:
+def summarize(curves: dict, arms, seeds, metrics=METRICS, pairs=()) -> dict:
   """Statistics over seeds of the fine-tuning curves.
 
   curves: {fraction: {arm: {seed: {step: {metric: value}}}}} (fraction as a string).
   Returns {fraction: {'steps': [...], 'arms': {arm: {metric: [stats per step]}},
-  'paired': {arm: {metric: [stats per step of (arm - scratch) per seed]}}}}, with
+  'paired': {arm: {metric: [stats per step of (arm - scratch) per seed]}},
+  'pairs': {'a - b': {metric: [...]}} for each (a, b) of ``pairs``}}, with
   stats = {'mean', 'std' (ddof 1), 'n'}, at the steps every run evaluated.
   """
   out = {}
   for frac, per_arm in curves.items():
     step_sets = [set(per_arm[a][s]) for a in arms for s in seeds]
     steps = sorted(set.intersection(*step_sets)) if step_sets else []
-    table = {'steps': steps, 'arms': {}, 'paired': {}}
+    table = {'steps': steps, 'arms': {}, 'paired': {}, 'pairs': {}}
+
+    def paired(a, b):
+      return {
+        m: [_mean_std([per_arm[a][s][t][m] - per_arm[b][s][t][m] for s in seeds]) for t in steps]
+        for m in metrics
+      }
+
     for arm in arms:
       table['arms'][arm] = {
         m: [_mean_std([per_arm[arm][s][t][m] for s in seeds]) for t in steps] for m in metrics
       }
       if arm != 'scratch':
-        table['paired'][arm] = {
-          m: [
-            _mean_std([per_arm[arm][s][t][m] - per_arm['scratch'][s][t][m] for s in seeds])
-            for t in steps
-          ]
-          for m in metrics
-        }
+        table['paired'][arm] = paired(arm, 'scratch')
+    for a, b in pairs:
+      table['pairs'][f'{a} - {b}'] = paired(a, b)
     out[frac] = table
   return out
 
@@ -317,13 +324,16 @@ def format_table(stats: dict, header: str = '', metrics=METRICS) -> str:
         f'\nlabel fraction {frac}: {m} (x100), mean +- std over seeds; '
         'paired difference = arm - scratch, per seed'
       )
-      cols = [f'{a}' for a in arms] + [f'{a} - scratch' for a in table['paired']]
+      pairs = list(table.get('pairs', {}))
+      cols = [f'{a}' for a in arms] + [f'{a} - scratch' for a in table['paired']] + pairs
       width = max(16, *(len(c) + 2 for c in cols))
       lines.append(f'{"step":>6}' + ''.join(f'{c:>{width}}' for c in cols))
       for i, step in enumerate(table['steps']):
-        cells = [table['arms'][a][m][i] for a in arms] + [
-          table['paired'][a][m][i] for a in table['paired']
-        ]
+        cells = (
+          [table['arms'][a][m][i] for a in arms]
+          + [table['paired'][a][m][i] for a in table['paired']]
+          + [table['pairs'][p][m][i] for p in pairs]
+        )
         lines.append(f'{step:>6}' + ''.join(f'{_pm(c):>{width}}' for c in cells))
   return '\n'.join(lines)
 
@@ -403,7 +413,8 @@ def run(config, workdir: str) -> dict:
         }
         seconds[d] = s.get('train_seconds')
   metrics = tuple(config.metrics)
-  stats = summarize(curves, list(config.arms), list(config.seeds), metrics)
+  pairs = [tuple(p) for p in config.get('pairs', ())]
+  stats = summarize(curves, list(config.arms), list(config.seeds), metrics, pairs)
   header = (
     f'UP-DETR vs scratch ({config.finetune.task}): {len(config.seeds)} seeds '
     f'{list(config.seeds)}, {config.finetune.num_train_steps} fine-tuning steps (batch '

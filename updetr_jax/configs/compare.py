@@ -76,6 +76,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seeds = (0, 1, 2)
   config.label_fractions = (1.0,)
   config.metrics = ('AP', 'AP50')  # of the fine-tuning evaluation, compared over seeds
+  # More paired differences (a - b per seed) than each arm - scratch, e.g.
+  # (('updetr_lookup', 'scratch_value_pos'), ('updetr_lookup', 'updetr')).
+  config.pairs = ()
   config.compilation_cache_dir = ''  # e.g. WORKDIR/.xla_cache: runs share compiled steps
   # The CNN of every run: a torchvision-layout .pth / .npz, or '' for stage 0's.
   config.backbone_checkpoint = ''
