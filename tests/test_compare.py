@@ -211,3 +211,19 @@ def test_patch_options_arms_fine_tune_with_their_pretraining_architecture(tmp_pa
   one = tuned(compare_config.get_config('oneshot'), 'updetr_single_query_patch_options')
   assert one.model.value_pos and one.model.patch_content and one.model.patch_feature_norm
   assert one.model.num_patches == 1
+
+
+def test_a_preempted_run_stops_the_harness(tmp_path, monkeypatch):
+  """A run that checkpointed on SIGTERM (train.run returns preempted_at) stops the
+  harness with SIGTERM's exit status; it does not go on to the next run as if that
+  one had finished (which then lacks its curve)."""
+  calls = []
+
+  def preempted(config, workdir):
+    calls.append(workdir)
+    return {'task': 'detection', 'steps': 10, 'preempted_at': 4}
+
+  monkeypatch.setattr(train, 'run', preempted)
+  with pytest.raises(SystemExit) as stop:
+    compare._run(None, str(tmp_path / 'run'), 'fine-tuning scratch, seed 0')
+  assert stop.value.code == 143 and len(calls) == 1

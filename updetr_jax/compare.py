@@ -247,8 +247,24 @@ def _run(config, workdir: str, what: str) -> dict:
   logging.info('compare: %s -> %s', what, workdir)
   t0 = time.time()
   summary = train.run(config, workdir)
+  if summary.get('preempted_at') is not None:
+    # The run checkpointed on a preemption notice (SIGTERM): the harness stops too,
+    # rather than go on to the next run as if this one had finished.
+    raise Preempted(
+      f'compare: {what} stopped at step {summary["preempted_at"]} (SIGTERM); its '
+      f'checkpoint is in {workdir}: rerun the same command to resume'
+    )
   logging.info('compare: %s done in %.0f s', what, time.time() - t0)
   return summary
+
+
+class Preempted(SystemExit):
+  """A run of the harness got a preemption notice and saved its step (exit status 143,
+  as a process ended by SIGTERM)."""
+
+  def __init__(self, message: str):
+    logging.warning('%s', message)
+    super().__init__(143)
 
 
 def read_curve(workdir: str) -> dict[int, dict]:
