@@ -227,3 +227,11 @@ def test_a_preempted_run_stops_the_harness(tmp_path, monkeypatch):
   with pytest.raises(SystemExit) as stop:
     compare._run(None, str(tmp_path / 'run'), 'fine-tuning scratch, seed 0')
   assert stop.value.code == 143 and len(calls) == 1
+
+
+def test_lookup_variant_pairs_name_its_arms():
+  config = compare_config.get_config('lookup')
+  compare.check_config(config)  # its pairs are two of its arms
+  config.pairs = (('updetr_lookup', 'nope'),)
+  with pytest.raises(ValueError, match='config.pairs'):
+    compare.check_config(config)

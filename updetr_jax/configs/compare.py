@@ -14,6 +14,11 @@ Variants (``:name``):
       ``'updetr_patch_options'`` (pre-training with configs/pretrain.py PATCH_OPTIONS,
       the regime that learns the pretext on the learnability benchmark, fine-tuned
       with its ``value_pos``) with ``'scratch_value_pos'`` (scratch with that decoder).
+  ``lookup``: ``mini``'s data and budgets with arms updetr (the release's pre-training),
+      updetr_lookup (the pre-training on the learnability benchmark's lookup, where the
+      pretext is learned), scratch and scratch_value_pos (scratch with the lookup arm's
+      decoder), 5 seeds, paired differences against both baselines (README "Does
+      pre-training help?").
   ``demo``: its short form (``make finetune-demo``, about 7 min): UP-DETR vs scratch,
       3 seeds, short budgets (early fine-tuning only: read its noise level).
   ``oneshot``: one-shot detection (configs/oneshot_voc.py's task) on the miniature,
@@ -37,7 +42,7 @@ import ml_collections
 
 from updetr_jax.configs import common, finetune_coco, oneshot_voc, pretrain
 
-VARIANTS = ('mini', 'demo', 'oneshot')
+VARIANTS = ('mini', 'demo', 'oneshot', 'lookup')
 # The miniature's classes never trained on in the one-shot variant (a non-digit and a
 # digit); face, zero, one and four are seen.
 ONESHOT_UNSEEN = ('coin', 'seven')
@@ -162,6 +167,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     o.eval.update(every_steps=500, batch_size=50, num_pictures=2, picture_threshold=0.3)
     o.checkpoint_every_steps = 500
     config.finetune = o
+  if variant == 'lookup':
+    # Issue 19 point 5: a pre-training that learned its pretext (the lookup) against
+    # the release's pre-training and scratch, each with its decoder, 5 seeds.
+    config.arms = ('updetr', 'updetr_lookup', 'scratch', 'scratch_value_pos')
+    config.seeds = (0, 1, 2, 3, 4)
+    config.pairs = (('updetr_lookup', 'scratch_value_pos'), ('updetr_lookup', 'updetr'))
   if variant == 'demo':
     config.arms = ('updetr', 'scratch')
     config.stage0.steps = 200
