@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo pretext-demo finetune-demo oneshot-demo compare-mini test lint format bench clean
+.PHONY: install demo pretext-demo finetune-demo oneshot-demo compare-mini compare-lookup test lint format bench clean
 
 # The tested pins (requirements*.txt), then the package itself, editable (console
 # scripts updetr-train, updetr-predict, ... in .venv/bin; see pyproject.toml).
@@ -32,6 +32,13 @@ pretext-demo: install
 # results.txt (mean +- std, paired differences) and curves.png in workdir/compare.
 compare-mini: install
 	$(PY) -m updetr_jax.compare --config=configs/compare.py:mini --workdir=workdir/compare \
+	    --config.compilation_cache_dir=workdir/.xla_cache
+
+# With a pre-training that learned its pretext (configs/compare.py:lookup, issue 19):
+# the release's pre-training, the lookup pre-training, scratch and scratch with the
+# lookup arm's decoder, 5 seeds; workdir/compare_lookup.
+compare-lookup: install
+	$(PY) -m updetr_jax.compare --config=configs/compare.py:lookup --workdir=workdir/compare_lookup \
 	    --config.compilation_cache_dir=workdir/.xla_cache
 
 # Its short form (8.5 minutes measured on a fresh clone): UP-DETR vs scratch, 3 seeds, with
