@@ -112,7 +112,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Stage 2: UP-DETR pre-training (the demo model of configs/pretrain.py).
   p = pretrain.get_config('demo')
-  # The release's patch path: the README's comparison figures are measured with it.
+  # The release's patch path (arm 'updetr', the README's comparison figures); the
+  # options arms (updetr_jax.compare ARMS) turn PATCH_OPTIONS on.
   pretrain.use_patch_options(p, on=False)
   p.data.update(source='folder', folder='', eval_folder='', demo_repeats=1, **_PRETRAIN_DATA)
   p.examples_per_epoch = 2000
