@@ -34,7 +34,7 @@ import time
 import jax
 import numpy as np
 
-from updetr_jax import files, pretrained as pretrained_lib, visualize
+from updetr_jax import files, visualize
 from updetr_jax.configs import pretrain as pretrain_configs
 
 # The regime that learns the pretext where the pixels decide it (README "Is the
@@ -58,8 +58,12 @@ _LOOKUP = {
   'eval.every_steps': 2000,  # its learning curve (eval.jsonl)
 }
 
-# Pre-trained arms: overrides of config.pretrain (paths as in the config).
-# 'scratch' is DETR with the same CNN and no pre-trained transformer.
+# Arms without pre-training: their fine-tuning overrides. 'scratch' is DETR with the
+# same CNN and no pre-trained transformer; scratch_value_pos has the options arms'
+# decoder (value_pos), their architecture's control.
+SCRATCH_ARMS = {'scratch': {}, 'scratch_value_pos': {'model.value_pos': True}}
+# Pre-trained arms: overrides of config.pretrain (paths as in the config); None for
+# SCRATCH_ARMS.
 ARMS = {
   'updetr': {},  # the paper's setting: frozen CNN + feature reconstruction
   'updetr_no_feature_recon': {'model.feature_recon': False},
@@ -73,19 +77,8 @@ ARMS = {
   'updetr_lookup': _LOOKUP,
   # ... with M = 1 (every query gets the patch, as one-shot's queries do)
   'updetr_single_query_lookup': {**_LOOKUP, 'model.num_patches': 1},
-  'scratch': None,
-  # scratch with the options arms' decoder (value_pos): their architecture's control
-  'scratch_value_pos': None,
+  **dict.fromkeys(SCRATCH_ARMS),
 }
-# Fine-tuning overrides of the arms without pre-training.
-SCRATCH_ARMS = {'scratch': {}, 'scratch_value_pos': {'model.value_pos': True}}
-# Model fields a fine-tuning takes from its arm's pre-training (they must agree:
-# updetr_jax.pretrained), where the fine-tuning model has them.
-INHERITED_MODEL_FIELDS = (
-  *pretrained_lib.ARCHITECTURE_FIELDS,
-  *pretrained_lib.PATCH_ARCHITECTURE_FIELDS,
-  'patch_feature_norm',
-)
 METRICS = ('AP', 'AP50')  # detection; config.metrics picks (one-shot: AP50_seen, AP50_unseen)
 
 
@@ -216,8 +209,12 @@ def finetune_config(
   config, arm: str, seed: int, fraction: float, backbone: str, pretrain_dir: str, subset_dir: str
 ):
   """One fine-tuning run: identical for every arm but ``init.pretrained`` and the
-  architecture fields the arm's pre-training changed (``INHERITED_MODEL_FIELDS``, e.g.
-  ``value_pos``) or its ``SCRATCH_ARMS`` overrides."""
+  model fields the arm's pre-training changed that must agree with it
+  (``updetr_jax.pretrained``'s architecture fields and patch_feature_norm, e.g.
+  ``value_pos``; where the fine-tuning model has them) or its ``SCRATCH_ARMS``
+  overrides."""
+  from updetr_jax import pretrained  # noqa: PLC0415  (orbax: not at import)
+
   c = config.finetune.copy_and_resolve_references()
   c.seed = seed
   c.init.backbone_checkpoint = backbone
@@ -226,9 +223,14 @@ def finetune_config(
     c.update_from_flattened_dict(SCRATCH_ARMS[arm])
   else:
     c.init.pretrained = pretrain_dir
+    inherited = {
+      *pretrained.ARCHITECTURE_FIELDS,
+      *pretrained.PATCH_ARCHITECTURE_FIELDS,
+      'patch_feature_norm',
+    }
     for key, value in ARMS[arm].items():
       name = key.removeprefix('model.')
-      if key.startswith('model.') and name in INHERITED_MODEL_FIELDS and name in c.model:
+      if key.startswith('model.') and name in inherited and name in c.model:
         c.model[name] = value
   if fraction < 1:
     c.data.ann_file = label_subset(c.data.ann_file, fraction, seed, subset_dir)
@@ -250,21 +252,16 @@ def _run(config, workdir: str, what: str) -> dict:
   if summary.get('preempted_at') is not None:
     # The run checkpointed on a preemption notice (SIGTERM): the harness stops too,
     # rather than go on to the next run as if this one had finished.
-    raise Preempted(
-      f'compare: {what} stopped at step {summary["preempted_at"]} (SIGTERM); its '
-      f'checkpoint is in {workdir}: rerun the same command to resume'
+    logging.warning(
+      'compare: %s stopped at step %d (SIGTERM); its checkpoint is in %s: rerun the '
+      'same command to resume',
+      what,
+      summary['preempted_at'],
+      workdir,
     )
+    raise SystemExit(143)  # the status of a process ended by SIGTERM
   logging.info('compare: %s done in %.0f s', what, time.time() - t0)
   return summary
-
-
-class Preempted(SystemExit):
-  """A run of the harness got a preemption notice and saved its step (exit status 143,
-  as a process ended by SIGTERM)."""
-
-  def __init__(self, message: str):
-    logging.warning('%s', message)
-    super().__init__(143)
 
 
 def read_curve(workdir: str) -> dict[int, dict]:
