@@ -1,4 +1,5 @@
 # Quick start: `make demo` (install + pre-train on embedded photos), `make test`.
+# What each target runs and measures: README.md and docs/results/.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -34,9 +35,9 @@ compare-mini: install
 	$(PY) -m updetr_jax.compare --config=configs/compare.py:mini --workdir=workdir/compare \
 	    --config.compilation_cache_dir=workdir/.xla_cache
 
-# With a pre-training that learned its pretext (configs/compare.py:lookup, issue 19):
-# the release's pre-training, the lookup pre-training, scratch and scratch with the
-# lookup arm's decoder, 5 seeds; workdir/compare_lookup.
+# With a pre-training that learned its pretext (configs/compare.py:lookup): the
+# release's pre-training, the lookup pre-training, scratch and scratch with the lookup
+# arm's decoder, 5 seeds; workdir/compare_lookup (docs/results/pretraining_vs_scratch.md).
 compare-lookup: install
 	$(PY) -m updetr_jax.compare --config=configs/compare.py:lookup --workdir=workdir/compare_lookup \
 	    --config.compilation_cache_dir=workdir/.xla_cache

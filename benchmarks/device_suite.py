@@ -296,7 +296,7 @@ def synthetic_batch(batch: int, size, num_patches: int, patch_size: int, seed: i
 
 
 def release_preparer(patch_size: int, sharding=None) -> device_augment.Preparer:
-  """The release's device-side patch pipeline (crop, SPEC §3 augmentation at its
+  """The release's device-side patch pipeline (crop, the release's augmentation at its
   default probabilities, normalisation) for P = patch_size, one example at a time on
   each device of ``sharding`` (``data.patch_chunk`` = 1): host batch -> model batch.
   Its ``uncounted_flops(batch)`` are what XLA's count of the step misses."""

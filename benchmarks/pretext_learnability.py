@@ -17,7 +17,8 @@ position, so a patch alone gives its box and no matching against the image is ne
 found only by looking its colours up in its own image.
 
 Arms (config overrides, ``ARMS``; ``{num_patches}`` is replaced by --num_patches):
-``release`` (the release's behaviour), and the options of issue 19 alone and combined.
+``release`` (the release's behaviour), and the options beyond the release
+(docs/method.md, 'Options beyond the release') alone and combined.
 Writes ``results.json`` (per run: the curves; per arm: mean +- std over seeds of the
 final metrics, ddof=1, and the paired group_top - group_top_wrong_patches),
 ``curves.png`` and a Markdown table (``table.md``), and prints the JSON summary.
@@ -39,7 +40,7 @@ from updetr_jax.data import mosaics
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # arm -> config overrides (main.py flags, without --config.)
-# The two options that let the patch through (README "Is the pretext learned?").
+# The two options that let the patch through (docs/results/pretext_learnability.md).
 _GROUP_NORM = ['model.patch_feature_norm=True', 'matcher.group_matching=True']
 _CONTENT_VALUE_POS = ['model.patch_content=True', 'model.value_pos=True']
 ARMS = {

@@ -3,7 +3,7 @@ optional test dependencies.
 
 Optional dependencies (``OPTIONAL_DEPS``): tests import them with ``importorskip``
 below. Locally a missing one skips its tests (``pytest.ini`` prints the reasons);
-under ``CI=true`` (set by the CI) it fails the run instead: the session stops before
+under ``CI=true`` (set by the CI) it fails the run instead: pytest stops before
 collecting if one is not installed, and a test module whose import of one fails is a
 collection error.
 """
@@ -25,8 +25,8 @@ os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')  # for subprocesses
 jax.config.update('jax_disable_most_optimizations', True)
 jax.config.update('jax_default_matmul_precision', 'highest')
 
-# Compiled programs are shared across the session's tests and subprocesses (reruns of
-# the same step after a kill, the two-run comparisons): a fresh directory per session.
+# Compiled programs are shared across a pytest run's tests and subprocesses (reruns of
+# the same step after a kill, the two-run comparisons): a fresh directory per run.
 os.environ.setdefault(
   'JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='updetr_jax_test_xla_cache_')
 )

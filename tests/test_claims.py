@@ -1,4 +1,4 @@
-"""Tests that decide what the project claims (issue 21).
+"""Tests that decide what the project claims.
 
 Each test checks one documented behaviour from its outside, on tiny hand-made inputs
 whose right answer is worked out here: the comparison's statistics over seeds, the

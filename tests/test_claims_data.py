@@ -1,4 +1,4 @@
-"""Tests that decide what the pre-training data claims (issue 21).
+"""Tests that decide what the pre-training data claims.
 
 Each test checks one documented behaviour from its outside, on tiny hand-made inputs:
 the epoch shuffle (new per epoch, repeated per seed), new patches and augmentation

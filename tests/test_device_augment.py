@@ -1,7 +1,7 @@
-"""The query patches made on the device (device_augment.py, issue 20): the crop against
-the host's crop, each augmentation op against an independent numpy reference, the
-jitter factors' ranges, the luma weights, the random order, and determinism across
-restarts and meshes. The probabilities and the sigma range: tests/test_claims_data.py."""
+"""The query patches made on the device (device_augment.py): the crop against the
+host's crop, each augmentation op against an independent numpy reference, the jitter
+factors' ranges, the luma weights, the random order, and determinism across restarts
+and meshes. The probabilities and the sigma range: tests/test_claims_data.py."""
 
 import os
 import subprocess

@@ -1,6 +1,6 @@
-"""The one-shot task's control run (issue 21): through ``OneShotTask.evaluate`` every
-trial of the control run (``eval.other_class_queries``) is run with a query crop of
-another class, while the normal runs' queries are of the trial's class.
+"""The one-shot task's control run: through ``OneShotTask.evaluate`` every trial of the
+control run (``eval.other_class_queries``) is run with a query crop of another class,
+while the normal runs' queries are of the trial's class.
 
 The batches checked are the ones the task's evaluation consumes: the evaluation
 iterator that ``make_oneshot_dataset`` builds for the task is wrapped to record them,

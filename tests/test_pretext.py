@@ -1,6 +1,6 @@
-"""The learnability benchmark's pieces (issue 19): the mosaics, group matching, the
-patch-feature standardisation and its calibration, query shuffling, and the
-wrong-patch control of the pre-training evaluation."""
+"""The learnability benchmark's pieces: the mosaics, group matching, the patch-feature
+standardisation and its calibration, query shuffling, and the wrong-patch control of
+the pre-training evaluation."""
 
 import os
 import sys
@@ -364,6 +364,10 @@ def test_pretraining_makes_the_answer_depend_on_the_patches(tmp_path):
   assert abs(before['group_top'] - before['group_top_wrong_patches']) < 0.02
   # Measured: 0.368 vs 0.303 after 300 steps; exactly equal with the patches unused.
   assert after['group_top'] > after['group_top_wrong_patches'] + 0.03, after
+  # The run ends with its reading guide, on this run's final figures.
+  assert (
+    f'matched {after["matched"]:.3f}, group_top {after["group_top"]:.3f}' in (summary['reading'][2])
+  )
 
 
 def test_value_pos_puts_positions_into_the_cross_attention_values_only():

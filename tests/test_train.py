@@ -248,7 +248,7 @@ def _losses(workdir):
 def _env():
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
   env.pop('XLA_FLAGS', None)
-  # Every compilation goes to the session's cache (conftest): the interrupted runs and
+  # Every compilation goes to the pytest run's cache (conftest): the interrupted runs and
   # their reruns load the reference run's programs instead of compiling them again.
   env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   return env

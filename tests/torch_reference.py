@@ -1,6 +1,7 @@
 """PyTorch reference of DETR and the UP-DETR pre-training model (test-only).
 
-Written from the facts in docs/SPEC.md (sections 2, 3, 6) for parity tests: the
+Written from the facts in docs/method.md ('DETR, the detector', 'UP-DETR
+pre-training', 'Checkpoint layouts of the PyTorch releases') for parity tests: the
 ``state_dict()`` of the modules here has exactly the key names and shapes of the
 DETR / UP-DETR PyTorch releases, so a state dict produced here can be fed to the
 JAX importer and the outputs compared.

@@ -37,11 +37,12 @@ import numpy as np
 from updetr_jax import files, visualize
 from updetr_jax.configs import pretrain as pretrain_configs
 
-# The regime that learns the pretext where the pixels decide it (README "Is the
-# pretext learned?"): configs/pretrain.py PATCH_OPTIONS and lr 4e-4.
+# The regime that learns the pretext where the pixels decide it
+# (docs/results/pretext_learnability.md): configs/pretrain.py PATCH_OPTIONS and lr 4e-4.
 _PATCH_OPTIONS = {**{f: True for f in pretrain_configs.PATCH_OPTIONS}, 'optim.lr': 4e-4}
 
-# The options' pre-training where it passes issue 19's bar: the learnability
+# The options' pre-training where it passes the learnability bar (group_top >= 0.6,
+# own_group >= 0.8, a gap of at least 0.2 to other images' patches): the learnability
 # benchmark's lookup (400 rotated_ramp mosaics, benchmarks/pretext_learnability.py arm
 # group_norm_content_value_pos_lr4e-4_drop200: batch 8, 12,000 steps, lr x 0.1 from
 # step 10,000) with the harness's CNN; then fine-tuned on the detection data.

@@ -3,8 +3,8 @@
 The host sends each pre-training example as uint8 pixels (the detection image,
 resized and zero-padded to its bucket), its valid size, the M patch rectangles in
 those pixels and a per-example seed; everything per pixel happens here, in jitted
-JAX at the start of the train / evaluation step (issue 20; the pattern of BYOL's
-JAX input pipeline). Nothing is float32 on the host.
+JAX at the start of the train / evaluation step (the pattern of BYOL's JAX input
+pipeline; docs/design.md on device augmentation). Nothing is float32 on the host.
 
 Crop (``crop_patches``): each rectangle (x, y, w, h) of the resized image becomes
 P x P by a separable resize whose weights are dense [P, H] and [P, W] matrices
@@ -16,8 +16,8 @@ inside the rectangle (so nothing outside it, padding included, leaks in).
 Rectangles may be fractional (a patch drawn in original pixels, mapped to the
 resized image: pixels partly inside weigh by their covered fraction).
 
-Augmentation (``augment_patches``, training): the query-patch augmentation of
-SPEC §3, each patch independently, in this order:
+Augmentation (``augment_patches``, training): the release's query-patch augmentation
+(docs/method.md, 'UP-DETR pre-training'), each patch independently, in this order:
   1. ColorJitter(brightness 0.4, contrast 0.4, saturation 0.4, hue 0.1) with p=0.8.
      Factors as torchvision: brightness/contrast/saturation ~ U[1-0.4, 1+0.4], hue
      shift ~ U[-0.1, 0.1] (fraction of the HSV hue circle); contrast and saturation

@@ -22,7 +22,7 @@ Diagnostics of whether the patches are used at all (``patch_iou``):
     boxes. The gap group_top - group_top_wrong_patches is what shows that the
     decoder uses its query: zero for a model that ignores the patches.
 
-Detection (fine-tuned DETR, SPEC §2, §4, §7):
+Detection (fine-tuned DETR; docs/method.md, 'DETR, the detector'):
   postprocess(pred_logits, pred_boxes, orig_size) -> scores, labels, boxes_xyxy
   canvas_shape / pad_to_canvas / make_detect_fn / detect_images: batched inference
     whose results do not depend on the batch (see "Padding" below)
@@ -41,11 +41,11 @@ of that layer's own zero padding, and (2) the nearest-neighbour downsampled mask
 marks a C5 cell valid or not depending on the canvas when the canvas is not a
 multiple of 32. The transformer itself is invariant (padded keys get probability 0).
 So a result depends on the canvas an image is run in, and with the release's
-"pad to the largest image of the batch" on the batch it lands in (SPEC §2: AP moves
-with the per-device batch). Here an image's canvas is a function of its own size
-only (``canvas_shape``: the smallest of fixed canvases that holds it, or its size
-rounded up to a multiple of 32; or no padding at all, batch 1), so detections and
-AP do not depend on the batch size, batch order or device count.
+"pad to the largest image of the batch" on the batch it lands in (AP moves with the
+per-device batch, by up to about 10 points). Here an image's canvas is a function of
+its own size only (``canvas_shape``: the smallest of fixed canvases that holds it, or
+its size rounded up to a multiple of 32; or no padding at all, batch 1), so detections
+and AP do not depend on the batch size, batch order or device count.
 
 One file: every metric here scores the outputs of one inference path (the canvas rule
 above), and the pre-training and detection metrics share the matching and box code;
@@ -128,7 +128,7 @@ def group_best_iou(pred_boxes, targets, num_patches: int):
 
 
 def postprocess(pred_logits, pred_boxes, orig_size):
-  """DETR's post-processing (SPEC §2); jittable.
+  """DETR's post-processing (docs/method.md, 'DETR, the detector'); jittable.
 
   Args: pred_logits [B, N, C+1] (last = no object), pred_boxes [B, N, 4] cxcywh
     normalised by the unpadded image, orig_size [B, 2] (h, w) of the original image.
@@ -536,8 +536,8 @@ def oneshot_ap50(
   unseen: Sequence[int],
   iou_threshold: float = 0.5,
 ) -> dict:
-  """One-shot detection AP50 (SPEC §7): per class, the VOC07 11-point AP of the
-  detections of that class's trials against its boxes in their images.
+  """One-shot detection AP50 (docs/method.md, 'One-shot detection'): per class, the
+  VOC07 11-point AP of the detections of that class's trials against its boxes in their images.
 
   Args: detections: per trial {'label': the trial's class c, 'boxes' [k, 4] xyxy,
     'scores' [k]}; ground_truth: per trial (same order) {'boxes' [g, 4] xyxy: the

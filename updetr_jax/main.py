@@ -39,7 +39,9 @@ def main(argv):
     f.coordinator_address, f.num_processes, f.process_id, f.local_device_ids
   )
   summary = train.run(f.config, f.workdir)
-  print({k: v for k, v in summary.items() if k != 'data_stats'})
+  print({k: v for k, v in summary.items() if k not in ('data_stats', 'reading')})
+  for line in summary.get('reading', ()):  # what the run was and how to read it, last
+    print(line)
 
 
 def cli_main():

@@ -364,7 +364,7 @@ def predict_patch_files(
   scale: int = 480,
   max_size: int = 600,
 ) -> list[dict]:
-  """Query patch detection with an UP-DETR pre-training model (SPEC §3, the release's
+  """Query patch detection with an UP-DETR pre-training model (as the release's
   notebook): finds K query patches in each image; writes detections.json and one png
   per image.
 

@@ -2,8 +2,8 @@
 
 ``load_pretrained`` reads a training workdir, a PyTorch release ``.pth`` or Orbax
 variables; ``init_from_pretrained`` copies every weight but the task heads into a
-freshly initialised model (UP-DETR pre-training -> DETR fine-tuning, SPEC §4; ->
-one-shot detection, which keeps ``patch2query`` as its query encoder).
+freshly initialised model (UP-DETR pre-training -> DETR fine-tuning, docs/method.md,
+'Fine-tuning'; -> one-shot detection, which keeps ``patch2query`` as its query encoder).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Import of the PyTorch releases' weights into Flax variables.
 
-Supported layouts (SPEC §6):
+Supported layouts (docs/method.md, 'Checkpoint layouts of the PyTorch releases'):
   * DETR / UP-DETR checkpoints: ``{'model': state_dict}`` with keys
     ``backbone.0.body.*``, ``transformer.*``, ``query_embed.weight``, ...
   * torchvision-layout ResNet state dicts for the backbone alone (``conv1.weight``,

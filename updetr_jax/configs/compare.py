@@ -8,8 +8,9 @@ Variants (``:name``):
       stage-0 SimCLR CNN on the unlabeled pool, pre-training of two arms'
       transformers (UP-DETR; UP-DETR without feature reconstruction), fine-tuning of
       those and of scratch on the labelled set, 3 seeds; ``make compare-mini`` (about
-      45 min on 2 cores). ``--config.seeds=(0,1,2,3,4)`` for the README figures (the
-      3-seed runs are reused), ``--config.label_fractions=(0.1,1.0)`` for fewer labels,
+      45 min on 2 cores). ``--config.seeds=(0,1,2,3,4)`` for the figures of
+      docs/results/pretraining_vs_scratch.md (the 3-seed runs are reused),
+      ``--config.label_fractions=(0.1,1.0)`` for fewer labels,
       ``--config.arms=(...,'updetr_trainable_cnn',...)`` for the frozen-CNN ablation,
       ``'updetr_patch_options'`` (pre-training with configs/pretrain.py PATCH_OPTIONS,
       the regime that learns the pretext on the learnability benchmark, fine-tuned
@@ -17,8 +18,8 @@ Variants (``:name``):
   ``lookup``: ``mini``'s data and budgets with arms updetr (the release's pre-training),
       updetr_lookup (the pre-training on the learnability benchmark's lookup, where the
       pretext is learned), scratch and scratch_value_pos (scratch with the lookup arm's
-      decoder), 5 seeds, paired differences against both baselines (README "Does
-      pre-training help?").
+      decoder), 5 seeds, paired differences against both baselines
+      (docs/results/pretraining_vs_scratch.md).
   ``demo``: its short form (``make finetune-demo``, about 7 min): UP-DETR vs scratch,
       3 seeds, short budgets (early fine-tuning only: read its noise level).
   ``oneshot``: one-shot detection (configs/oneshot_voc.py's task) on the miniature,
@@ -112,8 +113,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Stage 2: UP-DETR pre-training (the demo model of configs/pretrain.py).
   p = pretrain.get_config('demo')
-  # The release's patch path (arm 'updetr', the README's comparison figures); the
-  # options arms (updetr_jax.compare ARMS) turn PATCH_OPTIONS on.
+  # The release's patch path (arm 'updetr', docs/results/pretraining_vs_scratch.md);
+  # the options arms (updetr_jax.compare ARMS) turn PATCH_OPTIONS on.
   pretrain.use_patch_options(p, on=False)
   p.data.update(source='folder', folder='', eval_folder='', demo_repeats=1, **_PRETRAIN_DATA)
   p.examples_per_epoch = 2000
@@ -169,8 +170,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     o.checkpoint_every_steps = 500
     config.finetune = o
   if variant == 'lookup':
-    # Issue 19 point 5: a pre-training that learned its pretext (the lookup) against
-    # the release's pre-training and scratch, each with its decoder, 5 seeds.
+    # Does a pre-training that learned its pretext (the lookup) help fine-tuning?
+    # Against the release's pre-training and scratch, each with its decoder, 5 seeds.
     config.arms = ('updetr', 'updetr_lookup', 'scratch', 'scratch_value_pos')
     config.seeds = (0, 1, 2, 3, 4)
     config.pairs = (('updetr_lookup', 'scratch_value_pos'), ('updetr_lookup', 'updetr'))

@@ -23,7 +23,8 @@ FROZEN_STEM_AND_STAGE1 = (r'^body/(conv1|bn1|layer1_\d+)/',)
 
 
 def finetune_optim(lr_drop_epochs) -> ml_collections.ConfigDict:
-  """AdamW as in the releases: lr 1e-4, backbone 5e-5 (SPEC §4), wd 1e-4, clip 0.1."""
+  """AdamW as in the releases: lr 1e-4, backbone 5e-5 (the 5e-4 in the release's README is
+  a typo), wd 1e-4, clip 0.1."""
   return ml_collections.ConfigDict(
     dict(
       lr=1e-4,

@@ -1,4 +1,6 @@
-r"""One-shot detection on PASCAL VOC (CoAE protocol, SPEC §7), from an UP-DETR pre-training.
+r"""One-shot detection on PASCAL VOC (CoAE protocol), from an UP-DETR pre-training.
+
+The method: docs/method.md, 'One-shot detection'.
 
   python -m updetr_jax.main --config=configs/oneshot_voc.py --workdir=/tmp/oneshot_voc \
       --config.init.pretrained=/tmp/updetr_pretrain   # workdir or the release's .pth

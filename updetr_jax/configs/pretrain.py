@@ -27,8 +27,8 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
         num_patches=10,
         feature_recon=True,
         patch_query_drop=0.1,
-        # Not in the release's default command (off): see models/updetr.py and the
-        # README's "Is the pretext learned?".
+        # Not in the release's default command (off): see models/updetr.py and
+        # docs/results/pretext_learnability.md.
         patch_feature_norm=False,
         query_shuffle=False,
         patch_content=False,
@@ -40,11 +40,27 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
 
 VARIANTS = ('imagenet', 'single_query', 'demo', 'mosaics')
 
+# What `make demo` gives at its last step (docs/results/demo.md, where the command is).
+DEMO_REFERENCE = dict(
+  source='docs/results/demo.md',
+  seeds='0-2',
+  machine="this project's 2-core x86-64 CPU machine",
+  note='At this scale (a random frozen CNN, 2,000 steps) the model learns where patches '
+  'tend to be, a box prior, and its answer depends only a little on the patch.',
+  figures=(
+    ('matched', 0.418, 0.018),
+    ('group_top', 0.243, 0.030),
+    ('group_top_wrong_patches', 0.229, 0.034),
+    ('own_group', 0.37, 0.02),
+  ),
+)
 
-# Issue 19's options that let the query patch reach and steer its queries (all off in
-# the release configs; README "Is the pretext learned?"): standardised patch features,
-# the patch as the decoder's content, positions in the cross-attention values and
-# matching within a patch's group (flattened config fields).
+
+# The options that let the query patch reach and steer its queries (all off in the
+# release configs; docs/method.md, 'Options beyond the release', and
+# docs/results/pretext_learnability.md): standardised patch features, the patch as the
+# decoder's content, positions in the cross-attention values and matching within a
+# patch's group (flattened config fields).
 PATCH_OPTIONS = (
   'model.patch_feature_norm',
   'model.patch_content',
@@ -118,6 +134,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # num_batches batches every every_steps (0: at the end only);
   # best_metric: keep workdir/best ('' = no) by e.g. 'patch_iou_matched'.
   config.eval = ml_collections.ConfigDict(dict(num_batches=0, every_steps=0, best_metric=''))
+  # Figures a run of this config is read against, printed beside its own at the end
+  # (None: none): source, seeds, machine, note and figures ((name, mean, std), ...).
+  config.eval.reference = None
 
   if variant == 'single_query':
     config.model.num_patches = 1
@@ -138,6 +157,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 1000
     config.log_every_steps = 250
     config.eval.update(num_batches=8, every_steps=1000)
+    config.eval.reference = ml_collections.ConfigDict(DEMO_REFERENCE)
   elif variant == 'mosaics':
     # The learnability benchmark (benchmarks/pretext_learnability.py): the demo's
     # model and sizes on random mosaics whose pixels say where each patch is

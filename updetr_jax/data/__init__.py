@@ -1,4 +1,6 @@
-"""Input pipeline of UP-DETR pre-training (random query patch detection, SPEC §3).
+"""Input pipeline of UP-DETR pre-training (random query patch detection).
+
+The method: docs/method.md, 'UP-DETR pre-training'.
 
 Public API:
   make_pretrain_dataset(data_config, *, global_batch_size, num_patches, train=True,

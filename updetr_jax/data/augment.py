@@ -1,10 +1,10 @@
 """Resize rule, resize and ImageNet normalisation of the host pipelines (TensorFlow).
 
-The query-patch augmentation (SPEC §3: ColorJitter 0.4/0.4/0.4/0.1 with p=0.8,
-grayscale p=0.2, Gaussian blur p=0.5 with sigma in [0.1, 2]) runs on the
-accelerator, in the jitted step: ``updetr_jax/device_augment.py`` (its docstring
-gives the semantics). The host only decodes, resizes and pads. Images are float32
-in [0, 255] or [0, 1] as said.
+The query-patch augmentation (docs/method.md, 'UP-DETR pre-training': ColorJitter
+0.4/0.4/0.4/0.1 with p=0.8, grayscale p=0.2, Gaussian blur p=0.5 with sigma in
+[0.1, 2]) runs on the accelerator, in the jitted step: ``updetr_jax/device_augment.py``
+(its docstring gives the semantics). The host only decodes, resizes and pads. Images are
+float32 in [0, 255] or [0, 1] as said.
 """
 
 from __future__ import annotations

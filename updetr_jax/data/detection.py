@@ -1,4 +1,6 @@
-"""Input pipeline of DETR / UP-DETR fine-tuning on labelled detection data (SPEC §2, §4).
+"""Input pipeline of DETR / UP-DETR fine-tuning on labelled detection data.
+
+The method: docs/method.md, 'DETR, the detector' and 'Fine-tuning'.
 
 Public API:
   make_detection_dataset(data_config, *, global_batch_size, train=True, seed=0,

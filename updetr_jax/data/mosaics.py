@@ -15,7 +15,7 @@ A second style, ``'ramp'``, is the positive control: the colour codes the absolu
 position (red = x / W, green = y / H, blue a random wave of the image), so a patch's
 colours alone give its box, with no need to find it in the image. A model that
 learns 'ramp' but not 'cells' can read a patch's box from the patch but cannot yet
-match a patch against the image (the README's "Is the pretext learned?").
+match a patch against the image (docs/results/pretext_learnability.md).
 
 The third, ``'rotated_ramp'``, needs the image: the ramp's frame is drawn per image (a
 random rotation, reflection and shift of the red/green axes), so a colour codes a

@@ -1,5 +1,5 @@
-"""Input pipeline of one-shot detection: the CoAE protocol (SPEC §4, §7) on any
-detection source (TFDS VOC, COCO json, TFDS COCO).
+"""Input pipeline of one-shot detection: the CoAE protocol (docs/method.md, 'One-shot
+detection') on any detection source (TFDS VOC, COCO json, TFDS COCO).
 
 Public API:
   make_oneshot_dataset(data_config, *, global_batch_size, train=True, seed=0,
@@ -60,7 +60,7 @@ import tensorflow as tf
 
 from updetr_jax.data import batching, config, detection, patches, planning
 
-# CoAE's VOC split (SPEC §7).
+# CoAE's VOC split.
 VOC_UNSEEN_CLASSES = ('cow', 'sheep', 'cat', 'aeroplane')
 
 _QUERY_FIELDS = (

@@ -1,6 +1,7 @@
 """Random query patches: sampling in original pixels, boxes, crops.
 
-Sampling (UP-DETR, SPEC §3), per patch and independently, in ORIGINAL pixels of an
+Sampling (UP-DETR; docs/method.md, 'UP-DETR pre-training'), per patch and
+independently, in ORIGINAL pixels of an
 image of size (H, W) (both >= 17, smaller images are skipped upstream):
   w ~ U{8, ..., W - 8}, h ~ U{8, ..., H - 8}          (both ends inclusive)
   x ~ U{0, ..., W - w - 1}, y ~ U{0, ..., H - h - 1}  (both ends inclusive)

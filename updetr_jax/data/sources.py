@@ -53,7 +53,7 @@ OK, CORRUPT, TRUNCATED, TOO_SMALL, GRAYSCALE, CMYK, ALPHA = range(7)
 STATUS_NAMES = ('ok', 'corrupt', 'truncated', 'too_small', 'grayscale', 'cmyk', 'alpha')
 SKIP_STATUSES = (CORRUPT, TRUNCATED, TOO_SMALL)
 DECODER_TF, DECODER_PIL, DECODER_TF_JPEG = 0, 1, 2
-MIN_SIDE = 16  # images with a side <= 16 px are skipped (SPEC §3)
+MIN_SIDE = 16  # images with a side <= 16 px are skipped, as in the release
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 _GRAY_MODES = ('1', 'L', 'LA', 'La', 'I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F')
 _ALPHA_MODES = ('RGBA', 'RGBa', 'PA')

@@ -3,7 +3,7 @@
 Positions enter queries and keys only, never values (as released); the option
 ``value_pos`` (not in the release) also adds them to the values of the decoder's
 cross-attention, so a query's output says *where* it attended, not only what it saw
-there (see the README's "Is the pretext learned?"). Parameter names follow the
+there (measured in docs/results/pretext_learnability.md). Parameter names follow the
 release (``self_attn``, ``multihead_attn``, ``linear1``, ``norm1``, ...); the packed
 PyTorch ``in_proj_weight`` is split into ``q_proj``/``k_proj``/``v_proj``.
 

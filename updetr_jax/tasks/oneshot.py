@@ -1,4 +1,5 @@
-"""One-shot detection task (SPEC §4, §7): find the instances of a query crop's class.
+"""One-shot detection task (docs/method.md, 'One-shot detection'): find the instances of
+a query crop's class.
 
 The model is UP-DETR with one query patch (``model.num_patches=1``): the query crop
 goes through the CNN, global average pooling and ``patch2query`` and is added to all

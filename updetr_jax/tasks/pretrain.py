@@ -1,12 +1,15 @@
-"""Pre-training task: random query patch detection (SPEC §3), evaluated by the IoU
-of each query patch's prediction on evaluation images (``evaluate.patch_iou``)."""
+"""Pre-training task: random query patch detection (docs/method.md, 'UP-DETR
+pre-training'), evaluated by the IoU of each query patch's prediction on evaluation
+images (``evaluate.patch_iou``)."""
 
 from __future__ import annotations
 
 import functools
 import itertools
-from absl import logging
 import os
+import re
+
+from absl import logging
 
 import flax
 import jax
@@ -32,6 +35,54 @@ def _data(config) -> dict:
 
 def _fmt(ious: dict) -> str:
   return ', '.join(f'{k} {v:.4f}' for k, v in ious.items())
+
+
+def _trained_on(config) -> str:
+  """One sentence: the model, its CNN, the data and the budget of a pre-training."""
+  d, m, init = _data(config), config.model, config.init
+  data = {
+    'demo': f"{len(d['demo_images'])} of scikit-image's photographs",
+    'mosaics': f"{d['mosaic_count']} synthetic '{d['mosaic_style']}' mosaics",
+    'folder': f'the images of {d["folder"]}',
+    'tfds': f'TFDS {d["tfds_name"]}:{d["tfds_split"]}',
+  }.get(d['source'], d['source'])
+  weights = init.get('backbone_checkpoint') or init.get('pretrained') or init.get('checkpoint')
+  cnn = f'from {weights}' if weights else 'random'
+  if any(re.match(p, 'body/') for p in config.optim.frozen):
+    cnn += ', frozen'
+  return (
+    f'UP-DETR pre-training: {m.backbone} CNN ({cnn}), {m.hidden_dim}-d transformer, '
+    f'{m.num_queries} queries, {m.num_patches} query patches per image; trained '
+    f'{config.num_train_steps if config.num_train_steps > 0 else config.num_epochs} '
+    f'{"steps" if config.num_train_steps > 0 else "epochs"} of {config.batch_size} images '
+    f'on {data}'
+  )
+
+
+def reading_guide(config, iou: dict, step: int, eval_images: str) -> list[str]:
+  """The lines that end a pre-training: what was trained, how to read the patch IoUs,
+  and the config's reference figures (``eval.reference``) beside this run's."""
+  gap = iou['group_top'] - iou['group_top_wrong_patches']
+  m = config.model.num_patches
+  lines = [
+    _trained_on(config) + f'; evaluated on query patches of {eval_images}.',
+    'How to read it: matched = IoU of the prediction the matcher assigns to each patch; '
+    "group_top = IoU of the model's answer (its group's top-scoring query); the gap "
+    "to other images' patches is how much that answer depends on the patch (0: not at all).",
+    f'This run, step {step}: matched {iou["matched"]:.3f}, group_top {iou["group_top"]:.3f}, '
+    f"with other images' patches {iou['group_top_wrong_patches']:.3f} (gap {gap:.3f}), "
+    f'own_group {iou["own_group"]:.2f} (chance {1 / m:.2f}).',
+  ]
+  ref = config.eval.get('reference')
+  if ref:
+    figures = ', '.join(f'{k} {mean:.3f} ± {std:.3f}' for k, mean, std in ref.figures)
+    lines += [
+      f'Expected ({ref.source}, mean ± std over seeds {ref.seeds}, {ref.machine}): {figures}.',
+      ref.note,
+      'Figures vary with the CPU (XLA orders float sums differently): read this run '
+      'against the mean ± std, not against one seed elsewhere.',
+    ]
+  return lines
 
 
 def make_eval_step(model, num_patches: int, out_shardings=None, prepare=None):
@@ -276,6 +327,8 @@ class PatchTask:
       wrong,
       own - wrong,
     )
+    after = {k[len('patch_iou_') :]: v for k, v in metrics.items()}
+    out['reading'] = reading_guide(self.config, after, step, self.eval_images)
     if jax.process_index() == 0:
       batch, out_, iou = self._first
       # This host's first batch, prepared on one local device for the figure.
