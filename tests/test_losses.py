@@ -290,3 +290,30 @@ def test_invalid_arguments():
     set_criterion(outputs, targets, num_classes=5)
   with pytest.raises(ValueError, match='gt_feature'):
     set_criterion(_outputs(params, data, False), targets, num_classes=2, feature_recon=True)
+
+
+def test_configured_matching_costs_reach_the_training_loss():
+  """matcher.cost_* decide the matching, and so the loss: two queries, one target, where
+  the box term prefers query 0 and the class term query 1."""
+  from updetr_jax import train_step  # noqa: PLC0415
+  from updetr_jax.configs import finetune_coco  # noqa: PLC0415
+
+  outputs = {
+    'pred_logits': np.array([[[0.0, -4.0, 0.0], [4.0, -4.0, 0.0]]], np.float32),
+    'pred_boxes': np.array([[[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.2, 0.2]]], np.float32),
+  }
+  targets = {
+    'labels': np.array([[0]], np.int32),
+    'boxes': np.array([[[0.5, 0.5, 0.2, 0.2]]], np.float32),
+    'mask': np.array([[True]]),
+  }
+  config = finetune_coco.get_config()
+  config.model.num_classes = 2
+  config.loss_replicas = 1
+  loss = {}
+  for name, costs in {'box': (0.0, 5.0, 2.0), 'class': (100.0, 0.0, 0.0)}.items():
+    config.matcher.update(dict(zip(('cost_class', 'cost_bbox', 'cost_giou'), costs)))
+    _, terms = train_step.criterion(config)(outputs, targets)
+    loss[name] = float(terms['loss_bbox'])
+  assert loss['box'] < 1e-6  # query 0 sits on the target
+  assert loss['class'] > 0.1  # query 1, the confident one, was matched instead

@@ -61,6 +61,9 @@ def criterion(config):
     weight_feature=config.loss.get('weight_feature', 0.0),
     feature_recon=bool(config.model.get('feature_recon', False)),
     solver=config.matcher.solver,
+    cost_class=config.matcher.cost_class,
+    cost_bbox=config.matcher.cost_bbox,
+    cost_giou=config.matcher.cost_giou,
     num_replicas=config.loss_replicas,
     match_groups=(
       config.model.get('num_patches', 0) if config.matcher.get('group_matching', False) else 0
