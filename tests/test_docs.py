@@ -229,13 +229,14 @@ def check_command(argv: list[str], env: dict) -> list[str]:
       except ValueError as e:
         problems.append(f'would be refused at start-up: {e}')
 
-  if module is not None or prog.startswith('benchmarks/'):
+  if module is not None or re.match(r'benchmarks/.*\.(py|sh)$', prog):
     known = set(ABSL_FLAGS) | defined_flags(os.path.join(ROOT, 'updetr_jax'))
     if prog.startswith('benchmarks/'):
       script = os.path.join(ROOT, prog)
       if not os.path.isfile(script):
         return [f'{prog} does not exist']
-      known |= defined_flags(script)
+      # A shell wrapper hands its arguments to the Python script of the same name.
+      known |= defined_flags(os.path.splitext(script)[0] + '.py')
     elif not os.path.isfile(os.path.join(ROOT, 'updetr_jax', *module.split('.')) + '.py'):
       return [f'module updetr_jax.{module} does not exist']
     for w in args:
