@@ -1,7 +1,9 @@
 r"""UP-DETR pre-training (random query patch detection) on unlabeled images.
 
-  python -m updetr_jax.main --config=configs/pretrain.py --workdir=/tmp/updetr_pretrain
-  python -m updetr_jax.main --config=configs/pretrain.py:single_query --workdir=...
+  python -m updetr_jax.main --config=configs/pretrain.py --workdir=/tmp/updetr_pretrain \
+      --config.init.backbone_checkpoint=swav_800ep_pretrain.pth.tar
+  python -m updetr_jax.main --config=configs/pretrain.py:single_query --workdir=... \
+      --config.init.backbone_checkpoint=swav_800ep_pretrain.pth.tar
   python -m updetr_jax.main --config=configs/pretrain.py:demo --workdir=workdir/demo
 
 Variants (``:name``): default ``imagenet`` = the release's ImageNet run (ResNet-50

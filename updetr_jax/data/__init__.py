@@ -28,7 +28,7 @@ Data config fields (ConfigDict or dict; missing fields take the release value):
                   mosaic_cells).
   tfds_name       TFDS dataset ('imagenet2012'); labels are ignored.
   tfds_split      split ('train').
-  tfds_data_dir   TFDS data dir (None: $TFDS_DATA_DIR or TFDS' default).
+  tfds_data_dir   TFDS data dir ('': $TFDS_DATA_DIR or TFDS' default).
   tfds_image_key  image feature name ('image').
   folder          root of a tree of .jpg/.jpeg/.png/.bmp/.gif files (any case).
   demo_images     scikit-image photo names for source='demo'.

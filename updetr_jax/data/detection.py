@@ -93,7 +93,7 @@ DETECTION_DEFAULTS: dict[str, Any] = dict(
   tfds_coco_eval=('coco/2017:validation',),
   tfds_voc_train=('voc/2007:train+validation', 'voc/2012:train+validation'),
   tfds_voc_eval=('voc/2007:test',),
-  tfds_data_dir=None,
+  tfds_data_dir='',  # '': $TFDS_DATA_DIR or TFDS' default
   voc_keep_difficult=False,
   scales=tuple(range(480, 801, 32)),
   max_size=1333,
@@ -405,7 +405,7 @@ def _tfds_source(specs, cfg):
         sources.TFDSSource(
           name,
           split,
-          data_dir=cfg['tfds_data_dir'],
+          data_dir=cfg['tfds_data_dir'] or None,
           index_cache_dir=cfg['index_cache_dir'],
           index_threads=cfg['index_threads'],
         )

@@ -571,7 +571,7 @@ def make_source(cfg) -> Source:
     src = TFDSSource(
       cfg['tfds_name'],
       cfg['tfds_split'],
-      data_dir=cfg['tfds_data_dir'],
+      data_dir=cfg['tfds_data_dir'] or None,
       image_key=cfg['tfds_image_key'],
       index_cache_dir=cfg['index_cache_dir'],
       index_threads=cfg['index_threads'],
