@@ -26,7 +26,7 @@ demo: install
 # table.md and each run's patch_detection.png in workdir/pretext_demo.
 pretext-demo: install
 	$(PY) benchmarks/pretext_learnability.py --workdir=workdir/pretext_demo --style=rotated_ramp \
-	    --arms=group_norm_content_value_pos_one_query_lr4e-4 --seeds=0 --steps=8000 --every=1000
+	    --arms=patchnorm_groupmatch_content_value_pos_one_query_lr4e-4 --seeds=0 --steps=8000 --every=1000
 
 # UP-DETR pre-training vs scratch on the built-in miniature benchmark (configs/compare.py):
 # stage-0 CNN, pre-training, fine-tuning over seeds and label fractions; results.json,

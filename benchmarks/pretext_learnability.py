@@ -8,7 +8,7 @@ it, ``group_top_wrong_patches`` (the model's answer when every image is given an
 image's patches). A decoder that uses its query has group_top well above it.
 
   python benchmarks/pretext_learnability.py --workdir=workdir/learnability \
-      --arms=release,group_norm --seeds=0,1,2 [--steps=1500] [--num_patches=4] \
+      --arms=release,patchnorm_groupmatch --seeds=0,1,2 [--steps=1500] [--num_patches=4] \
       [--style=cells|ramp|rotated_ramp]
 
 ``--style=ramp`` is the positive control (``data/mosaics.py``): the colours code the
@@ -16,12 +16,13 @@ position, so a patch alone gives its box and no matching against the image is ne
 ``--style=rotated_ramp``: the same ramp in a frame drawn per image, so a patch's box is
 found only by looking its colours up in its own image.
 
-Arms (config overrides, ``ARMS``; ``{num_patches}`` is replaced by --num_patches):
-``release`` (the release's behaviour), and the options beyond the release
-(docs/method.md, 'Options beyond the release') alone and combined.
-Writes ``results.json`` (per run: the curves; per arm: mean +- std over seeds of the
-final metrics, ddof=1, and the paired group_top - group_top_wrong_patches),
-``curves.png`` and a Markdown table (``table.md``), and prints the JSON summary.
+Arms: ``PRETEXT_ARMS`` of ``configs/pretrain.py`` (config overrides), ``release`` (the
+release's behaviour) and the options beyond the release (docs/method.md, 'Options
+beyond the release') alone and combined. Writes ``results.json`` (per run: the curves;
+per arm and evaluation step: mean +- std over seeds, ddof=1, of each metric and of the
+paired group_top - group_top_wrong_patches, ``gap``; ``updetr_jax.stats``),
+``curves.png`` (mean +- std bands) and a Markdown table of the final step
+(``table.md``), and prints the JSON summary.
 """
 
 from __future__ import annotations
@@ -33,61 +34,12 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-
+from updetr_jax import stats
+from updetr_jax.configs import pretrain
 from updetr_jax.data import mosaics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# arm -> config overrides (main.py flags, without --config.)
-# The two options that let the patch through (docs/results/pretext_learnability.md).
-_GROUP_NORM = ['model.patch_feature_norm=True', 'matcher.group_matching=True']
-_CONTENT_VALUE_POS = ['model.patch_content=True', 'model.value_pos=True']
-ARMS = {
-  'release': [],
-  'patch_norm': ['model.patch_feature_norm=True'],
-  'group_matching': ['matcher.group_matching=True'],
-  'query_shuffle': ['model.query_shuffle=True'],
-  'group_norm': _GROUP_NORM,
-  'group_norm_lr1e-3': _GROUP_NORM + ['optim.lr=1e-3'],
-  'group_norm_value_pos': _GROUP_NORM + ['model.value_pos=True'],
-  'group_norm_content': _GROUP_NORM + ['model.patch_content=True'],
-  'group_norm_content_value_pos': _GROUP_NORM + _CONTENT_VALUE_POS,
-  'group_norm_content_value_pos_lr4e-4': _GROUP_NORM + _CONTENT_VALUE_POS + ['optim.lr=4e-4'],
-  'group_norm_content_value_pos_lr4e-4_drop200': _GROUP_NORM
-  + _CONTENT_VALUE_POS
-  + ['optim.lr=4e-4', 'optim.lr_drop_epochs=(200,)'],
-  # One query per patch (model.num_queries = M, formatted in run_one): each group's
-  # answer is its only query, so group_top = group_best and no ranking within a group
-  # is learned. num_queries is an architecture field: such a pre-training initialises
-  # only detectors with as many queries.
-  'group_norm_content_value_pos_one_query': _GROUP_NORM
-  + _CONTENT_VALUE_POS
-  + ['model.num_queries={num_patches}'],
-  # ... with a higher learning rate (the demo's 2e-4 learns the lookup slowly).
-  'group_norm_content_value_pos_one_query_lr4e-4': _GROUP_NORM
-  + _CONTENT_VALUE_POS
-  + ['model.num_queries={num_patches}', 'optim.lr=4e-4'],
-  'group_norm_content_value_pos_one_query_lr1e-3': _GROUP_NORM
-  + _CONTENT_VALUE_POS
-  + ['model.num_queries={num_patches}', 'optim.lr=1e-3'],
-  # ... and the learning rate x 0.1 from epoch 200 (step 10,000 of the 400-image,
-  # batch-8 mosaics), as the release drops it for its last third.
-  'group_norm_content_value_pos_one_query_lr4e-4_drop200': _GROUP_NORM
-  + _CONTENT_VALUE_POS
-  + ['model.num_queries={num_patches}', 'optim.lr=4e-4', 'optim.lr_drop_epochs=(200,)'],
-  'group_norm_content_value_pos_one_query_lr1e-3_drop200': _GROUP_NORM
-  + _CONTENT_VALUE_POS
-  + ['model.num_queries={num_patches}', 'optim.lr=1e-3', 'optim.lr_drop_epochs=(200,)'],
-  # The frozen random CNN's BatchNorm statistics re-estimated on the training images.
-  'group_norm_calibrated_cnn': _GROUP_NORM + ['init.calibrate_backbone_bn=True'],
-  'group_norm_calibrated_cnn_value_pos': _GROUP_NORM
-  + ['init.calibrate_backbone_bn=True', 'model.value_pos=True'],
-  # Diagnostic, not the method (the CNN is frozen in UP-DETR): are the frozen
-  # random CNN's features what holds the decoder back?
-  'group_norm_trainable_cnn': _GROUP_NORM
-  + ['optim.lr_backbone=2e-4', "optim.frozen=('^position/',)"],
-}
 METRICS = (
   'group_top',
   'group_top_wrong_patches',
@@ -96,6 +48,35 @@ METRICS = (
   'own_group',
   'matched',
 )
+# The Markdown table's columns (gap: group_top - group_top_wrong_patches, per seed).
+COLUMNS = ('group_top', 'group_top_wrong_patches', 'gap', 'own_group', 'group_best', 'matched')
+
+
+def arm_flags(arm: str, num_patches: int) -> list[str]:
+  """The arm's config overrides as ``main.py`` flags (without ``--config.``)."""
+  return [
+    f'{k}={v if isinstance(v, str) else repr(v)}'
+    for k, v in pretrain.pretext_arm(arm, num_patches).items()
+  ]
+
+
+def command(
+  out: str, arm: str, seed: int, steps: int, num_patches: int, every: int, style: str
+) -> list[str]:
+  """The pre-training of one (arm, seed) into ``out``."""
+  return [
+    sys.executable,
+    '-m',
+    'updetr_jax.main',
+    '--config=configs/pretrain.py:mosaics',
+    f'--workdir={out}',
+    f'--config.seed={seed}',
+    f'--config.num_train_steps={steps}',
+    f'--config.eval.every_steps={every}',
+    f'--config.model.num_patches={num_patches}',
+    f'--config.checkpoint_every_steps={steps}',
+    f'--config.data.mosaic_style={style}',
+  ] + [f'--config.{f}' for f in arm_flags(arm, num_patches)]
 
 
 def run_one(
@@ -104,19 +85,7 @@ def run_one(
   out = os.path.join(workdir, f'{arm}_seed{seed}')
   curves_path = os.path.join(out, 'eval.jsonl')
   if not os.path.exists(os.path.join(out, 'summary.json')):
-    cmd = [
-      sys.executable,
-      '-m',
-      'updetr_jax.main',
-      '--config=configs/pretrain.py:mosaics',
-      f'--workdir={out}',
-      f'--config.seed={seed}',
-      f'--config.num_train_steps={steps}',
-      f'--config.eval.every_steps={every}',
-      f'--config.model.num_patches={num_patches}',
-      f'--config.checkpoint_every_steps={steps}',
-      f'--config.data.mosaic_style={style}',
-    ] + [f'--config.{o.format(num_patches=num_patches)}' for o in ARMS[arm]]
+    cmd = command(out, arm, seed, steps, num_patches, every, style)
     t0 = time.time()
     with open(os.path.join(workdir, f'{arm}_seed{seed}.log'), 'w') as log:
       subprocess.run(cmd, cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
@@ -129,68 +98,57 @@ def run_one(
   return {'steps': steps_seen, 'curves': curves}
 
 
-def mean_std(values) -> list[float]:
-  v = np.asarray(values, np.float64)
-  return [float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0]
+def over_seeds(runs: dict, seeds: list[int]) -> dict:
+  """runs {arm: {seed: run}} -> ``stats.over_seeds`` of the metrics and the gap."""
+  curves = {
+    arm: {
+      seed: {
+        t: {
+          **{m: run['curves'][m][i] for m in METRICS},
+          'gap': run['curves']['group_top'][i] - run['curves']['group_top_wrong_patches'][i],
+        }
+        for i, t in enumerate(run['steps'])
+      }
+      for seed, run in by_seed.items()
+    }
+    for arm, by_seed in runs.items()
+  }
+  return stats.over_seeds(curves, list(runs), seeds, (*METRICS, 'gap'))
 
 
-def summarize(runs: dict) -> dict:
-  """runs {arm: {seed: run}} -> {arm: {metric: [mean, std], 'gap': [mean, std]}}."""
-  out = {}
-  for arm, by_seed in runs.items():
-    final = {m: [r['curves'][m][-1] for r in by_seed.values()] for m in METRICS}
-    s = {m: mean_std(v) for m, v in final.items()}
-    s['gap'] = mean_std(np.subtract(final['group_top'], final['group_top_wrong_patches']))
-    s['seeds'] = len(by_seed)
-    out[arm] = s
-  return out
+def final(curve_stats: dict) -> dict:
+  """{arm: {metric: mean_std at the last step}}."""
+  return {
+    arm: {m: cells[-1] for m, cells in per_metric.items()}
+    for arm, per_metric in curve_stats['arms'].items()
+  }
 
 
 def table(summary: dict, steps: int) -> str:
-  cols = ('group_top', 'group_top_wrong_patches', 'gap', 'own_group', 'group_best', 'matched')
-  lines = [
-    f'| arm ({steps} steps) | ' + ' | '.join(cols) + ' |',
-    '|---' * (len(cols) + 1) + '|',
-  ]
-  for arm, s in summary.items():
-    cells = ' | '.join(f'{s[c][0]:.3f} ± {s[c][1]:.3f}' for c in cols)
-    lines.append(f'| {arm} | {cells} |')
-  return '\n'.join(lines)
+  rows = [(arm, [s[c] for c in COLUMNS]) for arm, s in summary.items()]
+  return stats.table([f'arm ({steps} steps)', *COLUMNS], rows)
 
 
-def plot(runs: dict, path: str, title: str) -> None:
-  import matplotlib  # noqa: PLC0415
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-  for i, (arm, by_seed) in enumerate(runs.items()):
-    colour = f'C{i}'
-    for j, run in enumerate(by_seed.values()):
-      lab = arm if j == 0 else None
-      axes[0].plot(run['steps'], run['curves']['group_top'], colour, label=lab)
-      axes[0].plot(run['steps'], run['curves']['group_top_wrong_patches'], colour, ls=':')
-      axes[1].plot(run['steps'], run['curves']['own_group'], colour, label=lab)
-      axes[2].plot(run['steps'], run['curves']['group_best'], colour, label=lab)
-      axes[2].plot(run['steps'], run['curves']['group_best_wrong_patches'], colour, ls=':')
-  axes[0].set_title("group_top IoU (dotted: other images' patches)")
-  axes[1].set_title('own_group')
-  axes[2].set_title("group_best IoU (dotted: other images' patches)")
-  for ax in axes:
-    ax.set_xlabel('pre-training step')
-    ax.grid(alpha=0.3)
-  axes[1].legend(fontsize=8)
-  fig.suptitle(f'{title}: one line per seed (benchmarks/pretext_learnability.py)')
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
+def plot(curve_stats: dict, path: str, title: str) -> None:
+  other = "(dotted: other images' patches)"
+  panels = {
+    f'group_top IoU {other}': (curve_stats, 'group_top', 'group_top_wrong_patches'),
+    'own_group': (curve_stats, 'own_group', None),
+    f'group_best IoU {other}': (curve_stats, 'group_best', 'group_best_wrong_patches'),
+  }
+  stats.plot(
+    path,
+    panels,
+    'pre-training step',
+    'IoU, mean +- std over seeds',
+    f'{title} (benchmarks/pretext_learnability.py)',
+  )
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--workdir', default='workdir/learnability')
-  p.add_argument('--arms', default='release,group_norm')
+  p.add_argument('--arms', default='release,patchnorm_groupmatch')
   p.add_argument('--seeds', default='0,1,2')
   p.add_argument('--steps', type=int, default=1500)
   p.add_argument('--every', type=int, default=250)
@@ -201,33 +159,37 @@ def main(argv=None):
   p.add_argument('--style', choices=mosaics.STYLES, default='cells')
   a = p.parse_args(argv)
   arms = a.arms.split(',')
-  unknown = sorted(set(arms) - set(ARMS))
+  unknown = sorted(set(arms) - set(pretrain.PRETEXT_ARMS))
   if unknown:
-    p.error(f'unknown arms {unknown}; known: {sorted(ARMS)}')
+    p.error(f'unknown arms {unknown}; known: {sorted(pretrain.PRETEXT_ARMS)}')
   os.makedirs(a.workdir, exist_ok=True)
   seeds = [int(s) for s in a.seeds.split(',')]
   runs = {
     arm: {s: run_one(a.workdir, arm, s, a.steps, a.num_patches, a.every, a.style) for s in seeds}
     for arm in arms
   }
-  summary = summarize(runs)
+  curve_stats = over_seeds(runs, seeds)
+  summary = final(curve_stats)
   result = {
     'config': 'configs/pretrain.py:mosaics',
     'steps': a.steps,
     'num_patches': a.num_patches,
     'mosaic_style': a.style,
     'seeds': seeds,
-    'arms': {arm: ARMS[arm] for arm in arms},
+    'arms': {arm: arm_flags(arm, a.num_patches) for arm in arms},
     'summary': summary,
+    'stats': curve_stats,
     'runs': {arm: {str(s): r for s, r in v.items()} for arm, v in runs.items()},
   }
   with open(os.path.join(a.workdir, 'results.json'), 'w') as f:
     json.dump(result, f, indent=1)
-  md = table(summary, a.steps)
+  md = table(summary, curve_stats['steps'][-1])
   with open(os.path.join(a.workdir, 'table.md'), 'w') as f:
     f.write(md + '\n')
   plot(
-    runs, os.path.join(a.workdir, 'curves.png'), f'held-out {a.style} mosaics, M={a.num_patches}'
+    curve_stats,
+    os.path.join(a.workdir, 'curves.png'),
+    f'held-out {a.style} mosaics, M={a.num_patches}',
   )
   print(json.dumps({'summary': summary, 'table': md}, indent=1))
 

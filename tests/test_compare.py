@@ -1,5 +1,6 @@
 """The pre-training vs scratch harness, end to end on tiny budgets."""
 
+import ast
 import json
 import os
 
@@ -13,6 +14,7 @@ from conftest import importorskip  # fails instead of skipping under CI=true
 importorskip('tensorflow')
 
 from updetr_jax.configs import compare as compare_config  # noqa: E402
+from updetr_jax.configs import pretrain as pretrain_config  # noqa: E402
 from updetr_jax import checkpoints, compare, train, train_step  # noqa: E402
 from updetr_jax.data import miniature  # noqa: E402
 from updetr_jax.models import build_model  # noqa: E402
@@ -235,3 +237,31 @@ def test_lookup_variant_pairs_name_its_arms():
   config.pairs = (('updetr_lookup', 'nope'),)
   with pytest.raises(ValueError, match='config.pairs'):
     compare.check_config(config)
+
+
+def test_lookup_arm_pretrains_as_the_learnability_benchmark_arm():
+  """updetr_lookup's pre-training is the benchmark's lookup run (its arm of
+  configs/pretrain.py PRETEXT_ARMS, on rotated_ramp mosaics for 12,000 steps): every
+  field the benchmark's command sets and every override of the comparison's arm are
+  equal in both, but the evaluation and checkpoint cadence."""
+  from benchmarks import pretext_learnability
+
+  command = pretext_learnability.command(
+    'out', compare.LOOKUP_ARM, 0, 12000, 4, 1000, 'rotated_ramp'
+  )
+  flags = dict(a.removeprefix('--config.').split('=', 1) for a in command if '--config.' in a)
+
+  def value(text):
+    try:
+      return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      return text  # a string field
+
+  benchmark = pretrain_config.get_config('mosaics')
+  benchmark.update_from_flattened_dict({k: value(v) for k, v in flags.items()})
+  lookup = compare.pretrain_config(compare_config.get_config('lookup'), 'updetr_lookup', '')
+  cadence = {'seed', 'eval.every_steps', 'checkpoint_every_steps'}
+  fields = (set(flags) | set(compare.ARMS['updetr_lookup'])) - cadence
+  assert set(pretrain_config.PRETEXT_ARMS[compare.LOOKUP_ARM]) <= fields
+  for field in sorted(fields):
+    assert lookup[field] == benchmark[field], field

@@ -34,27 +34,28 @@ import time
 import jax
 import numpy as np
 
-from updetr_jax import files, visualize
+from updetr_jax import files, stats
 from updetr_jax.configs import pretrain as pretrain_configs
 
 # The regime that learns the pretext where the pixels decide it
 # (docs/results/pretext_learnability.md): configs/pretrain.py PATCH_OPTIONS and lr 4e-4.
-_PATCH_OPTIONS = {**{f: True for f in pretrain_configs.PATCH_OPTIONS}, 'optim.lr': 4e-4}
+_PATCH_OPTIONS = pretrain_configs.PRETEXT_ARMS['patchnorm_groupmatch_content_value_pos_lr4e-4']
 
 # The options' pre-training where it passes the learnability bar (group_top >= 0.6,
 # own_group >= 0.8, a gap of at least 0.2 to other images' patches): the learnability
-# benchmark's lookup (400 rotated_ramp mosaics, benchmarks/pretext_learnability.py arm
-# group_norm_content_value_pos_lr4e-4_drop200: batch 8, 12,000 steps, lr x 0.1 from
-# step 10,000) with the harness's CNN; then fine-tuned on the detection data.
+# benchmark's lookup (benchmarks/pretext_learnability.py --style=rotated_ramp
+# --steps=12000 --arms=LOOKUP_ARM: 400 mosaics, batch 8, lr x 0.1 from step 10,000)
+# with the harness's CNN; then fine-tuned on the detection data.
+LOOKUP_ARM = 'patchnorm_groupmatch_content_value_pos_lr4e-4_drop200'
 _LOOKUP = {
-  **_PATCH_OPTIONS,
+  **pretrain_configs.PRETEXT_ARMS[LOOKUP_ARM],
+  # configs/pretrain.py:mosaics, as the benchmark runs it
   'data.source': 'mosaics',
   'data.mosaic_style': 'rotated_ramp',
   'data.augment_patches': False,
   'batch_size': 8,
   'examples_per_epoch': 400,
   'num_train_steps': 12000,
-  'optim.lr_drop_epochs': (200,),
   'checkpoint_every_steps': 2000,
   'eval.every_steps': 2000,  # its learning curve (eval.jsonl)
 }
@@ -281,95 +282,57 @@ def read_curve(workdir: str) -> dict[int, dict]:
 # ----------------------------------------------------------------------- statistics
 
 
-def _mean_std(values) -> dict:
-  v = np.asarray(values, np.float64)
-  return {
-    'mean': float(v.mean()),
-    'std': float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-    'n': int(len(v)),
-  }
-
-
 def summarize(curves: dict, arms, seeds, metrics=METRICS, pairs=()) -> dict:
   """Statistics over seeds of the fine-tuning curves.
 
   curves: {fraction: {arm: {seed: {step: {metric: value}}}}} (fraction as a string).
-  Returns {fraction: {'steps': [...], 'arms': {arm: {metric: [stats per step]}},
-  'paired': {arm: {metric: [stats per step of (arm - scratch) per seed]}},
-  'pairs': {'a - b': {metric: [...]}} for each (a, b) of ``pairs``}}, with
-  stats = {'mean', 'std' (ddof 1), 'n'}, at the steps every run evaluated.
+  Returns {fraction: ``stats.over_seeds``'s statistics, paired against scratch}:
+  {'steps': [...], 'arms': {arm: {metric: [stats per step]}}, 'paired': {arm: {metric:
+  [stats per step of (arm - scratch) per seed]}}, 'pairs': {'a - b': {metric: [...]}}
+  for each (a, b) of ``pairs``}, with stats = {'mean', 'std' (ddof 1), 'n'}, at the
+  steps every run evaluated.
   """
-  out = {}
-  for frac, per_arm in curves.items():
-    step_sets = [set(per_arm[a][s]) for a in arms for s in seeds]
-    steps = sorted(set.intersection(*step_sets)) if step_sets else []
-    table = {'steps': steps, 'arms': {}, 'paired': {}, 'pairs': {}}
-
-    def paired(a, b):
-      return {
-        m: [_mean_std([per_arm[a][s][t][m] - per_arm[b][s][t][m] for s in seeds]) for t in steps]
-        for m in metrics
-      }
-
-    for arm in arms:
-      table['arms'][arm] = {
-        m: [_mean_std([per_arm[arm][s][t][m] for s in seeds]) for t in steps] for m in metrics
-      }
-      if arm != 'scratch':
-        table['paired'][arm] = paired(arm, 'scratch')
-    for a, b in pairs:
-      table['pairs'][f'{a} - {b}'] = paired(a, b)
-    out[frac] = table
-  return out
+  return {
+    frac: stats.over_seeds(per_arm, arms, seeds, metrics, 'scratch', pairs)
+    for frac, per_arm in curves.items()
+  }
 
 
-def _pm(cell: dict) -> str:
-  return f'{100 * cell["mean"]:.2f} +- {100 * cell["std"]:.2f}'
-
-
-def format_table(stats: dict, header: str = '', metrics=METRICS) -> str:
+def format_table(curve_stats: dict, header: str = '', metrics=METRICS) -> str:
   """The printed comparison: per fraction and evaluation step, mean +- std over seeds
   of each arm, and the paired difference (arm - scratch) with its std."""
   lines = [header] if header else []
-  for frac, table in stats.items():
-    arms = list(table['arms'])
+  for frac, table in curve_stats.items():
     for m in metrics:
       lines.append(
         f'\nlabel fraction {frac}: {m} (x100), mean +- std over seeds; '
         'paired difference = arm - scratch, per seed'
       )
-      pairs = list(table.get('pairs', {}))
-      cols = [f'{a}' for a in arms] + [f'{a} - scratch' for a in table['paired']] + pairs
-      width = max(16, *(len(c) + 2 for c in cols))
-      lines.append(f'{"step":>6}' + ''.join(f'{c:>{width}}' for c in cols))
-      for i, step in enumerate(table['steps']):
-        cells = (
-          [table['arms'][a][m][i] for a in arms]
-          + [table['paired'][a][m][i] for a in table['paired']]
-          + [table['pairs'][p][m][i] for p in pairs]
-        )
-        lines.append(f'{step:>6}' + ''.join(f'{_pm(c):>{width}}' for c in cells))
+      columns = [
+        *table['arms'].items(),
+        *((f'{a} - scratch', v) for a, v in table['paired'].items()),
+        *table.get('pairs', {}).items(),
+      ]
+      rows = [(step, [c[m][i] for _, c in columns]) for i, step in enumerate(table['steps'])]
+      names = ['step', *(name for name, _ in columns)]
+      lines.append(stats.table(names, rows, scale=100, digits=2, markdown=False))
   return '\n'.join(lines)
 
 
-def plot(stats: dict, path: str, metrics=('AP',)) -> None:
+def plot(curve_stats: dict, path: str, metrics=('AP',)) -> None:
   """Curves of each metric (one panel per metric and label fraction), +- std."""
-  panels = {}
-  for frac, table in stats.items():
-    for metric in metrics:
-      panels[f'{metric}, label fraction {frac}'] = {
-        arm: (
-          table['steps'],
-          [100 * c['mean'] for c in table['arms'][arm][metric]],
-          [100 * c['std'] for c in table['arms'][arm][metric]],
-        )
-        for arm in table['arms']
-      }
-  visualize.plot_bands(
+  panels = {
+    f'{metric}, label fraction {frac}': (table, metric, None)
+    for frac, table in curve_stats.items()
+    for metric in metrics
+  }
+  stats.plot(
     path,
     panels,
+    'fine-tuning step',
     'x100, mean +- std over seeds',
     'UP-DETR pre-training vs scratch (same CNN, budget, data order)',
+    scale=100,
   )
 
 
@@ -428,20 +391,20 @@ def run(config, workdir: str) -> dict:
         seconds[d] = s.get('train_seconds')
   metrics = tuple(config.metrics)
   pairs = [tuple(p) for p in config.get('pairs', ())]
-  stats = summarize(curves, list(config.arms), list(config.seeds), metrics, pairs)
+  curve_stats = summarize(curves, list(config.arms), list(config.seeds), metrics, pairs)
   header = (
     f'UP-DETR vs scratch ({config.finetune.task}): {len(config.seeds)} seeds '
     f'{list(config.seeds)}, {config.finetune.num_train_steps} fine-tuning steps (batch '
     f'{config.finetune.batch_size}), evaluation set {config.finetune.data.eval_ann_file}'
   )
-  text = format_table(stats, header, metrics)
+  text = format_table(curve_stats, header, metrics)
   results = {
     'arms': list(config.arms),
     'seeds': list(config.seeds),
     'label_fractions': list(config.label_fractions),
     'backbone_checkpoint': backbone,
     'pretraining': pretrained,
-    'stats': stats,
+    'stats': curve_stats,
     'curves': {
       f: {
         a: {str(s): {str(t): v for t, v in c.items()} for s, c in per_seed.items()}
@@ -460,8 +423,8 @@ def run(config, workdir: str) -> dict:
   if jax.process_index() == 0:  # every process ran every stage; one writes
     files.write_json(os.path.join(workdir, 'results.json'), results)
     files.write_file(os.path.join(workdir, 'results.txt'), text + '\n')
-    if stats and all(t['steps'] for t in stats.values()):
-      plot(stats, os.path.join(workdir, 'curves.png'), metrics)
+    if curve_stats and all(t['steps'] for t in curve_stats.values()):
+      plot(curve_stats, os.path.join(workdir, 'curves.png'), metrics)
     print(text, flush=True)
   return results
 

@@ -234,7 +234,7 @@ def run(config, workdir: str) -> dict:
 
   # ------------------------------------------------------ Input pipeline
   train_iter, data_stats = task.train_data(start)
-  if restored is None and hasattr(task, 'calibrate'):
+  if restored is None:  # data-dependent initial values (default: none)
     variables = task.calibrate(model, full_variables(state, constants))
     constants = dict(constants, batch_stats=jax.device_put(variables['batch_stats'], repl))
   if evaluating and task.evaluate_at_start:  # the initial model (before any resumed
@@ -242,7 +242,7 @@ def run(config, workdir: str) -> dict:
   del variables  # its buffers may be donated to the train step
 
   # ------------------------------------------------------ Update step
-  prepare = task.device_inputs(train=True) if hasattr(task, 'device_inputs') else None
+  prepare = task.device_inputs(train=True)  # None: the batch as it is
   train_step = jax.jit(
     make_train_step(model, tx, task.criterion(), prepare),
     donate_argnums=(0,),

@@ -124,6 +124,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   p.checkpoint_every_steps = 500
   p.log_every_steps = 100
   p.eval.update(num_batches=8, every_steps=0)
+  p.eval.reference = None  # the demo's reference figures are not this run's
   config.pretrain = p
 
   # Stage 3: DETR fine-tuning, the same architecture (no patches).

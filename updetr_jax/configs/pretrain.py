@@ -58,17 +58,96 @@ DEMO_REFERENCE = dict(
 )
 
 
-# The options that let the query patch reach and steer its queries (all off in the
-# release configs; docs/method.md, 'Options beyond the release', and
-# docs/results/pretext_learnability.md): standardised patch features, the patch as the
-# decoder's content, positions in the cross-attention values and matching within a
-# patch's group (flattened config fields).
-PATCH_OPTIONS = (
-  'model.patch_feature_norm',
-  'model.patch_content',
-  'model.value_pos',
-  'matcher.group_matching',
-)
+# The options beyond the release that let the query patch reach and steer its queries
+# (all off in the release configs; docs/method.md, 'Options beyond the release', and
+# docs/results/pretext_learnability.md), as flattened config fields: standardised patch
+# features and matching within a patch's group, then the patch as the decoder's content
+# and positions in the cross-attention values.
+_PATCHNORM_GROUPMATCH = {'model.patch_feature_norm': True, 'matcher.group_matching': True}
+_CONTENT_VALUE_POS = {'model.patch_content': True, 'model.value_pos': True}
+PATCH_OPTIONS = tuple({**_PATCHNORM_GROUPMATCH, **_CONTENT_VALUE_POS})
+
+# A value of PRETEXT_ARMS: the run's model.num_patches (pretext_arm puts it in).
+ONE_QUERY_PER_PATCH = '<model.num_patches>'
+_ALL_OPTIONS = dict.fromkeys(PATCH_OPTIONS, True)
+_ONE_QUERY = {'model.num_queries': ONE_QUERY_PER_PATCH}
+_DROP200 = {'optim.lr_drop_epochs': (200,)}
+
+# Pre-training arms: name -> overrides of this file's config (flattened fields). The
+# learnability benchmark's (benchmarks/pretext_learnability.py), and the pre-trainings
+# of the comparison's options arms (updetr_jax.compare). 'release': the release's
+# behaviour; the others the options alone and combined, named by what they turn on:
+# patchnorm_groupmatch = model.patch_feature_norm + matcher.group_matching; _content,
+# _value_pos = model.patch_content, model.value_pos (with both: every PATCH_OPTIONS);
+# _one_query = model.num_queries = M; _lrX = optim.lr; _drop200 = lr x 0.1 from epoch 200.
+PRETEXT_ARMS = {
+  'release': {},
+  'patch_norm': {'model.patch_feature_norm': True},
+  'group_matching': {'matcher.group_matching': True},
+  'query_shuffle': {'model.query_shuffle': True},
+  'patchnorm_groupmatch': _PATCHNORM_GROUPMATCH,
+  'patchnorm_groupmatch_lr1e-3': {**_PATCHNORM_GROUPMATCH, 'optim.lr': 1e-3},
+  'patchnorm_groupmatch_value_pos': {**_PATCHNORM_GROUPMATCH, 'model.value_pos': True},
+  'patchnorm_groupmatch_content': {**_PATCHNORM_GROUPMATCH, 'model.patch_content': True},
+  'patchnorm_groupmatch_content_value_pos': _ALL_OPTIONS,
+  'patchnorm_groupmatch_content_value_pos_lr4e-4': {**_ALL_OPTIONS, 'optim.lr': 4e-4},
+  'patchnorm_groupmatch_content_value_pos_lr4e-4_drop200': {
+    **_ALL_OPTIONS,
+    'optim.lr': 4e-4,
+    **_DROP200,
+  },
+  # One query per patch: each group's answer is its only query, so group_top =
+  # group_best and no ranking within a group is learned. num_queries is an architecture
+  # field: such a pre-training initialises only detectors with as many queries.
+  'patchnorm_groupmatch_content_value_pos_one_query': {**_ALL_OPTIONS, **_ONE_QUERY},
+  # ... with a higher learning rate (the demo's 2e-4 learns the lookup slowly).
+  'patchnorm_groupmatch_content_value_pos_one_query_lr4e-4': {
+    **_ALL_OPTIONS,
+    **_ONE_QUERY,
+    'optim.lr': 4e-4,
+  },
+  'patchnorm_groupmatch_content_value_pos_one_query_lr1e-3': {
+    **_ALL_OPTIONS,
+    **_ONE_QUERY,
+    'optim.lr': 1e-3,
+  },
+  # ... and the learning rate x 0.1 from epoch 200 (step 10,000 of the 400-image,
+  # batch-8 mosaics), as the release drops it for its last third.
+  'patchnorm_groupmatch_content_value_pos_one_query_lr4e-4_drop200': {
+    **_ALL_OPTIONS,
+    **_ONE_QUERY,
+    'optim.lr': 4e-4,
+    **_DROP200,
+  },
+  'patchnorm_groupmatch_content_value_pos_one_query_lr1e-3_drop200': {
+    **_ALL_OPTIONS,
+    **_ONE_QUERY,
+    'optim.lr': 1e-3,
+    **_DROP200,
+  },
+  # The frozen random CNN's BatchNorm statistics re-estimated on the training images.
+  'patchnorm_groupmatch_calibrated_cnn': {
+    **_PATCHNORM_GROUPMATCH,
+    'init.calibrate_backbone_bn': True,
+  },
+  'patchnorm_groupmatch_calibrated_cnn_value_pos': {
+    **_PATCHNORM_GROUPMATCH,
+    'init.calibrate_backbone_bn': True,
+    'model.value_pos': True,
+  },
+  # Diagnostic, not the method (the CNN is frozen in UP-DETR): are the frozen random
+  # CNN's features what holds the decoder back?
+  'patchnorm_groupmatch_trainable_cnn': {
+    **_PATCHNORM_GROUPMATCH,
+    'optim.lr_backbone': 2e-4,
+    'optim.frozen': ('^position/',),
+  },
+}
+
+
+def pretext_arm(name: str, num_patches: int) -> dict:
+  """PRETEXT_ARMS[name] for a run with ``num_patches`` patches (M)."""
+  return {k: num_patches if v == ONE_QUERY_PER_PATCH else v for k, v in PRETEXT_ARMS[name].items()}
 
 
 def use_patch_options(config: ml_collections.ConfigDict, on: bool = True) -> None:

@@ -2,37 +2,44 @@
 
 ``train.run`` owns the loop (mesh, checkpoints, optimizer, jitted step, logging,
 preemption); a task owns everything specific to what is learnt. A new task is one
-module here plus a config whose ``task`` field names it in ``TASKS``.
+module here plus a config whose ``task`` field names it in ``TASKS``; its class
+derives from ``base.TaskBase``, which gives the defaults below (``base.LabelledTask``
+adds the data set-up, evaluation helpers and pictures of the tasks on labelled images).
 
-The interface (``Task``), called in this order by ``train.run``:
+The interface (``Task``), called in this order by ``train.run``; every task class
+has every member (``tests/test_tasks.py``):
 
 ``Task(config, data_sharding)``
     Validates the config (raise ``ValueError`` naming the field) and may resolve
     fields from the data before the model is built (e.g. ``model.num_classes``).
 ``examples_per_epoch() -> int``
-    Sets ``config.examples_per_epoch`` (epochs -> steps, schedules).
+    Sets ``config.examples_per_epoch`` (epochs -> steps, schedules). Default: the
+    config's.
 ``criterion() -> loss_fn``
     ``(model outputs, batch['targets']) -> (loss, {name: term})``, jittable; the loss
-    inputs are whatever ``train_data``'s batches carry under ``'targets'``.
+    inputs are whatever ``train_data``'s batches carry under ``'targets'``. Default:
+    the configured DETR / UP-DETR set loss (``train_step.criterion``).
 ``train_data(start_step) -> (iterator, stats)``
     Host-local batches (numpy dicts with ``train_step.MODEL_INPUTS`` keys: ``images``
     [B, H, W, 3], ``padding_mask`` [B, H, W], ``targets`` (padded, fixed shapes),
     optionally ``patches``), resumed at ``start_step``; ``stats.as_dict()`` /
     ``stats.report()`` count skipped inputs. ``iterator.close()`` ends it.
-``device_inputs(train) -> prepare`` (optional)
+``device_inputs(train) -> prepare | None``
     A jittable function run at the start of the train step (and the task's own
     evaluation): host batch -> the model's inputs. Pre-training sends uint8 images,
     patch rectangles and seeds; the crops and their augmentation happen on the
     device (``device_augment.batch_preparer``), each device mapping its own
-    examples of the task's data sharding.
-``calibrate(model, variables) -> variables`` (optional)
+    examples of the task's data sharding. Default None: the host batch holds the
+    model's inputs.
+``calibrate(model, variables) -> variables``
     Data-dependent initial values of non-trained variables (e.g. the pre-training's
     ``patch_norm`` statistics), called once on a fresh run (not on resume), before
-    the first evaluation; the result goes into the train state's constants.
+    the first evaluation; the result's ``batch_stats`` go into the train state's
+    constants. Default: ``variables`` unchanged.
 ``evaluate(model, variables, step, workdir) -> {metric: float}``
     Called every ``eval.every_steps``, at the end, and at step 0 when the class
-    attribute ``evaluate_at_start`` is True; the metrics go to TensorBoard,
-    ``eval.jsonl`` and (``eval.best_metric``) the best checkpoint.
+    attribute ``evaluate_at_start`` is True (default False); the metrics go to
+    TensorBoard, ``eval.jsonl`` and (``eval.best_metric``) the best checkpoint.
 ``finish(metrics, step, workdir) -> dict``
     Summary entries (and PNGs) after the final evaluation.
 """
@@ -51,7 +58,7 @@ TASKS = {
 
 
 class Task(Protocol):
-  """See the module docstring."""
+  """Everything ``train.run`` uses of a task; see the module docstring."""
 
   evaluate_at_start: bool
 
@@ -60,6 +67,10 @@ class Task(Protocol):
   def criterion(self): ...
 
   def train_data(self, start: int): ...
+
+  def device_inputs(self, train: bool): ...
+
+  def calibrate(self, model, variables): ...
 
   def evaluate(self, model, variables, step: int, workdir: str) -> dict: ...
 

@@ -25,11 +25,11 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from updetr_jax import device_augment, evaluate, files, visualize
 from updetr_jax.data.oneshot import make_oneshot_dataset, resolve_oneshot_config
-from updetr_jax.train_step import criterion, process_gather, to_global
+from updetr_jax.tasks.base import LabelledTask, unpadded
+from updetr_jax.train_step import process_gather, to_global
 
 
 def _name(names: dict, label: int) -> str:
@@ -51,23 +51,16 @@ def check_model_config(model) -> None:
     raise ValueError('config.task=oneshot: ' + '; '.join(wrong))
 
 
-class OneShotTask:
+class OneShotTask(LabelledTask):
   """One-shot detection fine-tuning, evaluated by seen / unseen AP50 over query runs."""
 
-  evaluate_at_start = False  # nothing to find before fine-tuning
-
   def __init__(self, config, data_sharding):
-    self.config, self.sharding = config, data_sharding
     check_model_config(config.model)
-    self._train_it, self._train_stats, self.info = self._dataset(train=True)
-    self._eval_it = None
-    self.detect = None
-    self._eval_prepare = None  # the query crops normalised on the device (evaluation)
-    self.gt = None
-    self._shown = []
     seeds = tuple(config.eval.query_seeds)
     if not seeds or len(set(seeds)) != len(seeds):
       raise ValueError(f'config.eval.query_seeds={seeds}: give distinct seeds (five, as CoAE)')
+    super().__init__(config, data_sharding)
+    self._eval_prepare = None  # the query crops normalised on the device (evaluation)
     names = self.info.class_names
     logging.info(
       'one-shot: %d training images; seen classes %s; unseen classes %s',
@@ -76,25 +69,8 @@ class OneShotTask:
       [names.get(c, c) for c in self.info.unseen],
     )
 
-  def _dataset(self, *, train: bool):
-    c = self.config
-    return make_oneshot_dataset(
-      c.data,
-      global_batch_size=c.batch_size if train else c.eval.batch_size,
-      train=train,
-      seed=c.seed,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      query_seed=c.eval.query_seeds[0],
-    )
-
-  def examples_per_epoch(self) -> int:
-    c = self.config
-    return c.examples_per_epoch if c.examples_per_epoch > 0 else self.info.num_examples
-
-  def criterion(self):
-    """DETR's set loss with one class ("is the query's class")."""
-    return criterion(self.config)
+  def _make_dataset(self, data_config, **kwargs):
+    return make_oneshot_dataset(data_config, **kwargs, query_seed=self.config.eval.query_seeds[0])
 
   def device_inputs(self, train: bool):
     """The query crops (uint8 from the host) augmented (training) and normalised on
@@ -103,10 +79,6 @@ class OneShotTask:
       resolve_oneshot_config(self.config.data), train, self.sharding
     )
 
-  def train_data(self, start: int):
-    self._train_it.seek(start)
-    return self._train_it, self._train_stats
-
   def run_trials(self, model, variables, query_seed: int, other_class: bool = False):
     """One pass over the evaluation trials with ``query_seed``'s queries (of another
     class with ``other_class``: the control run).
@@ -114,22 +86,18 @@ class OneShotTask:
     Returns (image_ids [T], labels [T], scores [T, N], boxes [T, N, 4] xyxy in
     original pixels) of the valid trials (every process gets all of them).
     """
-    if self.detect is None:
-      self.detect = evaluate.make_detect_fn(
-        model, out_shardings=NamedSharding(self.sharding.mesh, P())
-      )
+    detect = self._detector(model)
     if self._eval_prepare is None:
       self._eval_prepare = jax.jit(self.device_inputs(train=False))
-    if self._eval_it is None:
-      self._eval_it, _, self._eval_info = self._dataset(train=False)
-    self._eval_it.use_query_seed(query_seed, other_class)
+    it, _ = self._eval_data()
+    it.use_query_seed(query_seed, other_class)  # from the first batch
     ids, labels, scores, boxes = [], [], [], []
-    keep_pictures = not self._shown and not other_class
-    for batch in self._eval_it:
-      keys = ('images', 'padding_mask', 'orig_size', 'patches', 'patch_seeds')
-      g = self._eval_prepare(to_global({k: batch[k] for k in keys}, self.sharding))
+    keep_pictures = not self._shown and not other_class  # the first query run's trials
+    for batch in it:
+      inputs = ('images', 'padding_mask', 'orig_size', 'patches', 'patch_seeds')
+      g = self._eval_prepare(to_global({k: batch[k] for k in inputs}, self.sharding))
       s, _, b = jax.device_get(
-        self.detect(variables, g['images'], g['padding_mask'], g['orig_size'], g['patches'])
+        detect(variables, g['images'], g['padding_mask'], g['orig_size'], g['patches'])
       )
       valid = process_gather(batch['valid'])
       ids.append(process_gather(batch['image_id'])[valid])
@@ -137,7 +105,8 @@ class OneShotTask:
       scores.append(np.asarray(s)[valid])
       boxes.append(np.asarray(b)[valid])
       if keep_pictures:
-        self._keep_for_pictures(batch, s, b)
+        keys = ('images', 'padding_mask', 'orig_size', 'image_id', 'label', 'patches')
+        self._keep_for_pictures(batch, keys, scores=s, boxes=b)
     cat = lambda xs, shape: np.concatenate(xs) if xs else np.zeros(shape)  # noqa: E731
     n = self.config.model.num_queries
     return cat(ids, (0,)), cat(labels, (0,)), cat(scores, (0, n)), cat(boxes, (0, n, 4))
@@ -147,14 +116,7 @@ class OneShotTask:
     each run's, and per class (mean over runs, 'AP50_<class>'); writes
     ``workdir/eval/oneshot_step<step>.json`` (every run's per-class AP and trials)."""
     c = self.config
-    if c.eval.batch_size % jax.device_count():
-      raise ValueError(
-        f'config.eval.batch_size={c.eval.batch_size} must be divisible by '
-        f'the {jax.device_count()} devices'
-      )
-    if self.gt is None:
-      self.gt = evaluate.evaluation_ground_truth(c.data)
-    self._shown = []
+    self._start_evaluation()
     info, names = self.info, self.info.class_names
 
     def score(seed, other_class=False):
@@ -226,46 +188,22 @@ class OneShotTask:
       )
     return metrics
 
-  def _keep_for_pictures(self, batch, scores, boxes):
-    """The first ``eval.num_pictures`` valid trials of process 0 (first query run)."""
-    lo = jax.process_index() * len(batch['valid'])  # host rows in the global batch
-    for r in range(len(batch['valid'])):
-      if len(self._shown) < self.config.eval.get('num_pictures', 4) and batch['valid'][r]:
-        self._shown.append(
-          {
-            k: batch[k][r]
-            for k in ('images', 'padding_mask', 'orig_size', 'image_id', 'label', 'patches')
-          }
-          | {'scores': np.asarray(scores)[lo + r], 'boxes': np.asarray(boxes)[lo + r]}
-        )
-
-  def finish(self, metrics: dict, step: int, workdir: str) -> dict:
-    """Summary entries and PNGs (query beside the instances found) of a few trials."""
-    out = {'eval': dict(metrics)}
-    if jax.process_index() > 0:
-      return out
-    threshold = self.config.eval.get('picture_threshold', 0.5)
-    names = self.info.class_names
-    pngs = []
-    for t in self._shown:
-      pad, orig = t['padding_mask'], t['orig_size']
-      h, w = int((~pad).any(1).sum()), int((~pad).any(0).sum())
-      scale = np.array([w / orig[1], h / orig[0]] * 2, np.float32)
-      keep = t['scores'] >= threshold
-      truth = evaluate.oneshot_ground_truth(
-        self.gt, [t['image_id']], [t['label']], self.info.label_to_category_id
-      )[0]['boxes']
-      name = _name(names, int(t['label']))
-      png = os.path.join(workdir, f'oneshot_{int(t["image_id"])}_{name}.png')
-      visualize.plot_oneshot(
-        png,
-        t['patches'][0] / 255.0,  # the host's uint8 crop
-        visualize.denormalize(t['images'][:h, :w]),
-        t['boxes'][keep] * scale,
-        t['scores'][keep],
-        title=f'query: {name} (score >= {threshold}; true boxes dashed)',
-        true_boxes=truth * scale,
-      )
-      pngs.append(png)
-    out['pngs'] = pngs
-    return out
+  def _picture(self, shown: dict, threshold: float, workdir: str) -> str:
+    """The query crop beside the instances found (true boxes dashed)."""
+    h, w, scale = unpadded(shown)
+    keep = shown['scores'] >= threshold
+    truth = evaluate.oneshot_ground_truth(
+      self.gt, [shown['image_id']], [shown['label']], self.info.label_to_category_id
+    )[0]['boxes']
+    name = _name(self.info.class_names, int(shown['label']))
+    png = os.path.join(workdir, f'oneshot_{int(shown["image_id"])}_{name}.png')
+    visualize.plot_oneshot(
+      png,
+      shown['patches'][0] / 255.0,  # the host's uint8 crop
+      visualize.denormalize(shown['images'][:h, :w]),
+      shown['boxes'][keep] * scale,
+      shown['scores'][keep],
+      title=f'query: {name} (score >= {threshold}; true boxes dashed)',
+      true_boxes=truth * scale,
+    )
+    return png

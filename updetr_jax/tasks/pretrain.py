@@ -20,7 +20,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from updetr_jax import device_augment, evaluate, matching, visualize
 from updetr_jax.data import eval_data_config, make_pretrain_dataset
 from updetr_jax.models import resnet
-from updetr_jax.train_step import criterion, model_inputs, process_gather, to_global
+from updetr_jax.tasks.base import TaskBase
+from updetr_jax.train_step import model_inputs, process_gather, to_global
 
 
 # Training batches whose patches set the patch_norm statistics (model.patch_feature_norm).
@@ -144,14 +145,14 @@ def evaluate_patches(eval_step, variables, batches, sharding):
   return {k: v / max(count, 1) for k, v in totals.items()}, first
 
 
-class PatchTask:
+class PatchTask(TaskBase):
   """Pre-training: random query patch detection, evaluated by the patch IoU on
   evaluation images (held out when the data config names them)."""
 
   evaluate_at_start = True  # before/after figures of the patch IoU
 
   def __init__(self, config, data_sharding):
-    self.config, self.sharding = config, data_sharding
+    super().__init__(config, data_sharding)
     if config.model.get('num_patches', 0) <= 0:
       raise ValueError('config.task=pretrain needs config.model.num_patches > 0')
     self.eval_step = None
@@ -164,13 +165,6 @@ class PatchTask:
         'pre-training evaluation: no held-out images configured '
         '(data.eval_folder / eval_tfds_split); new patches of training images'
       )
-
-  def examples_per_epoch(self) -> int:
-    return self.config.examples_per_epoch
-
-  def criterion(self):
-    """The DETR / UP-DETR set loss as configured (``train_step.criterion``)."""
-    return criterion(self.config)
 
   def device_inputs(self, train: bool, local: bool = False):
     """Host batch -> model inputs on the device: crops, augmentation (training only),
