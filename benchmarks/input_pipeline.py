@@ -135,10 +135,11 @@ def _reference_rate(args) -> list[float]:
   torch.set_num_threads(args.threads)
   sys.path.insert(0, ROOT)
   from updetr_jax.data.augment import resize_rule  # noqa: PLC0415
+  from updetr_jax.normalization import MEAN, STD  # noqa: PLC0415
 
   files = sorted(os.path.join(args.folder, f) for f in os.listdir(args.folder))
-  mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
-  std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+  mean = torch.tensor(MEAN)[:, None, None]
+  std = torch.tensor(STD)[:, None, None]
   scales = (320, 336, 352, 368, 400, 416, 432, 448, 464, 480)
   rnd = random.Random(0)
 

@@ -1,5 +1,6 @@
 """predict with an UP-DETR pre-training model: query patch detection as the release's
-notebook (--query_box cut from each image, --query files), and its usage errors.
+notebook (--query_box cut from each image, --query files), and its usage errors;
+``predict.load_model`` called with arguments (no flags), the kind taken from config.task.
 
 predict's ``main`` runs in this process on flags parsed as on its command line: no
 process start per call (each costs several seconds of imports), so the module's time is
@@ -9,12 +10,14 @@ import json
 import os
 import sys
 
+import jax
 import numpy as np
 import pytest
 from absl import app, flags, logging
 from PIL import Image
 
-from updetr_jax import predict, train
+from updetr_jax import checkpoints, predict, train
+from updetr_jax.models import build_model, init_variables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'tests'))
@@ -119,3 +122,38 @@ def test_more_boxes_than_patches_is_a_usage_error(pretrained, tmp_path):
   workdir, images = pretrained
   with pytest.raises(app.UsageError, match='3 query patches given.*model.num_patches=2'):
     _predict(workdir, *_box_flags(BOXES + ((0, 0, 8, 8),)), f'--output={tmp_path}', images['a'])
+
+
+def test_load_model_takes_arguments_not_flags(pretrained):
+  """A library call: the workdir's model, variables, step and kind from arguments, with
+  no flag parsed; a caller taking only DETRs is refused the pre-training model."""
+  workdir, _ = pretrained
+  assert not flags.FLAGS.is_parsed()
+  loaded = predict.load_model(workdir=workdir, which='latest')
+  assert loaded.kind == 'pretrain' and loaded.model.num_patches == 2
+  assert loaded.source == {'workdir': workdir, 'which': 'latest', 'step': 2}
+  want, step, model_config = checkpoints.restore_workdir_variables(workdir, 'latest')
+  assert step == 2 and loaded.model_config == model_config
+  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded.variables, want)
+  assert predict.data_config(workdir=workdir)['patch_size'] == 16
+  with pytest.raises(predict.ModelSourceError, match='pre-training model'):
+    predict.load_model(workdir=workdir, kinds=('detr',))
+  with pytest.raises(predict.ModelSourceError, match='exactly one of'):
+    predict.load_model()
+
+
+def test_a_pretraining_with_one_patch_is_not_a_oneshot_detector(tmp_path):
+  """M = 1 with no feature head is what a one-shot detector's model looks like; its
+  config.task says 'pretrain', which decides. Only a bare model config (no task, e.g.
+  a release .pth with a model config) is guessed from the model."""
+  config = tiny_config()
+  config.model.update(num_patches=1, feature_head=False)
+  model = build_model(config.model)
+  path = str(tmp_path / 'variables')
+  checkpoints.save_variables(path, init_variables(model, jax.random.PRNGKey(0)))
+  assert config.task == 'pretrain'
+  loaded = predict.load_model(checkpoint=path, config=config)
+  assert loaded.kind == 'pretrain' and loaded.source == {'checkpoint': path}
+  assert loaded.model.num_patches == 1
+  bare = {'model': config.model.to_dict()}
+  assert predict.load_model(checkpoint=path, config=bare).kind == 'oneshot'

@@ -37,7 +37,7 @@ maps its own examples ``data.patch_chunk`` at a time (``map_examples``): the sam
 (seed, epoch, example) gives bit-identical patches on any mesh and after a restart.
 
 Public API (no TensorFlow):
-  MEAN, STD, GRAY_WEIGHTS
+  MEAN, STD (``updetr_jax.normalization``'s), GRAY_WEIGHTS
   patch_keys(seeds uint32 [B, 2]) -> keys [B]
   crop_patches(images uint8/float [B, H, W, 3], boxes float32 [B, M, 4] (x, y, w, h),
       patch_size) -> float32 [B, M, P, P, 3] in [0, 1]
@@ -64,8 +64,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+from updetr_jax.normalization import MEAN, STD
+
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 # Uniform draws per patch (fixed layout): brightness, contrast, saturation, hue,
 # jitter?, grayscale?, blur sigma, blur?, and four for the random jitter order.

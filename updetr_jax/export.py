@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from updetr_jax import cli, evaluate, files, predict
+from updetr_jax import cli, evaluate, files, normalization, predict
 from updetr_jax.class_names import get_class_names
 from updetr_jax.data import augment
 from updetr_jax.models.position import PositionEmbeddingLearned
@@ -218,8 +218,8 @@ def _metadata(
       'resize': size_rule + '; bilinear, antialiased when an axis shrinks below '
       f'{augment.ANTIALIAS_BELOW} of its size (data.augment.resize_image)',
       'normalize': '(pixel / 255 - mean) / std',
-      'mean': list(augment.MEAN),
-      'std': list(augment.STD),
+      'mean': list(normalization.MEAN),
+      'std': list(normalization.STD),
       'function': 'updetr_jax.predict.preprocess_images',
       'padding': 'none: every image runs at its resized size',
     },
@@ -332,7 +332,16 @@ def main(argv):
   cli.setup_logging()
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  model, variables, model_config, source = predict.load_model_from_flags()
+  try:
+    model, variables, model_config, source, _ = predict.load_model(
+      workdir=FLAGS.workdir,
+      checkpoint=FLAGS.checkpoint,
+      config=FLAGS.config,
+      which=FLAGS.which,
+      kinds=('detr',),
+    )
+  except predict.ModelSourceError as e:
+    raise app.UsageError(str(e)) from e
   if 'step' in source:
     logging.info('restored step %d of %s (%s)', source['step'], source['workdir'], source['which'])
   platforms = [p.strip() for p in FLAGS.platforms.split(',') if p.strip()]

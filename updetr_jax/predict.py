@@ -53,6 +53,11 @@ and --max_size when given). OUT/detections.json holds one record per (image, pat
 it), or query (the file)}; OUT/<name>.png draws each found box with its score (the
 query boxes solid) above the query patches (``visualize.plot_patch_detection``).
 
+From Python, ``load_model(workdir=...)`` or ``load_model(checkpoint=..., config=...)``
+gives the model, its variables and its kind ('detr', 'oneshot', 'pretrain': the run's
+``config.task``, guessed from the model config only when there is none);
+``predict_files`` and ``predict_patch_files`` run it. Only ``main`` reads the flags.
+
 One file: the three model kinds (DETR, one-shot, pre-training) share one command's
 flags, its checkpoint loading, its image and query preprocessing and its flag checks.
 """
@@ -61,6 +66,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -107,12 +113,31 @@ def define_model_flags() -> None:
   )
 
 
+class ModelSourceError(ValueError):
+  """``load_model`` was given a wrong combination of sources, a config.task it does not
+  know, or a model of a kind its caller does not take (the command-line programs report
+  it as a usage error)."""
+
+
 MODEL_KINDS = ('detr', 'oneshot', 'pretrain')
+# config.task (updetr_jax.tasks) -> the kind of model it trains
+TASK_KINDS = {'detection': 'detr', 'oneshot': 'oneshot', 'pretrain': 'pretrain'}
 
 
-def model_kind(model_config) -> str:
-  """'detr', 'oneshot' (one query patch, no feature reconstruction head) or 'pretrain'
-  (an UP-DETR pre-training model: model.num_patches query patches)."""
+def model_kind(model_config, task: str | None = None) -> str:
+  """'detr', 'oneshot' or 'pretrain' (an UP-DETR pre-training model: model.num_patches
+  query patches).
+
+  task: the run's ``config.task`` (a workdir's config.json and the config files have
+  it), which decides. Without it (a bare model config), the kind is guessed from the
+  model: no num_patches, DETR; one query patch and no feature reconstruction head,
+  one-shot (which a pre-training with M = 1 and no feature head would also look like);
+  else pre-training.
+  """
+  if task:
+    if task not in TASK_KINDS:
+      raise ModelSourceError(f'config.task={task!r}: not one of {sorted(TASK_KINDS)}')
+    return TASK_KINDS[task]
   if not model_config.get('num_patches'):
     return 'detr'
   if model_config['num_patches'] == 1 and not model_config.get('feature_head', True):
@@ -120,62 +145,98 @@ def model_kind(model_config) -> str:
   return 'pretrain'
 
 
-def load_model_from_flags(kinds=('detr',)):
-  """The model named by ``define_model_flags``' flags, when its kind (``model_kind``)
-  is one of ``kinds``.
+class LoadedModel(NamedTuple):
+  """What ``load_model`` returns."""
 
-  Returns (model, variables, model config dict, source {'workdir', 'which', 'step'} or
-  {'checkpoint'}). Raises app.UsageError on a wrong flag combination or a model of
-  another kind (a DETR program given a one-shot or pre-training model).
+  model: Any  # the Flax module (``build_model``)
+  variables: dict  # {'params', 'batch_stats'}
+  model_config: dict
+  source: dict  # {'workdir', 'which', 'step'} or {'checkpoint'}
+  kind: str  # ``model_kind``
+
+
+def _as_dict(tree) -> dict:
+  """A ConfigDict or a mapping -> a plain dict."""
+  return tree.to_dict() if hasattr(tree, 'to_dict') else dict(tree)
+
+
+def run_config(*, workdir: str | None = None, config=None) -> dict:
+  """The config of the model's run: the workdir's config.json, else ``config`` (a
+  ConfigDict or a dict; ``{}`` when neither is given)."""
+  if workdir:
+    return dict(files.read_json(os.path.join(workdir, 'config.json')))
+  return {} if config is None else _as_dict(config)
+
+
+def data_config(*, workdir: str | None = None, config=None) -> dict:
+  """The data config of the model's run (``run_config``'s ``data``; ``{}`` without
+  one). Gives the patch size and evaluation scale."""
+  return dict(run_config(workdir=workdir, config=config).get('data', {}))
+
+
+def load_model(
+  *,
+  workdir: str | None = None,
+  checkpoint: str | None = None,
+  config=None,
+  which: str = 'auto',
+  kinds=MODEL_KINDS,
+) -> LoadedModel:
+  """The model of a training workdir, or of a checkpoint with the config it was
+  trained with, when its kind (``model_kind``) is one of ``kinds``.
+
+  Args:
+    workdir: a training workdir (its config.json gives the model and task); which:
+      its checkpoint, 'auto' (the best-evaluated one when there is one, else the
+      latest), 'best' or 'latest'.
+    checkpoint: or an Orbax variables checkpoint or a PyTorch ``.pth``, with
+    config: its run's config (ConfigDict or dict): its ``model`` and, when it has
+      one, its ``task``.
+    kinds: the kinds the caller takes (``MODEL_KINDS``).
+  Returns: ``LoadedModel`` (model, variables, model config dict, source, kind).
+  Raises: ModelSourceError on a wrong combination of arguments, or a model of
+    another kind (e.g. a DETR program given a one-shot or pre-training model).
   """
-  FLAGS = flags.FLAGS  # noqa: N806
-  if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
-    raise app.UsageError('give exactly one of --workdir and --checkpoint')
-  if FLAGS.workdir:
-    variables, step, model_config = checkpoints.restore_workdir_variables(
-      FLAGS.workdir, FLAGS.which
-    )
-    where = FLAGS.workdir
+  if bool(workdir) == bool(checkpoint):
+    raise ModelSourceError('give exactly one of --workdir and --checkpoint')
+  if not workdir and config is None:
+    raise ModelSourceError('--checkpoint needs --config (the model it was trained with)')
+  where = workdir or checkpoint
+  if workdir:
+    variables, step, model_config = checkpoints.restore_workdir_variables(workdir, which)
+    task = run_config(workdir=workdir).get('task')
   else:
-    if FLAGS.config is None:
-      raise app.UsageError('--checkpoint needs --config (the model it was trained with)')
-    model_config = FLAGS.config.model.to_dict()
-    where = FLAGS.checkpoint
-  kind = model_kind(model_config)
+    model_config, task = _as_dict(config['model']), config.get('task')
+  kind = model_kind(model_config, task)
+  patches = model_config.get('num_patches') or 0
+  if kind == 'detr' and patches:
+    raise ModelSourceError(
+      f'{where}: config.task={task!r} is DETR, but its model has model.num_patches={patches}'
+    )
+  if kind != 'detr' and not patches:
+    raise ModelSourceError(
+      f'{where}: config.task={task!r} takes query patches, but its model has model.num_patches=0'
+    )
   if kind not in kinds:
     if kind == 'oneshot':
-      raise app.UsageError(
+      raise ModelSourceError(
         f'{where} is a one-shot detector: it needs a query (predict --query=crop.jpg)'
       )
     if kind == 'pretrain':
-      raise app.UsageError(
+      raise ModelSourceError(
         f'{where} holds an UP-DETR pre-training model '
-        f'(model.num_patches={model_config["num_patches"]}), which needs query patches '
+        f'(model.num_patches={patches}), which needs query patches '
         '(predict --query_box / --query); fine-tune it into DETR (or a one-shot detector) '
         'first'
       )
-    raise app.UsageError(f'{where} is a DETR, which takes no query patches')
-  if FLAGS.workdir:
-    return (
-      build_model(model_config),
-      variables,
-      model_config,
-      {'workdir': FLAGS.workdir, 'which': FLAGS.which, 'step': int(step)},
-    )
+    raise ModelSourceError(f'{where} is a DETR, which takes no query patches')
   model = build_model(model_config)
-  variables = load_model_variables(model, model_config, FLAGS.checkpoint)
-  return model, variables, model_config, {'checkpoint': FLAGS.checkpoint}
-
-
-def data_config_from_flags() -> dict:
-  """The data config of the model's run: the workdir's config.json, else --config's
-  (``{}`` when neither has one). Gives the patch size and evaluation scale."""
-  FLAGS = flags.FLAGS  # noqa: N806
-  if FLAGS.workdir:
-    return dict(files.read_json(os.path.join(FLAGS.workdir, 'config.json')).get('data', {}))
-  if FLAGS.config is not None and 'data' in FLAGS.config:
-    return FLAGS.config.data.to_dict()
-  return {}
+  if workdir:
+    source = {'workdir': workdir, 'which': which, 'step': int(step)}
+  else:
+    variables = load_model_variables(model, model_config, checkpoint)
+    source = {'checkpoint': checkpoint}
+  return LoadedModel(model, variables, model_config, source, kind)
 
 
 def load_image(path: str) -> np.ndarray:
@@ -189,23 +250,20 @@ def resize_rule_tf(height, width, scale: int, max_size: int | None):
 
   Args: height, width: int scalar tensors; scale, max_size: Python ints (max_size
     0 or None: no cap). Returns (new_h, new_w) int32 scalar tensors, equal to
-    ``resize_rule``'s: the same float64 operations in the same order (tf.round, like
-    np.round, rounds halves to even).
+    ``resize_rule``'s: its arithmetic (``data.augment.resized_size``) on TensorFlow's
+    float64 ops.
   """
   import tensorflow as tf  # noqa: PLC0415
+  from updetr_jax.data import augment  # noqa: PLC0415
 
-  h = tf.cast(height, tf.float64)
-  w = tf.cast(width, tf.float64)
-  s = tf.constant(scale, tf.float64)
-  short, long_ = tf.minimum(h, w), tf.maximum(h, w)
-  if max_size:
-    over = long_ / short * s > max_size
-    s = tf.where(over, tf.round(max_size * short / long_), s)
-  new_long = tf.floor(s * long_ / short)
-  portrait = w < h  # DETR: w < h -> w is the short side
-  new_h = tf.cast(tf.where(portrait, new_long, s), tf.int32)
-  new_w = tf.cast(tf.where(portrait, s, new_long), tf.int32)
-  return new_h, new_w
+  new_h, new_w = augment.resized_size(
+    tf.cast(height, tf.float64),
+    tf.cast(width, tf.float64),
+    tf.constant(scale, tf.float64),
+    max_size,
+    tf,
+  )
+  return tf.cast(new_h, tf.int32), tf.cast(new_w, tf.int32)
 
 
 def preprocess_images(images, scale: int, max_size: int | None):
@@ -450,15 +508,15 @@ def _image_size(path: str) -> tuple[int, int]:
     return im.size
 
 
-def _pretrain_queries(model_config, paths, size: int):
-  """The query patches of a pre-training model from --query_box / --query: kwargs of
-  ``predict_patch_files``. Raises app.UsageError on a wrong combination."""
-  FLAGS = flags.FLAGS  # noqa: N806
-  m = model_config['num_patches']
-  queries, boxes = list(FLAGS.query or []), [_parse_box(b) for b in FLAGS.query_box or []]
+def _pretrain_queries(where: str, num_patches: int, queries, query_boxes, paths, size: int):
+  """The query patches of a pre-training model (from ``where``, with ``num_patches``)
+  from --query files and --query_box texts: kwargs of ``predict_patch_files``. Raises
+  app.UsageError on a wrong combination."""
+  m = num_patches
+  queries, boxes = list(queries), [_parse_box(b) for b in query_boxes]
   if not queries and not boxes:
     raise app.UsageError(
-      f'{FLAGS.workdir or FLAGS.checkpoint} holds an UP-DETR pre-training model '
+      f'{where} holds an UP-DETR pre-training model '
       f'(model.num_patches={m}): give its query patches, --query_box=x0,y0,x1,y1 '
       '(repeated, boxes of each image in pixels) or --query=crop.jpg (repeated, patches '
       'searched in every image)'
@@ -502,8 +560,12 @@ def main(argv):
   paths = argv[1:]
   if not paths:
     raise app.UsageError('give at least one image file')
-  model, variables, model_config, source = load_model_from_flags(kinds=MODEL_KINDS)
-  kind = model_kind(model_config)
+  try:
+    model, variables, model_config, source, kind = load_model(
+      workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, config=FLAGS.config, which=FLAGS.which
+    )
+  except ModelSourceError as e:
+    raise app.UsageError(str(e)) from e
   queries, boxes = list(FLAGS.query or []), list(FLAGS.query_box or [])
   where = FLAGS.workdir or FLAGS.checkpoint
   if kind == 'detr' and (queries or boxes):
@@ -519,9 +581,12 @@ def main(argv):
     raise app.UsageError(
       'a one-shot detector takes one --query (and at most one --query_box in it)'
     )
-  data = data_config_from_flags()
+  data = data_config(workdir=FLAGS.workdir, config=FLAGS.config)
   size = FLAGS.query_size or int(data.get('patch_size', 0)) or 128
-  patch_queries = _pretrain_queries(model_config, paths, size) if kind == 'pretrain' else None
+  patch_queries = None
+  if kind == 'pretrain':
+    m = model_config['num_patches']
+    patch_queries = _pretrain_queries(where, m, queries, boxes, paths, size)
   if 'step' in source:
     print(f'restored step {source["step"]} of {source["workdir"]} ({source["which"]})')
   if patch_queries is not None:

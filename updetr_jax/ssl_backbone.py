@@ -63,12 +63,12 @@ import numpy as np
 import optax
 from PIL import Image
 
-from updetr_jax import files
+from updetr_jax import files, normalization
 from updetr_jax.models.resnet import _conv, _conv_init, block_layout, resnet_spec
 from updetr_jax.torch_import import export_state_dict
 
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)  # as updetr_jax/data/augment.py
-STD = np.array([0.229, 0.224, 0.225], np.float32)
+MEAN = np.array(normalization.MEAN, np.float32)  # float32, as the crops they normalise
+STD = np.array(normalization.STD, np.float32)
 
 DEFAULTS = dict(
   backbone='resnet_small',

@@ -9,14 +9,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from updetr_jax import files  # noqa: E402
-
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+from updetr_jax.normalization import MEAN, STD  # noqa: E402
 
 
 def denormalize(x: np.ndarray) -> np.ndarray:
-  """ImageNet-normalised [..., 3] -> RGB in [0, 1]."""
-  return np.clip(np.asarray(x) * IMAGENET_STD + IMAGENET_MEAN, 0.0, 1.0)
+  """ImageNet-normalised [..., 3] -> RGB in [0, 1] (``normalization``'s MEAN, STD)."""
+  mean, std = np.asarray(MEAN, np.float32), np.asarray(STD, np.float32)
+  return np.clip(np.asarray(x) * std + mean, 0.0, 1.0)
 
 
 def _xyxy_pixels(box_cxcywh, h, w):

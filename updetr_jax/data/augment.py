@@ -12,9 +12,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from updetr_jax.normalization import MEAN, STD
 
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 
 
@@ -25,20 +24,35 @@ def resize_rule(height, width, scale, max_size):
   the short side becomes scale and the long side int(scale * long / short).
   Works on Python ints or numpy arrays (vectorised); returns (new_h, new_w) ints.
   """
-  h = np.asarray(height, np.float64)
-  w = np.asarray(width, np.float64)
-  s = np.asarray(scale, np.float64)
-  short, long_ = np.minimum(h, w), np.maximum(h, w)
-  if max_size:
-    over = long_ / short * s > max_size
-    s = np.where(over, np.round(max_size * short / long_), s)
-  new_long = np.floor(s * long_ / short)
-  portrait = w < h  # DETR: w < h -> w is the short side
-  new_h = np.where(portrait, new_long, s).astype(np.int64)
-  new_w = np.where(portrait, s, new_long).astype(np.int64)
+  new_h, new_w = resized_size(
+    np.asarray(height, np.float64),
+    np.asarray(width, np.float64),
+    np.asarray(scale, np.float64),
+    max_size,
+    np,
+  )
+  new_h, new_w = new_h.astype(np.int64), new_w.astype(np.int64)
   if np.ndim(new_h) == 0:
     return int(new_h), int(new_w)
   return new_h, new_w
+
+
+def resized_size(h, w, s, max_size, xp):
+  """``resize_rule``'s arithmetic, written once for numpy and TensorFlow.
+
+  Args: h, w, s: float64 arrays (or tensors) of the image height, width and target
+    shorter side; max_size: a Python number (0 or None: no cap); xp: ``numpy`` or
+    ``tensorflow``, whose minimum, maximum, where, round and floor are used (the same
+    float64 operations in the same order; both round halves to even).
+  Returns (new_h, new_w) float64, whole numbers.
+  """
+  short, long_ = xp.minimum(h, w), xp.maximum(h, w)
+  if max_size:
+    over = long_ / short * s > max_size
+    s = xp.where(over, xp.round(max_size * short / long_), s)
+  new_long = xp.floor(s * long_ / short)
+  portrait = w < h  # DETR: w < h -> w is the short side
+  return xp.where(portrait, new_long, s), xp.where(portrait, s, new_long)
 
 
 def normalize(x, max_value: float = 1.0):
