@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from updetr_jax import files
+from updetr_jax.models import fields
 
 VERSION = 1
 RECORD_KEY = 'updetr_integrity'  # key of the array record in Orbax's custom metadata
@@ -151,9 +152,10 @@ def _flat_config(d, prefix='') -> dict:
 
 
 def config_diff(recorded: dict, config) -> list[str]:
-  """'field: checkpoint X vs this run Y' for each recorded config field that differs."""
-  ours = _flat_config(config_record(config))
-  theirs = _flat_config(recorded)
+  """'field: checkpoint X vs this run Y' for each recorded config field that differs
+  (a model field that a config lacks, e.g. saved before it existed, is at its default)."""
+  ours = _flat_config(_filled(config_record(config)))
+  theirs = _flat_config(_filled(recorded))
   keys = sorted(
     k
     for k in set(ours) | set(theirs)
@@ -163,6 +165,13 @@ def config_diff(recorded: dict, config) -> list[str]:
     f'config.{k}: checkpoint {theirs.get(k, "(absent)")!r} vs this run {ours.get(k, "(absent)")!r}'
     for k in keys
   ]
+
+
+def _filled(record: dict) -> dict:
+  """``record`` with its model section (when it has one) through ``fields.fill``."""
+  if 'model' not in (record or {}):
+    return record
+  return {**record, 'model': fields.fill(record['model'])}
 
 
 def structure_diff(record: dict, target) -> list[str]:

@@ -76,7 +76,7 @@ from PIL import Image
 
 from updetr_jax import box_ops, checkpoints, cli, evaluate, files, visualize
 from updetr_jax.class_names import get_class_names
-from updetr_jax.models import build_model, variable_shapes
+from updetr_jax.models import build_model, fields, variable_shapes
 
 
 def _looks_like_train_workdir(path: str) -> bool:
@@ -138,9 +138,10 @@ def model_kind(model_config, task: str | None = None) -> str:
     if task not in TASK_KINDS:
       raise ModelSourceError(f'config.task={task!r}: not one of {sorted(TASK_KINDS)}')
     return TASK_KINDS[task]
-  if not model_config.get('num_patches'):
+  model_config = fields.fill(model_config)
+  if not model_config['num_patches']:
     return 'detr'
-  if model_config['num_patches'] == 1 and not model_config.get('feature_head', True):
+  if model_config['num_patches'] == 1 and not model_config['feature_head']:
     return 'oneshot'
   return 'pretrain'
 
@@ -208,7 +209,7 @@ def load_model(
   else:
     model_config, task = _as_dict(config['model']), config.get('task')
   kind = model_kind(model_config, task)
-  patches = model_config.get('num_patches') or 0
+  patches = fields.fill(model_config)['num_patches']
   if kind == 'detr' and patches:
     raise ModelSourceError(
       f'{where}: config.task={task!r} is DETR, but its model has model.num_patches={patches}'

@@ -15,6 +15,7 @@ import numpy as np
 from flax import traverse_util
 
 from updetr_jax import checkpoints, files
+from updetr_jax.models import fields as model_fields
 from updetr_jax.torch_import import import_torch_checkpoint, load_state_dict
 
 # Fields that must agree between a pre-training checkpoint and the model it initialises.
@@ -34,8 +35,6 @@ ARCHITECTURE_FIELDS = (
 # Fields that must agree too when the query-patch path (patch2query) is carried, as
 # in a one-shot detector initialised from a pre-training; DETR has no patches.
 PATCH_ARCHITECTURE_FIELDS = ('patch_content',)
-# Architecture fields that configs from before they existed lack: their value then.
-ARCHITECTURE_DEFAULTS = {'value_pos': False, 'patch_content': False}
 # Always fresh in the initialised model: what its classes mean is task specific.
 FRESH_HEADS = ('class_embed',)
 # Query-patch heads: carried when both models have them (one-shot detection keeps the
@@ -93,22 +92,21 @@ def init_from_pretrained(variables, model_config, pretrained, pretrained_model_c
   Raises: ValueError naming the architecture fields that differ or the weights
     that are missing / misshapen.
   """
-
-  def field(config, f):
-    return config.get(f, ARCHITECTURE_DEFAULTS.get(f))
-
   src = traverse_util.flatten_dict(dict(pretrained))
   out = traverse_util.flatten_dict(dict(variables))
   has = {p[1] for p in src}
   wants = {p[1] for p in out}
   carries_patches = 'patch2query' in has & wants
-  fields = ARCHITECTURE_FIELDS + (PATCH_ARCHITECTURE_FIELDS if carries_patches else ())
-  diff = [
-    f'{f}: pre-trained {field(pretrained_model_config, f)!r} vs model {field(model_config, f)!r}'
-    for f in fields
-    if pretrained_model_config is not None
-    and field(pretrained_model_config, f) != field(model_config, f)
-  ]
+  architecture = ARCHITECTURE_FIELDS + (PATCH_ARCHITECTURE_FIELDS if carries_patches else ())
+  diff = []
+  if pretrained_model_config is not None:
+    # A config saved before a field existed means its default.
+    theirs, ours = model_fields.fill(pretrained_model_config), model_fields.fill(model_config)
+    diff = [
+      f'{f}: pre-trained {theirs.get(f)!r} vs model {ours.get(f)!r}'
+      for f in architecture
+      if theirs.get(f) != ours.get(f)
+    ]
   if diff:
     raise ValueError('pre-trained checkpoint has another architecture:\n  ' + '\n  '.join(diff))
   problems = []

@@ -2,35 +2,15 @@
 
 import ml_collections
 
+from updetr_jax.models import fields
+
 
 def detr_model(**overrides) -> ml_collections.ConfigDict:
-  """DETR R50 as released (field names = the release's arguments), with overrides."""
-  m = ml_collections.ConfigDict(
-    dict(
-      backbone='resnet50',
-      dilation=False,
-      position_embedding='sine',
-      hidden_dim=256,
-      nheads=8,
-      enc_layers=6,
-      dec_layers=6,
-      dim_feedforward=2048,
-      dropout=0.1,
-      num_queries=100,
-      pre_norm=False,
-      num_classes=91,  # COCO category ids up to 90 -> 92 logits with "no object"
-      aux_loss=True,
-      dtype='float32',  # 'bfloat16': bf16 activations/matmuls, float32 params and losses
-      remat='',  # '' | 'transformer' | 'backbone' | 'all': recompute in the backward pass
-      # 'einsum' (the release's attention, with dropout on the probabilities) |
-      # 'dot_product' (jax.nn.dot_product_attention, XLA) | 'cudnn' (its fused kernel);
-      # the last two skip attention-probability dropout (models/transformer.py)
-      attention='einsum',
-      # Not in the release: positions in the decoder cross-attention's values too
-      # (models/transformer.py; same parameters, so keep it as pre-trained).
-      value_pos=False,
-    )
-  )
+  """DETR R50 as released (field names = the release's arguments), with overrides.
+
+  The fields, their defaults and meanings are ``updetr_jax.models.fields.DETR_FIELDS``.
+  """
+  m = ml_collections.ConfigDict({name: f.default for name, f in fields.DETR_FIELDS.items()})
   m.update(overrides)
   return m
 

@@ -17,23 +17,26 @@ pixels say where each patch came from (``benchmarks/pretext_learnability.py``).
 import ml_collections
 
 from updetr_jax.configs import common
+from updetr_jax.models import fields
 
 
 def model_config(**overrides) -> ml_collections.ConfigDict:
-  """The release's UP-DETR pre-training model: DETR R50 with pre-norm and patches."""
+  """The release's UP-DETR pre-training model: DETR R50 with pre-norm and patches.
+
+  UP-DETR's fields (``fields.PATCH_FIELDS``) but feature_head (True when absent) are
+  spelt out; those not set here are at their default, the options not in the release's
+  default command off (see models/updetr.py and
+  docs/results/pretext_learnability.md).
+  """
+  patch = {k: f.default for k, f in fields.PATCH_FIELDS.items() if k != 'feature_head'}
   return common.detr_model(
     **{
+      **patch,
       **dict(
         pre_norm=True,
         num_classes=2,  # label 1 = "is the patch"; 3 logits with "no object"
         num_patches=10,
         feature_recon=True,
-        patch_query_drop=0.1,
-        # Not in the release's default command (off): see models/updetr.py and
-        # docs/results/pretext_learnability.md.
-        patch_feature_norm=False,
-        query_shuffle=False,
-        patch_content=False,
       ),
       **overrides,
     }

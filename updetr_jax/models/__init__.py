@@ -4,8 +4,9 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 
-from updetr_jax.models.detr import DETR, REMAT_CHOICES
-from updetr_jax.models.transformer import ATTENTION_CHOICES
+from updetr_jax.models import fields
+from updetr_jax.models.detr import DETR
+from updetr_jax.models.fields import ATTENTION_CHOICES, REMAT_CHOICES
 from updetr_jax.models.updetr import UPDETR, group_attention_mask
 
 __all__ = [
@@ -14,86 +15,42 @@ __all__ = [
   'ATTENTION_CHOICES',
   'REMAT_CHOICES',
   'build_model',
+  'fields',
   'group_attention_mask',
   'init_variables',
   'variable_shapes',
 ]
 
-_FIELDS = (
-  'backbone',
-  'dilation',
-  'position_embedding',
-  'hidden_dim',
-  'nheads',
-  'enc_layers',
-  'dec_layers',
-  'dim_feedforward',
-  'dropout',
-  'num_queries',
-  'pre_norm',
-  'num_classes',
-  'aux_loss',
-)
-
 
 def build_model(model_config, dtype=None):
   """Builds DETR, or UP-DETR when ``model_config.num_patches`` is set (> 0).
 
-  Args: model_config: the ``.model`` ConfigDict (or any mapping) with the release's
-    argument names. dtype: activation/matmul dtype (default: model_config.dtype or
-    float32); parameters are always float32. Optional fields: ``remat`` (one of
-    REMAT_CHOICES, default '': no rematerialisation), ``attention`` (one of
-    ATTENTION_CHOICES, default 'einsum': the release's attention; 'dot_product' /
-    'cudnn' use ``jax.nn.dot_product_attention`` and skip the dropout on attention
-    probabilities, logged as a warning when ``dropout`` > 0; same parameters),
-    ``value_pos`` (default False: positions in the decoder cross-attention's values
-    too; not in the release, same parameters),
-    ``num_patches``, ``patch_query_drop``, ``feature_head`` (UP-DETR's feature_align,
-    default True; False for the one-shot detector), ``patch_feature_norm``,
-    ``query_shuffle`` and ``patch_content`` (UP-DETR options, default False;
-    models/updetr.py).
+  Args:
+    model_config: the ``.model`` ConfigDict (or any mapping) with the release's
+      argument names; the fields, their defaults (for the optional ones, when absent)
+      and allowed values are ``fields.FIELDS``. ``attention`` 'dot_product' / 'cudnn'
+      skip the dropout on attention probabilities, logged as a warning when ``dropout``
+      > 0; UP-DETR's options are in models/updetr.py.
+    dtype: activation/matmul dtype (default: model_config.dtype); parameters are
+      always float32.
   """
-  cfg = dict(model_config)
-  missing = [f for f in _FIELDS if f not in cfg]
-  if missing:
-    raise ValueError(f'model config is missing fields: {missing}')
-  kwargs = {f: cfg[f] for f in _FIELDS}
-  dtype = dtype or cfg.get('dtype', 'float32')
-  kwargs['dtype'] = jnp.dtype(dtype)
-  if kwargs['dtype'] not in (jnp.float32, jnp.bfloat16):
-    raise ValueError(f"model.dtype={dtype!r}: expected 'float32' or 'bfloat16'")
-  kwargs['remat'] = cfg.get('remat') or ''
-  if kwargs['remat'] not in REMAT_CHOICES:
-    raise ValueError(f'model.remat={kwargs["remat"]!r}: expected one of {REMAT_CHOICES}')
-  kwargs['attention'] = cfg.get('attention') or 'einsum'
-  kwargs['value_pos'] = bool(cfg.get('value_pos', False))
-  if kwargs['attention'] not in ATTENTION_CHOICES:
-    raise ValueError(
-      f'model.attention={kwargs["attention"]!r}: expected one of {ATTENTION_CHOICES}'
-    )
-  if kwargs['attention'] != 'einsum' and kwargs['dropout'] > 0:
+  cfg = fields.fill(model_config)
+  if dtype is not None:
+    cfg['dtype'] = jnp.dtype(dtype).name
+  fields.validate(cfg)
+  kwargs = {f: cfg[f] for f in fields.DETR_FIELDS}
+  kwargs['dtype'] = jnp.dtype(cfg['dtype'])
+  if cfg['attention'] != 'einsum' and cfg['dropout'] > 0:
     logging.warning(
       'model.attention=%r applies no dropout to attention probabilities '
       '(the release applies model.dropout=%s there too); residual and FFN '
       'dropout are unchanged',
-      kwargs['attention'],
-      kwargs['dropout'],
+      cfg['attention'],
+      cfg['dropout'],
     )
-  if cfg.get('num_patches'):
-    if kwargs['num_queries'] % cfg['num_patches']:
-      raise ValueError(
-        f'model.num_queries={kwargs["num_queries"]} must be divisible by '
-        f'model.num_patches={cfg["num_patches"]}'
-      )
-    return UPDETR(
-      **kwargs,
-      num_patches=cfg['num_patches'],
-      patch_query_drop=cfg.get('patch_query_drop', 0.1),
-      feature_head=bool(cfg.get('feature_head', True)),
-      patch_feature_norm=bool(cfg.get('patch_feature_norm', False)),
-      query_shuffle=bool(cfg.get('query_shuffle', False)),
-      patch_content=bool(cfg.get('patch_content', False)),
-    )
+  if cfg['num_patches']:
+    patch_kwargs = {f: cfg[f] for f in fields.PATCH_FIELDS if f != 'feature_recon'}
+    return UPDETR(**kwargs, **patch_kwargs)
   return DETR(**kwargs)
 
 

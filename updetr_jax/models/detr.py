@@ -6,14 +6,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from updetr_jax.models import fields
 from updetr_jax.models.layers import MLP, TORCH_KERNEL_INIT, _uniform_bias, linear
 from updetr_jax.models.position import build_position_encoding
 from updetr_jax.models.resnet import build_resnet, downsample_mask
-from updetr_jax.models.transformer import ATTENTION_CHOICES, Transformer
+from updetr_jax.models.transformer import Transformer
 
-# model.remat: which blocks recompute their activations in the backward pass
-# (less memory, about one more forward of those blocks); parameter names unchanged.
-REMAT_CHOICES = ('', 'transformer', 'backbone', 'all')
+_D = fields.DEFAULTS
 
 
 class DETR(nn.Module):
@@ -26,33 +25,32 @@ class DETR(nn.Module):
     dec_layers - 1 decoder layers (when aux_loss).
   """
 
-  backbone: str = 'resnet50'
-  dilation: bool = False
-  position_embedding: str = 'sine'
-  hidden_dim: int = 256
-  nheads: int = 8
-  enc_layers: int = 6
-  dec_layers: int = 6
-  dim_feedforward: int = 2048
-  dropout: float = 0.1
-  num_queries: int = 100
-  pre_norm: bool = False
-  num_classes: int = 91
-  aux_loss: bool = True
-  dtype: jnp.dtype = jnp.float32  # activation / matmul dtype; parameters stay float32
-  remat: str = ''  # '' | 'transformer' | 'backbone' | 'all' (see REMAT_CHOICES)
-  # 'einsum' | 'dot_product' | 'cudnn' (ATTENTION_CHOICES, models/transformer.py); the
-  # fused two apply no dropout to attention probabilities. Same parameters either way.
-  attention: str = 'einsum'
+  backbone: str = _D['backbone']
+  dilation: bool = _D['dilation']
+  position_embedding: str = _D['position_embedding']
+  hidden_dim: int = _D['hidden_dim']
+  nheads: int = _D['nheads']
+  enc_layers: int = _D['enc_layers']
+  dec_layers: int = _D['dec_layers']
+  dim_feedforward: int = _D['dim_feedforward']
+  dropout: float = _D['dropout']
+  num_queries: int = _D['num_queries']
+  pre_norm: bool = _D['pre_norm']
+  num_classes: int = _D['num_classes']
+  aux_loss: bool = _D['aux_loss']
+  dtype: jnp.dtype = jnp.dtype(_D['dtype'])  # activation / matmul dtype; params stay float32
+  remat: str = _D['remat']  # one of fields.REMAT_CHOICES
+  # One of fields.ATTENTION_CHOICES (models/transformer.py); the fused two apply no
+  # dropout to attention probabilities. Same parameters either way.
+  attention: str = _D['attention']
   # Not in the release: the decoder's cross-attention values carry the positions
   # (models/transformer.py); same parameters.
-  value_pos: bool = False
+  value_pos: bool = _D['value_pos']
 
   def setup(self):
-    if self.remat not in REMAT_CHOICES:
-      raise ValueError(f'model.remat={self.remat!r}: expected one of {REMAT_CHOICES}')
-    if self.attention not in ATTENTION_CHOICES:
-      raise ValueError(f'model.attention={self.attention!r}: expected one of {ATTENTION_CHOICES}')
+    # build_model checks every field; a DETR built directly would otherwise take a
+    # misspelt remat for none (a bad attention fails in MultiHeadAttention).
+    fields.check('remat', self.remat)
     self.body = build_resnet(
       self.backbone, self.dilation, self.dtype, remat=self.remat in ('backbone', 'all')
     )

@@ -14,7 +14,7 @@ statistics are float32 (flax promotes them), and the decoder's shared final norm
 emits float32 for the heads. ``remat=True`` recomputes each layer's activations
 in the backward pass (``nn.remat``) without changing the parameter names.
 
-Attention implementation (``attention``, ``ATTENTION_CHOICES``; same parameters
+Attention implementation (``attention``, ``fields.ATTENTION_CHOICES``; same parameters
 and names whichever is chosen, so checkpoints load either way):
 
   'einsum'       the default: two einsums and a softmax, written out. Exact release
@@ -36,6 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from updetr_jax.models import fields
 from updetr_jax.models.layers import _uniform_bias, layer_norm
 
 # DETR applies xavier_uniform_ to every matrix of the transformer. For the packed
@@ -43,9 +44,6 @@ from updetr_jax.models.layers import _uniform_bias, layer_norm
 # for our [d, d] slices is variance_scaling(0.5, fan_avg).
 _XAVIER = nn.initializers.xavier_uniform()
 _XAVIER_PACKED_QKV = nn.initializers.variance_scaling(0.5, 'fan_avg', 'uniform')
-
-# model.attention: how the attention itself is computed (see the module docstring).
-ATTENTION_CHOICES = ('einsum', 'dot_product', 'cudnn')
 
 
 def fused_attention(q, k, v, mask, implementation: str):
@@ -75,7 +73,7 @@ class MultiHeadAttention(nn.Module):
 
   Call: query [B, Lq, d], key [B, Lk, d], value [B, Lk, d],
   mask bool broadcastable to [B, heads, Lq, Lk] (True = may attend).
-  Returns [B, Lq, d]. ``attention``: one of ATTENTION_CHOICES (the fused ones
+  Returns [B, Lq, d]. ``attention``: one of fields.ATTENTION_CHOICES (the fused ones
   skip the dropout on attention probabilities; see the module docstring).
   """
 
@@ -109,10 +107,10 @@ class MultiHeadAttention(nn.Module):
       probs = nn.softmax(logits, axis=-1)
       probs = nn.Dropout(self.dropout)(probs, deterministic=not train).astype(v.dtype)
       out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
-    elif self.attention in ATTENTION_CHOICES:
-      out = fused_attention(q, k, v, mask, 'cudnn' if self.attention == 'cudnn' else 'xla')
     else:
-      raise ValueError(f'model.attention={self.attention!r}: expected one of {ATTENTION_CHOICES}')
+      # Checked here too: this module may be built without build_model.
+      fields.check('attention', self.attention)
+      out = fused_attention(q, k, v, mask, 'cudnn' if self.attention == 'cudnn' else 'xla')
     out = out.reshape(query.shape[:-1] + (d,))
     return nn.Dense(
       d, kernel_init=_XAVIER, bias_init=nn.initializers.zeros, name='out_proj', dtype=self.dtype
@@ -263,7 +261,7 @@ class Transformer(nn.Module):
     tgt [B, N, d] the decoder's initial content (None: zeros, as released).
   Returns: hs [L_dec, B, N, d] float32, memory [B, S, d] (``dtype``).
   ``remat``: rematerialise every encoder and decoder layer in the backward pass.
-  ``attention``: one of ATTENTION_CHOICES (module docstring). ``value_pos``: the
+  ``attention``: one of fields.ATTENTION_CHOICES (module docstring). ``value_pos``: the
   decoder's cross-attention values carry the positions too (module docstring).
   """
 

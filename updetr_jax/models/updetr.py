@@ -6,9 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from updetr_jax.models import fields
 from updetr_jax.models.detr import DETR
 from updetr_jax.models.layers import MLP, linear
 from updetr_jax.models.resnet import FrozenBatchNorm
+
+_D = fields.DEFAULTS
 
 
 def group_attention_mask(num_queries: int, num_patches: int) -> np.ndarray | None:
@@ -42,11 +45,14 @@ class UPDETR(DETR):
   ablation "feature reconstruction without frozen CNN").
   """
 
+  # The release's M (configs/pretrain.py); built directly, UP-DETR needs M > 0, so not
+  # fields' default 0 (which build_model reads as DETR).
   num_patches: int = 10
-  patch_query_drop: float = 0.1  # per-query probability of dropping the patch feature
+  # Per-query probability of dropping the patch feature.
+  patch_query_drop: float = _D['patch_query_drop']
   # feature_align (pred_feature), the pre-training's feature reconstruction head; the
   # one-shot detector (tasks/oneshot.py) has none.
-  feature_head: bool = True
+  feature_head: bool = _D['feature_head']
   # Not in the release (defaults off). patch_feature_norm: standardise each channel of
   # the pooled patch features before patch2query, with frozen statistics of the
   # training patches (batch_stats 'patch_norm', set by ``tasks.pretrain.calibrate_
@@ -57,9 +63,9 @@ class UPDETR(DETR):
   # patch_content: the patch queries also start the decoder's content stream (tgt,
   # zeros in the release), so every decoder layer's values and the heads see the
   # patch itself, not only where its query attended.
-  patch_feature_norm: bool = False
-  query_shuffle: bool = False
-  patch_content: bool = False
+  patch_feature_norm: bool = _D['patch_feature_norm']
+  query_shuffle: bool = _D['query_shuffle']
+  patch_content: bool = _D['patch_content']
 
   def setup(self):
     super().setup()
