@@ -116,7 +116,7 @@ if _ROOT not in sys.path:
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from updetr_jax import device_augment, mfu, train_step  # noqa: E402
+from updetr_jax import device_augment, mfu, sharding, train_step  # noqa: E402
 from updetr_jax.matching import hungarian_match  # noqa: E402
 from updetr_jax.models import build_model  # noqa: E402
 
@@ -461,7 +461,7 @@ class Suite:
     self.device = jax.devices()[0]
     self.platform = self.device.platform
     self.num_devices = jax.device_count()
-    self.mesh = train_step.make_mesh()
+    self.mesh = sharding.make_mesh()
     self.data_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec('data'))
     self.repl = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     self.setups: dict[str, TaskSetup] = {}
@@ -554,7 +554,7 @@ class Suite:
       batch = synthetic_detection_batch(
         batch_size, sz.finetune_hw, sz.max_targets, sz.max_real_targets, config.model.num_classes
       )
-    batch = train_step.to_global(batch, self.data_sharding)
+    batch = sharding.to_global(batch, self.data_sharding)
     setup = TaskSetup(
       config,
       host_state,

@@ -68,7 +68,9 @@ def child(args) -> None:
   tf.config.threading.set_intra_op_parallelism_threads(threads)
   tf.config.threading.set_inter_op_parallelism_threads(threads)
   sys.path.insert(0, ROOT)
-  from updetr_jax import data  # noqa: PLC0415
+  from updetr_jax import cli, data  # noqa: PLC0415
+
+  cli.tune_malloc(not args.no_tune_malloc)
 
   cfg = data.default_data_config()
   cfg.update(
@@ -79,7 +81,6 @@ def child(args) -> None:
       threads=threads,
       num_parallel_calls=threads,
       prefetch=2,
-      tune_malloc=not args.no_tune_malloc,
     )
   )
   t0 = time.perf_counter()

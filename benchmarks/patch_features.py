@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from updetr_jax.configs import compare as compare_config  # noqa: E402
 from updetr_jax import compare, device_augment  # noqa: E402
-from updetr_jax.train_step import model_inputs  # noqa: E402
+from updetr_jax.sharding import model_inputs  # noqa: E402
 from updetr_jax.data import eval_data_config, make_pretrain_dataset  # noqa: E402
 from updetr_jax.models import build_model  # noqa: E402
 from updetr_jax.models import init_variables

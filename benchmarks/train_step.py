@@ -46,6 +46,7 @@ from benchmarks.device_suite import (  # noqa: E402
 )
 from updetr_jax import mfu, train_step  # noqa: E402
 from updetr_jax.models import ATTENTION_CHOICES, REMAT_CHOICES, build_model  # noqa: E402
+from updetr_jax.sharding import make_mesh, to_global  # noqa: E402
 
 
 def main():
@@ -82,11 +83,11 @@ def main():
   _, state, constants, tx, _ = train_step.init_train_state(
     config, model, jax.random.PRNGKey(0), steps_per_epoch=1000
   )
-  mesh = train_step.make_mesh()
+  mesh = make_mesh()
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   state, constants = jax.device_put((state, constants), repl)
-  batch = train_step.to_global(
+  batch = to_global(
     synthetic_batch(args.batch, args.image_size, config.model.num_patches, args.patch_size),
     sharding,
   )

@@ -122,7 +122,7 @@ def model_batch(batch: dict, data_config, train: bool) -> dict:
 
   from updetr_jax import device_augment  # noqa: PLC0415
   from updetr_jax.data import resolve_config  # noqa: PLC0415
-  from updetr_jax.train_step import model_inputs  # noqa: PLC0415
+  from updetr_jax.sharding import model_inputs  # noqa: PLC0415
 
   prepare = jax.jit(device_augment.batch_preparer(resolve_config(data_config), train))
   return {**batch, **jax.device_get(prepare(model_inputs(batch)))}

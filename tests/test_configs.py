@@ -56,7 +56,7 @@ def test_finetune_freezes_exactly_stem_and_stage1():
 
 def test_random_real_size_cnn_is_refused(tmp_path):
   """A resnet50/101 run that would keep a random CNN stops before anything runs."""
-  from updetr_jax import train, train_step  # noqa: PLC0415
+  from updetr_jax import initial_weights, train  # noqa: PLC0415
 
   for config in (
     pretrain.get_config(),
@@ -65,8 +65,8 @@ def test_random_real_size_cnn_is_refused(tmp_path):
     finetune_voc.get_config(),
   ):
     with pytest.raises(ValueError, match=r'init\.backbone_checkpoint.*SwAV.*random_backbone'):
-      train_step.check_backbone_init(config, resuming=False)
-    train_step.check_backbone_init(config, resuming=True)  # a resumed run has its weights
+      initial_weights.check_backbone_init(config, resuming=False)
+    initial_weights.check_backbone_init(config, resuming=True)  # a resumed run has its weights
     for field, value in (
       ('backbone_checkpoint', 'swav.pth'),
       ('pretrained', '/w'),
@@ -75,8 +75,8 @@ def test_random_real_size_cnn_is_refused(tmp_path):
     ):
       c = config.copy_and_resolve_references()
       c.init[field] = value
-      train_step.check_backbone_init(c, resuming=False)
-  train_step.check_backbone_init(pretrain.get_config('demo'), resuming=False)  # small CNN
+      initial_weights.check_backbone_init(c, resuming=False)
+  initial_weights.check_backbone_init(pretrain.get_config('demo'), resuming=False)  # small CNN
   with pytest.raises(ValueError, match='random weights'):  # the loop refuses it first
     train.run(pretrain.get_config(), str(tmp_path / 'w'))
 

@@ -6,7 +6,7 @@ Every shell block of README.md and docs/**/*.md is read as a user would copy it:
   entry points load it) with the command's ``--config.a.b=v`` overrides applied, so a
   misspelt field or a value of the wrong type fails here;
 - each training command passes the start-up check that refuses a real-size CNN left
-  at its random initialisation (``train_step.check_backbone_init``);
+  at its random initialisation (``initial_weights.check_backbone_init``);
 - each other ``--flag`` of a package module or benchmark script is a flag it defines;
 - each ``launch/*.sh`` command passes ``--dry-run``.
 It also checks the README's size and that its first 200 lines hold the two commands a
@@ -26,7 +26,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from updetr_jax import train_step
+from updetr_jax import initial_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, 'README.md')
@@ -225,7 +225,7 @@ def check_command(argv: list[str], env: dict) -> list[str]:
       return [f'--config={os.path.relpath(config, ROOT)} {" ".join(overrides)}: {e}']
     if prog in TRAINING and 'model' in cfg and 'init' in cfg:
       try:
-        train_step.check_backbone_init(cfg, resuming=False)
+        initial_weights.check_backbone_init(cfg, resuming=False)
       except ValueError as e:
         problems.append(f'would be refused at start-up: {e}')
 

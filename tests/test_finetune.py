@@ -16,9 +16,10 @@ import pytest
 from PIL import Image
 
 from updetr_jax.configs import finetune_coco
-from updetr_jax import checkpoints, evaluate, train, train_step
+from updetr_jax import checkpoints, evaluate, train
 from updetr_jax.tasks import detection as detection_task
 from updetr_jax.models import build_model
+from updetr_jax.sharding import make_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CATEGORIES = {4: 'red square', 9: 'green bar', 17: 'blue block'}
@@ -188,7 +189,7 @@ def test_eval_batch_1_equals_batch_8(trained):
   config, workdir, _, _ = trained
   variables, _, _ = checkpoints.restore_workdir_variables(workdir, 'latest')
   model = build_model(config.model)
-  mesh = train_step.make_mesh()
+  mesh = make_mesh()
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   out = {}
   for bs in (1, 8):
@@ -225,7 +226,7 @@ def test_resume_keeps_going_and_refuses_nothing(trained, tmp_path):
 
 def test_detection_config_errors(trained):
   config, _, _, _ = trained
-  mesh = train_step.make_mesh()
+  mesh = make_mesh()
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   bad = config.copy_and_resolve_references()
   bad.model.num_classes = 5

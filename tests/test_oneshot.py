@@ -13,7 +13,7 @@ import pytest
 from flax import traverse_util
 
 from test_finetune import _make_set, tiny_finetune_config
-from updetr_jax import checkpoints, evaluate, files, train, train_step
+from updetr_jax import checkpoints, evaluate, files, sharding, train, train_step
 from updetr_jax.configs import compare as compare_config
 from updetr_jax.configs import oneshot_voc
 from updetr_jax.data.oneshot import oneshot_data_config
@@ -117,7 +117,7 @@ def test_evaluation_equals_scoring_the_detections_again(trained):
 def _data_sharding():
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  return NamedSharding(train_step.make_mesh(), P('data'))
+  return NamedSharding(sharding.make_mesh(), P('data'))
 
 
 def test_predict_with_a_query(trained, tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from updetr_jax import matching, train_step
+from updetr_jax import matching, sharding, train_step
 from updetr_jax.configs import pretrain
 from updetr_jax.data import eval_data_config, mosaic_data_config, mosaics, resolve_config, sources
 from updetr_jax.models import build_model, init_variables
@@ -203,7 +203,7 @@ def test_patch_norm_calibration_standardises_the_training_patch_features():
   from updetr_jax.tasks import pretrain as task_module
 
   config = _mosaic_tiny_config()
-  mesh = train_step.make_mesh()
+  mesh = sharding.make_mesh()
   task = task_module.PatchTask(config, NamedSharding(mesh, P('data')))
   model = build_model(config.model)
   variables = init_variables(model, jax.random.PRNGKey(0))
@@ -264,7 +264,7 @@ def test_backbone_calibration_standardises_every_batchnorm_on_the_training_image
   config.model.patch_feature_norm = False
   config.init.calibrate_backbone_bn = True
   config.data.scales = (48, 64)  # some images padded in their 64 x 80 bucket
-  task = task_module.PatchTask(config, NamedSharding(train_step.make_mesh(), P('data')))
+  task = task_module.PatchTask(config, NamedSharding(sharding.make_mesh(), P('data')))
   model = build_model(config.model)
   variables = init_variables(model, jax.random.PRNGKey(0))
   calibrated = task.calibrate(model, variables)

@@ -331,14 +331,14 @@ _DEVICES_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
     from test_train import tiny_config, fixed_batch, setup_step
-    from updetr_jax import train_step
+    from updetr_jax import sharding
     from jax.sharding import NamedSharding, PartitionSpec as P
     config = tiny_config(); config.batch_size = 8
     state, constants, step = setup_step(config)
-    mesh = train_step.make_mesh()
+    mesh = sharding.make_mesh()
     repl = NamedSharding(mesh, P())
     state, constants = jax.device_put((state, constants), repl)
-    batch = train_step.to_global(fixed_batch(batch=8), NamedSharding(mesh, P('data')))
+    batch = sharding.to_global(fixed_batch(batch=8), NamedSharding(mesh, P('data')))
     out = []
     for _ in range(3):
       state, m = step(state, constants, batch, jax.random.PRNGKey(0))

@@ -22,10 +22,14 @@ line, while other libraries (Orbax, JAX, TensorFlow) stay at WARNING. An explici
 ``--verbosity`` (absl: 0 = INFO, -1 = WARNING, 1 = DEBUG ...) turns this off and
 applies to every library, as absl users expect; ``--logtostderr`` / ``--log_dir``
 behave as usual.
+
+``tune_malloc``: the glibc malloc settings the entry points that run an input pipeline
+(``main``, ``compare``) apply at start-up when the config's ``data.tune_malloc`` asks.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging as std_logging
 import os
 import sys
@@ -83,3 +87,45 @@ def setup_logging() -> None:
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _OwnInfo) for f in handler.filters):
     handler.addFilter(_OwnInfo())
+
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_MALLOC_SETTINGS = (
+  ('M_MMAP_THRESHOLD', _M_MMAP_THRESHOLD, 32 << 20),
+  ('M_TRIM_THRESHOLD', _M_TRIM_THRESHOLD, 1 << 30),
+  ('M_TOP_PAD', _M_TOP_PAD, 512 << 20),
+)
+_malloc_tuned = False
+
+
+def tune_malloc(enabled: bool = True) -> bool:
+  """glibc malloc settings for the input pipeline's large short-lived buffers.
+
+  Process-wide (XLA's allocations included). By default glibc returns freed memory
+  to the OS and maps big blocks afresh, so every batch pays page faults (kernel
+  zeroing): about half the CPU time of the pipeline. Sets M_MMAP_THRESHOLD 32 MiB,
+  M_TRIM_THRESHOLD 1 GiB, M_TOP_PAD 512 MiB and logs them. Linux/glibc only; does
+  nothing when ``enabled`` is False (the config's ``data.tune_malloc``). Returns
+  whether the settings are in effect.
+  """
+  global _malloc_tuned
+  if not enabled or _malloc_tuned:
+    return _malloc_tuned
+  if not sys.platform.startswith('linux'):
+    logging.info('malloc: not tuned (glibc only, platform %s)', sys.platform)
+    return False
+  try:
+    mallopt = ctypes.CDLL('libc.so.6').mallopt
+  except (OSError, AttributeError):
+    logging.info('malloc: not tuned (no glibc mallopt)')
+    return False
+  _malloc_tuned = all(mallopt(param, value) for _, param, value in _MALLOC_SETTINGS)
+  if _malloc_tuned:
+    logging.info(
+      'malloc: set %s (glibc mallopt, process-wide)',
+      ', '.join(f'{name} {value >> 20} MiB' for name, _, value in _MALLOC_SETTINGS),
+    )
+  else:
+    logging.warning('malloc: mallopt refused the settings; glibc defaults kept')
+  return _malloc_tuned

@@ -449,7 +449,9 @@ def main(argv):
   cli.setup_logging()
   from absl import flags  # noqa: PLC0415
 
-  run(flags.FLAGS.config, flags.FLAGS.workdir)
+  config = flags.FLAGS.config
+  cli.tune_malloc(any(c.data.get('tune_malloc', True) for c in (config.pretrain, config.finetune)))
+  run(config, flags.FLAGS.workdir)
 
 
 def _define_flags():

@@ -37,7 +37,7 @@ maps its own examples ``data.patch_chunk`` at a time (``map_examples``): the sam
 (seed, epoch, example) gives bit-identical patches on any mesh and after a restart.
 
 Public API (no TensorFlow):
-  MEAN, STD (``updetr_jax.normalization``'s), GRAY_WEIGHTS
+  MEAN, STD, GRAY_WEIGHTS (``updetr_jax.normalization``'s)
   patch_keys(seeds uint32 [B, 2]) -> keys [B]
   crop_patches(images uint8/float [B, H, W, 3], boxes float32 [B, M, 4] (x, y, w, h),
       patch_size) -> float32 [B, M, P, P, 3] in [0, 1]
@@ -64,9 +64,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from updetr_jax.normalization import MEAN, STD
+from updetr_jax.normalization import GRAY_WEIGHTS, MEAN, STD
 
-GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 # Uniform draws per patch (fixed layout): brightness, contrast, saturation, hue,
 # jitter?, grayscale?, blur sigma, blur?, and four for the random jitter order.
 _DRAWS = 12
@@ -283,7 +282,7 @@ class Preparer:
   ``uncounted_flops(batch)``: XLA's cost analysis counts a loop's body once, so a
   step that maps its examples ``chunk`` at a time (``map_examples``) is undercounted
   by (iterations - 1) bodies; this is the difference (lowering only), to add to the
-  step's count (``train_step.step_cost``). The whole batch in one pass does the same
+  step's count (``mfu.step_cost``). The whole batch in one pass does the same
   arithmetic.
   """
 

@@ -38,6 +38,7 @@ def main(argv):
   distributed.maybe_initialize(  # before anything touches the JAX backend
     f.coordinator_address, f.num_processes, f.process_id, f.local_device_ids
   )
+  cli.tune_malloc(f.config.data.get('tune_malloc', True))
   summary = train.run(f.config, f.workdir)
   print({k: v for k, v in summary.items() if k not in ('data_stats', 'reading')})
   for line in summary.get('reading', ()):  # what the run was and how to read it, last

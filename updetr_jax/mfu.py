@@ -3,6 +3,7 @@
   flops = mfu.step_flops(train_step.lower(state, batch))   # or the .compile()d step
   peak = mfu.device_peak_flops(jax.devices()[0].device_kind, 'bfloat16')
   util = mfu.mfu(flops, seconds_per_step, jax.device_count(), peak)  # 0.0 .. 1.0
+  cost = mfu.step_cost(train_step, (state, constants, batch, rng), 'bfloat16')  # both, logged
 
 Peak table. Dense FLOP/s per JAX device from the vendors' published figures (no
 structured sparsity). On TPU v4, v5e, v5p and v6e a JAX device is one chip (v4 and
@@ -55,6 +56,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+from absl import logging
 import numpy as np
 
 __all__ = [
@@ -63,6 +65,7 @@ __all__ = [
   'device_peak_flops',
   'peak_dtype',
   'step_flops',
+  'step_cost',
   'mfu',
 ]
 
@@ -230,3 +233,27 @@ def mfu(
   if flops_per_step <= 0 or step_seconds <= 0 or num_devices <= 0 or peak_per_device <= 0:
     return None
   return flops_per_step / (step_seconds * num_devices * peak_per_device)
+
+
+def step_cost(train_step, args, dtype: str, prepare=None) -> dict:
+  """FLOPs of one train step (XLA's cost analysis of the lowered step, all devices)
+  and the peak FLOP/s of the job's devices (None when the device is not in
+  ``PEAK_FLOPS``; the dtype column from ``peak_dtype``). ``prepare``: the
+  step's ``device_augment.Preparer``, whose loop over the examples the analysis
+  counts once (its ``uncounted_flops`` are added)."""
+  flops = step_flops(train_step.lower(*args))
+  if flops and hasattr(prepare, 'uncounted_flops'):
+    flops += prepare.uncounted_flops(args[2])
+  device = jax.devices()[0]
+  kind = device.device_kind
+  dtype_column = peak_dtype(dtype, device)
+  peak = device_peak_flops(kind, dtype_column)
+  total_peak = peak * jax.device_count() if peak else None
+  logging.info(
+    'train step: %s GFLOP (XLA cost analysis, first batch shape); %d x %s, peak %s',
+    f'{flops / 1e9:,.1f}' if flops else '?',
+    jax.device_count(),
+    kind,
+    f'{total_peak / 1e12:,.0f} TFLOP/s ({dtype_column})' if total_peak else 'unknown (no MFU)',
+  )
+  return {'flops_per_step': flops, 'peak_flops': total_peak}

@@ -267,7 +267,7 @@ def _crop_box(rng: np.random.Generator, h: int, w: int) -> tuple[float, float, f
   return (w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2
 
 
-_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+_LUMA = np.asarray(normalization.GRAY_WEIGHTS, np.float32)
 _RGB2YIQ = np.array(
   [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32
 )

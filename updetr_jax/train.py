@@ -25,16 +25,15 @@ from clu import metric_writers
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from updetr_jax import checkpoints, files, optim, visualize
+from updetr_jax.initial_weights import check_backbone_init
+from updetr_jax.mfu import step_cost
 from updetr_jax.models import build_model
+from updetr_jax.sharding import make_mesh, prefetch_to_device
 from updetr_jax.train_step import (
-  check_backbone_init,
   check_finite,
   full_variables,
   init_train_state,
-  make_mesh,
   make_train_step,
-  prefetch_to_device,
-  step_cost,
   total_steps,
 )
 from updetr_jax.tasks import get_task

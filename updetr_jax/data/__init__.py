@@ -64,8 +64,8 @@ Data config fields (ConfigDict or dict; missing fields take the release value):
                   ('~/.cache/updetr_jax'; None: rebuild every run).
   index_threads   threads probing images for the index (0: all cores).
   tune_malloc     set glibc malloc thresholds for big short-lived buffers (True):
-                  process-wide, about halves the pipeline's CPU cost on Linux
-                  (batching.tune_malloc).
+                  process-wide, about halves the pipeline's CPU cost on Linux; read
+                  by the entry points, which call cli.tune_malloc at start-up.
 """
 
 import tensorflow as _tf

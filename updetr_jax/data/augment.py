@@ -14,8 +14,6 @@ import tensorflow as tf
 
 from updetr_jax.normalization import MEAN, STD
 
-GRAY_WEIGHTS = (0.299, 0.587, 0.114)
-
 
 def resize_rule(height, width, scale, max_size):
   """DETR's resize: shorter side -> scale, longer side capped at max_size.

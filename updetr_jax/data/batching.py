@@ -17,8 +17,6 @@ False; it is counted as ``decode_failed`` once per batch it appears in.
 from __future__ import annotations
 
 import atexit
-import ctypes
-import sys
 import threading
 import weakref
 from typing import Any
@@ -27,33 +25,6 @@ import numpy as np
 import tensorflow as tf
 
 from updetr_jax.data import augment, config, patches, planning, sources
-
-_MALLOC_TUNED = False
-
-
-def tune_malloc() -> bool:
-  """glibc malloc settings for the pipeline's large short-lived buffers (process-wide).
-
-  By default glibc returns freed memory to the OS and maps big blocks afresh, so
-  every batch pays page faults (kernel zeroing): about half the CPU time of this
-  pipeline. Sets M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 1 GiB, M_TOP_PAD
-  512 MiB. Linux/glibc only; returns whether it applied.
-  """
-  global _MALLOC_TUNED
-  if _MALLOC_TUNED or not sys.platform.startswith('linux'):
-    return _MALLOC_TUNED
-  try:
-    mallopt = ctypes.CDLL('libc.so.6').mallopt
-  except (OSError, AttributeError):
-    return False
-  m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-  _MALLOC_TUNED = bool(
-    mallopt(m_mmap_threshold, 32 << 20)
-    and mallopt(m_trim_threshold, 1 << 30)
-    and mallopt(m_top_pad, 512 << 20)
-  )
-  return _MALLOC_TUNED
-
 
 # --- the tf.data pipeline --------------------------------------------------------------
 
@@ -458,8 +429,6 @@ def make_pretrain_dataset(
   check_batch_args(global_batch_size, start_step, process_index, process_count)
   if num_patches < 1:
     raise ValueError(f'num_patches={num_patches} must be >= 1')
-  if cfg['tune_malloc']:
-    tune_malloc()
   source = sources.make_source(cfg)
   stats = planning.DataStats(source.name)
   it = PretrainIterator(

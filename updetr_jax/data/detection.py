@@ -679,8 +679,6 @@ def make_detection_dataset(
   """
   cfg = resolve_detection_config(data_config)
   batching.check_batch_args(global_batch_size, start_step, process_index, process_count)
-  if cfg['tune_malloc']:
-    batching.tune_malloc()
   source, ann, names, to_cat, num_classes = make_detection_source(cfg, train)
   stats = DetectionStats(source.name)
   stats._add(**ann.dropped)

@@ -427,8 +427,6 @@ def make_oneshot_dataset(
   """
   cfg = resolve_oneshot_config(data_config)
   batching.check_batch_args(global_batch_size, start_step, process_index, process_count)
-  if cfg['tune_malloc']:
-    batching.tune_malloc()
   source, ann, names, to_cat, num_classes = detection.make_detection_source(cfg, train)
   seen, unseen = class_split(cfg['unseen_classes'], names, to_cat)
   stats = OneShotStats(source.name)

@@ -20,7 +20,7 @@ has every member (``tests/test_tasks.py``):
     inputs are whatever ``train_data``'s batches carry under ``'targets'``. Default:
     the configured DETR / UP-DETR set loss (``train_step.criterion``).
 ``train_data(start_step) -> (iterator, stats)``
-    Host-local batches (numpy dicts with ``train_step.MODEL_INPUTS`` keys: ``images``
+    Host-local batches (numpy dicts with ``sharding.MODEL_INPUTS`` keys: ``images``
     [B, H, W, 3], ``padding_mask`` [B, H, W], ``targets`` (padded, fixed shapes),
     optionally ``patches``), resumed at ``start_step``; ``stats.as_dict()`` /
     ``stats.report()`` count skipped inputs. ``iterator.close()`` ends it.

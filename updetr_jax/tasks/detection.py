@@ -11,7 +11,7 @@ import jax
 from updetr_jax import evaluate, files, visualize
 from updetr_jax.data import make_detection_dataset
 from updetr_jax.tasks.base import LabelledTask, unpadded
-from updetr_jax.train_step import process_gather, to_global
+from updetr_jax.sharding import process_gather, to_global
 
 
 class DetectionTask(LabelledTask):

@@ -29,7 +29,7 @@ import numpy as np
 from updetr_jax import device_augment, evaluate, files, visualize
 from updetr_jax.data.oneshot import make_oneshot_dataset, resolve_oneshot_config
 from updetr_jax.tasks.base import LabelledTask, unpadded
-from updetr_jax.train_step import process_gather, to_global
+from updetr_jax.sharding import process_gather, to_global
 
 
 def _name(names: dict, label: int) -> str:

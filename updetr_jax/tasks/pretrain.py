@@ -21,7 +21,7 @@ from updetr_jax import device_augment, evaluate, matching, visualize
 from updetr_jax.data import eval_data_config, make_pretrain_dataset
 from updetr_jax.models import resnet
 from updetr_jax.tasks.base import TaskBase
-from updetr_jax.train_step import model_inputs, process_gather, to_global
+from updetr_jax.sharding import model_inputs, process_gather, to_global
 
 
 # Training batches whose patches set the patch_norm statistics (model.patch_feature_norm).
