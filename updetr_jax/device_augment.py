@@ -258,8 +258,7 @@ def blur_kernel_size(patch_size: int, configured: int = 0) -> int:
     if configured % 2 == 0:
       raise ValueError(f'data.blur_kernel_size={configured} must be odd')
     return configured
-  k = int(round(patch_size / 10))
-  return max(3, k if k % 2 else k + 1)
+  return max(3, 2 * (int(patch_size) // 20) + 1)  # 2k + 1 is nearest for P / 10 in [2k, 2k + 2)
 
 
 def augment_kwargs(cfg) -> dict:
