@@ -180,30 +180,3 @@ def plot_oneshot(
   fig.tight_layout()
   files.save_figure(fig, path, dpi=100)
   plt.close(fig)
-
-
-def plot_bands(
-  path: str, panels: dict[str, dict[str, tuple]], ylabel: str, title: str = ''
-) -> None:
-  """Mean curves with +- std bands, one panel per key of ``panels``.
-
-  panels: panel title -> {line name: (steps [T], mean [T], std [T])}.
-  """
-  n = max(len(panels), 1)
-  fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4), squeeze=False)
-  for ax, (name, lines) in zip(axes[0], panels.items()):
-    for i, (label, (steps, mean, std)) in enumerate(lines.items()):
-      steps, mean, std = (np.asarray(v, np.float64) for v in (steps, mean, std))
-      color = plt.cm.tab10(i % 10)
-      ax.plot(steps, mean, marker='o', ms=3, color=color, label=label)
-      ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, lw=0)
-    ax.set_xlabel('fine-tuning step')
-    ax.set_ylabel(ylabel)
-    ax.set_title(name)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  files.save_figure(fig, path, dpi=100)
-  plt.close(fig)
