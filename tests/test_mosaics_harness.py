@@ -5,6 +5,7 @@ any run, and the FLOPs ``train.run`` reports for a step with a device-side patch
 import hashlib
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -13,8 +14,10 @@ from scipy import ndimage
 
 from updetr_jax import compare, device_augment, mfu, train
 from updetr_jax.configs import compare as compare_config
-from updetr_jax.configs import pretrain as pretrain_config
 from updetr_jax.data import mosaic_data_config, mosaics, resolve_config, sources
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_pretext import _mosaic_tiny_config  # noqa: E402
 
 SIZE = (48, 64)  # (H, W) of the mosaics below: large enough for 10 visible cells
 
@@ -183,33 +186,10 @@ def test_train_run_reports_the_patch_loop_flops(tmp_path, monkeypatch):
   monkeypatch.setattr(mfu, 'step_flops', spy_step_flops)
   monkeypatch.setattr(device_augment.Preparer, 'uncounted_flops', spy_uncounted)
 
-  config = pretrain_config.get_config('mosaics')
-  pretrain_config.use_patch_options(config, on=False)
-  config.model.update(
-    backbone='resnet_tiny',
-    hidden_dim=32,
-    nheads=2,
-    enc_layers=1,
-    dec_layers=1,
-    dim_feedforward=64,
-    num_queries=4,
-    num_patches=2,
-  )
-  config.data.update(
-    mosaic_count=4,
-    mosaic_eval_count=0,
-    mosaic_size=(32, 40),
-    scales=(32,),
-    max_size=40,
-    eval_scale=32,
-    buckets=((32, 40),),
-    patch_size=8,
-    augment_patches=True,
-    patch_chunk=1,
-  )
+  config = _mosaic_tiny_config()
+  config.model.patch_feature_norm = False  # no calibration pass
+  config.data.update(mosaic_count=4, mosaic_eval_count=0, augment_patches=True, patch_chunk=1)
   config.update(
-    batch_size=4,
-    loss_replicas=1,
     examples_per_epoch=4,
     num_train_steps=2,
     checkpoint_every_steps=2,

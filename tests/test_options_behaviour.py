@@ -1,7 +1,7 @@
 """Calibration and the pre-training options, as a user sees them: the statistics a run
-calibrates, trains with and saves; the raw feature-reconstruction target; value_pos in
-the post-norm decoder; the limit of group matching; and the patch_feature_norm check
-of a one-shot initialisation."""
+calibrates, trains with and saves; the raw feature-reconstruction target; the limit of
+group matching; and the patch_feature_norm check of a one-shot initialisation
+(value_pos in both decoders: tests/test_pretext.py)."""
 
 import os
 import sys
@@ -177,36 +177,6 @@ def test_the_reconstruction_target_is_the_raw_patch_feature():
   identity = model.apply(variables, *args)
   assert np.abs(np.asarray(out['pred_boxes']) - np.asarray(identity['pred_boxes'])).max() > 1e-4
   np.testing.assert_array_equal(np.asarray(out['gt_feature']), np.asarray(identity['gt_feature']))
-
-
-def test_value_pos_changes_the_post_norm_decoder_only():
-  config = tiny_config()
-  config.model.update(pre_norm=False, patch_query_drop=0.0, dropout=0.0)
-  batch = fixed_batch()
-  args = (batch['images'], batch['padding_mask'], batch['patches'])
-  plain = build_model(config.model)
-  variables = init_variables(plain, jax.random.PRNGKey(0))
-  config.model.value_pos = True
-  with_pos = build_model(config.model)
-  assert not with_pos.pre_norm and with_pos.value_pos
-  # Same parameters: either model loads the other's checkpoint.
-  assert jax.tree_util.tree_map(np.shape, variables) == jax.tree_util.tree_map(
-    np.shape, variable_shapes(with_pos)
-  )
-  a, b = plain.apply(variables, *args), with_pos.apply(variables, *args)
-  assert np.abs(np.asarray(a['pred_boxes']) - np.asarray(b['pred_boxes'])).max() > 1e-4
-
-  def memory(m):
-    src, padding, pos = m.encode_image(args[0], args[1])
-    queries = jnp.broadcast_to(
-      m.query_embed.embedding, (src.shape[0],) + m.query_embed.embedding.shape
-    )
-    return m.transformer(src, padding, pos, queries)[1]
-
-  np.testing.assert_array_equal(
-    np.asarray(plain.apply(variables, method=memory)),
-    np.asarray(with_pos.apply(variables, method=memory)),
-  )
 
 
 def _three_targets_for_two_groups():

@@ -156,10 +156,11 @@ def test_group_matching_reaches_the_loss_from_the_config():
   assert float(grouped['loss_bbox']) > float(free['loss_bbox']) + 0.5
 
 
-def _plain_and_with(**option):
-  """(inputs, variables, the tiny model, the same model with ``option`` set)."""
+def _plain_and_with(base=None, **option):
+  """(inputs, variables, the tiny model (with the model fields ``base``), the same model
+  with ``option`` set)."""
   config = tiny_config()
-  config.model.update(patch_query_drop=0.0, dropout=0.0)
+  config.model.update(patch_query_drop=0.0, dropout=0.0, **(base or {}))
   batch = fixed_batch()
   args = (batch['images'], batch['padding_mask'], batch['patches'])
   plain = build_model(config.model)
@@ -370,8 +371,10 @@ def test_pretraining_makes_the_answer_depend_on_the_patches(tmp_path):
   )
 
 
-def test_value_pos_puts_positions_into_the_cross_attention_values_only():
-  args, variables, plain, with_pos = _plain_and_with(value_pos=True)
+@pytest.mark.parametrize('pre_norm', [True, False])
+def test_value_pos_puts_positions_into_the_cross_attention_values_only(pre_norm):
+  args, variables, plain, with_pos = _plain_and_with(dict(pre_norm=pre_norm), value_pos=True)
+  assert with_pos.pre_norm == pre_norm and with_pos.value_pos
   # Same parameters: a checkpoint loads either way.
   assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
     init_variables(with_pos, jax.random.PRNGKey(0))
