@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from updetr_jax import compare, integrity, optim, ssl_backbone, train_step
+from updetr_jax import compare, integrity, optim, train_step
 from updetr_jax.configs import compare as compare_configs
 from updetr_jax.data import detection, oneshot
 
@@ -274,9 +274,11 @@ def test_stage0_batchnorm_running_statistics_keep_09_and_take_01():
   """One training-mode pass: running = 0.9 x running + 0.1 x batch statistic, per
   channel, for the CNN's first BatchNorm and the projection head's. The batch
   variance is the biased one (Flax; torch's running_var takes the unbiased one)."""
-  model = ssl_backbone.SimCLRNet(backbone_name='resnet_tiny')
+  from updetr_jax.tasks.simclr import SimCLRNet  # noqa: PLC0415
+
+  model = SimCLRNet(backbone='resnet_tiny')
   x = jnp.asarray(np.random.default_rng(0).normal(1.0, 2.0, size=(4, 32, 32, 3)), jnp.float32)
-  v = model.init(jax.random.PRNGKey(0), x, False)
+  v = model.init(jax.random.PRNGKey(0), x, train=False)
   # Non-trivial running statistics before the step.
   stats = jax.tree_util.tree_map_with_path(
     lambda p, s: jnp.full_like(s, 0.5 if p[-1].key == 'mean' else 2.0), v['batch_stats']
@@ -284,7 +286,7 @@ def test_stage0_batchnorm_running_statistics_keep_09_and_take_01():
   _, new = model.apply(
     {'params': v['params'], 'batch_stats': stats},
     x,
-    True,
+    train=True,
     mutable=['batch_stats', 'intermediates'],
     capture_intermediates=lambda m, _: m.name in ('conv1', 'projection_head_0'),
   )

@@ -42,7 +42,8 @@ def test_the_interface_is_what_the_loop_uses():
     and node.value.id == 'task'
   }
   assert used == set(_interface())
-  assert {m for m, is_method in _interface().items() if not is_method} == {'evaluate_at_start'}
+  attributes = {m for m, is_method in _interface().items() if not is_method}
+  assert attributes == {'evaluate_at_start', 'trains_batch_stats'}
 
 
 def test_every_registered_task_provides_the_interface():

@@ -192,7 +192,7 @@ def _main_cmd(workdir, steps, extra=(), signal_at=None):
   sends itself that signal at that point (see _SIGNAL_AT)."""
   entry = ['-m', 'updetr_jax.main']
   if signal_at is not None:
-    entry = ['-c', _SIGNAL_AT, *(str(a) for a in signal_at)]
+    entry = ['-c', _SIGNAL_AT, *(str(a) for a in signal_at), 'updetr_jax.main']
   return [
     sys.executable,
     *entry,
@@ -206,14 +206,15 @@ def _main_cmd(workdir, steps, extra=(), signal_at=None):
   ]
 
 
-# python -c _SIGNAL_AT SIGNAL POINT STEP [updetr_jax.main flags]: updetr_jax.main that
-# sends itself SIGNAL at a known point of the run, wherever the machine's load puts the
-# steps in time: 'logged', once the metrics line of STEP is written; 'saving', once
-# the (asynchronous) save of STEP has started. A real signal, to the product's handlers.
+# python -c _SIGNAL_AT SIGNAL POINT STEP MODULE [its flags]: the entry point MODULE
+# (updetr_jax.main, updetr_jax.ssl_backbone) that sends itself SIGNAL at a known point
+# of the run, wherever the machine's load puts the steps in time: 'logged', once the
+# metrics line of STEP is written; 'saving', once the (asynchronous) save of STEP has
+# started. A real signal, to the product's handlers.
 _SIGNAL_AT = textwrap.dedent("""
     import os, runpy, signal, sys
     from updetr_jax import checkpoints, train
-    sig, point, at = signal.Signals[sys.argv[1]], sys.argv[2], int(sys.argv[3])
+    sig, point, at, module = signal.Signals[sys.argv[1]], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     if point == 'logged':
       logged = train.Progress.__call__
       def hooked(self, step, scalars):
@@ -231,8 +232,8 @@ _SIGNAL_AT = textwrap.dedent("""
       checkpoints.TrainCheckpoints.save = hooked
     else:
       raise ValueError(point)
-    sys.argv = ['updetr_jax.main', *sys.argv[4:]]
-    runpy.run_module('updetr_jax.main', run_name='__main__', alter_sys=True)
+    sys.argv = [module, *sys.argv[5:]]
+    runpy.run_module(module, run_name='__main__', alter_sys=True)
 """)
 
 

@@ -10,9 +10,9 @@ checkpoints):
      ``updetr_jax.data.miniature``), or the user's own data (``config.pretrain.data``
      and ``config.finetune.data`` as in the other configs).
   1. ``stage0/backbone.npz``: the CNN trained self-supervised on the unlabeled pool
-     (``config.stage0``; ``updetr_jax.ssl_backbone``), loaded by every run through
-     ``init.backbone_checkpoint`` exactly as the release loads SwAV weights. Or the
-     user's own CNN: ``--config.backbone_checkpoint=swav.pth`` (stage 0 skipped).
+     (``config.stage0``; the SimCLR task, ``updetr_jax/tasks/simclr.py``), loaded by
+     every run through ``init.backbone_checkpoint`` exactly as the release loads SwAV
+     weights. Or the user's own CNN: ``--config.backbone_checkpoint=swav.pth`` (stage 0 skipped).
   2. ``pretrain/<arm>/``: one UP-DETR pre-training per pre-trained arm (``ARMS``).
   3. ``finetune/frac<f>/<arm>/seed<s>/``: fine-tuning (``config.finetune.task``: DETR
      detection, or one-shot detection for ``configs/compare.py:oneshot``) for every label fraction
@@ -149,7 +149,8 @@ def prepare_backbone(config, workdir: str) -> str:
     return config.backbone_checkpoint
   if not config.stage0.enabled:
     return ''
-  from updetr_jax import ssl_backbone  # noqa: PLC0415
+  from updetr_jax.configs import ssl_backbone  # noqa: PLC0415
+  from updetr_jax.tasks.simclr import BACKBONE_FILE  # noqa: PLC0415
 
   s = config.stage0
   if not s.images:
@@ -157,18 +158,16 @@ def prepare_backbone(config, workdir: str) -> str:
       'config.stage0.images: the folder of unlabeled images for the '
       'self-supervised CNN (or set config.backbone_checkpoint)'
     )
-  out = os.path.join(workdir, 'stage0', 'backbone.npz')
-  ssl_backbone.train_ssl_backbone(
-    s.images,
-    out,
-    backbone=config.pretrain.model.backbone,
-    steps=s.steps,
-    batch_size=s.batch_size,
-    image_size=s.image_size,
-    seed=s.seed,
-    lr=s.lr,
-  )
-  return out
+  c = ssl_backbone.get_config()
+  c.model.backbone = config.pretrain.model.backbone
+  c.data.update(folder=s.images, view_size=s.image_size)
+  c.update(seed=s.seed, batch_size=s.batch_size, num_train_steps=s.steps)
+  c.optim.lr = s.lr
+  if config.compilation_cache_dir:
+    c.compilation_cache_dir = config.compilation_cache_dir
+  directory = os.path.join(workdir, 'stage0')
+  _run(c, directory, 'stage 0 (SimCLR)')
+  return os.path.join(directory, BACKBONE_FILE)
 
 
 # ----------------------------------------------------------------------- stages 2-3

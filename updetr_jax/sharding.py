@@ -28,7 +28,7 @@ def to_global(batch, sharding):
 
 
 # (pre-training sends image_size, patch_boxes and patch_seeds instead of padding_mask
-# and patches: device_augment.prepare_batch)
+# and patches: device_augment.prepare_batch; SimCLR view_flips too: tasks/simclr.py)
 MODEL_INPUTS = (
   'images',
   'padding_mask',
@@ -36,6 +36,7 @@ MODEL_INPUTS = (
   'image_size',
   'patch_boxes',
   'patch_seeds',
+  'view_flips',
   'targets',
 )
 

@@ -1,7 +1,8 @@
 """The training loop, one linear ``run(config, workdir)`` for every task.
 
 ``config.task`` picks the task (``updetr_jax.tasks``: 'pretrain', UP-DETR's query
-patches; 'detection', DETR fine-tuning; 'oneshot', one-shot detection). Sections of
+patches; 'detection', DETR fine-tuning; 'oneshot', one-shot detection; 'simclr', the
+self-supervised CNN). Sections of
 ``run``: mesh, checkpoints, model & optimizer (+ restore), input pipeline, update step
 (``updetr_jax.train_step``), train loop (progress, periodic eval, best checkpoint,
 preemption), final evaluation.
@@ -27,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from updetr_jax import checkpoints, files, optim, visualize
 from updetr_jax.initial_weights import check_backbone_init
 from updetr_jax.mfu import step_cost
-from updetr_jax.models import build_model
+from updetr_jax.models import fields
 from updetr_jax.sharding import make_mesh, prefetch_to_device
 from updetr_jax.train_step import (
   check_finite,
@@ -161,7 +162,7 @@ class BestCheckpoint:
 
 
 def run(config, workdir: str) -> dict:
-  """Trains as configured (``config.task``: 'pretrain', 'detection' or 'oneshot'); resumes from
+  """Trains as configured (``config.task``, one of ``tasks.TASKS``); resumes from
   ``workdir/checkpoints`` when present.
 
   Returns a summary dict (also written to ``workdir/summary.json``).
@@ -211,11 +212,17 @@ def run(config, workdir: str) -> dict:
   )
 
   # ------------------------------------------------------ Model & optimizer
-  model = build_model(config.model)
+  model = task.model()
   init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   resuming = manager.latest_step() is not None
   variables, state, constants, tx, schedules = init_train_state(
-    config, model, init_rng, steps_per_epoch, load_init=not resuming
+    config,
+    model,
+    init_rng,
+    steps_per_epoch,
+    load_init=not resuming,
+    optimizer=task.optimizer,
+    train_batch_stats=task.trains_batch_stats,
   )
   logging.info(
     'model: %s params trainable, %s frozen; %d steps (%d per epoch)',
@@ -233,7 +240,7 @@ def run(config, workdir: str) -> dict:
 
   # ------------------------------------------------------ Input pipeline
   train_iter, data_stats = task.train_data(start)
-  if restored is None:  # data-dependent initial values (default: none)
+  if restored is None and not task.trains_batch_stats:  # data-dependent initial values
     variables = task.calibrate(model, full_variables(state, constants))
     constants = dict(constants, batch_stats=jax.device_put(variables['batch_stats'], repl))
   if evaluating and task.evaluate_at_start:  # the initial model (before any resumed
@@ -275,7 +282,7 @@ def run(config, workdir: str) -> dict:
       progress.cost = step_cost(
         train_step,
         (state, constants, batch, step_rng),
-        config.model.get('dtype', 'float32'),
+        fields.fill(config.model)['dtype'],
         prepare,
       )
     state, step_metrics = train_step(state, constants, batch, step_rng)

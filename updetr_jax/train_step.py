@@ -60,8 +60,9 @@ def criterion(config):
 class InitialState(NamedTuple):
   """What ``init_train_state`` returns (unpacks as the 5-tuple of its fields).
 
-  state = {'step', 'params' (trainable), 'opt_state'}; constants = {'frozen' params,
-  'batch_stats'}; tx and schedules: ``optim.make_optimizer``'s.
+  state = {'step', 'params' (trainable), 'opt_state'} (+ 'batch_stats' when they are
+  trained); constants = {'frozen' params, 'batch_stats' (the frozen ones, else {})};
+  tx and schedules: the optimizer's.
   """
 
   variables: dict
@@ -72,20 +73,33 @@ class InitialState(NamedTuple):
 
 
 def init_train_state(
-  config, model, rng, steps_per_epoch: int, load_init: bool = True
+  config,
+  model,
+  rng,
+  steps_per_epoch: int,
+  load_init: bool = True,
+  optimizer=None,
+  train_batch_stats: bool = False,
 ) -> InitialState:
   """Initial weights (with the configured imports) and optimizer state.
 
   ``config.init``'s imports: ``initial_weights.load_initial_weights``. load_init=False
-  skips them (a resumed run restores its own checkpoint instead).
+  skips them (a resumed run restores its own checkpoint instead). optimizer:
+  (trainable params, steps_per_epoch) -> (tx, schedules); default
+  ``optim.make_optimizer`` of ``config.optim``. train_batch_stats: the model updates
+  its ``batch_stats`` in training (training-mode BatchNorm): they go into the state.
   """
   variables = init_variables(model, rng)
   if load_init:
     variables = load_initial_weights(config, variables)
   trainable, frozen = optim.partition_params(variables['params'], config.optim.frozen)
-  tx, schedules = optim.make_optimizer(config.optim, trainable, steps_per_epoch)
+  if optimizer is None:
+    optimizer = functools.partial(optim.make_optimizer, config.optim)
+  tx, schedules = optimizer(trainable, steps_per_epoch)
   state = {'step': jnp.zeros((), jnp.int32), 'params': trainable, 'opt_state': tx.init(trainable)}
   constants = {'frozen': frozen, 'batch_stats': variables['batch_stats']}
+  if train_batch_stats:
+    state['batch_stats'], constants['batch_stats'] = variables['batch_stats'], {}
   return InitialState(variables, state, constants, tx, schedules)
 
 
@@ -96,13 +110,14 @@ def make_train_step(model, tx, loss_fn, prepare=None):
   [B, M, P, P, 3] for UP-DETR (absent for DETR); or what ``prepare`` (jittable,
   host batch -> such a batch, e.g. ``device_augment.batch_preparer``) makes of it
   at the start of the step.
-  state = {'step', 'params' (trainable), 'opt_state'}; constants = {'frozen',
-  'batch_stats'} get no gradient. A non-finite loss or gradient leaves the state
-  unchanged and reports ``finite = False``.
+  state = {'step', 'params' (trainable), 'opt_state'} (+ 'batch_stats', updated by
+  the model in training); constants = {'frozen', 'batch_stats'} get no gradient. A
+  non-finite loss or gradient leaves the state unchanged and reports ``finite = False``.
   """
 
   def step_fn(state, constants, batch, rng):
     rng = jax.random.fold_in(rng, state['step'])
+    trains_stats = 'batch_stats' in state
     if prepare is not None:
       batch = prepare(batch)
 
@@ -114,15 +129,19 @@ def make_train_step(model, tx, loss_fn, prepare=None):
         batch.get('patches'),
         train=True,
         rngs={'dropout': rng},
+        mutable=['batch_stats'] if trains_stats else False,
       )
-      return loss_fn(out, batch['targets'])
+      out, updated = out if trains_stats else (out, {})
+      loss, terms = loss_fn(out, batch['targets'])
+      return loss, (terms, updated)
 
-    (loss, terms), grads = jax.value_and_grad(loss_of, has_aux=True)(state['params'])
+    (loss, (terms, updated)), grads = jax.value_and_grad(loss_of, has_aux=True)(state['params'])
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     new = {
       'step': state['step'] + 1,
       'params': optax.apply_updates(state['params'], updates),
       'opt_state': opt_state,
+      **updated,
     }
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -139,7 +158,7 @@ def full_variables(state, constants):
   """Train state + constants -> variables for ``model.apply``."""
   return {
     'params': optim.merge_params(state['params'], constants['frozen']),
-    'batch_stats': constants['batch_stats'],
+    'batch_stats': state.get('batch_stats', constants['batch_stats']),
   }
 
 

@@ -1,10 +1,15 @@
-"""ResNet v1.5 backbone with frozen BatchNorm (torchvision layout, NHWC).
+"""ResNet v1.5 backbone (torchvision layout, NHWC), its normalisation an argument.
 
-Frozen BatchNorm statistics and affine terms live in the ``batch_stats``
-collection (never trained, never in the optimizer); convolution kernels are
-``params``. Module names mirror torchvision's state-dict keys (``conv1``,
-``bn1``, ``layer1_0`` for ``layer1.0``, ``downsample_0``/``downsample_1``) so the
-PyTorch importer is a mechanical rename.
+``norm='frozen'`` (the detector's): BatchNorm statistics and affine terms live in the
+``batch_stats`` collection (never trained, never in the optimizer); convolution
+kernels are ``params``. ``norm='batch'`` (the self-supervised CNN's training,
+``tasks/simclr.py``): flax BatchNorm, batch statistics in training with running
+averages (torch's momentum 0.1) in ``batch_stats``, affine terms in ``params``; in
+evaluation the same function as the frozen network given those values.
+
+Module names mirror torchvision's state-dict keys (``conv1``, ``bn1``, ``layer1_0``
+for ``layer1.0``, ``downsample_0``/``downsample_1``) so the PyTorch importer is a
+mechanical rename.
 
 Mixed precision: ``dtype`` is the convolutions' compute dtype (the input is cast
 to it); kernels and the frozen statistics stay float32. ``remat`` recomputes each
@@ -58,6 +63,22 @@ class FrozenBatchNorm(nn.Module):
     return x * s.astype(x.dtype) + shift.astype(x.dtype)
 
 
+NORMS = ('frozen', 'batch')
+BN_MOMENTUM = 0.9  # flax convention: torch's BatchNorm momentum 0.1
+
+
+def norm_layer(norm: str, train: bool, name: str) -> nn.Module:
+  """The normalisation ``norm`` (one of NORMS) named ``name``; ``train``: batch
+  statistics (and running-average updates) for 'batch'."""
+  if norm == 'frozen':
+    return FrozenBatchNorm(name=name)
+  if norm == 'batch':
+    return nn.BatchNorm(
+      use_running_average=not train, momentum=BN_MOMENTUM, epsilon=1e-5, name=name
+    )
+  raise ValueError(f'norm={norm!r}: expected one of {NORMS}')
+
+
 def _conv(features, kernel, stride=1, dilation=1, name=None, dtype=jnp.float32):
   pad = dilation * (kernel - 1) // 2
   return nn.Conv(
@@ -81,17 +102,22 @@ class Bottleneck(nn.Module):
   dilation: int = 1
   downsample: bool = False
   dtype: jnp.dtype = jnp.float32
+  norm: str = 'frozen'
+  train: bool = False
 
   @nn.compact
   def __call__(self, x):
+    def bn(name):
+      return norm_layer(self.norm, self.train, name)
+
     out = _conv(self.planes, 1, name='conv1', dtype=self.dtype)(x)
-    out = nn.relu(FrozenBatchNorm(name='bn1')(out))
+    out = nn.relu(bn('bn1')(out))
     out = _conv(self.planes, 3, self.stride, self.dilation, name='conv2', dtype=self.dtype)(out)
-    out = nn.relu(FrozenBatchNorm(name='bn2')(out))
+    out = nn.relu(bn('bn2')(out))
     out = _conv(self.planes * 4, 1, name='conv3', dtype=self.dtype)(out)
-    out = FrozenBatchNorm(name='bn3')(out)
+    out = bn('bn3')(out)
     if self.downsample:
-      x = FrozenBatchNorm(name='downsample_1')(
+      x = bn('downsample_1')(
         _conv(self.planes * 4, 1, self.stride, name='downsample_0', dtype=self.dtype)(x)
       )
     return nn.relu(out + x)
@@ -100,7 +126,8 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
   """Returns the last stage (C5) feature map.
 
-  Args (call): x [B, H, W, 3] float.
+  Args (call): x [B, H, W, 3] float; train: batch statistics for ``norm='batch'``
+    (with ``mutable=['batch_stats']`` to update the running averages).
   Returns: [B, ceil(H/32), ceil(W/32), 32 * width] in ``dtype`` (stride 16 with
   ``dilation``).
   """
@@ -110,13 +137,14 @@ class ResNet(nn.Module):
   dilation: bool = False  # DC5: last stage stride 1, dilation 2.
   dtype: jnp.dtype = jnp.float32
   remat: bool = False  # nn.remat around every Bottleneck
+  norm: str = 'frozen'  # NORMS
 
   @property
   def num_channels(self) -> int:
     return self.width * 8 * 4
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, train: bool = False):
     x = x.astype(self.dtype)
     x = nn.Conv(
       self.width,
@@ -128,11 +156,11 @@ class ResNet(nn.Module):
       name='conv1',
       dtype=self.dtype,
     )(x)
-    x = nn.relu(FrozenBatchNorm(name='bn1')(x))
+    x = nn.relu(norm_layer(self.norm, train, 'bn1')(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     block_cls = nn.remat(Bottleneck) if self.remat else Bottleneck
     for name, kw in block_layout(self.blocks, self.width, self.dilation):
-      x = block_cls(dtype=self.dtype, name=name, **kw)(x)
+      x = block_cls(dtype=self.dtype, norm=self.norm, train=train, name=name, **kw)(x)
     return x
 
 
@@ -167,10 +195,10 @@ def block_layout(blocks: Sequence[int], width: int, dilation: bool):
 
 
 def build_resnet(
-  name: str, dilation: bool = False, dtype=jnp.float32, remat: bool = False
+  name: str, dilation: bool = False, dtype=jnp.float32, remat: bool = False, norm: str = 'frozen'
 ) -> ResNet:
   blocks, width = resnet_spec(name)
-  return ResNet(blocks=blocks, width=width, dilation=dilation, dtype=dtype, remat=remat)
+  return ResNet(blocks=blocks, width=width, dilation=dilation, dtype=dtype, remat=remat, norm=norm)
 
 
 def downsample_mask(mask, out_hw: tuple[int, int]):

@@ -12,6 +12,16 @@ has every member (``tests/test_tasks.py``):
 ``Task(config, data_sharding)``
     Validates the config (raise ``ValueError`` naming the field) and may resolve
     fields from the data before the model is built (e.g. ``model.num_classes``).
+``model() -> flax module``
+    What is trained, called as ``model.apply(variables, images, padding_mask, patches,
+    train=...)``. Default: the detector of ``config.model`` (``models.build_model``).
+``optimizer(trainable_params, steps_per_epoch) -> (tx, schedules)``
+    The optax transform and its schedules ({'lr': step -> value, ...}). Default:
+    ``optim.make_optimizer`` of ``config.optim`` (the release's AdamW, step decay).
+``trains_batch_stats: bool``
+    Class attribute: True when the model updates its ``batch_stats`` in training
+    (training-mode BatchNorm); they are then part of the train state and ``calibrate``
+    is not called. Default False (frozen statistics, in the constants).
 ``examples_per_epoch() -> int``
     Sets ``config.examples_per_epoch`` (epochs -> steps, schedules). Default: the
     config's.
@@ -54,6 +64,7 @@ TASKS = {
   'pretrain': 'updetr_jax.tasks.pretrain:PatchTask',
   'detection': 'updetr_jax.tasks.detection:DetectionTask',
   'oneshot': 'updetr_jax.tasks.oneshot:OneShotTask',
+  'simclr': 'updetr_jax.tasks.simclr:SimCLRTask',
 }
 
 
@@ -61,6 +72,11 @@ class Task(Protocol):
   """Everything ``train.run`` uses of a task; see the module docstring."""
 
   evaluate_at_start: bool
+  trains_batch_stats: bool
+
+  def model(self): ...
+
+  def optimizer(self, trainable, steps_per_epoch: int): ...
 
   def examples_per_epoch(self) -> int: ...
 

@@ -8,16 +8,26 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from updetr_jax import evaluate, train_step
+from updetr_jax import evaluate, optim, train_step
+from updetr_jax.models import build_model
 
 
 class TaskBase:
   """The interface's defaults; a task adds ``train_data``, ``evaluate`` and ``finish``."""
 
   evaluate_at_start = False  # no evaluation at step 0
+  trains_batch_stats = False  # the model's batch_stats are constants
 
   def __init__(self, config, data_sharding):
     self.config, self.sharding = config, data_sharding
+
+  def model(self):
+    """The detector of ``config.model`` (``models.build_model``)."""
+    return build_model(self.config.model)
+
+  def optimizer(self, trainable, steps_per_epoch: int):
+    """``optim.make_optimizer`` of ``config.optim``: (tx, schedules)."""
+    return optim.make_optimizer(self.config.optim, trainable, steps_per_epoch)
 
   def examples_per_epoch(self) -> int:
     """``config.examples_per_epoch``."""
