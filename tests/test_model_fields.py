@@ -2,6 +2,9 @@
 configs, ``build_model``, the modules, the pre-trained init and the checkpoint config
 check all give a field the same default."""
 
+import ast
+import os
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -154,3 +157,35 @@ def test_dtype_argument_overrides_the_config():
   assert model.dtype == jnp.bfloat16
   with pytest.raises(ValueError, match='model.dtype'):
     build_model(_full_config(), dtype='float16')
+
+
+def _default_reads(source: str) -> list[str]:
+  """The ``<...model...>.get('<model field>', <default>)`` calls in ``source``: each
+  would hold a second default of a field (``fields.fill`` gives the one)."""
+  found = []
+  for node in ast.walk(ast.parse(source)):
+    if (
+      isinstance(node, ast.Call)
+      and isinstance(node.func, ast.Attribute)
+      and node.func.attr in ('get', 'setdefault', 'pop')
+      and len(node.args) == 2
+      and isinstance(node.args[0], ast.Constant)
+      and node.args[0].value in fields.FIELDS
+      and 'model' in ast.unparse(node.func.value)
+    ):
+      found.append(ast.unparse(node))
+  return found
+
+
+def test_no_module_reads_a_model_field_with_a_default_of_its_own():
+  package = os.path.dirname(os.path.dirname(fields.__file__))
+  offenders = []
+  for root, _, names in os.walk(package):
+    for name in names:
+      path = os.path.join(root, name)
+      if name.endswith('.py') and path != fields.__file__:
+        with open(path) as f:
+          offenders += [f'{os.path.relpath(path, package)}: {c}' for c in _default_reads(f.read())]
+  assert not offenders, offenders
+  planted = "if config.model.get('num_patches', 0) > 0: pass"  # the pattern it refuses
+  assert _default_reads(planted) == ["config.model.get('num_patches', 0)"]

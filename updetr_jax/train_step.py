@@ -24,7 +24,7 @@ import optax
 
 from updetr_jax import losses, optim
 from updetr_jax.initial_weights import load_initial_weights
-from updetr_jax.models import init_variables
+from updetr_jax.models import fields, init_variables
 
 
 def total_steps(config) -> tuple[int, int]:
@@ -37,23 +37,22 @@ def total_steps(config) -> tuple[int, int]:
 
 def criterion(config):
   """The DETR / UP-DETR loss as configured: (outputs, targets) -> (loss, terms)."""
+  model = fields.fill(config.model)
   return functools.partial(
     losses.set_criterion,
-    num_classes=config.model.num_classes,
+    num_classes=model['num_classes'],
     eos_coef=config.loss.eos_coef,
     weight_ce=config.loss.weight_ce,
     weight_bbox=config.loss.weight_bbox,
     weight_giou=config.loss.weight_giou,
     weight_feature=config.loss.get('weight_feature', 0.0),
-    feature_recon=bool(config.model.get('feature_recon', False)),
+    feature_recon=model['feature_recon'],
     solver=config.matcher.solver,
     cost_class=config.matcher.cost_class,
     cost_bbox=config.matcher.cost_bbox,
     cost_giou=config.matcher.cost_giou,
     num_replicas=config.loss_replicas,
-    match_groups=(
-      config.model.get('num_patches', 0) if config.matcher.get('group_matching', False) else 0
-    ),
+    match_groups=(model['num_patches'] if config.matcher.get('group_matching', False) else 0),
   )
 
 

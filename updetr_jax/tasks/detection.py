@@ -10,6 +10,7 @@ import jax
 
 from updetr_jax import evaluate, files, visualize
 from updetr_jax.data import make_detection_dataset
+from updetr_jax.models import fields
 from updetr_jax.tasks.base import LabelledTask, unpadded
 from updetr_jax.sharding import process_gather, to_global
 
@@ -19,7 +20,7 @@ class DetectionTask(LabelledTask):
   pycocotools (and VOC07 AP50 when ``eval.voc07``) on the evaluation split."""
 
   def __init__(self, config, data_sharding):
-    if config.model.get('num_patches', 0):
+    if fields.fill(config.model)['num_patches']:
       raise ValueError(
         f'config.task=detection trains DETR: set config.model.num_patches=0 '
         f'(got {config.model.num_patches})'

@@ -28,6 +28,7 @@ import numpy as np
 
 from updetr_jax import device_augment, evaluate, files, visualize
 from updetr_jax.data.oneshot import make_oneshot_dataset, resolve_oneshot_config
+from updetr_jax.models import fields
 from updetr_jax.tasks.base import LabelledTask, unpadded
 from updetr_jax.sharding import process_gather, to_global
 
@@ -39,13 +40,14 @@ def _name(names: dict, label: int) -> str:
 def check_model_config(model) -> None:
   """The one-shot detector's model fields, or ValueError naming the wrong ones."""
   wrong = []
-  if model.get('num_patches', 0) != 1:
-    wrong.append(f'config.model.num_patches={model.get("num_patches", 0)} (needs 1)')
-  if model.num_classes != 1:
-    wrong.append(f'config.model.num_classes={model.num_classes} (needs 1: binary)')
-  if model.get('feature_head', True):
+  model = fields.fill(model)
+  if model['num_patches'] != 1:
+    wrong.append(f'config.model.num_patches={model["num_patches"]} (needs 1)')
+  if model['num_classes'] != 1:
+    wrong.append(f'config.model.num_classes={model["num_classes"]} (needs 1: binary)')
+  if model['feature_head']:
     wrong.append('config.model.feature_head=True (needs False: no feature_align)')
-  if model.get('feature_recon', False):
+  if model['feature_recon']:
     wrong.append('config.model.feature_recon=True (needs False)')
   if wrong:
     raise ValueError('config.task=oneshot: ' + '; '.join(wrong))

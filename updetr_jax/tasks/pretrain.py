@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from updetr_jax import device_augment, evaluate, matching, visualize
 from updetr_jax.data import eval_data_config, make_pretrain_dataset
-from updetr_jax.models import resnet
+from updetr_jax.models import fields, resnet
 from updetr_jax.tasks.base import TaskBase
 from updetr_jax.sharding import model_inputs, process_gather, to_global
 
@@ -153,7 +153,7 @@ class PatchTask(TaskBase):
 
   def __init__(self, config, data_sharding):
     super().__init__(config, data_sharding)
-    if config.model.get('num_patches', 0) <= 0:
+    if fields.fill(config.model)['num_patches'] <= 0:
       raise ValueError('config.task=pretrain needs config.model.num_patches > 0')
     self.eval_step = None
     self.before = None
@@ -219,7 +219,8 @@ class PatchTask(TaskBase):
     """
     c = self.config
     backbone = bool(c.init.get('calibrate_backbone_bn', False))
-    if not backbone and not c.model.get('patch_feature_norm', False):
+    patch_norm = fields.fill(c.model)['patch_feature_norm']
+    if not backbone and not patch_norm:
       return variables
     it, _ = make_pretrain_dataset(
       c.data,
@@ -239,7 +240,7 @@ class PatchTask(TaskBase):
     replicated = NamedSharding(self.sharding.mesh, P())
     if backbone:
       variables = self._calibrate_backbone(model, variables, batches, replicated)
-    if c.model.get('patch_feature_norm', False):
+    if patch_norm:
       variables = self._calibrate_patch_norm(model, variables, batches, replicated)
     return variables
 
