@@ -33,6 +33,7 @@ DEFAULT_VARIANTS = {
   'finetune_voc': '150ep',
   'oneshot_voc': '150ep',
   'compare': 'mini',
+  'ssl_backbone': 'default',
 }
 NESTED = ('pretrain', 'finetune')  # configs/compare.py's nested whole configs
 FULL_HEADER = ['field', 'default', 'meaning']

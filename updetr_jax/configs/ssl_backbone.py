@@ -13,9 +13,12 @@ writes ``workdir/ssl/backbone.npz`` (torchvision layout). The defaults train
 import ml_collections
 
 
+VARIANTS = ('default',)
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  if arg:
-    raise ValueError(f'configs/ssl_backbone.py has no variants (got {arg!r})')
+  if (arg or 'default') not in VARIANTS:
+    raise ValueError(f'configs/ssl_backbone.py: unknown variant {arg!r} (choose one of {VARIANTS})')
   config = ml_collections.ConfigDict()
   config.task = 'simclr'
   config.seed = 0  # the initialisation and every draw of the views
