@@ -70,9 +70,9 @@ class Progress:
         self.history[k][0].append(step)
         self.history[k][1].append(scalars[k])
     if jax.process_index() == 0:
-      terms = ' '.join(
-        f'{k[5:]} {scalars[k]:.3f}'
-        for k in ('loss_ce', 'loss_bbox', 'loss_giou', 'loss_feature')
+      terms = ' '.join(  # the set loss's terms; SimCLR's training retrieval
+        f'{k.removeprefix("loss_")} {scalars[k]:.3f}'
+        for k in ('loss_ce', 'loss_bbox', 'loss_giou', 'loss_feature', 'top1')
         if k in scalars
       )
       util = f'  MFU {scalars["mfu"]:.1%}' if 'mfu' in scalars else ''

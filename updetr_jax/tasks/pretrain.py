@@ -173,19 +173,21 @@ class PatchTask(TaskBase):
     data = self.eval_data if not train else _data(self.config)
     return device_augment.batch_preparer(data, train, None if local else self.sharding)
 
-  def train_data(self, start: int):
-    c = self.config
-    it, stats = make_pretrain_dataset(
-      c.data,
-      global_batch_size=c.batch_size,
-      num_patches=c.model.num_patches,
-      train=True,
-      seed=c.seed,
+  def _dataset(self, data, *, train: bool, seed: int, start: int = 0):
+    """``make_pretrain_dataset`` of ``data`` with the run's batch and patches."""
+    return make_pretrain_dataset(
+      data,
+      global_batch_size=self.config.batch_size,
+      num_patches=self.config.model.num_patches,
+      train=train,
+      seed=seed,
       start_step=start,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
     )
-    return it, stats
+
+  def train_data(self, start: int):
+    return self._dataset(self.config.data, train=True, seed=self.config.seed, start=start)
 
   def _eval_batches(self):
     """Evaluation query patches: eval transforms, a different patch seed, fixed order;
@@ -193,15 +195,7 @@ class PatchTask(TaskBase):
     ``data.eval_data_config`` (held out when configured)."""
     c = self.config
     if self._eval_it is None:
-      self._eval_it, _ = make_pretrain_dataset(
-        self.eval_data,
-        global_batch_size=c.batch_size,
-        num_patches=c.model.num_patches,
-        train=False,
-        seed=c.seed + 1,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-      )
+      self._eval_it, _ = self._dataset(self.eval_data, train=False, seed=c.seed + 1)
     else:
       self._eval_it.seek(0)
     return itertools.islice(self._eval_it, c.eval.num_batches)
@@ -222,15 +216,7 @@ class PatchTask(TaskBase):
     patch_norm = fields.fill(c.model)['patch_feature_norm']
     if not backbone and not patch_norm:
       return variables
-    it, _ = make_pretrain_dataset(
-      c.data,
-      global_batch_size=c.batch_size,
-      num_patches=c.model.num_patches,
-      train=True,
-      seed=c.seed,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-    )
+    it, _ = self._dataset(c.data, train=True, seed=c.seed)
     prepare = jax.jit(self.device_inputs(train=True))
     batches = [  # global arrays, sharded as the train step's
       prepare(to_global(model_inputs(b), self.sharding))

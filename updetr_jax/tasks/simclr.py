@@ -40,6 +40,7 @@ CNN. Chance is 1 / (2N - 1).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 from absl import logging
@@ -175,35 +176,6 @@ def view_batch(images, sizes, rows, rng: np.random.Generator, cfg) -> dict:
   )
 
 
-class ViewBatches:
-  """Host-local training batches: batch ``step`` holds B distinct images drawn without
-  replacement, seeded by (seed, step), and their views' draws (``view_batch``); each
-  process keeps its own rows. ``seek(step)`` resumes anywhere."""
-
-  def __init__(self, images, sizes, cfg, *, batch_size: int, seed: int, stats):
-    self.images, self.sizes, self.cfg = images, sizes, cfg
-    self.batch_size, self.seed, self.stats, self.step = batch_size, seed, stats, 0
-    local = batch_size // jax.process_count()
-    self.rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
-
-  def seek(self, step: int) -> None:
-    self.step = step
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict:
-    rng = np.random.default_rng((self.seed, 1, self.step))
-    rows = rng.choice(len(self.images), size=self.batch_size, replace=False)
-    batch = view_batch(self.images, self.sizes, rows, rng, self.cfg)
-    self.step += 1
-    self.stats._add(batches=1, examples=self.batch_size // jax.process_count())
-    return {k: v[self.rows] for k, v in batch.items()}
-
-  def close(self) -> None:
-    pass
-
-
 def view_preparer(cfg, sharding=None, chunk: int = 1) -> device_augment.Preparer:
   """Host views (``view_batch``) -> the model's batch: images [2B, V, V, 3] normalised,
   rows i and i + B the two views of image i, padding_mask (none), targets {}. Crops,
@@ -280,12 +252,22 @@ class SimCLRTask(TaskBase):
     return len(self.images)
 
   def train_data(self, start: int):
-    c = self.config
-    it = ViewBatches(
-      self.images, self.sizes, c.data, batch_size=c.batch_size, seed=c.seed, stats=self.stats
+    """Batch ``step``: ``batch_size`` distinct images drawn without replacement, seeded
+    by (seed, step), and their views' draws (``view_batch``); this process's rows."""
+    c, n = self.config, jax.process_count()
+    rows = slice(
+      jax.process_index() * c.batch_size // n, (jax.process_index() + 1) * c.batch_size // n
     )
-    it.seek(start)
-    return it, self.stats
+
+    def batches():
+      for step in itertools.count(start):
+        rng = np.random.default_rng((c.seed, 1, step))
+        chosen = rng.choice(len(self.images), size=c.batch_size, replace=False)
+        batch = view_batch(self.images, self.sizes, chosen, rng, c.data)
+        self.stats._add(batches=1, examples=c.batch_size // n)
+        yield {k: v[rows] for k, v in batch.items()}
+
+    return batches(), self.stats
 
   def device_inputs(self, train: bool):
     del train  # evaluation views are augmented too (evaluate)
