@@ -26,23 +26,21 @@ __all__ = [
 ]
 
 
+def _unstack(b):
+  b = jnp.asarray(b, jnp.float32)
+  return b[..., 0], b[..., 1], b[..., 2], b[..., 3]
+
+
 def box_cxcywh_to_xyxy(b):
   """``(cx, cy, w, h) -> (x0, y0, x1, y1)``."""
-  b = jnp.asarray(b, jnp.float32)
-  cx, cy, w, h = b[..., 0], b[..., 1], b[..., 2], b[..., 3]
+  cx, cy, w, h = _unstack(b)
   return jnp.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
 
 
 def box_xyxy_to_cxcywh(b):
   """``(x0, y0, x1, y1) -> (cx, cy, w, h)``."""
-  b = jnp.asarray(b, jnp.float32)
-  x0, y0, x1, y1 = b[..., 0], b[..., 1], b[..., 2], b[..., 3]
+  x0, y0, x1, y1 = _unstack(b)
   return jnp.stack([0.5 * (x0 + x1), 0.5 * (y0 + y1), x1 - x0, y1 - y0], axis=-1)
-
-
-def _unstack(b):
-  b = jnp.asarray(b, jnp.float32)
-  return b[..., 0], b[..., 1], b[..., 2], b[..., 3]
 
 
 def _rect_area(x0, y0, x1, y1):

@@ -51,50 +51,41 @@ def load_variables(path: str, target=None):
   path = files.abspath(path)
   if not files.exists(path):
     raise FileNotFoundError(f'no checkpoint at {path}')
-  what = _what(path)
-  problems = integrity.check_files(path)
-  record = _read_record(path, what, problems)
-  with ocp.StandardCheckpointer() as ckptr:
-    if target is not None:
-      _check_structure(record, target, what, problems, None)
-    if problems:
-      raise integrity.CorruptCheckpointError(what, problems)
-    try:
-      restored = (
-        ckptr.restore(path) if target is None else ckptr.restore(path, _shape_structs(target))
-      )
-    except Exception as e:  # noqa: BLE001
-      raise integrity.CorruptCheckpointError(what, [_unreadable(e)]) from e
-  _check_values(record, restored, what)
-  return restored
+
+  def restore():
+    with ocp.StandardCheckpointer() as ckptr:
+      return ckptr.restore(path) if target is None else ckptr.restore(path, _shape_structs(target))
+
+  return _verified_restore(path, _what(path), target, None, restore)
 
 
-def _read_record(step_dir: str, what: str, problems: list[str]) -> dict:
-  """The array record; CorruptCheckpointError with ``problems`` added when unreadable."""
+def _verified_restore(step_dir: str, what: str, target, config, restore):
+  """``restore()`` of the checkpoint in ``step_dir``, checked against its integrity
+  records: files and record first, the arrays against ``target`` (when given; a
+  mismatch names the fields of ``config`` that differ), the restored values last."""
+  problems = integrity.check_files(step_dir)
   try:
-    return integrity.read_record(step_dir, what)
+    record = integrity.read_record(step_dir, what)
   except integrity.CorruptCheckpointError as e:
     raise integrity.CorruptCheckpointError(what, problems + e.problems) from None
-
-
-def _unreadable(e: Exception) -> str:
-  return f'Orbax could not read it: {type(e).__name__}: {str(e)[:500]}'
-
-
-def _check_structure(record, target, what, problems, config) -> None:
-  """ConfigMismatchError when an intact checkpoint's arrays are not ``target``'s."""
-  mismatch = integrity.structure_diff(record, target)
-  if mismatch and not problems:
+  mismatch = [] if target is None else integrity.structure_diff(record, target)
+  if mismatch and not problems:  # an intact checkpoint of other arrays
     fields = integrity.config_diff(record.get('config', {}), config) if config is not None else []
     if config is not None and not fields:
       fields = ['no recorded config field differs (written by another version of the code?)']
     raise integrity.ConfigMismatchError(what, fields + mismatch)
-
-
-def _check_values(record, restored, what) -> None:
+  if problems:
+    raise integrity.CorruptCheckpointError(what, problems)
+  try:
+    restored = restore()
+  except Exception as e:  # noqa: BLE001
+    raise integrity.CorruptCheckpointError(
+      what, [f'Orbax could not read it: {type(e).__name__}: {str(e)[:500]}']
+    ) from e
   bad = integrity.value_diff(record, restored)
   if bad:
     raise integrity.CorruptCheckpointError(what, bad)
+  return restored
 
 
 def train_manager(
@@ -216,13 +207,7 @@ class TrainCheckpoints:
     partial: ``abstract_tree`` is a subset of the saved tree (e.g. weights without
     optimizer state). Raises CorruptCheckpointError / ConfigMismatchError.
     """
-    what = _what(self.directory, step)
     step_dir = os.path.join(self.directory, str(step))
-    problems = integrity.check_files(step_dir)
-    record = _read_record(step_dir, what, problems)
-    _check_structure(record, abstract_tree, what, problems, self.config)
-    if problems:
-      raise integrity.CorruptCheckpointError(what, problems)
     target = _shape_structs(abstract_tree)
     if partial:
       restore_args = (
@@ -233,12 +218,13 @@ class TrainCheckpoints:
       args = ocp.args.PyTreeRestore(item=target, partial_restore=True, restore_args=restore_args)
     else:
       args = ocp.args.StandardRestore(target)
-    try:
-      restored = self.manager.restore(step, args=args)
-    except Exception as e:  # noqa: BLE001
-      raise integrity.CorruptCheckpointError(what, [_unreadable(e)]) from e
-    _check_values(record, restored, what)
-    return restored
+    return _verified_restore(
+      step_dir,
+      _what(self.directory, step),
+      abstract_tree,
+      self.config,
+      lambda: self.manager.restore(step, args=args),
+    )
 
   def restore_latest(self, abstract_tree):
     """(tree, step) of the newest intact step, or (None, None) with no checkpoint.
@@ -257,25 +243,17 @@ class TrainCheckpoints:
       if _all_processes(error is None):
         self._move_aside(failed)
         return tree, step
-      failed.append(
-        (
-          step,
-          error
-          or integrity.CorruptCheckpointError(
-            _what(self.directory, step), ['another process could not restore it']
-          ),
-        )
+      error = error or integrity.CorruptCheckpointError(
+        _what(self.directory, step), ['another process could not restore it']
       )
+      failed.append((step, error))
     if failed:
       lines = [f'step {s}: {p}' for s, e in failed for p in e.problems]
-      raise integrity.CorruptCheckpointError(
-        _what(self.directory),
-        lines
-        + [
-          'no step is intact; nothing was moved. Restore the files (or move the '
-          'directory away to start from scratch on purpose) and rerun'
-        ],
+      lines.append(
+        'no step is intact; nothing was moved. Restore the files (or move the '
+        'directory away to start from scratch on purpose) and rerun'
       )
+      raise integrity.CorruptCheckpointError(_what(self.directory), lines)
     return None, None
 
   def _move_aside(self, failed) -> None:

@@ -130,7 +130,7 @@ def _arguments(coordinator_address, num_processes, process_id, env):
       raise ValueError(
         f'multi-process run: set {", ".join(names)} together (missing: {", ".join(missing)})'
       )
-    coordinator_address = env[_ENV_ADDRESS]
+    given['coordinator_address'] = env[_ENV_ADDRESS]
     num_processes, process_id = _int_env(_ENV_COUNT, env), _int_env(_ENV_ID, env)
     source = 'environment'
   else:
@@ -143,14 +143,7 @@ def _arguments(coordinator_address, num_processes, process_id, env):
     raise ValueError(f'process_id={process_id} must be in [0, num_processes={num_processes})')
   if num_processes == 1:
     return None, f'single process (num_processes=1 from the {source})'
-  return (
-    {
-      'coordinator_address': coordinator_address,
-      'num_processes': num_processes,
-      'process_id': process_id,
-    },
-    source,
-  )
+  return dict(given, num_processes=num_processes, process_id=process_id), source
 
 
 def maybe_initialize(

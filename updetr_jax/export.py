@@ -75,14 +75,8 @@ def _unpadded_encode_image(next_fun, args, kwargs, context):
   if context.method_name != 'encode_image':
     return next_fun(*args, **kwargs)
   module = context.module
-  images = args[0] if args else kwargs['images']
-  feat = module.body(images)
-  b, h, w, _ = feat.shape
-  mask = jnp.zeros((b, h, w), bool)
-  pos = module.position(mask).astype(module.dtype)
-  src = module.input_proj(feat)
-  d = module.hidden_dim
-  return src.reshape(b, h * w, d), mask.reshape(b, h * w), pos.reshape(b, h * w, d)
+  feat = module.body(args[0] if args else kwargs['images'])
+  return module.encode_features(feat, jnp.zeros(feat.shape[:3], bool))
 
 
 def shape_constraints(model) -> tuple[str, ...]:
@@ -129,8 +123,11 @@ def export_jax(model, variables, platforms: Sequence[str] = ('cpu',)):
   )(jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32), jax.ShapeDtypeStruct((b, 2), jnp.float32))
 
 
-def _saved_model_module(model, variables, *, scale: int, max_size: int, platforms: Sequence[str]):
-  """A tf.Module whose ``serve`` is the SavedModel's signature; weights as tf.Variables."""
+def save_tf(
+  model, variables, path: str, *, scale: int, max_size: int, platforms: Sequence[str] = ('cpu',)
+) -> None:
+  """Writes the TF SavedModel (signature ``serving_default``, see the module docstring): a
+  tf.Module whose ``serve`` is the signature, the weights as tf.Variables."""
   import tensorflow as tf  # noqa: PLC0415
   from jax.experimental import jax2tf  # noqa: PLC0415
 
@@ -155,18 +152,6 @@ def _saved_model_module(model, variables, *, scale: int, max_size: int, platform
     return {'boxes': boxes, 'scores': scores, 'labels': labels}
 
   module.serve = serve
-  return module
-
-
-def save_tf(
-  model, variables, path: str, *, scale: int, max_size: int, platforms: Sequence[str] = ('cpu',)
-) -> None:
-  """Writes the TF SavedModel (signature ``serving_default``, see the module docstring)."""
-  import tensorflow as tf  # noqa: PLC0415
-
-  module = _saved_model_module(
-    model, variables, scale=scale, max_size=max_size, platforms=platforms
-  )
   tf.saved_model.save(module, path, signatures={SIGNATURE: module.serve.get_concrete_function()})
 
 
@@ -332,16 +317,7 @@ def main(argv):
   cli.setup_logging()
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  try:
-    model, variables, model_config, source, _ = predict.load_model(
-      workdir=FLAGS.workdir,
-      checkpoint=FLAGS.checkpoint,
-      config=FLAGS.config,
-      which=FLAGS.which,
-      kinds=('detr',),
-    )
-  except predict.ModelSourceError as e:
-    raise app.UsageError(str(e)) from e
+  model, variables, model_config, source, _ = predict.load_flagged_model(('detr',))
   if 'step' in source:
     logging.info('restored step %d of %s (%s)', source['step'], source['workdir'], source['which'])
   platforms = [p.strip() for p in FLAGS.platforms.split(',') if p.strip()]

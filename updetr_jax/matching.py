@@ -40,7 +40,7 @@ _SOLVER_CLIP = 1e30
 # --------------------------------------------------------------------------- #
 # Cost matrix
 # --------------------------------------------------------------------------- #
-def _match_cost_t(
+def match_cost(
   pred_logits,
   pred_boxes,
   tgt_labels,
@@ -50,10 +50,24 @@ def _match_cost_t(
   cost_bbox=5.0,
   cost_giou=2.0,
 ):
-  """:func:`match_cost` in targets-major layout ``[..., M, N]``.
+  """DETR matching cost ``[..., N, M]`` (float32, always finite).
 
-  This is the layout the solver works in (targets as rows), and on CPU it is
-  also the faster one to build (the long query axis is the minor one)."""
+  ``cost = cost_bbox * L1(cxcywh) - cost_class * softmax(logits)[label]
+  - cost_giou * GIoU(xyxy)``; the softmax includes the no-object logit.
+
+  Args:
+    pred_logits: ``[..., N, C+1]``.
+    pred_boxes: ``[..., N, 4]`` normalized cxcywh.
+    tgt_labels: ``[..., M]`` int class ids (values of padded targets ignored).
+    tgt_boxes: ``[..., M, 4]`` normalized cxcywh.
+    tgt_mask: ``[..., M]`` bool, True for real targets.
+    Leading dims broadcast (e.g. predictions ``[L, B]`` vs targets ``[B]``).
+  Returns:
+    ``[..., N, M]`` float32; padded columns are 0. NaN/inf entries (diverged
+    predictions) are replaced by +-1e7 so the solver stays well defined.
+  """
+  # Built targets-major ``[..., M, N]``: the layout the solver works in (targets as
+  # rows), and on CPU the faster one to build (the long query axis is the minor one).
   pred_logits = jnp.asarray(pred_logits, jnp.float32)
   pred_boxes = jnp.asarray(pred_boxes, jnp.float32)
   tgt_boxes = jnp.asarray(tgt_boxes, jnp.float32)
@@ -88,42 +102,8 @@ def _match_cost_t(
   cost = cost_bbox * c_bbox + cost_class * c_class + cost_giou * c_giou
   cost = jnp.nan_to_num(cost, nan=_COST_CLIP, posinf=_COST_CLIP, neginf=-_COST_CLIP)
   cost = jnp.clip(cost, -_COST_CLIP, _COST_CLIP)
-  return jnp.where(tgt_mask[..., :, None], cost, 0.0).astype(jnp.float32)
-
-
-def match_cost(
-  pred_logits,
-  pred_boxes,
-  tgt_labels,
-  tgt_boxes,
-  tgt_mask,
-  cost_class=1.0,
-  cost_bbox=5.0,
-  cost_giou=2.0,
-):
-  """DETR matching cost ``[..., N, M]`` (float32, always finite).
-
-  ``cost = cost_bbox * L1(cxcywh) - cost_class * softmax(logits)[label]
-  - cost_giou * GIoU(xyxy)``; the softmax includes the no-object logit.
-
-  Args:
-    pred_logits: ``[..., N, C+1]``.
-    pred_boxes: ``[..., N, 4]`` normalized cxcywh.
-    tgt_labels: ``[..., M]`` int class ids (values of padded targets ignored).
-    tgt_boxes: ``[..., M, 4]`` normalized cxcywh.
-    tgt_mask: ``[..., M]`` bool, True for real targets.
-    Leading dims broadcast (e.g. predictions ``[L, B]`` vs targets ``[B]``).
-  Returns:
-    ``[..., N, M]`` float32; padded columns are 0. NaN/inf entries (diverged
-    predictions) are replaced by +-1e7 so the solver stays well defined.
-  """
-  return jnp.swapaxes(
-    _match_cost_t(
-      pred_logits, pred_boxes, tgt_labels, tgt_boxes, tgt_mask, cost_class, cost_bbox, cost_giou
-    ),
-    -1,
-    -2,
-  )
+  cost = jnp.where(tgt_mask[..., :, None], cost, 0.0).astype(jnp.float32)
+  return jnp.swapaxes(cost, -1, -2)
 
 
 # --------------------------------------------------------------------------- #
@@ -433,7 +413,7 @@ def hungarian_match(
   """
   if solver not in _SOLVERS:
     raise ValueError(f'unknown matching solver {solver!r}; expected one of {sorted(_SOLVERS)}')
-  cost_t = _match_cost_t(
+  cost = match_cost(
     lax.stop_gradient(outputs['pred_logits']),
     lax.stop_gradient(outputs['pred_boxes']),
     targets['labels'],
@@ -443,6 +423,7 @@ def hungarian_match(
     cost_bbox=cost_bbox,
     cost_giou=cost_giou,
   )
+  cost_t = jnp.swapaxes(cost, -1, -2)  # targets-major, the solver's layout
   if num_groups:
     m, n = cost_t.shape[-2:]
     cost_t = cost_t + jnp.where(

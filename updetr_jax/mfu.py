@@ -136,10 +136,7 @@ def device_generation(device_kind: str) -> str | None:
 
 
 def _dtype_name(dtype: Any) -> str:
-  if isinstance(dtype, str):
-    name = dtype.lower()
-  else:
-    name = np.dtype(dtype).name
+  name = dtype.lower() if isinstance(dtype, str) else np.dtype(dtype).name
   return _DTYPE_ALIASES.get(name, name)
 
 

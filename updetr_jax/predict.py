@@ -64,7 +64,6 @@ flags, its checkpoint loading, its image and query preprocessing and its flag ch
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, NamedTuple
 
@@ -240,6 +239,21 @@ def load_model(
   return LoadedModel(model, variables, model_config, source, kind)
 
 
+def load_flagged_model(kinds=MODEL_KINDS) -> LoadedModel:
+  """``load_model`` of the flags of ``define_model_flags``; its errors are usage errors."""
+  FLAGS = flags.FLAGS  # noqa: N806
+  try:
+    return load_model(
+      workdir=FLAGS.workdir,
+      checkpoint=FLAGS.checkpoint,
+      config=FLAGS.config,
+      which=FLAGS.which,
+      kinds=kinds,
+    )
+  except ModelSourceError as e:
+    raise app.UsageError(str(e)) from e
+
+
 def load_image(path: str) -> np.ndarray:
   """File -> RGB uint8 [H, W, 3]."""
   with Image.open(path) as im:
@@ -375,8 +389,7 @@ def predict_files(
     if class_names is not None:
       rec['category_name'] = class_names.get(r['category_id'], 'N/A')
     records.append(rec)
-  with open(os.path.join(output, 'detections.json'), 'w') as f:
-    json.dump(records, f)
+  files.write_json(os.path.join(output, 'detections.json'), records, indent=None)
   return records
 
 
@@ -435,10 +448,8 @@ def predict_patch_files(
       for every image; query_names: K names recorded with them (e.g. the files).
     scale, max_size: the image resize (the pre-training evaluation's data.eval_scale
       and data.max_size), run alone with no padding as ``predict_files``.
-  Returns: the records, one per (image, patch): {file_name, image_id (position in
-    paths), patch (index k), bbox [x, y, w, h] in original pixels (clipped to the
-    image), score (probability of 'is the patch', label 1, of the top query of group
-    k), and query_box [x0, y0, x1, y1] with iou (of bbox with it), or query (the name)}.
+  Returns: the records, one per (image, patch), as in the module docstring (score: the
+    probability of 'is the patch', label 1, of the top query of group k).
   """
   if (query_boxes is None) == (patches is None):
     raise ValueError('give exactly one of query_boxes and patches')
@@ -488,8 +499,7 @@ def predict_patch_files(
       + (', their boxes (solid)' if query_boxes is not None else ''),
       scores=scores,
     )
-  with open(os.path.join(output, 'detections.json'), 'w') as f:
-    json.dump(records, f)
+  files.write_json(os.path.join(output, 'detections.json'), records, indent=None)
   return records
 
 
@@ -501,12 +511,6 @@ def _parse_box(text: str) -> list[float]:
   if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]:
     raise app.UsageError(f'--query_box={text!r}: give x0,y0,x1,y1 with x0<x1, y0<y1')
   return box
-
-
-def _image_size(path: str) -> tuple[int, int]:
-  """(width, height) of an image file, from its header."""
-  with Image.open(path) as im:
-    return im.size
 
 
 def _pretrain_queries(where: str, num_patches: int, queries, query_boxes, paths, size: int):
@@ -546,7 +550,8 @@ def _pretrain_queries(where: str, num_patches: int, queries, query_boxes, paths,
       'query_names': [os.path.basename(q) for q in queries],
     }
   for path in paths:  # the boxes are cut from each image: inside every one
-    w, h = _image_size(path)
+    with Image.open(path) as im:  # the size, from the header
+      w, h = im.size
     for b in boxes:
       if b[0] < 0 or b[1] < 0 or b[2] > w or b[3] > h:
         raise app.UsageError(
@@ -561,22 +566,16 @@ def main(argv):
   paths = argv[1:]
   if not paths:
     raise app.UsageError('give at least one image file')
-  try:
-    model, variables, model_config, source, kind = load_model(
-      workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, config=FLAGS.config, which=FLAGS.which
-    )
-  except ModelSourceError as e:
-    raise app.UsageError(str(e)) from e
   queries, boxes = list(FLAGS.query or []), list(FLAGS.query_box or [])
+  # A one-shot detector needs a --query.
+  model, variables, model_config, source, kind = load_flagged_model(
+    MODEL_KINDS if queries else ('detr', 'pretrain')
+  )
   where = FLAGS.workdir or FLAGS.checkpoint
   if kind == 'detr' and (queries or boxes):
     raise app.UsageError(
       f'{where} is a DETR, which takes no --query / --query_box (a one-shot or '
       'pre-training model does)'
-    )
-  if kind == 'oneshot' and not queries:
-    raise app.UsageError(
-      f'{where} is a one-shot detector: it needs a query (predict --query=crop.jpg)'
     )
   if kind == 'oneshot' and (len(queries) > 1 or len(boxes) > 1):
     raise app.UsageError(

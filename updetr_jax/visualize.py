@@ -18,6 +18,27 @@ def denormalize(x: np.ndarray) -> np.ndarray:
   return np.clip(np.asarray(x) * std + mean, 0.0, 1.0)
 
 
+def _save(fig, path: str) -> None:
+  files.save_figure(fig, path, dpi=100)
+  plt.close(fig)
+
+
+def _box(ax, x0, y0, x1, y1, color, **style) -> None:
+  ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, **style))
+
+
+def _label(ax, x, y, text: str, color, fontsize=9, **frame) -> None:
+  ax.text(
+    x, y, text, fontsize=fontsize, va='bottom', bbox=dict(facecolor=color, alpha=0.6, **frame)
+  )
+
+
+def _show_xyxy(ax, h: int, w: int) -> None:
+  ax.set_xlim(0, w)
+  ax.set_ylim(h, 0)
+  ax.axis('off')
+
+
 def _xyxy_pixels(box_cxcywh, h, w):
   cx, cy, bw, bh = np.asarray(box_cxcywh, np.float64)
   return (cx - bw / 2) * w, (cy - bh / 2) * h, bw * w, bh * h
@@ -61,17 +82,10 @@ def plot_patch_detection(
       drawn.insert(0, (true_boxes[j], '-'))
     for box, style in drawn:
       x, y, bw, bh = _xyxy_pixels(box, h, w)
-      ax.add_patch(plt.Rectangle((x, y), bw, bh, fill=False, lw=2, ls=style, edgecolor=colors[j]))
+      _box(ax, x, y, x + bw, y + bh, colors[j], lw=2, ls=style)
     if scores is not None:
       x, y, _, _ = _xyxy_pixels(pred_boxes[j], h, w)
-      ax.text(
-        x,
-        y,
-        f'#{j} {float(scores[j]):.2f}',
-        fontsize=8,
-        va='bottom',
-        bbox=dict(facecolor=colors[j], alpha=0.6, pad=1, lw=0),
-      )
+      _label(ax, x, y, f'#{j} {float(scores[j]):.2f}', colors[j], fontsize=8, pad=1, lw=0)
   ax.set_title(title or 'query patches: true box (solid) vs prediction (dashed)')
   ax.axis('off')
   for j in range(m):
@@ -85,8 +99,7 @@ def plot_patch_detection(
     pa.set_title(label, fontsize=8, color=colors[j])
     pa.axis('off')
   fig.tight_layout()
-  files.save_figure(fig, path, dpi=100)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def plot_curves(path: str, curves: dict[str, tuple[list, list]], title: str = '') -> None:
@@ -100,8 +113,7 @@ def plot_curves(path: str, curves: dict[str, tuple[list, list]], title: str = ''
   ax.legend()
   ax.set_title(title)
   fig.tight_layout()
-  files.save_figure(fig, path, dpi=100)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def plot_detections(path: str, image_rgb, boxes_xyxy, labels, scores, class_names=None) -> None:
@@ -127,20 +139,10 @@ def plot_detections(path: str, image_rgb, boxes_xyxy, labels, scores, class_name
       except (KeyError, IndexError):
         pass
     color = plt.cm.tab20(label % 20)
-    ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=2, edgecolor=color))
-    ax.text(
-      x0,
-      y0,
-      f'{name} {float(score):.2f}',
-      fontsize=9,
-      va='bottom',
-      bbox=dict(facecolor=color, alpha=0.6, pad=1, lw=0),
-    )
-  ax.set_xlim(0, w)
-  ax.set_ylim(h, 0)
-  ax.axis('off')
-  files.save_figure(fig, path, dpi=100)
-  plt.close(fig)
+    _box(ax, x0, y0, x1, y1, color, lw=2)
+    _label(ax, x0, y0, f'{name} {float(score):.2f}', color, pad=1, lw=0)
+  _show_xyxy(ax, h, w)
+  _save(fig, path)
 
 
 def plot_oneshot(
@@ -163,20 +165,13 @@ def plot_oneshot(
   ax = fig.add_subplot(grid[0, 1])
   ax.imshow(image)
   for x0, y0, x1, y1 in np.asarray(true_boxes if true_boxes is not None else [], np.float64):
-    ax.add_patch(
-      plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.5, ls='--', edgecolor='white')
-    )
+    _box(ax, x0, y0, x1, y1, 'white', lw=1.5, ls='--')
   for (x0, y0, x1, y1), score in zip(np.asarray(boxes_xyxy, np.float64), np.asarray(scores)):
-    ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=2, edgecolor='lime'))
-    ax.text(
-      x0, y0, f'{float(score):.2f}', fontsize=9, va='bottom', bbox=dict(facecolor='lime', alpha=0.6)
-    )
-  ax.set_xlim(0, w)
-  ax.set_ylim(h, 0)
-  ax.axis('off')
+    _box(ax, x0, y0, x1, y1, 'lime', lw=2)
+    _label(ax, x0, y0, f'{float(score):.2f}', 'lime')
+  _show_xyxy(ax, h, w)
   ax.set_title(
     title or 'found instances (solid)' + (', true (dashed)' if true_boxes is not None else '')
   )
   fig.tight_layout()
-  files.save_figure(fig, path, dpi=100)
-  plt.close(fig)
+  _save(fig, path)

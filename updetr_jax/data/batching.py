@@ -49,45 +49,44 @@ def _row_signature(b):
   )
 
 
-def load_row_image(source: sources.Source, r):
-  """The row's image, uint8 [h, w, 3]: decoded, or gray if the row is a fallback."""
+def load_row_image(source: sources.Source, r, prefix: str = ''):
+  """The row's image, uint8 [h, w, 3]: decoded, or gray if the row is a fallback
+  (``prefix``: of the fields ``image``, ``path``, ``decoder``, ``height``, ``width``)."""
 
   def load():
-    return source.tf_load(r['image'], r['path'], r['decoder'])
+    return source.tf_load(r[prefix + 'image'], r[prefix + 'path'], r[prefix + 'decoder'])
 
   def blank():
-    return tf.fill(tf.stack([r['height'], r['width'], 3]), tf.constant(124, tf.uint8))
+    size = tf.stack([r[prefix + 'height'], r[prefix + 'width'], 3])
+    return tf.fill(size, tf.constant(124, tf.uint8))
 
   return tf.cond(r['fallback'], blank, load)
+
+
+def _resize_and_pad(image, r, convert):
+  """image [h, w, 3] (0..255) resized to (rh, rw), ``convert``ed, zero-padded
+  bottom/right to [bh, bw, 3]."""
+  det = convert(augment.resize_image(image, tf.stack([r['rh'], r['rw']])))
+  return tf.pad(det, [[0, r['bh'] - r['rh']], [0, r['bw'] - r['rw']], [0, 0]])
 
 
 def resize_and_pad(image, r):
   """image [h, w, 3] (0..255) -> (normalised float32 [bh, bw, 3] resized to (rh, rw)
   and zero-padded bottom/right, padding_mask bool [bh, bw] True on padding)."""
-  det = augment.resize_image(image, tf.stack([r['rh'], r['rw']]))
-  det = augment.normalize(det, 255.0)
-  det = tf.pad(det, [[0, r['bh'] - r['rh']], [0, r['bw'] - r['rw']], [0, 0]])
+  det = _resize_and_pad(image, r, lambda x: augment.normalize(x, 255.0))
   inside = (tf.range(r['bh'])[:, None] < r['rh']) & (tf.range(r['bw'])[None, :] < r['rw'])
   return det, ~inside
 
 
-def resize_and_pad_uint8(image, r):
-  """image uint8 [h, w, 3] -> uint8 [bh, bw, 3]: resized to (rh, rw) (as
-  ``resize_image``, rounded) and zero-padded bottom/right."""
-  det = augment.resize_image(image, tf.stack([r['rh'], r['rw']]))
-  det = tf.cast(tf.clip_by_value(tf.round(det), 0.0, 255.0), tf.uint8)
-  return tf.pad(det, [[0, r['bh'] - r['rh']], [0, r['bw'] - r['rw']], [0, 0]])
-
-
-def make_row_fn(source: sources.Source, cfg: dict, *, num_patches: int, train: bool):
+def make_row_fn(source: sources.Source, cfg: dict, *, num_patches: int):
   """Row record (see _row_signature, scalars) -> one example (unbatched tensors).
 
-  The host part of the patch pipeline: decode, resize and pad (uint8), draw the
-  patch rectangles; the crops, their augmentation and every float conversion happen
-  on the accelerator (``device_augment.prepare_batch``). ``train`` only changes the
-  plan (scales, shuffling), not this function.
+  The host part of the patch pipeline: decode, resize and pad (uint8, rounded), draw
+  the patch rectangles; the crops, their augmentation and every float conversion
+  happen on the accelerator (``device_augment.prepare_batch``). Training only changes
+  the plan (scales, shuffling), not this function.
   """
-  del train  # the augmentation is the device's (device_augment.batch_preparer)
+  to_uint8 = lambda x: tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)  # noqa: E731
 
   @tf.autograph.experimental.do_not_convert
   def row_fn(r):
@@ -101,7 +100,7 @@ def make_row_fn(source: sources.Source, cfg: dict, *, num_patches: int, train: b
     patch_boxes = tf.cast(boxes_px, tf.float32) * tf.stack([sx, sy, sx, sy])
     valid = r['valid'] & ~r['fallback']
     return dict(
-      images=resize_and_pad_uint8(image, r),
+      images=_resize_and_pad(image, r, to_uint8),
       image_size=tf.stack([r['rh'], r['rw']]),
       patch_boxes=patch_boxes,
       patch_seeds=tf.stack(
@@ -220,22 +219,19 @@ class BatchIterator:
   def plan(self, epoch: int) -> planning.EpochPlan:
     """The epoch's plan (the last two are cached)."""
     with self._lock:
-      return self._plan_locked(epoch)
-
-  def _plan_locked(self, epoch: int) -> planning.EpochPlan:
-    if epoch not in self._plans:
-      plan = self.make_plan(epoch)
-      if self.train and len(plan) == 0:
-        raise ValueError(
-          f'data: epoch {epoch} of {self.source.name} gives no full global batch of '
-          f'{self.global_batch} ({int(self.source.index.usable.sum())} usable images x '
-          f'{self.repeats} repeats over {len(self._shapes)} buckets); lower the batch '
-          'size, use fewer data.buckets or raise data.demo_repeats'
-        )
-      self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
-      self._plans[epoch] = plan
-      self._epoch_batches[epoch] = len(plan)
-    return self._plans[epoch]
+      if epoch not in self._plans:
+        plan = self.make_plan(epoch)
+        if self.train and len(plan) == 0:
+          raise ValueError(
+            f'data: epoch {epoch} of {self.source.name} gives no full global batch of '
+            f'{self.global_batch} ({int(self.source.index.usable.sum())} usable images x '
+            f'{self.repeats} repeats over {len(self._shapes)} buckets); lower the batch '
+            'size, use fewer data.buckets or raise data.demo_repeats'
+          )
+        self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
+        self._plans[epoch] = plan
+        self._epoch_batches[epoch] = len(plan)
+      return self._plans[epoch]
 
   def locate(self, step: int) -> tuple[int, int] | None:
     """Global step -> (epoch, batch in epoch), or None past the end (evaluation)."""
@@ -369,7 +365,7 @@ class PretrainIterator(BatchIterator):
   def __init__(self, source, cfg, *, num_patches, **kw):
     super().__init__(source, cfg, shapes=planning.bucket_shapes(cfg), **kw)
     self.num_patches = num_patches
-    self._row_fn = make_row_fn(source, cfg, num_patches=num_patches, train=self.train)
+    self._row_fn = make_row_fn(source, cfg, num_patches=num_patches)
 
   def format(self, b):
     return dict(
@@ -383,8 +379,9 @@ class PretrainIterator(BatchIterator):
     )
 
 
-def check_batch_args(global_batch_size, start_step, process_index, process_count):
-  """Validate the batch / resume / host arguments of the dataset factories."""
+def check_batch_args(global_batch_size, start_step, process_index, process_count, **kw) -> dict:
+  """Validate the batch / resume / host arguments of the dataset factories; returns
+  them with ``kw`` as the iterator's keyword arguments."""
   if global_batch_size <= 0 or process_count <= 0:
     raise ValueError('global_batch_size and process_count must be positive')
   if global_batch_size % process_count:
@@ -395,6 +392,13 @@ def check_batch_args(global_batch_size, start_step, process_index, process_count
     raise ValueError(f'process_index={process_index} not in [0, {process_count})')
   if start_step < 0:
     raise ValueError(f'start_step={start_step} must be >= 0')
+  return dict(
+    global_batch_size=global_batch_size,
+    start_step=start_step,
+    process_index=process_index,
+    process_count=process_count,
+    **kw,
+  )
 
 
 def make_pretrain_dataset(
@@ -426,22 +430,13 @@ def make_pretrain_dataset(
   deterministic pass without augmentation and pads the last batch of each bucket.
   """
   cfg = config.resolve_config(data_config)
-  check_batch_args(global_batch_size, start_step, process_index, process_count)
+  kw = check_batch_args(
+    global_batch_size, start_step, process_index, process_count, train=train, seed=seed
+  )
   if num_patches < 1:
     raise ValueError(f'num_patches={num_patches} must be >= 1')
   source = sources.make_source(cfg)
   stats = planning.DataStats(source.name)
-  it = PretrainIterator(
-    source,
-    cfg,
-    global_batch_size=global_batch_size,
-    num_patches=num_patches,
-    train=train,
-    seed=seed,
-    start_step=start_step,
-    process_index=process_index,
-    process_count=process_count,
-    stats=stats,
-  )
+  it = PretrainIterator(source, cfg, num_patches=num_patches, stats=stats, **kw)
   it.locate(start_step)  # plans the first epoch now: configuration errors surface here
   return it, stats

@@ -18,6 +18,24 @@ PIPELINE_DEFAULTS: dict[str, Any] = dict(
   tune_malloc=True,
 )
 
+# The query patches (crop size and the device's augmentation of them), shared with
+# the one-shot pipeline.
+PATCH_DEFAULTS: dict[str, Any] = dict(
+  patch_size=128,
+  augment_patches=True,
+  color_jitter=(0.4, 0.4, 0.4, 0.1),
+  color_jitter_prob=0.8,
+  color_jitter_random_order=False,
+  grayscale_prob=0.2,
+  blur_prob=0.5,
+  blur_sigma=(0.1, 2.0),
+  blur_kernel_size=0,
+  # Examples whose patches the device makes at once (device_augment.map_examples):
+  # must divide the per-device batch; the same value gives bit-identical patches on
+  # any number of devices.
+  patch_chunk=1,
+)
+
 DEFAULTS: dict[str, Any] = dict(
   source='tfds',
   tfds_name='imagenet2012',
@@ -47,19 +65,7 @@ DEFAULTS: dict[str, Any] = dict(
   max_size=600,
   eval_scale=480,
   buckets=((384, 512), (448, 576), (480, 608)),
-  patch_size=128,
-  augment_patches=True,
-  color_jitter=(0.4, 0.4, 0.4, 0.1),
-  color_jitter_prob=0.8,
-  color_jitter_random_order=False,
-  grayscale_prob=0.2,
-  blur_prob=0.5,
-  blur_sigma=(0.1, 2.0),
-  blur_kernel_size=0,
-  # Examples whose patches the device makes at once (device_augment.map_examples):
-  # must divide the per-device batch; the same value gives bit-identical patches on
-  # any number of devices.
-  patch_chunk=1,
+  **PATCH_DEFAULTS,
   **PIPELINE_DEFAULTS,
 )
 

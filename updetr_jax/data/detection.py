@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -79,7 +78,6 @@ import numpy as np
 import tensorflow as tf
 
 from updetr_jax.class_names import COCO_CATEGORIES, VOC_CLASSES
-from updetr_jax import files
 from updetr_jax.data import augment, batching, config, planning, sources
 
 DETECTION_DEFAULTS: dict[str, Any] = dict(
@@ -110,6 +108,7 @@ DETECTION_DEFAULTS: dict[str, Any] = dict(
 
 # The per-example geometry fields of ``plan_geometry`` (without rh, rw).
 _GEOMETRY = ('flip', 'crop', 'h1', 'w1', 'y0', 'x0', 'ch', 'cw')
+_FLAGS = ('flip', 'crop')  # the boolean ones
 # Philox stream tags of the per-example training geometry (1, 2: see batching).
 _T_FLIP, _T_CROP, _T_S1, _T_CH, _T_CW, _T_Y, _T_X, _T_S2, _T_KEEP = range(10, 19)
 
@@ -319,20 +318,6 @@ def tfds_per_image(example: dict, kind: str, height: int, width: int):
   )
 
 
-def _cached_npz(cache_dir, key: str, build):
-  """dict of arrays from ``build()``, saved once under ``cache_dir`` (None: no cache)."""
-  if not cache_dir:
-    return build()
-  cache_dir = os.path.expanduser(cache_dir)
-  path = os.path.join(cache_dir, 'ann-' + hashlib.sha1(key.encode()).hexdigest()[:20] + '.npz')
-  if files.exists(path):
-    return files.read_npz(path)
-  out = build()
-  files.makedirs(cache_dir)
-  files.write_npz(path, out)
-  return out
-
-
 def _tfds_part_annotations(part, kind: str, cfg) -> list:
   """per_image entries of one TFDSSource (read once, cached like the image index)."""
   idx = part.index
@@ -365,20 +350,10 @@ def _tfds_part_annotations(part, kind: str, cfg) -> list:
       difficult=cat(4, bool),
     )
 
-  key = '\n'.join(
-    map(
-      str,
-      (
-        'tfds-annotations',
-        part.name,
-        part.builder.data_dir,
-        part.builder.info.version,
-        part.num_images,
-        kind,
-      ),
-    )
-  )
-  z = _cached_npz(cfg['index_cache_dir'], key, build)
+  b = part.builder
+  fields = ('tfds-annotations', part.name, b.data_dir, b.info.version, part.num_images, kind)
+  key = '\n'.join(map(str, fields))
+  z = sources.cached_npz(cfg['index_cache_dir'], 'ann', key, build)
   ends = np.cumsum(z['counts'])
   starts = ends - z['counts']
   keep_diff = kind == 'voc' and not cfg['voc_keep_difficult']
@@ -541,18 +516,10 @@ class DetectionIterator(batching.BatchIterator):
     g = plan_geometry(
       index.height[image], index.width[image], cfg, seed=self.seed, epoch=epoch, train=self.train
     )
-    bucket, rh, rw = planning.assign_to_caps(g.pop('rh'), g.pop('rw'), planning.bucket_caps(cfg))
-    examples, valid, bucket_of = planning.group_batches(
-      order, bucket, self.global_batch, self.train
-    )
-    return planning.EpochPlan(
-      examples,
-      valid,
-      bucket_of,
-      image,
-      rh.astype(np.int32),
-      rw.astype(np.int32),
-      extra={**g, **(extra or {})},
+    rh, rw = g.pop('rh'), g.pop('rw')
+    caps = planning.bucket_caps(cfg)
+    return planning.batch_plan(
+      order, image, rh, rw, caps, self.global_batch, self.train, {**g, **(extra or {})}
     )
 
   def example_targets(self, plan, example: int, image: int):
@@ -563,10 +530,7 @@ class DetectionIterator(batching.BatchIterator):
   def row_signature(self):
     b, t = self.local_batch, self.max_targets
     sig = super().row_signature()
-    for k in ('flip', 'crop'):
-      sig[k] = tf.TensorSpec([b], tf.bool)
-    for k in ('h1', 'w1', 'y0', 'x0', 'ch', 'cw'):
-      sig[k] = tf.TensorSpec([b], tf.int32)
+    sig.update({k: tf.TensorSpec([b], tf.bool if k in _FLAGS else tf.int32) for k in _GEOMETRY})
     sig.update(
       labels=tf.TensorSpec([b, t], tf.int32),
       boxes=tf.TensorSpec([b, t, 4], tf.float32),
@@ -595,21 +559,15 @@ class DetectionIterator(batching.BatchIterator):
       if len(keep) > t:
         truncated[r] = True
         if self.train:
-          rng = np.random.Generator(
-            np.random.Philox(
-              np.random.SeedSequence([int(self.seed) & 0xFFFFFFFF, epoch, _T_KEEP, int(ex[r])])
-            )
-          )
-          sel = np.sort(rng.permutation(len(keep))[:t])
+          key = np.random.SeedSequence([int(self.seed) & 0xFFFFFFFF, epoch, _T_KEEP, int(ex[r])])
+          sel = np.sort(np.random.Generator(np.random.Philox(key)).permutation(len(keep))[:t])
         else:
           sel = np.arange(t)
         cxcywh, lab = cxcywh[sel], lab[sel]
       k = len(lab)
       labels[r, :k], boxes[r, :k], tmask[r, :k] = lab, cxcywh, True
     rows.update(
-      flip=g['flip'].astype(bool),
-      crop=g['crop'].astype(bool),
-      **{k: g[k] for k in ('h1', 'w1', 'y0', 'x0', 'ch', 'cw')},
+      **{k: g[k].astype(bool) if k in _FLAGS else g[k] for k in _GEOMETRY},
       labels=labels,
       boxes=boxes,
       tmask=tmask,
@@ -678,22 +636,13 @@ def make_detection_dataset(
   exactly); evaluation makes one pass.
   """
   cfg = resolve_detection_config(data_config)
-  batching.check_batch_args(global_batch_size, start_step, process_index, process_count)
+  kw = batching.check_batch_args(
+    global_batch_size, start_step, process_index, process_count, train=train, seed=seed
+  )
   source, ann, names, to_cat, num_classes = make_detection_source(cfg, train)
   stats = DetectionStats(source.name)
   stats._add(**ann.dropped)
-  it = DetectionIterator(
-    source,
-    cfg,
-    ann,
-    global_batch_size=global_batch_size,
-    train=train,
-    seed=seed,
-    start_step=start_step,
-    process_index=process_index,
-    process_count=process_count,
-    stats=stats,
-  )
+  it = DetectionIterator(source, cfg, ann, stats=stats, **kw)
   usable = source.index.usable
   info = DatasetInfo(
     num_classes=num_classes,

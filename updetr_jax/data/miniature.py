@@ -10,13 +10,13 @@ Public API:
       image_size=(128, 128), verify=False) -> dict of paths and counts
   miniature_paths(directory) -> the same dict without writing (counts: manifest's)
   render_split(split, num_images, *, seed=0, image_size=(128, 128))
+      -> iterator of (image uint8 [H, W, 3], annotations)
+  contact_sheet(paths, out_png, split='eval', num_images=12, scale=2)
+  CLI: python -m updetr_jax.data.miniature --output=DIR [--seed=0 ...]
 
 One file: the generator's stages (object sources, layouts, rendering, COCO json,
 manifest) share one seeding scheme that makes the benchmark deterministic and its
 splits disjoint; they are read together, with docs/miniature.md.
-      -> iterator of (image uint8 [H, W, 3], annotations)
-  contact_sheet(paths, out_png, split='eval', num_images=12, scale=2)
-  CLI: python -m updetr_jax.data.miniature --output=DIR [--seed=0 ...]
 
 Layout of ``directory`` (dedicated to the benchmark: a rewrite replaces these):
   pool/*.jpg             unlabelled pre-training scenes (data.source='folder')
@@ -72,6 +72,8 @@ from typing import Iterator
 
 import numpy as np
 from PIL import Image
+
+from updetr_jax import files
 
 GENERATOR_VERSION = 2
 SPLITS = ('pool', 'train', 'eval')
@@ -518,7 +520,13 @@ def write_miniature(
       os.remove(paths[f'{split}_ann'])
   h, w = params['image_size']
   names = dict(CATEGORIES)
-  files, counts, used = {}, {}, {}
+  written, counts, used = {}, {}, {}
+
+  def write(rel: str, data: bytes) -> None:
+    with open(os.path.join(root, rel), 'wb') as f:
+      f.write(data)
+    written[rel] = [len(data), hashlib.sha256(data).hexdigest()]
+
   for split in SPLITS:
     n = params[f'num_{split}']
     os.makedirs(paths[f'{split}_dir'])
@@ -529,10 +537,7 @@ def write_miniature(
       render_split(split, n, seed=params['seed'], image_size=(h, w))
     ):
       name = f'{i:06d}_{h}x{w}.jpg'
-      data = _encode_jpeg(image)
-      with open(os.path.join(paths[f'{split}_dir'], name), 'wb') as f:
-        f.write(data)
-      files[f'{split}/{name}'] = [len(data), hashlib.sha256(data).hexdigest()]
+      write(f'{split}/{name}', _encode_jpeg(image))
       keys.update(a['instance'] for a in anns)
       coco['images'].append(dict(id=i + 1, file_name=name, height=h, width=w))
       for a in anns:
@@ -552,10 +557,7 @@ def write_miniature(
     counts[split] = dict(images=n, boxes=len(coco['annotations']), boxes_per_class=per_class)
     used[split] = sorted(keys, key=lambda k: (k.split(':')[0], int(k.split(':')[1])))
     if split != 'pool':
-      data = json.dumps(coco).encode()
-      with open(paths[f'{split}_ann'], 'wb') as f:
-        f.write(data)
-      files[f'{split}.json'] = [len(data), hashlib.sha256(data).hexdigest()]
+      write(f'{split}.json', json.dumps(coco).encode())
   ev = counts['eval']
   default_sizes = params == _params(params['seed'], **DEFAULT_COUNTS, image_size=DEFAULT_IMAGE_SIZE)
   if default_sizes and (ev['images'] < MIN_EVAL_IMAGES or ev['boxes'] < MIN_EVAL_BOXES):
@@ -573,12 +575,9 @@ def write_miniature(
     split_seed=SPLIT_SEED,
     instances_used=used,
     backgrounds={s: [b for b, _ in split_assets(s).backgrounds] for s in SPLITS},
-    files=files,
+    files=written,
   )
-  tmp = paths['manifest'] + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(manifest, f, indent=1)
-  os.replace(tmp, paths['manifest'])
+  files.write_json(paths['manifest'], manifest, indent=1)
   out = miniature_paths(directory)
   out['seconds'] = time.perf_counter() - start
   return out

@@ -63,24 +63,12 @@ from updetr_jax.data import batching, config, detection, patches, planning
 # CoAE's VOC split.
 VOC_UNSEEN_CLASSES = ('cow', 'sheep', 'cat', 'aeroplane')
 
-_QUERY_FIELDS = (
-  'patch_size',
-  'augment_patches',
-  'color_jitter',
-  'color_jitter_prob',
-  'color_jitter_random_order',
-  'grayscale_prob',
-  'blur_prob',
-  'blur_sigma',
-  'blur_kernel_size',
-  'patch_chunk',
-)
 ONESHOT_DEFAULTS: dict[str, Any] = dict(
   detection.DETECTION_DEFAULTS,
   source='tfds_voc',
   unseen_classes=VOC_UNSEEN_CLASSES,
   query_min_size=8,
-  **{k: config.DEFAULTS[k] for k in _QUERY_FIELDS},
+  **config.PATCH_DEFAULTS,
 )
 
 # Philox stream tags of the training choices (detection.py uses 10..18).
@@ -240,9 +228,8 @@ class OneShotProtocol:
         pool = self.pool.get(int(c), np.zeros(0, np.int64))
       key = [int(query_seed), int(self.ann.image_ids[i]) & 0xFFFFFFFFFFFF, int(c)]
       key += [1] if other_class else []
-      perm = np.random.Generator(np.random.Philox(np.random.SeedSequence(key))).permutation(
-        len(pool)
-      )
+      rng = np.random.Generator(np.random.Philox(np.random.SeedSequence(key)))
+      perm = rng.permutation(len(pool))
       other = perm[self.row_image[pool[perm]] != i]
       if len(other):
         out[t] = pool[other[0]]
@@ -368,11 +355,7 @@ class OneShotIterator(detection.DetectionIterator):
     @tf.autograph.experimental.do_not_convert
     def row_fn(r):
       out = detect_row(r)
-      image = tf.cond(
-        r['fallback'],
-        lambda: tf.fill(tf.stack([r['q_height'], r['q_width'], 3]), tf.constant(124, tf.uint8)),
-        lambda: source.tf_load(r['q_image'], r['q_path'], r['q_decoder']),
-      )
+      image = batching.load_row_image(source, r, 'q_')
       shape = tf.shape(image)
       box = r['q_box']
       x0 = tf.clip_by_value(tf.cast(tf.floor(box[0]), tf.int32), 0, shape[1] - 1)
@@ -426,7 +409,9 @@ def make_oneshot_dataset(
   queries of ``query_seed`` (``iterator.use_query_seed`` switches to another run).
   """
   cfg = resolve_oneshot_config(data_config)
-  batching.check_batch_args(global_batch_size, start_step, process_index, process_count)
+  kw = batching.check_batch_args(
+    global_batch_size, start_step, process_index, process_count, train=train, seed=seed
+  )
   source, ann, names, to_cat, num_classes = detection.make_detection_source(cfg, train)
   seen, unseen = class_split(cfg['unseen_classes'], names, to_cat)
   stats = OneShotStats(source.name)
@@ -435,20 +420,7 @@ def make_oneshot_dataset(
     ann, n_unseen = drop_classes(ann, unseen)
     stats._add(unseen_boxes=n_unseen)
   protocol = OneShotProtocol(ann, source.index.usable, cfg['query_min_size'])
-  it = OneShotIterator(
-    source,
-    cfg,
-    ann,
-    protocol,
-    query_seed=query_seed,
-    global_batch_size=global_batch_size,
-    train=train,
-    seed=seed,
-    start_step=start_step,
-    process_index=process_index,
-    process_count=process_count,
-    stats=stats,
-  )
+  it = OneShotIterator(source, cfg, ann, protocol, query_seed=query_seed, stats=stats, **kw)
   stats._add(**it.counts)
   if train:
     num_trials = len(it.images)

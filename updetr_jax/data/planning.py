@@ -224,9 +224,17 @@ def plan_epoch(
   h = np.maximum(index.height[image], 1)
   w = np.maximum(index.width[image], 1)
   rh, rw = augment.resize_rule(h, w, scale, cfg['max_size'])
-  bucket, rh, rw = assign_to_caps(rh, rw, bucket_caps(cfg))
+  return batch_plan(order, image, rh, rw, bucket_caps(cfg), global_batch, train)
+
+
+def batch_plan(order, image, rh, rw, caps, global_batch: int, train: bool, extra=None):
+  """The EpochPlan of the examples in ``order`` (showing ``image`` [n], resized to
+  rh, rw [n]): their buckets among ``caps`` (``assign_to_caps``), then the batches."""
+  bucket, rh, rw = assign_to_caps(rh, rw, caps)
   examples, valid, bucket_of = group_batches(order, bucket, global_batch, train)
-  return EpochPlan(examples, valid, bucket_of, image, rh.astype(np.int32), rw.astype(np.int32))
+  return EpochPlan(
+    examples, valid, bucket_of, image, rh.astype(np.int32), rw.astype(np.int32), extra
+  )
 
 
 def group_batches(order, bucket, global_batch: int, train: bool):

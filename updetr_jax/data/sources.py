@@ -78,19 +78,8 @@ DEMO_IMAGES = (
 )
 # The pre-training demo trains on DEMO_TRAIN_IMAGES and evaluates on photos it never
 # sees (DEMO_EVAL_IMAGES, also offline in the wheel).
-DEMO_TRAIN_IMAGES = (
-  'astronaut',
-  'chelsea',
-  'rocket',
-  'hubble_deep_field',
-  'immunohistochemistry',
-  'retina',
-  'colorwheel',
-  'coins',
-  'clock',
-  'moon',
-)
 DEMO_EVAL_IMAGES = ('coffee', 'camera', 'cell', 'gravel')
+DEMO_TRAIN_IMAGES = tuple(n for n in DEMO_IMAGES if n not in DEMO_EVAL_IMAGES)
 
 
 class ImageIndex:
@@ -109,11 +98,6 @@ class ImageIndex:
   def usable(self):
     """bool [n]: not skipped."""
     return ~np.isin(self.status, SKIP_STATUSES)
-
-  def save(self, path):
-    files.write_npz(
-      path, dict(height=self.height, width=self.width, status=self.status, decoder=self.decoder)
-    )
 
   @classmethod
   def load(cls, path):
@@ -223,25 +207,27 @@ def _build_index(read_fn, n: int, threads: int, what: str) -> ImageIndex:
   return ImageIndex(out[:, 0], out[:, 1], out[:, 2], out[:, 3])
 
 
-def _cached_index(cache_dir, key: str, build) -> ImageIndex:
+def cached_npz(cache_dir, prefix: str, key: str, build) -> dict:
+  """The arrays {name: array} of ``build()``, saved once under ``cache_dir`` as
+  ``<prefix>-<hash of key>.npz`` and read from there later (no ``cache_dir``: no cache)."""
   if not cache_dir:
     return build()
   cache_dir = os.path.expanduser(cache_dir)
-  digest = hashlib.sha1(f'v{_INDEX_VERSION}\n{key}'.encode()).hexdigest()[:20]
-  path = os.path.join(cache_dir, f'index-{digest}.npz')
+  path = os.path.join(cache_dir, f'{prefix}-{hashlib.sha1(key.encode()).hexdigest()[:20]}.npz')
   if files.exists(path):
-    return ImageIndex.load(path)
-  index = build()
+    return files.read_npz(path)
+  out = build()
   files.makedirs(cache_dir)
-  index.save(path)
-  return index
+  files.write_npz(path, out)
+  return out
 
 
 class Source:
   """Random-access image source.
 
   num_images: int; index: ImageIndex; name: str.
-  tf_load(image_id int64 [], path string []) -> uint8 [h, w, 3] (in graph);
+  tf_load(image_id int64 [], path string []) -> uint8 [h, w, 3] (in graph; by default
+  ``read_bytes`` decoded);
   read_bytes(i) -> encoded bytes (None for in-memory sources);
   paths: list[str] per image or None (then rows carry '' as path).
   """
@@ -250,10 +236,16 @@ class Source:
   paths = None
 
   def tf_load(self, image_id, path, decoder):
-    raise NotImplementedError
+    data = tf.numpy_function(self.read_bytes, [image_id], tf.string, stateful=False)
+    return _tf_decode(tf.ensure_shape(data, []), decoder)
 
   def read_bytes(self, i):
     return None
+
+  def _probe_index(self, cache_dir, key: str, threads: int) -> ImageIndex:
+    """The index probed from ``read_bytes`` (saved once under ``cache_dir``, by ``key``)."""
+    build = lambda: vars(_build_index(self.read_bytes, self.num_images, threads, self.name))  # noqa: E731
+    return ImageIndex(**cached_npz(cache_dir, 'index', f'v{_INDEX_VERSION}\n{key}', build))
 
   def python_load(self, i) -> np.ndarray:
     """Decode image i on the host, raising on failure (used to find bad rows)."""
@@ -279,15 +271,12 @@ class MemorySource(Source):
       [DECODER_TF] * self.num_images,
     )
 
-  def _get(self, i):
+  def python_load(self, i):
     return self.arrays[int(i)]
 
   def tf_load(self, image_id, path, decoder):
-    image = tf.numpy_function(self._get, [image_id], tf.uint8, stateful=False)
+    image = tf.numpy_function(self.python_load, [image_id], tf.uint8, stateful=False)
     return tf.ensure_shape(image, [None, None, 3])
-
-  def python_load(self, i):
-    return self.arrays[int(i)]
 
 
 def list_image_files(folder: str) -> list[str]:
@@ -323,11 +312,7 @@ class FileListSource(Source):
     key = (
       cache_key + '\n' + '\n'.join(os.path.abspath(p) if '://' not in p else p for p in self.paths)
     )
-    self.index = _cached_index(
-      index_cache_dir,
-      key,
-      lambda: _build_index(self.read_bytes, self.num_images, index_threads, self.name),
-    )
+    self.index = self._probe_index(index_cache_dir, key, index_threads)
 
   def read_bytes(self, i):
     return _read_file(self.paths[int(i)])
@@ -432,11 +417,7 @@ class TFDSSource(Source):
     key = '\n'.join(
       map(str, ('tfds', name, split, builder.data_dir, builder.info.version, self.num_images))
     )
-    self.index = _cached_index(
-      index_cache_dir,
-      key,
-      lambda: _build_index(self.read_bytes, self.num_images, index_threads, self.name),
-    )
+    self.index = self._probe_index(index_cache_dir, key, index_threads)
 
   def read_bytes(self, i):
     i = int(i)
@@ -456,10 +437,6 @@ class TFDSSource(Source):
     return self.builder.info.features.deserialize_example_np(
       self._records.read(i), decoders={self.image_key: tfds.decode.SkipDecoding()}
     )
-
-  def tf_load(self, image_id, path, decoder):
-    data = tf.numpy_function(self.read_bytes, [image_id], tf.string, stateful=False)
-    return _tf_decode(tf.ensure_shape(data, []), decoder)
 
 
 class ConcatSource(Source):
@@ -482,10 +459,6 @@ class ConcatSource(Source):
   def read_bytes(self, i):
     part, j = self.locate(i)
     return part.read_bytes(j)
-
-  def tf_load(self, image_id, path, decoder):
-    data = tf.numpy_function(self.read_bytes, [image_id], tf.string, stateful=False)
-    return _tf_decode(tf.ensure_shape(data, []), decoder)
 
 
 DEMO_MAX_SIDE = 640  # larger demo photos are shrunk once (keeps the demo fast)

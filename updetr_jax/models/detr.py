@@ -82,10 +82,6 @@ class DETR(nn.Module):
     self.class_embed = linear(self.num_classes + 1, self.hidden_dim, name=None)
     self.bbox_embed = MLP(self.hidden_dim, 4, 3)
 
-  @property
-  def backbone_channels(self) -> int:
-    return build_resnet(self.backbone).num_channels
-
   def encode_image(self, images, padding_mask):
     """Returns src [B, S, d], padding [B, S] bool, pos [B, S, d] for the C5 map."""
     if images.ndim != 4 or images.shape[-1] != 3:
@@ -95,8 +91,11 @@ class DETR(nn.Module):
         f'padding_mask must be [B, H, W] = {images.shape[:3]}, got shape {padding_mask.shape}'
       )
     feat = self.body(images)
+    return self.encode_features(feat, downsample_mask(padding_mask.astype(bool), feat.shape[1:3]))
+
+  def encode_features(self, feat, mask):
+    """C5 features [B, h, w, C5] and their padding mask [B, h, w] -> ``encode_image``'s."""
     b, h, w, _ = feat.shape
-    mask = downsample_mask(padding_mask.astype(bool), (h, w))
     pos = self.position(mask).astype(self.dtype)
     src = self.input_proj(feat)
     d = self.hidden_dim

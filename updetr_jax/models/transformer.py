@@ -117,25 +117,6 @@ class MultiHeadAttention(nn.Module):
     )(out)
 
 
-def feed_forward(x, d_model: int, dim_feedforward: int, dropout: float, train: bool, dtype):
-  """linear2(dropout(relu(linear1(x)))); call inside a compact method (names linear1/2)."""
-  x = nn.Dense(
-    dim_feedforward,
-    kernel_init=_XAVIER,
-    bias_init=_uniform_bias(d_model),
-    name='linear1',
-    dtype=dtype,
-  )(x)
-  x = nn.Dropout(dropout)(nn.relu(x), deterministic=not train)
-  return nn.Dense(
-    d_model,
-    kernel_init=_XAVIER,
-    bias_init=_uniform_bias(dim_feedforward),
-    name='linear2',
-    dtype=dtype,
-  )(x)
-
-
 class EncoderLayer(nn.Module):
   """Self-attention + FFN. Call: src [B, S, d], pos [B, S, d], mask [B, 1, 1, S]."""
 
@@ -147,53 +128,53 @@ class EncoderLayer(nn.Module):
   dtype: jnp.dtype = jnp.float32
   attention: str = 'einsum'
 
+  def _attention(self, name):
+    return MultiHeadAttention(
+      self.d_model, self.nheads, self.dropout, self.dtype, self.attention, name=name
+    )
+
+  def _drop(self, x, train):
+    return nn.Dropout(self.dropout)(x, deterministic=not train)
+
+  def _ffn(self, x, train):
+    """linear2(dropout(relu(linear1(x))))."""
+    dense = lambda n, fan_in, name: nn.Dense(  # noqa: E731
+      n, kernel_init=_XAVIER, bias_init=_uniform_bias(fan_in), name=name, dtype=self.dtype
+    )
+    x = nn.relu(dense(self.dim_feedforward, self.d_model, 'linear1')(x))
+    return dense(self.d_model, self.dim_feedforward, 'linear2')(self._drop(x, train))
+
+  def _norms(self, n):
+    return (layer_norm(name=f'norm{i}', dtype=self.dtype) for i in range(1, n + 1))
+
   @nn.compact
   def __call__(self, src, pos, mask, train: bool = False):
-    attn = MultiHeadAttention(
-      self.d_model, self.nheads, self.dropout, self.dtype, self.attention, name='self_attn'
-    )
-    drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=not train)
-    ffn = lambda x: feed_forward(
-      x, self.d_model, self.dim_feedforward, self.dropout, train, self.dtype
-    )
-    norm1, norm2 = (layer_norm(name=f'norm{i}', dtype=self.dtype) for i in (1, 2))
+    attn = self._attention('self_attn')
+    drop = lambda x: self._drop(x, train)  # noqa: E731
+    norm1, norm2 = self._norms(2)
     if self.pre_norm:
       s = norm1(src)
       src = src + drop(attn(s + pos, s + pos, s, mask, train))
-      return src + drop(ffn(norm2(src)))
+      return src + drop(self._ffn(norm2(src), train))
     src = norm1(src + drop(attn(src + pos, src + pos, src, mask, train)))
-    return norm2(src + drop(ffn(src)))
+    return norm2(src + drop(self._ffn(src, train)))
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(EncoderLayer):
   """Self-attention (group mask), cross-attention to memory, FFN.
 
   Call: tgt [B, N, d], memory [B, S, d], pos [B, S, d], query_pos [B, N, d],
   self_mask broadcastable to [B, 1, N, N], memory_mask [B, 1, 1, S].
   """
 
-  d_model: int
-  nheads: int
-  dim_feedforward: int
-  dropout: float
-  pre_norm: bool
-  dtype: jnp.dtype = jnp.float32
-  attention: str = 'einsum'
   value_pos: bool = False  # cross-attention values = memory + pos (not in the release)
 
   @nn.compact
   def __call__(self, tgt, memory, pos, query_pos, self_mask, memory_mask, train: bool = False):
-    self_attn = MultiHeadAttention(
-      self.d_model, self.nheads, self.dropout, self.dtype, self.attention, name='self_attn'
-    )
-    cross_attn = MultiHeadAttention(
-      self.d_model, self.nheads, self.dropout, self.dtype, self.attention, name='multihead_attn'
-    )
-    drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=not train)
-    ffn = lambda x: feed_forward(
-      x, self.d_model, self.dim_feedforward, self.dropout, train, self.dtype
-    )
-    norm1, norm2, norm3 = (layer_norm(name=f'norm{i}', dtype=self.dtype) for i in (1, 2, 3))
+    self_attn = self._attention('self_attn')
+    cross_attn = self._attention('multihead_attn')
+    drop = lambda x: self._drop(x, train)  # noqa: E731
+    norm1, norm2, norm3 = self._norms(3)
     key = memory + pos
     value = key if self.value_pos else memory
     if self.pre_norm:
@@ -201,10 +182,10 @@ class DecoderLayer(nn.Module):
       tgt = tgt + drop(self_attn(t + query_pos, t + query_pos, t, self_mask, train))
       t = norm2(tgt)
       tgt = tgt + drop(cross_attn(t + query_pos, key, value, memory_mask, train))
-      return tgt + drop(ffn(norm3(tgt)))
+      return tgt + drop(self._ffn(norm3(tgt), train))
     tgt = norm1(tgt + drop(self_attn(tgt + query_pos, tgt + query_pos, tgt, self_mask, train)))
     tgt = norm2(tgt + drop(cross_attn(tgt + query_pos, key, value, memory_mask, train)))
-    return norm3(tgt + drop(ffn(tgt)))
+    return norm3(tgt + drop(self._ffn(tgt, train)))
 
 
 class Encoder(nn.Module):

@@ -69,7 +69,7 @@ class UPDETR(DETR):
 
   def setup(self):
     super().setup()
-    c5 = self.backbone_channels
+    c5 = self.body.num_channels
     self.patch2query = linear(self.hidden_dim, c5, name=None)
     if self.patch_feature_norm:
       self.patch_norm = FrozenBatchNorm()
