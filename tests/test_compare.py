@@ -39,7 +39,8 @@ def tiny_config(data: dict, cache: str):
   c.label_fractions = (0.5,)
   c.miniature.enabled = False
   c.compilation_cache_dir = cache
-  c.stage0.update(images=data['pool_dir'], steps=3, batch_size=8, image_size=32)
+  c.stage0.update(num_train_steps=3, batch_size=8)
+  c.stage0.data.update(folder=data['pool_dir'], view_size=32)
   p, f = c.pretrain, c.finetune
   p.model.update(num_patches=2, **TINY_MODEL)
   p.data.update(

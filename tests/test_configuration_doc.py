@@ -35,7 +35,7 @@ DEFAULT_VARIANTS = {
   'compare': 'mini',
   'ssl_backbone': 'default',
 }
-NESTED = ('pretrain', 'finetune')  # configs/compare.py's nested whole configs
+NESTED = ('pretrain', 'finetune', 'stage0')  # configs/compare.py's nested whole configs
 FULL_HEADER = ['field', 'default', 'meaning']
 CHANGES_HEADER = ['field', 'value']
 REMOVED = 'removed'
@@ -148,6 +148,7 @@ def expected_tables(load=load_config) -> dict:
   mini = flat['compare', 'mini']
   bases = {
     ('mini', 'pretrain'): flat['pretrain', 'demo'],
+    ('mini', 'stage0'): flat['ssl_backbone', 'default'],
     ('mini', 'finetune'): flat['finetune_coco', '150ep'],
     ('oneshot', 'finetune'): flat['oneshot_voc', '150ep'],
   }

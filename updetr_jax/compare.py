@@ -139,8 +139,8 @@ def prepare_data(config, workdir: str) -> None:
     eval_ann_file=paths['eval_ann'],
     eval_image_dir=paths['eval_dir'],
   )
-  if config.stage0.enabled and not config.stage0.images:
-    config.stage0.images = paths['pool_dir']
+  if config.stage0.enabled and not config.stage0.data.folder:
+    config.stage0.data.folder = paths['pool_dir']
 
 
 def prepare_backbone(config, workdir: str) -> str:
@@ -149,20 +149,10 @@ def prepare_backbone(config, workdir: str) -> str:
     return config.backbone_checkpoint
   if not config.stage0.enabled:
     return ''
-  from updetr_jax.configs import ssl_backbone  # noqa: PLC0415
   from updetr_jax.tasks.simclr import BACKBONE_FILE  # noqa: PLC0415
 
-  s = config.stage0
-  if not s.images:
-    raise ValueError(
-      'config.stage0.images: the folder of unlabeled images for the '
-      'self-supervised CNN (or set config.backbone_checkpoint)'
-    )
-  c = ssl_backbone.get_config()
-  c.model.backbone = config.pretrain.model.backbone
-  c.data.update(folder=s.images, view_size=s.image_size)
-  c.update(seed=s.seed, batch_size=s.batch_size, num_train_steps=s.steps)
-  c.optim.lr = s.lr
+  c = config.stage0.copy_and_resolve_references()
+  c.model.backbone = config.pretrain.model.backbone  # the CNN the pre-training loads
   if config.compilation_cache_dir:
     c.compilation_cache_dir = config.compilation_cache_dir
   directory = os.path.join(workdir, 'stage0')

@@ -35,13 +35,13 @@ stages, as in configs/pretrain.py and configs/finetune_coco.py, e.g.
 --config.finetune.data.ann_file=train.json --config.finetune.data.image_dir=img/
 --config.finetune.data.eval_ann_file=val.json --config.finetune.data.eval_image_dir=img/``,
 and a CNN (``--config.backbone_checkpoint=swav.pth``, or stage 0 on your pool with
-``--config.stage0.images=/unlabeled``). The model of both stages is
+``--config.stage0.data.folder=/unlabeled``). The model of both stages is
 ``config.pretrain.model`` / ``config.finetune.model`` (they must match).
 """
 
 import ml_collections
 
-from updetr_jax.configs import common, finetune_coco, oneshot_voc, pretrain
+from updetr_jax.configs import common, finetune_coco, oneshot_voc, pretrain, ssl_backbone
 
 VARIANTS = ('mini', 'demo', 'oneshot', 'lookup')
 # The miniature's classes never trained on in the one-shot variant (a non-digit and a
@@ -98,18 +98,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_eval=450,
     )
   )
-  # Stage 0: SimCLR on the unlabeled pool (updetr_jax.ssl_backbone).
-  config.stage0 = ml_collections.ConfigDict(
-    dict(
-      enabled=True,
-      images='',  # '' = the miniature's pool
-      steps=600,
-      batch_size=64,
-      image_size=64,
-      seed=0,
-      lr=2e-3,
-    )
-  )
+  # Stage 0: the CNN trained with SimCLR (configs/ssl_backbone.py; data.folder '' = the
+  # miniature's pool, model.backbone = the pre-training's); enabled False: no stage 0.
+  config.stage0 = ssl_backbone.get_config()
+  config.stage0.update(enabled=True, num_train_steps=600)
 
   # Stage 2: UP-DETR pre-training (the demo model of configs/pretrain.py).
   p = pretrain.get_config('demo')
@@ -154,7 +146,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.arms = ('updetr', 'scratch')
     config.metrics = ('AP50_seen', 'AP50_unseen')
-    config.stage0.steps = 200
+    config.stage0.num_train_steps = 200
     p.num_train_steps = 1000
     o = oneshot_voc.oneshot_config(
       '150ep',
@@ -178,7 +170,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.pairs = (('updetr_lookup', 'scratch_value_pos'), ('updetr_lookup', 'updetr'))
   if variant == 'demo':
     config.arms = ('updetr', 'scratch')
-    config.stage0.steps = 200
+    config.stage0.num_train_steps = 200
     p.num_train_steps = 500
     f.num_train_steps = 600
     f.eval.every_steps = 300
