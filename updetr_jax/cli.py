@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 from absl import app, flags, logging
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
+CONFIG_DIR = os.path.join(_PACKAGE_DIR, 'configs')
 
 
 def resolve_config_args(argv: Sequence[str]) -> list[str]:

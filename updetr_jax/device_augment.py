@@ -36,26 +36,12 @@ use ``jax.random`` keyed by the example's seed (``patch_keys``), and each device
 maps its own examples ``data.patch_chunk`` at a time (``map_examples``): the same
 (seed, epoch, example) gives bit-identical patches on any mesh and after a restart.
 
-Public API (no TensorFlow):
-  MEAN, STD, GRAY_WEIGHTS (``updetr_jax.normalization``'s)
-  patch_keys(seeds uint32 [B, 2]) -> keys [B]
-  crop_patches(images uint8/float [B, H, W, 3], boxes float32 [B, M, 4] (x, y, w, h),
-      patch_size) -> float32 [B, M, P, P, 3] in [0, 1]
-  augment_patches(x float32 [M, P, P, 3] in [0, 1], key, **augment_kwargs) -> same
-  normalize(x in [0, 1]) -> ImageNet-normalised float32
-  padding_mask(image_size int32 [B, 2], (H, W)) -> bool [B, H, W] (True = padding)
-  prepare_batch(batch, *, patch_size, augment, sharding=None, chunk=1) -> the model's
-      batch (images float32 normalised, padding_mask, patches [B, M, P, P, 3]
-      normalised, targets)
-  map_examples(fn, args, *, sharding=None, chunk=1) -> fn over the examples, per
-      device, chunk at a time (bit-identical on any mesh)
-  augment_kwargs(data_config) / blur_kernel_size(P, configured) (config fields)
-  batch_preparer(data_config, train, sharding=None) -> Preparer: prepare_batch bound
-      to the config (``.uncounted_flops(batch)``: what XLA's count of its loop misses)
-  patch_preparer(patch_size, augment, sharding=None, chunk=1) -> the same, from
-      prepare_batch's own arguments
-  query_preparer(data_config, train, sharding=None) -> Preparer, one-shot: the host's
-      uint8 query crops [B, 1, P, P, 3] + seeds -> augmented (training) and normalised
+Public API (no TensorFlow; each function's docstring gives its shapes):
+  crop_patches, augment_patches, normalize, padding_mask, patch_keys: the steps;
+  prepare_batch, map_examples: the host's uint8 batch -> the model's batch, per device;
+  batch_preparer / patch_preparer (pre-training), query_preparer (one-shot): a
+    ``Preparer``, prepare_batch bound to a config; augment_kwargs, blur_kernel_size:
+    the config fields; MEAN, STD, GRAY_WEIGHTS (``updetr_jax.normalization``'s).
 """
 
 from __future__ import annotations

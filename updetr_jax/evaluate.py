@@ -57,7 +57,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-import json
 from typing import Mapping, Sequence
 
 import jax
@@ -247,6 +246,12 @@ def detect_images(
 COCO_METRICS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
 
 
+def _xywh_to_xyxy(b) -> np.ndarray:
+  """COCO boxes (x, y, w, h) -> float64 [k, 4] xyxy."""
+  b = np.asarray(b, np.float64).reshape(-1, 4)
+  return np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], 1)
+
+
 def coco_from_dataset(dataset: dict):
   """A pycocotools ``COCO`` from a COCO-format dict, without its printout."""
   from pycocotools.coco import COCO
@@ -287,10 +292,9 @@ def coco_gt_from_arrays(image_ids, image_sizes, boxes, category_ids, iscrowd=Non
       )
   if categories is None:
     categories = sorted({a['category_id'] for a in anns})
-  if isinstance(categories, Mapping):
-    cats = [{'id': int(k), 'name': str(v)} for k, v in categories.items()]
-  else:
-    cats = [{'id': int(k), 'name': str(k)} for k in categories]
+  if not isinstance(categories, Mapping):
+    categories = {k: k for k in categories}
+  cats = [{'id': int(k), 'name': str(v)} for k, v in categories.items()]
   return coco_from_dataset({'images': images, 'annotations': anns, 'categories': cats})
 
 
@@ -305,8 +309,7 @@ class CocoEvaluator:
   def __init__(self, label_to_category=None):
     self.label_to_category = label_to_category
     self._results: list[dict] = []
-    self._image_ids: list[int] = []
-    self._seen: set[int] = set()
+    self._image_ids: dict[int, None] = {}  # in evaluation order
     self.summary_text = ''
 
   def _categories(self, labels):
@@ -334,10 +337,9 @@ class CocoEvaluator:
       if not valid[b]:
         continue
       iid = int(iid)
-      if iid in self._seen:
+      if iid in self._image_ids:
         raise ValueError(f'image id {iid} was already evaluated')
-      self._seen.add(iid)
-      self._image_ids.append(iid)
+      self._image_ids[iid] = None
       cats, keep = self._categories(labels[b])
       x0, y0, x1, y1 = boxes[b].T
       for k in np.flatnonzero(keep):
@@ -370,7 +372,7 @@ class CocoEvaluator:
     """
     from pycocotools.cocoeval import COCOeval
 
-    ids = sorted(self._seen)
+    ids = sorted(self._image_ids)
     missing = set(ids) - set(coco_gt.getImgIds())
     if missing:
       raise ValueError(
@@ -382,12 +384,9 @@ class CocoEvaluator:
       if self._results:
         coco_dt = coco_gt.loadRes(self.results())
       else:  # loadRes cannot take an empty list
+        gt = coco_gt.dataset
         coco_dt = coco_from_dataset(
-          {
-            'images': list(coco_gt.dataset['images']),
-            'categories': list(coco_gt.dataset['categories']),
-            'annotations': [],
-          }
+          {'images': list(gt['images']), 'categories': list(gt['categories']), 'annotations': []}
         )
       ev = COCOeval(coco_gt, coco_dt, 'bbox')
       ev.params.imgIds = ids
@@ -465,20 +464,17 @@ def voc07_ap50(
     for rank, j in enumerate(order):
       i, k = cand[j]
       g = np.flatnonzero(gt_labels[i] == c)
-      if len(g) == 0:
+      ov = ious[i][k, g]
+      if not (len(g) and ov.max() > iou_threshold):
         fp[rank] = 1
         continue
-      ov = ious[i][k, g]
       best = g[int(np.argmax(ov))]
-      if ov.max() > iou_threshold:
-        if gt_difficult[i][best]:
-          continue
-        if taken[i][best]:
-          fp[rank] = 1
-        else:
-          tp[rank], taken[i][best] = 1, True
-      else:
+      if gt_difficult[i][best]:
+        continue
+      if taken[i][best]:
         fp[rank] = 1
+      else:
+        tp[rank], taken[i][best] = 1, True
     ctp, cfp = np.cumsum(tp), np.cumsum(fp)
     rec = ctp / npos
     prec = ctp / np.maximum(ctp + cfp, np.finfo(np.float64).eps)
@@ -502,16 +498,11 @@ def voc07_from_coco(coco_gt, results: Sequence[Mapping], image_ids) -> dict:
   for r in results:
     if int(r['image_id']) in by_image and int(r['category_id']) in index:
       by_image[int(r['image_id'])].append(r)
-
-  def xyxy(b):
-    b = np.asarray(b, np.float64).reshape(-1, 4)
-    return np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], 1)
-
   dets, gts = [], []
   for iid, rs in by_image.items():
     dets.append(
       {
-        'boxes': xyxy([r['bbox'] for r in rs]),
+        'boxes': _xywh_to_xyxy([r['bbox'] for r in rs]),
         'scores': np.array([r['score'] for r in rs], np.float64),
         'labels': np.array([index[int(r['category_id'])] for r in rs], np.int64),
       }
@@ -519,7 +510,7 @@ def voc07_from_coco(coco_gt, results: Sequence[Mapping], image_ids) -> dict:
     anns = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=[iid]))
     gts.append(
       {
-        'boxes': xyxy([a['bbox'] for a in anns]),
+        'boxes': _xywh_to_xyxy([a['bbox'] for a in anns]),
         'labels': np.array([index[int(a['category_id'])] for a in anns], np.int64),
         'difficult': np.array([bool(a.get('iscrowd', 0)) for a in anns], bool),
       }
@@ -553,18 +544,8 @@ def oneshot_ap50(
     raise ValueError(f'{len(detections)} trials of detections for {len(ground_truth)} of boxes')
   labels = [int(d['label']) for d in detections]
   num = max(labels + [int(c) for c in (*seen, *unseen)] + [-1]) + 1
-  dets, gts = [], []
-  for d, g, c in zip(detections, ground_truth, labels):
-    scores = np.asarray(d['scores'], np.float64).reshape(-1)
-    boxes = np.asarray(g['boxes'], np.float64).reshape(-1, 4)
-    dets.append({'boxes': d['boxes'], 'scores': scores, 'labels': np.full(len(scores), c)})
-    gts.append(
-      {
-        'boxes': boxes,
-        'labels': np.full(len(boxes), c),
-        'difficult': np.asarray(g.get('difficult', np.zeros(len(boxes), bool)), bool),
-      }
-    )
+  dets = [dict(d, labels=np.full(np.size(d['scores']), c)) for d, c in zip(detections, labels)]
+  gts = [dict(g, labels=np.full(np.size(g['boxes']) // 4, c)) for g, c in zip(ground_truth, labels)]
   ap = voc07_ap50(dets, gts, num, iou_threshold)['per_class']
 
   def mean(classes):
@@ -590,14 +571,8 @@ def oneshot_ground_truth(coco_gt, image_ids, labels, label_to_category_id) -> li
       coco_gt.getAnnIds(imgIds=[int(iid)], catIds=[int(label_to_category_id[int(c)])])
     )
     b = np.asarray([a['bbox'] for a in anns], np.float64).reshape(-1, 4)
-    out.append(
-      {
-        'boxes': np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], 1),
-        'difficult': np.array([bool(a.get('iscrowd', 0)) for a in anns], bool).reshape(-1)
-        | (b[:, 2] <= 0)
-        | (b[:, 3] <= 0),
-      }
-    )
+    crowd = np.array([bool(a.get('iscrowd', 0)) for a in anns], bool).reshape(-1)
+    out.append({'boxes': _xywh_to_xyxy(b), 'difficult': crowd | (b[:, 2] <= 0) | (b[:, 3] <= 0)})
   return out
 
 
@@ -610,17 +585,14 @@ def evaluation_ground_truth(data_config):
   boxes and VOC 'difficult' objects are marked ``iscrowd`` (ignored by COCOeval and
   by ``voc07_from_coco``).
   """
-  import tensorflow as tf
-
   from updetr_jax.data import detection
 
   cfg = detection.resolve_detection_config(detection.detection_fields(data_config))
   if cfg['source'] == 'coco_json':
     ann_file = cfg['eval_ann_file'] or cfg['ann_file']
-    if not tf.io.gfile.exists(ann_file):
+    if not files.exists(ann_file):
       raise FileNotFoundError(f'data.eval_ann_file={ann_file!r} not found')
-    with tf.io.gfile.GFile(ann_file, 'r') as f:
-      return coco_from_dataset(json.load(f))
+    return coco_from_dataset(files.read_json(ann_file))
   if cfg['source'] not in ('tfds_coco', 'tfds_voc'):
     raise ValueError(f'data.source={cfg["source"]!r} has no detection ground truth')
   kind = cfg['source'][5:]
@@ -631,7 +603,7 @@ def evaluation_ground_truth(data_config):
     for i, (iid, xywh, labels, is_crowd, difficult) in enumerate(entries):
       ids.append(iid)
       sizes.append((part.index.height[i], part.index.width[i]))
-      boxes.append(np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1))
+      boxes.append(_xywh_to_xyxy(xywh))
       cats.append(labels if kind == 'coco' else labels + 1)
       crowd.append(is_crowd | (difficult if difficult is not None else False))
   from updetr_jax.class_names import COCO_CATEGORIES, VOC_CLASSES

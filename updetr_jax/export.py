@@ -170,6 +170,11 @@ def _model_fields(model) -> dict:
   return out
 
 
+def _tensor(dtype: str, shape: list, description: str, **name) -> dict:
+  """export.json's description of one input or output (``name=``: first, when given)."""
+  return {**name, 'dtype': dtype, 'shape': shape, 'description': description}
+
+
 def _metadata(
   model, exported, *, scale, max_size, class_names, model_config, platforms, source
 ) -> dict:
@@ -179,21 +184,9 @@ def _metadata(
     f'shorter side {scale}, longer side at most {max_size}'
   )
   outputs = {
-    'scores': {
-      'dtype': 'float32',
-      'shape': ['B', n],
-      'description': f'max softmax probability over the {c} real classes',
-    },
-    'labels': {
-      'dtype': 'int32',
-      'shape': ['B', n],
-      'description': 'argmax over the real classes (0..num_classes-1)',
-    },
-    'boxes': {
-      'dtype': 'float32',
-      'shape': ['B', n, 4],
-      'description': 'x0, y0, x1, y1 in original-image pixels',
-    },
+    'scores': _tensor('float32', ['B', n], f'max softmax probability over the {c} real classes'),
+    'labels': _tensor('int32', ['B', n], 'argmax over the real classes (0..num_classes-1)'),
+    'boxes': _tensor('float32', ['B', n, 4], 'x0, y0, x1, y1 in original-image pixels'),
   }
   return {
     'format_version': FORMAT_VERSION,
@@ -212,12 +205,11 @@ def _metadata(
       'path': SAVED_MODEL_DIR,
       'signature': SIGNATURE,
       'inputs': {
-        'images': {
-          'dtype': 'uint8',
-          'shape': ['B', 'H', 'W', 3],
-          'description': 'RGB images of one size per batch; resized and normalised '
-          'inside (preprocessing)',
-        }
+        'images': _tensor(
+          'uint8',
+          ['B', 'H', 'W', 3],
+          'RGB images of one size per batch; resized and normalised inside (preprocessing)',
+        )
       },
       'outputs': outputs,
       'platforms': list(platforms),
@@ -226,19 +218,19 @@ def _metadata(
       'path': JAX_EXPORT_FILE,
       'load': 'jax.export.deserialize(bytearray(open(path, "rb").read()))',
       'inputs': [
-        {
-          'name': 'images',
-          'dtype': 'float32',
-          'shape': ['B', 'h', 'w', 3],
-          'description': 'the images resized and normalised as in preprocessing, '
+        _tensor(
+          'float32',
+          ['B', 'h', 'w', 3],
+          'the images resized and normalised as in preprocessing, '
           'unpadded (= predict.preprocess_images(...)[0])',
-        },
-        {
-          'name': 'orig_size',
-          'dtype': 'float32',
-          'shape': ['B', 2],
-          'description': '(H, W) of the original images (= predict.preprocess_images(...)[1])',
-        },
+          name='images',
+        ),
+        _tensor(
+          'float32',
+          ['B', 2],
+          '(H, W) of the original images (= predict.preprocess_images(...)[1])',
+          name='orig_size',
+        ),
       ],
       'outputs': [dict(name=k, **outputs[k]) for k in ('scores', 'labels', 'boxes')],
       'shape_constraints': list(shape_constraints(model)),

@@ -7,6 +7,7 @@ Remote paths use ``tf.io.gfile``; local paths use plain Python.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Any
@@ -56,18 +57,15 @@ def listdir(path: str) -> list[str]:
 
 def walk_files(path: str) -> list[tuple[str, int]]:
   """(path relative to ``path`` with '/' separators, size in bytes) of every file below."""
-  out = []
   if is_remote(path):
-    gfile = _gfile()
-    for root, _, names in gfile.walk(path):
-      for name in names:
-        full = join(root, name)
-        out.append((os.path.relpath(full, path).replace(os.sep, '/'), gfile.stat(full).length))
-    return sorted(out)
-  for root, _, names in os.walk(path):
+    walk, size = _gfile().walk, lambda p: _gfile().stat(p).length
+  else:
+    walk, size = os.walk, os.path.getsize
+  out = []
+  for root, _, names in walk(path):
     for name in names:
-      full = os.path.join(root, name)
-      out.append((os.path.relpath(full, path).replace(os.sep, '/'), os.path.getsize(full)))
+      full = join(root, name)
+      out.append((os.path.relpath(full, path).replace(os.sep, '/'), size(full)))
   return sorted(out)
 
 
@@ -128,8 +126,6 @@ def append_line(path: str, line: str) -> None:
 
 def write_npz(path: str, arrays: dict) -> None:
   """numpy arrays -> ``path`` (.npz), written whole."""
-  import io
-
   buf = io.BytesIO()
   np.savez(buf, **arrays)  # in memory: the zip writer seeks, a remote file cannot
   write_file(path, buf.getvalue())
@@ -137,8 +133,6 @@ def write_npz(path: str, arrays: dict) -> None:
 
 def read_npz(path: str) -> dict:
   """``write_npz``'s arrays (no pickles)."""
-  import io
-
   with open_file(path, 'rb') as f:
     z = np.load(io.BytesIO(f.read()), allow_pickle=False)
     return {k: z[k] for k in z.files}

@@ -471,8 +471,7 @@ def predict_patch_files(
     xyxy = _cxcywh_to_xyxy_pixels(boxes, h, w)
     ious = None
     if query_boxes is not None:
-      true = np.asarray(query_boxes, np.float64)
-      ious = np.asarray(box_ops.box_iou(xyxy, true)[0])
+      ious = np.asarray(box_ops.box_iou(xyxy, np.asarray(query_boxes, np.float64))[0])
     for k in range(len(patches_i)):
       x0, y0, x1, y1 = (float(v) for v in xyxy[k])
       rec = {
@@ -539,15 +538,13 @@ def _pretrain_queries(where: str, num_patches: int, queries, query_boxes, paths,
     )
   if queries:
     if boxes:  # the boxes are crops of the --query file
-      image = load_image(queries[0])
-      names = [f'{os.path.basename(queries[0])}[{",".join(f"{v:g}" for v in b)}]' for b in boxes]
-      return {
-        'patches': np.stack([preprocess_query(image, size, b) for b in boxes]),
-        'query_names': names,
-      }
+      image, base = load_image(queries[0]), os.path.basename(queries[0])
+      crops = [(image, b, f'{base}[{",".join(f"{v:g}" for v in b)}]') for b in boxes]
+    else:
+      crops = [(load_image(q), None, os.path.basename(q)) for q in queries]
     return {
-      'patches': np.stack([preprocess_query(load_image(q), size) for q in queries]),
-      'query_names': [os.path.basename(q) for q in queries],
+      'patches': np.stack([preprocess_query(im, size, b) for im, b, _ in crops]),
+      'query_names': [name for _, _, name in crops],
     }
   for path in paths:  # the boxes are cut from each image: inside every one
     with Image.open(path) as im:  # the size, from the header

@@ -33,8 +33,19 @@ from updetr_jax.models import build_model, init_variables, variable_shapes
 
 # Heads of classification / self-supervised checkpoints that DETR never uses.
 BACKBONE_ONLY_IGNORED = ('fc.', 'projection_head.', 'prototypes.')
-_BN_NAMES = {'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean', 'var': 'running_var'}
 _QKV = ('q_proj', 'k_proj', 'v_proj')
+# Flax leaf -> torch parameter name (Dense / Conv / Embed / BatchNorm).
+_TORCH_LEAF_NAMES = {
+  'kernel': 'weight',
+  'scale': 'weight',
+  'embedding': 'weight',
+  'bias': 'bias',
+  'mean': 'running_mean',
+  'var': 'running_var',
+}
+# Axes of a torch kernel in the order of the Flax one's (OIHW <-> HWIO, [out, in] <->
+# [in, out]), by number of dimensions; other leaves have the same layout.
+_TORCH_AXES = {4: (3, 2, 0, 1), 2: (1, 0)}
 
 
 class CheckpointMismatchError(ValueError):
@@ -100,24 +111,14 @@ def _torch_name(collection: str, path: tuple[str, ...], backbone_only: bool):
       prefix += ['backbone', '1']
     else:
       prefix.append(_module_key(m))
-  if collection == 'batch_stats':
-    name = _BN_NAMES[leaf]
-  elif leaf in ('kernel', 'embedding', 'scale'):
-    name = 'weight'
+  if collection == 'batch_stats' or leaf in ('kernel', 'embedding', 'scale'):
+    name = _TORCH_LEAF_NAMES[leaf]
   elif leaf in ('row_embed', 'col_embed'):
     prefix.append(leaf)
     name = 'weight'
   else:
     name = leaf
   return '.'.join(prefix + [name]), slice_idx
-
-
-def _to_flax(value: np.ndarray, flax_ndim: int, is_kernel: bool) -> np.ndarray:
-  if is_kernel and flax_ndim == 4:
-    return value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-  if is_kernel and flax_ndim == 2:
-    return value.T  # [out, in] -> [in, out]
-  return value
 
 
 def convert_state_dict(sd: Mapping[str, np.ndarray], shapes, backbone_only: bool) -> dict:
@@ -134,17 +135,13 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], shapes, backbone_only: bool
     if backbone_only and path[0] != 'body':
       continue
     key, sl = _torch_name(collection, path, backbone_only)
-    is_kernel = path[-1] == 'kernel'
     shape = tuple(leaf.shape)
-    tshape = (
-      (shape[::-1] if len(shape) == 2 else (shape[3], shape[2], shape[0], shape[1]))
-      if is_kernel and len(shape) in (2, 4)
-      else shape
-    )
+    axes = _TORCH_AXES.get(len(shape)) if path[-1] == 'kernel' else None
+    tshape = shape if axes is None else tuple(shape[a] for a in axes)
     if sl is not None:
       tshape = (3 * tshape[0],) + tshape[1:]
     expected[key] = tshape
-    plan.append((fpath, key, sl, is_kernel, len(shape)))
+    plan.append((fpath, key, sl, axes))
 
   ignored = []
   given = dict(sd)
@@ -178,22 +175,12 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], shapes, backbone_only: bool
     )
 
   out = {}
-  for fpath, key, sl, is_kernel, ndim in plan:
+  for fpath, key, sl, axes in plan:
     value = given[key]
     if sl is not None:
       value = np.split(value, 3, axis=0)[sl]
-    out[fpath] = _to_flax(value, ndim, is_kernel)
+    out[fpath] = value if axes is None else value.transpose(np.argsort(axes))
   return traverse_util.unflatten_dict(out)
-
-
-_TORCH_LEAF_NAMES = {
-  'kernel': 'weight',
-  'scale': 'weight',
-  'embedding': 'weight',
-  'bias': 'bias',
-  'mean': 'running_mean',
-  'var': 'running_var',
-}
 
 
 def export_state_dict(variables) -> dict[str, np.ndarray]:
@@ -220,10 +207,8 @@ def export_state_dict(variables) -> dict[str, np.ndarray]:
       if key in out:
         raise ValueError(f'{collection}/{"/".join(path)}: torch key {key!r} given twice')
       value = np.asarray(value, np.float32)
-      if leaf == 'kernel' and value.ndim == 4:
-        value = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
-      elif leaf == 'kernel' and value.ndim == 2:
-        value = value.T  # [in, out] -> [out, in]
+      if leaf == 'kernel' and value.ndim in _TORCH_AXES:
+        value = value.transpose(_TORCH_AXES[value.ndim])
       out[key] = np.ascontiguousarray(value)
   return out
 

@@ -411,18 +411,14 @@ def miniature_paths(directory: str) -> dict:
     eval_dir=j('eval'),
     eval_ann=j('eval.json'),
     manifest=j('manifest.json'),
-    counts={},
   )
-  manifest = _read_manifest(out['manifest'])
-  if manifest:
-    out['counts'] = manifest.get('counts', {})
+  out['counts'] = (_read_manifest(out['manifest']) or {}).get('counts', {})
   return out
 
 
 def _read_manifest(path: str) -> dict | None:
   try:
-    with open(path) as f:
-      return json.load(f)
+    return files.read_json(path)
   except (OSError, ValueError):
     return None
 
@@ -449,10 +445,7 @@ def _is_complete(paths: dict, params: dict, verify: bool) -> bool:
   root = os.path.dirname(paths['manifest'])
   for rel, (size, digest) in m.get('files', {}).items():
     path = os.path.join(root, rel)
-    try:
-      if os.path.getsize(path) != size:
-        return False
-    except OSError:
+    if not os.path.exists(path) or os.path.getsize(path) != size:
       return False
     if verify and _sha256_file(path) != digest:
       return False
@@ -512,19 +505,17 @@ def write_miniature(
   start = time.perf_counter()
   root = os.path.dirname(paths['manifest'])
   os.makedirs(root, exist_ok=True)
-  if os.path.exists(paths['manifest']):
-    os.remove(paths['manifest'])
-  for split in SPLITS:
-    shutil.rmtree(paths[f'{split}_dir'], ignore_errors=True)
-    if split != 'pool' and os.path.exists(paths[f'{split}_ann']):
-      os.remove(paths[f'{split}_ann'])
+  for k in ('manifest', 'pool_dir', 'train_dir', 'train_ann', 'eval_dir', 'eval_ann'):
+    if k.endswith('_dir'):
+      shutil.rmtree(paths[k], ignore_errors=True)
+    elif os.path.exists(paths[k]):
+      os.remove(paths[k])
   h, w = params['image_size']
   names = dict(CATEGORIES)
   written, counts, used = {}, {}, {}
 
   def write(rel: str, data: bytes) -> None:
-    with open(os.path.join(root, rel), 'wb') as f:
-      f.write(data)
+    files.write_file(os.path.join(root, rel), data)
     written[rel] = [len(data), hashlib.sha256(data).hexdigest()]
 
   for split in SPLITS:
@@ -595,8 +586,7 @@ def contact_sheet(
   and class names (upscaled ``scale`` times, nearest); returns ``out_png``."""
   from PIL import ImageDraw  # noqa: PLC0415
 
-  with open(paths[f'{split}_ann']) as f:
-    coco = json.load(f)
+  coco = files.read_json(paths[f'{split}_ann'])
   names = {c['id']: c['name'] for c in coco['categories']}
   colors = [
     (255, 60, 60),

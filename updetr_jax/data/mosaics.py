@@ -53,6 +53,8 @@ import shutil
 import numpy as np
 from PIL import Image
 
+from updetr_jax import files
+
 GENERATOR_VERSION = 1
 CELLS = (6, 10)  # inclusive
 MIN_COLOUR_DISTANCE = 0.25  # RGB in [0, 1]; redrawn until every pair is this far apart
@@ -99,10 +101,8 @@ def render_mosaic(
   lo, hi = (int(c) for c in cells)
   if not 2 <= lo <= hi:
     raise ValueError(f'data.mosaic_cells={tuple(cells)}: need 2 <= least <= most')
-  if style == 'ramp':
-    return _render_ramp(rng, height, width)
-  if style == 'rotated_ramp':
-    return _render_ramp(rng, height, width, rotated=True)
+  if style != 'cells':
+    return _render_ramp(rng, height, width, rotated=style == 'rotated_ramp')
   n = int(rng.integers(lo, hi + 1))
   sites = rng.uniform(0.0, 1.0, (n, 2)) * (height, width)  # (y, x)
   yy, xx = np.meshgrid(np.arange(height) + 0.5, np.arange(width) + 0.5, indexing='ij')
@@ -165,11 +165,8 @@ def _png(img: np.ndarray) -> bytes:
 
 
 def mosaic_paths(directory: str) -> dict:
-  return {
-    'train': os.path.join(directory, 'train'),
-    'eval': os.path.join(directory, 'eval'),
-    'manifest': os.path.join(directory, 'manifest.json'),
-  }
+  names = {'train': 'train', 'eval': 'eval', 'manifest': 'manifest.json'}
+  return {k: os.path.join(directory, v) for k, v in names.items()}
 
 
 def write_mosaics(
@@ -198,11 +195,10 @@ def write_mosaics(
   paths = mosaic_paths(directory)
   result = {**paths, 'num_train': int(num_train), 'num_eval': int(num_eval)}
   if os.path.exists(paths['manifest']):
-    with open(paths['manifest']) as f:
-      if json.load(f).get('params') == params:
-        return result
+    if files.read_json(paths['manifest']).get('params') == params:
+      return result
     os.remove(paths['manifest'])
-  files = {}
+  written = {}
   for split, count in (('train', num_train), ('eval', num_eval)):
     shutil.rmtree(paths[split], ignore_errors=True)
     os.makedirs(paths[split])
@@ -211,11 +207,9 @@ def write_mosaics(
       name = f'{split}/{i:05d}_{h}x{w}.png'
       with open(os.path.join(directory, name), 'wb') as f:
         f.write(data)
-      files[name] = hashlib.sha256(data).hexdigest()
-  tmp = paths['manifest'] + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump({'params': params, 'files': files}, f, indent=1, sort_keys=True)
-  os.replace(tmp, paths['manifest'])
+      written[name] = hashlib.sha256(data).hexdigest()
+  manifest = {'params': params, 'files': written}
+  files.write_file(paths['manifest'], json.dumps(manifest, indent=1, sort_keys=True))
   return result
 
 
