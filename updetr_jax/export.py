@@ -309,7 +309,9 @@ def main(argv):
   cli.setup_logging()
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  model, variables, model_config, source, _ = predict.load_flagged_model(('detr',))
+  model, variables, model_config, source, _ = predict.load_model_or_usage_error(
+    ('detr',), **{k: FLAGS[k].value for k in predict.MODEL_SOURCES}
+  )
   if 'step' in source:
     logging.info('restored step %d of %s (%s)', source['step'], source['workdir'], source['which'])
   platforms = [p.strip() for p in FLAGS.platforms.split(',') if p.strip()]

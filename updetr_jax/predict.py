@@ -97,6 +97,9 @@ def load_model_variables(model, model_config, checkpoint: str):
   return checkpoints.load_variables(checkpoint, variable_shapes(model))
 
 
+MODEL_SOURCES = ('workdir', 'checkpoint', 'config', 'which')  # define_model_flags's
+
+
 def define_model_flags() -> None:
   """--workdir / --which or --checkpoint / --config: where a DETR comes from (predict,
   export)."""
@@ -239,17 +242,11 @@ def load_model(
   return LoadedModel(model, variables, model_config, source, kind)
 
 
-def load_flagged_model(kinds=MODEL_KINDS) -> LoadedModel:
-  """``load_model`` of the flags of ``define_model_flags``; its errors are usage errors."""
-  FLAGS = flags.FLAGS  # noqa: N806
+def load_model_or_usage_error(kinds=MODEL_KINDS, **sources) -> LoadedModel:
+  """``load_model(**sources)`` for a command line: its ``ModelSourceError`` becomes a
+  usage error. ``sources``: the flags ``MODEL_SOURCES`` name."""
   try:
-    return load_model(
-      workdir=FLAGS.workdir,
-      checkpoint=FLAGS.checkpoint,
-      config=FLAGS.config,
-      which=FLAGS.which,
-      kinds=kinds,
-    )
+    return load_model(kinds=kinds, **sources)
   except ModelSourceError as e:
     raise app.UsageError(str(e)) from e
 
@@ -565,8 +562,8 @@ def main(argv):
     raise app.UsageError('give at least one image file')
   queries, boxes = list(FLAGS.query or []), list(FLAGS.query_box or [])
   # A one-shot detector needs a --query.
-  model, variables, model_config, source, kind = load_flagged_model(
-    MODEL_KINDS if queries else ('detr', 'pretrain')
+  model, variables, model_config, source, kind = load_model_or_usage_error(
+    MODEL_KINDS if queries else ('detr', 'pretrain'), **{k: FLAGS[k].value for k in MODEL_SOURCES}
   )
   where = FLAGS.workdir or FLAGS.checkpoint
   if kind == 'detr' and (queries or boxes):

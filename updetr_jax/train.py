@@ -2,12 +2,11 @@
 
 ``config.task`` picks the task (``updetr_jax.tasks``: 'pretrain', UP-DETR's query
 patches; 'detection', DETR fine-tuning; 'oneshot', one-shot detection; 'simclr', the
-self-supervised CNN). Sections of
-``run``: mesh, checkpoints, model & optimizer (+ restore), input pipeline, update step
-(``updetr_jax.train_step``), train loop (progress, periodic eval, best checkpoint,
-preemption), final evaluation.
-Data parallel: ``jax.jit`` over a ``('data',)`` mesh with ``NamedSharding`` (batch
-split, state replicated); works unchanged on one CPU, 8 fake devices, a GPU box or a
+self-supervised CNN). Sections of ``run``: mesh, checkpoints, model & optimizer
+(+ restore), input pipeline, update step (``updetr_jax.train_step``), train loop
+(progress, periodic eval, best checkpoint, preemption), final evaluation. Data
+parallel: ``jax.jit`` over a ``('data',)`` mesh with ``NamedSharding`` (batch split,
+state replicated); works unchanged on one CPU, 8 fake devices, a GPU box or a
 multi-host TPU slice.
 """
 

@@ -108,7 +108,7 @@ DETECTION_DEFAULTS: dict[str, Any] = dict(
 
 # The per-example geometry fields of ``plan_geometry`` (without rh, rw).
 _GEOMETRY = ('flip', 'crop', 'h1', 'w1', 'y0', 'x0', 'ch', 'cw')
-_FLAGS = ('flip', 'crop')  # the boolean ones
+_BOOLEAN_GEOMETRY = ('flip', 'crop')  # the boolean ones
 # Philox stream tags of the per-example training geometry (1, 2: see batching).
 _T_FLIP, _T_CROP, _T_S1, _T_CH, _T_CW, _T_Y, _T_X, _T_S2, _T_KEEP = range(10, 19)
 
@@ -530,7 +530,9 @@ class DetectionIterator(batching.BatchIterator):
   def row_signature(self):
     b, t = self.local_batch, self.max_targets
     sig = super().row_signature()
-    sig.update({k: tf.TensorSpec([b], tf.bool if k in _FLAGS else tf.int32) for k in _GEOMETRY})
+    sig.update(
+      {k: tf.TensorSpec([b], tf.bool if k in _BOOLEAN_GEOMETRY else tf.int32) for k in _GEOMETRY}
+    )
     sig.update(
       labels=tf.TensorSpec([b, t], tf.int32),
       boxes=tf.TensorSpec([b, t, 4], tf.float32),
@@ -567,7 +569,7 @@ class DetectionIterator(batching.BatchIterator):
       k = len(lab)
       labels[r, :k], boxes[r, :k], tmask[r, :k] = lab, cxcywh, True
     rows.update(
-      **{k: g[k].astype(bool) if k in _FLAGS else g[k] for k in _GEOMETRY},
+      **{k: g[k].astype(bool) if k in _BOOLEAN_GEOMETRY else g[k] for k in _GEOMETRY},
       labels=labels,
       boxes=boxes,
       tmask=tmask,
