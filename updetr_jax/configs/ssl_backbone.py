@@ -1,13 +1,9 @@
 r"""Stage 0: a CNN trained self-supervised (SimCLR) on unlabeled images, for
-``config.init.backbone_checkpoint`` where no SwAV weights fit (task 'simclr',
-``updetr_jax/tasks/simclr.py``).
+``config.init.backbone_checkpoint`` (task 'simclr', ``updetr_jax/tasks/simclr.py``):
 
   updetr-ssl-backbone --workdir=workdir/ssl --config.data.folder=/path/to/images
-  python -m updetr_jax.main --config=configs/ssl_backbone.py --workdir=workdir/ssl \
-      --config.data.folder=/path/to/images
 
-writes ``workdir/ssl/backbone.npz`` (torchvision layout). The defaults train
-``resnet_small`` for 500 steps of 64 images x 2 views of 64 px (a few CPU minutes).
+writes ``workdir/ssl/backbone.npz``; every field: docs/configuration.md.
 """
 
 import ml_collections

@@ -48,6 +48,10 @@ class TaskBase:
     return variables
 
 
+def format_metrics(metrics: dict, digits: int = 4) -> str:
+  return ', '.join(f'{k} {v:.{digits}f}' for k, v in metrics.items())
+
+
 def unpadded(shown: dict) -> tuple[int, int, np.ndarray]:
   """(h, w) of a kept evaluation image without its padding, and the [4] factors from
   its original pixels (``orig_size``) to that image's (xyxy boxes)."""

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from updetr_jax import device_augment, evaluate, matching, visualize
 from updetr_jax.data import eval_data_config, make_pretrain_dataset
 from updetr_jax.models import fields, resnet
-from updetr_jax.tasks.base import TaskBase
+from updetr_jax.tasks.base import TaskBase, format_metrics
 from updetr_jax.sharding import model_inputs, process_gather, to_global
 
 
@@ -32,10 +32,6 @@ def _data(config) -> dict:
   from updetr_jax.data import resolve_config  # noqa: PLC0415
 
   return resolve_config(config.data)
-
-
-def _fmt(ious: dict) -> str:
-  return ', '.join(f'{k} {v:.4f}' for k, v in ious.items())
 
 
 def _trained_on(config) -> str:
@@ -288,7 +284,9 @@ class PatchTask(TaskBase):
     )
     if self.before is None:
       self.before = iou
-    logging.info('step %d: query patches of %s: mean IoU %s', step, self.eval_images, _fmt(iou))
+    logging.info(
+      'step %d: query patches of %s: mean IoU %s', step, self.eval_images, format_metrics(iou)
+    )
     return {f'patch_iou_{k}': v for k, v in iou.items()}
 
   def finish(self, metrics: dict, step: int, workdir: str) -> dict:

@@ -54,7 +54,7 @@ from PIL import Image
 from updetr_jax import device_augment, files
 from updetr_jax.data import planning, sources
 from updetr_jax.models.resnet import ResNet, norm_layer, resnet_spec
-from updetr_jax.tasks.base import TaskBase
+from updetr_jax.tasks.base import TaskBase, format_metrics
 from updetr_jax.torch_import import export_state_dict
 
 BACKBONE_FILE = 'backbone.npz'
@@ -290,7 +290,10 @@ class SimCLRTask(TaskBase):
     metrics = {k: float(v) for k, v in jax.device_get(stats(variables, batch)).items()}
     metrics = {'retrieval_top1': metrics.pop('top1'), **metrics}
     logging.info(
-      'simclr step %d: held-out retrieval %s (chance %.4f)', step, metrics, 1 / (2 * n - 1)
+      'simclr step %d: held-out %s (retrieval chance %.4f)',
+      step,
+      format_metrics(metrics, 3),
+      1 / (2 * n - 1),
     )
     if self._before is None:
       self._before = metrics
@@ -306,10 +309,6 @@ class SimCLRTask(TaskBase):
     out = {'backbone': path, 'num_images': len(self.images), 'retrieval_chance': 1 / (2 * n - 1)}
     for when, m in (('before', self._before), ('after', metrics)):
       out.update({f'{k}_{when}': v for k, v in m.items()})
-    logging.info(
-      'simclr: wrote %s; held-out retrieval %.3f -> %.3f',
-      path,
-      out['retrieval_top1_before'],
-      out['retrieval_top1_after'],
-    )
+    before, after = out['retrieval_top1_before'], out['retrieval_top1_after']
+    logging.info('simclr: wrote %s; held-out retrieval %.3f -> %.3f', path, before, after)
     return out
