@@ -211,7 +211,7 @@ class SimCLRTask(TaskBase):
     super().__init__(config, data_sharding)
     c = config
     if not c.data.folder:
-      raise ValueError('config.data.folder: the folder of unlabeled images to train on')
+      raise ValueError('config.data.folder is empty: --config.data.folder=DIR of unlabeled images')
     self.stats = planning.DataStats(f'folder:{c.data.folder}')
     self.images, self.sizes = load_pool(c.data.folder, c.data.max_size, self.stats)
     if c.batch_size > len(self.images):
