@@ -110,7 +110,8 @@ def id2rgb(id_map):
   Returns:
     A uint8 array of shape ``id_map.shape + (3,)``, or a list ``[R, G, B]`` of ints.
   """
-  if isinstance(id_map, np.ndarray):
+  if np.ndim(id_map):  # an array (numpy, or anything numpy reads, e.g. a torch tensor)
+    id_map = np.asarray(id_map)
     rest = id_map.astype(np.int64)
     rgb = np.zeros(id_map.shape + (3,), dtype=np.uint8)
     for channel in range(3):

@@ -29,7 +29,7 @@ Release facts kept here
 
 Public API
 ----------
-- ``build_detr_segm(...)``: constructor with explicit arguments (as ``build_detr``).
+- ``build_detr_segm(num_classes=250, softmax=..., **build_detr_kwargs)``.
 - ``randomize_``: the detector reference's random fill; it covers this model too
   (GroupNorm falls in its generic branch) and, the detector being registered first,
   gives ``detr.*`` the same values as ``randomize_(build_detr(...), seed)``.
@@ -38,7 +38,8 @@ Public API
   ``PostProcessPanoptic``.
 - Losses: ``matched_mask_logits(...)``, ``sigmoid_focal_loss``, ``dice_loss``,
   ``loss_masks(...)``.
-- ``id2rgb`` / ``rgb2id`` (panopticapi colour code), ``pil_nearest_indices``.
+- ``id2rgb`` / ``rgb2id`` (panopticapi's colour code, ``panoptic_reference``'s),
+  ``pil_nearest_indices``.
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ import sys
 from collections import defaultdict
 from typing import Mapping, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -57,6 +57,7 @@ from torch import Tensor, nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch_reference as ref  # noqa: E402
 from torch_reference import nearest_mask, randomize_  # noqa: E402
+from panoptic_reference import id2rgb, rgb2id  # noqa: E402,F401  (panopticapi's colour code)
 
 __all__ = [
   'MHAttentionMap',
@@ -252,44 +253,13 @@ class DETRsegm(nn.Module):
     return out
 
 
-def build_detr_segm(
-  blocks=(3, 4, 6, 3),
-  width=64,
-  dilation=False,
-  position_embedding='sine',
-  hidden_dim=256,
-  nheads=8,
-  enc_layers=6,
-  dec_layers=6,
-  dim_feedforward=2048,
-  dropout=0.1,
-  num_queries=100,
-  pre_norm=False,
-  num_classes=250,
-  aux_loss=True,
-  softmax='per_head',
-) -> DETRsegm:
-  """``build_detr`` with the same arguments, wrapped in ``DETRsegm``.
+def build_detr_segm(*, num_classes=250, softmax='per_head', **detr_kwargs) -> DETRsegm:
+  """``ref.build_detr(**detr_kwargs)`` wrapped in ``DETRsegm``.
 
   num_classes defaults to the releases' panoptic setting (250). The FPN widths are
   read from the backbone (4 * width * [4, 2, 1]).
   """
-  detr = ref.build_detr(
-    blocks=blocks,
-    width=width,
-    dilation=dilation,
-    position_embedding=position_embedding,
-    hidden_dim=hidden_dim,
-    nheads=nheads,
-    enc_layers=enc_layers,
-    dec_layers=dec_layers,
-    dim_feedforward=dim_feedforward,
-    dropout=dropout,
-    num_queries=num_queries,
-    pre_norm=pre_norm,
-    num_classes=num_classes,
-    aux_loss=aux_loss,
-  )
+  detr = ref.build_detr(num_classes=num_classes, **detr_kwargs)
   return DETRsegm(detr, softmax=softmax).float()
 
 
@@ -372,41 +342,6 @@ def loss_masks(
 # ----------------------------------------------------------------------------------
 # Panoptic post-processing
 # ----------------------------------------------------------------------------------
-def id2rgb(id_map):
-  """Segment id -> RGB colour, id = R + 256 G + 256**2 B (panopticapi).
-
-  An array [..] gives uint8 [.., 3]; an int gives a list of three ints.
-  """
-  if isinstance(id_map, torch.Tensor):
-    id_map = id_map.cpu().numpy()
-  if isinstance(id_map, np.ndarray):
-    rest = id_map.astype(np.int64)
-    rgb = np.zeros(id_map.shape + (3,), dtype=np.uint8)
-    for c in range(3):
-      rgb[..., c] = rest % 256
-      rest = rest // 256
-    return rgb
-  rest = int(id_map)
-  color = []
-  for _ in range(3):
-    color.append(rest % 256)
-    rest //= 256
-  return color
-
-
-def rgb2id(color):
-  """RGB colour -> segment id (inverse of ``id2rgb``): R + 256 G + 256**2 B.
-
-  An array [H, W, 3] gives int [H, W]; a sequence of three numbers gives an int.
-  """
-  if isinstance(color, torch.Tensor):
-    color = color.cpu().numpy()
-  if isinstance(color, np.ndarray) and color.ndim == 3:
-    color = color.astype(np.int64)
-    return color[..., 0] + 256 * color[..., 1] + 256 * 256 * color[..., 2]
-  return int(color[0] + 256 * color[1] + 256 * 256 * color[2])
-
-
 def pil_nearest_indices(n_in: int, n_out: int) -> Tensor:
   """Source index of each output pixel of a PIL ``Image.NEAREST`` resize (one axis).
 
