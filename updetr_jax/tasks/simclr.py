@@ -227,7 +227,7 @@ class SimCLRTask(TaskBase):
       2 * c.batch_size,
       c.data.view_size,
     )
-    self._before = self._variables = None
+    self._before = self._variables = self._eval = None
 
   def model(self):
     return SimCLRNet(self.config.model.backbone, self.config.model.projection_dim)
@@ -276,17 +276,18 @@ class SimCLRTask(TaskBase):
   def evaluate(self, model, variables, step: int, workdir: str) -> dict:
     c = self.config
     n = min(c.eval.num_images, len(self.images))
-    batch = view_batch(
-      self.images, self.sizes, np.arange(n), np.random.default_rng((c.seed, 2)), c.data
-    )
-    prepare = view_preparer(c.data, None, math.gcd(n, c.data.patch_chunk))
+    if self._eval is None:  # the fixed held-out views and their jitted statistics, once
+      rng = np.random.default_rng((c.seed, 2))
+      batch = view_batch(self.images, self.sizes, np.arange(n), rng, c.data)
+      prepare = view_preparer(c.data, None, math.gcd(n, c.data.patch_chunk))
 
-    @jax.jit
-    def stats(variables, batch):
-      views = prepare(batch)['images']
-      feat = model.apply(variables, views, train=False)['features']
-      return contrastive_stats(feat, c.loss.temperature)[1]
+      @jax.jit
+      def stats(variables, batch):
+        feat = model.apply(variables, prepare(batch)['images'], train=False)['features']
+        return contrastive_stats(feat, c.loss.temperature)[1]
 
+      self._eval = (stats, batch)
+    stats, batch = self._eval
     metrics = {k: float(v) for k, v in jax.device_get(stats(variables, batch)).items()}
     metrics = {'retrieval_top1': metrics.pop('top1'), **metrics}
     logging.info(
