@@ -35,6 +35,7 @@ from updetr_jax.train_step import (
   init_train_state,
   make_train_step,
   total_steps,
+  with_batch_stats,
 )
 from updetr_jax.tasks import get_task
 
@@ -239,9 +240,10 @@ def run(config, workdir: str) -> dict:
 
   # ------------------------------------------------------ Input pipeline
   train_iter, data_stats = task.train_data(start)
-  if restored is None and not task.trains_batch_stats:  # data-dependent initial values
+  if restored is None:  # data-dependent initial values (default: none)
     variables = task.calibrate(model, full_variables(state, constants))
-    constants = dict(constants, batch_stats=jax.device_put(variables['batch_stats'], repl))
+    stats = jax.device_put(variables['batch_stats'], repl)
+    state, constants = with_batch_stats(state, constants, stats)
   if evaluating and task.evaluate_at_start:  # the initial model (before any resumed
     task.evaluate(model, variables, 0, workdir)  # training), for the before/after
   del variables  # its buffers may be donated to the train step

@@ -161,6 +161,13 @@ def full_variables(state, constants):
   }
 
 
+def with_batch_stats(state, constants, batch_stats):
+  """(state, constants) with ``batch_stats`` where they live (the state when trained)."""
+  if 'batch_stats' in state:
+    return dict(state, batch_stats=batch_stats), constants
+  return state, dict(constants, batch_stats=batch_stats)
+
+
 def check_finite(metrics, step: int) -> None:
   if not bool(metrics['finite']):
     bad = sorted(k for k, v in metrics.items() if k != 'finite' and not np.isfinite(v))

@@ -19,9 +19,8 @@ has every member (``tests/test_tasks.py``):
     The optax transform and its schedules ({'lr': step -> value, ...}). Default:
     ``optim.make_optimizer`` of ``config.optim`` (the release's AdamW, step decay).
 ``trains_batch_stats: bool``
-    Class attribute: True when the model updates its ``batch_stats`` in training
-    (training-mode BatchNorm); they are then part of the train state and ``calibrate``
-    is not called. Default False (frozen statistics, in the constants).
+    True: the model updates its ``batch_stats`` in training (training-mode BatchNorm),
+    kept in the train state. Default False (frozen statistics, in the constants).
 ``examples_per_epoch() -> int``
     Sets ``config.examples_per_epoch`` (epochs -> steps, schedules). Default: the
     config's.
@@ -44,8 +43,8 @@ has every member (``tests/test_tasks.py``):
 ``calibrate(model, variables) -> variables``
     Data-dependent initial values of non-trained variables (e.g. the pre-training's
     ``patch_norm`` statistics), called once on a fresh run (not on resume), before
-    the first evaluation; the result's ``batch_stats`` go into the train state's
-    constants. Default: ``variables`` unchanged.
+    the first evaluation; the result's ``batch_stats`` replace the run's
+    (``train_step.with_batch_stats``). Default: ``variables`` unchanged.
 ``evaluate(model, variables, step, workdir) -> {metric: float}``
     Called every ``eval.every_steps``, at the end, and at step 0 when the class
     attribute ``evaluate_at_start`` is True (default False); the metrics go to

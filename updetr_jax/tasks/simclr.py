@@ -290,12 +290,7 @@ class SimCLRTask(TaskBase):
     stats, batch = self._eval
     metrics = {k: float(v) for k, v in jax.device_get(stats(variables, batch)).items()}
     metrics = {'retrieval_top1': metrics.pop('top1'), **metrics}
-    logging.info(
-      'simclr step %d: held-out %s (retrieval chance %.4f)',
-      step,
-      format_metrics(metrics, 3),
-      1 / (2 * n - 1),
-    )
+    logging.info('simclr step %d: held-out %s', step, format_metrics(metrics, 3))
     if self._before is None:
       self._before = metrics
     self._variables = variables
